@@ -1,0 +1,306 @@
+"""The pure ALF 1.1.0 builder: an :class:`~alf_analytics._record.Exchange` in, an entry out.
+
+Nothing here knows a framework or touches the network. Every rule of ``shared/ALF.md`` that the
+schema does not enforce lives here: lower-case header names, repeated headers kept as pairs,
+``headersSize`` rebuilt from the wire form, ``bodySize`` from counted bytes, standard base64
+bodies, ``time == send + wait + receive``, redaction and the trusted-proxy client address.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import re
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timezone
+from http import HTTPStatus
+from typing import Any
+from urllib.parse import parse_qsl, quote
+
+from ._config import REDACTED, Config
+from ._record import Exchange, RawHeader, RequestInfo
+from ._version import __version__
+
+ALF_VERSION = "1.1.0"
+CREATOR = {"name": "alf-analytics", "version": __version__}
+OCTET_STREAM = "application/octet-stream"
+
+_HTTP_VERSIONS = {
+    "1": "HTTP/1",
+    "1.0": "HTTP/1.0",
+    "1.1": "HTTP/1.1",
+    "2": "HTTP/2",
+    "2.0": "HTTP/2",
+}
+# Characters RFC 3986 allows unescaped in a path and a query; everything else gets %XX.
+_PATH_SAFE = "/:@!$&'()*+,;=-._~%"
+_QUERY_SAFE = _PATH_SAFE + "?"
+_URI_PLAIN = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@/%?]*")
+_PERCENT_OK = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_HOST = re.compile(
+    r"(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})+(?::\d{1,5})?|\[[0-9A-Fa-f:.]+\](?::\d{1,5})?"
+)
+
+
+def text(value: str | bytes) -> str:
+    """A header name or value as text: bytes are UTF-8 when they decode, else Latin-1."""
+    if isinstance(value, str):
+        # WSGI hands over "bytes as Latin-1"; recover UTF-8 text where that is what was sent.
+        if value.isascii():
+            return value
+        try:
+            return value.encode("latin-1").decode("utf-8")
+        except UnicodeError:
+            return value
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        return value.decode("latin-1")
+
+
+def wire_length(value: str | bytes) -> int:
+    """Bytes a header name or value took on the wire."""
+    if isinstance(value, bytes):
+        return len(value)
+    try:
+        return len(value.encode("latin-1"))
+    except UnicodeEncodeError:
+        return len(value.encode("utf-8"))
+
+
+def http_version(raw: str) -> str:
+    """Map ``1.1``, ``HTTP/1.1``, ``2``... onto the schema's enum (``unknown`` otherwise)."""
+    token = raw[5:] if raw[:5].upper() == "HTTP/" else raw
+    return _HTTP_VERSIONS.get(token, "unknown")
+
+
+def iso_utc(timestamp: float) -> str:
+    """``startedDateTime``: UTC, millisecond precision, ``Z`` suffix."""
+    moment = datetime.fromtimestamp(timestamp, timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def _escape(value: str, safe: str) -> str:
+    if not _URI_PLAIN.fullmatch(value):
+        try:
+            raw = value.encode("latin-1")
+        except UnicodeEncodeError:
+            raw = value.encode("utf-8", "replace")
+        value = quote(raw, safe=safe)
+    # A lone '%' not followed by two hex digits is not a valid URI either.
+    return _PERCENT_OK.sub("%25", value)
+
+
+def build_url(info: RequestInfo) -> str:
+    """An absolute URL (``format: uri``) from what the request carried."""
+    scheme = info.scheme if info.scheme in ("http", "https") else "http"
+    host = info.host if info.host and _HOST.fullmatch(info.host) else "unknown"
+    path = _escape(info.path or "/", _PATH_SAFE)
+    if not path.startswith("/"):
+        path = "/" + path
+    url = f"{scheme}://{host}{path}"
+    if info.query:
+        url += "?" + _escape(info.query, _QUERY_SAFE)
+    return url
+
+
+def pairs(headers: Iterable[RawHeader], redact: frozenset[str]) -> tuple[list[dict[str, str]], int]:
+    """Headers as ALF name/value pairs (repeats kept, names lower-cased) and their wire size."""
+    out = []
+    size = 0
+    for raw_name, raw_value in headers:
+        name = text(raw_name).lower()
+        size += wire_length(raw_name) + wire_length(raw_value) + 4  # ": " and CRLF
+        value = REDACTED if name in redact else text(raw_value)
+        out.append({"name": name, "value": value})
+    return out, size
+
+
+def query_pairs(query: str) -> list[dict[str, str]]:
+    """The query string parsed into pairs, repeats and blank values kept, in order."""
+    if not query:
+        return []
+    return [
+        {"name": name, "value": value}
+        for name, value in parse_qsl(query, keep_blank_values=True, errors="replace")
+    ]
+
+
+def _ip(value: str | None) -> str | None:
+    if not value:
+        return None
+    candidate = value.strip()
+    if candidate.startswith("[") and "]" in candidate:
+        candidate = candidate[1 : candidate.index("]")]
+    try:
+        return str(ipaddress.ip_address(candidate))
+    except ValueError:
+        return None
+
+
+def _forwarded_for(headers: Sequence[RawHeader]) -> list[str]:
+    """Addresses from ``Forwarded: for=`` or else ``X-Forwarded-For``, left to right."""
+    forwarded: list[str] = []
+    xff: list[str] = []
+    for raw_name, raw_value in headers:
+        name = text(raw_name).lower()
+        if name == "forwarded":
+            for element in text(raw_value).split(","):
+                for param in element.split(";"):
+                    key, _, val = param.strip().partition("=")
+                    if key.lower() == "for":
+                        val = val.strip().strip('"')
+                        # for="1.2.3.4:8080" and for="[::1]:80" carry a port.
+                        if not val.startswith("[") and val.count(":") == 1:
+                            val = val.split(":")[0]
+                        forwarded.append(val)
+        elif name == "x-forwarded-for":
+            xff.extend(part.strip() for part in text(raw_value).split(","))
+    return forwarded or xff
+
+
+def client_ip(info: RequestInfo, config: Config) -> str | None:
+    """The client address: the socket peer, or the first untrusted hop from the right.
+
+    Forwarding headers are honoured only when the peer is a configured trusted proxy, and then
+    hop by hop from the right, so a client cannot forge its address by sending the header.
+    """
+    peer = _ip(info.peer)
+    if peer is None or not config.trusted_proxies:
+        return peer
+    trusted = config.trusted_proxies
+
+    def is_trusted(address: str) -> bool:
+        ip = ipaddress.ip_address(address)
+        return any(ip in network for network in trusted)
+
+    if not is_trusted(peer):
+        return peer
+    client = peer
+    for hop in reversed(_forwarded_for(info.headers)):
+        address = _ip(hop)
+        if address is None:
+            break
+        client = address
+        if not is_trusted(address):
+            break
+    return client
+
+
+def _content_type(headers: Sequence[RawHeader]) -> str:
+    for raw_name, raw_value in headers:
+        if text(raw_name).lower() == "content-type":
+            return text(raw_value) or OCTET_STREAM
+    return OCTET_STREAM
+
+
+def _body(
+    captured: bytearray | None, size: int, headers: Sequence[RawHeader]
+) -> dict[str, str] | None:
+    if captured is None or not captured:
+        return None
+    return {
+        "mimeType": _content_type(headers),
+        "encoding": "base64",
+        "text": base64.b64encode(captured).decode("ascii"),
+    }
+
+
+def _reason(status: int, reason: str) -> str:
+    if reason:
+        return reason
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return ""
+
+
+def _ms(seconds: float) -> float:
+    return round(max(seconds, 0.0) * 1000.0, 3)
+
+
+def build_entry(exchange: Exchange) -> dict[str, Any]:
+    """The ALF 1.1.0 entry for one exchange."""
+    config = exchange.config
+    info = exchange.reader(exchange.source)
+    version = http_version(info.http_version)
+    redact = config.redact_headers
+
+    request_headers, request_headers_size = pairs(info.headers, redact)
+    target = info.path + ("?" + info.query if info.query else "")
+    request_headers_size += len(info.method) + 1 + wire_length(target) + 1 + len(version) + 2 + 2
+    # Body sizes: the bytes we counted, unless the app stopped reading early and the client
+    # declared more (ALF.md 1.6: measure; else Content-Length; else 0).
+    request_size = exchange.request_body_size
+    if not exchange.request_complete and info.content_length is not None:
+        request_size = max(request_size, info.content_length)
+    request_complete = exchange.request_body is not None and request_size == len(
+        exchange.request_body
+    )
+
+    status = exchange.status or 500
+    response_headers, response_headers_size = pairs(exchange.response_headers, redact)
+    reason = _reason(status, exchange.reason)
+    response_headers_size += len(version) + 1 + len(str(status)) + 1 + wire_length(reason) + 4
+    response_size = exchange.response_body_size
+    if exchange.response_content_length is not None:
+        response_size = max(response_size, exchange.response_content_length)
+    response_complete = exchange.response_body is not None and response_size == len(
+        exchange.response_body
+    )
+
+    request: dict[str, Any] = {
+        "method": info.method,
+        "url": build_url(info),
+        "httpVersion": version,
+        "queryString": query_pairs(info.query),
+        "headers": request_headers,
+        "headersSize": request_headers_size,
+        "bodyCaptured": request_complete,
+        "bodySize": request_size,
+    }
+    post_data = _body(exchange.request_body, request_size, info.headers)
+    if post_data is not None:
+        request["postData"] = post_data
+
+    response: dict[str, Any] = {
+        "status": status,
+        "statusText": reason,
+        "httpVersion": version,
+        "headers": response_headers,
+        "headersSize": response_headers_size,
+        "bodyCaptured": response_complete,
+        "bodySize": response_size,
+    }
+    content = _body(exchange.response_body, response_size, exchange.response_headers)
+    if content is not None:
+        response["content"] = content
+
+    t_start = exchange.t_start
+    t_end = exchange.t_end or t_start
+    t_response = exchange.t_response or t_end
+    wait = _ms(t_response - t_start)
+    receive = _ms(t_end - t_response)
+    entry: dict[str, Any] = {
+        "startedDateTime": iso_utc(exchange.started_at),
+        "time": round(wait + receive, 3),
+        "request": request,
+        "response": response,
+        "timings": {"send": 0.0, "wait": wait, "receive": receive},
+    }
+    client = client_ip(info, config)
+    if client is not None:
+        entry["clientIPAddress"] = client
+    server = _ip(info.server_ip)
+    if server is not None:
+        entry["serverIPAddress"] = server
+    return entry
+
+
+def alf_envelope(service_token: str, environment: str | None) -> dict[str, Any]:
+    """The ALF object around a group's entries (``entries`` is filled by the caller)."""
+    alf: dict[str, Any] = {"version": ALF_VERSION, "serviceToken": service_token}
+    if environment is not None:
+        alf["environment"] = environment
+    alf["har"] = {"log": {"creator": dict(CREATOR), "entries": []}}
+    return alf

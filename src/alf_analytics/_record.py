@@ -1,0 +1,112 @@
+"""The neutral per-request record that every capture adapter fills in.
+
+The request path only stores raw facts here (timestamps, status, header lists as the server gave
+them, byte counts and a capped copy of the bodies). Turning them into an ALF entry happens later,
+on the worker thread, in :mod:`alf_analytics._alf`.
+
+Request facts are resolved lazily: an adapter stores its own cheap snapshot (a copy of the WSGI
+environ, an ASGI scope, ...) in ``source`` together with a ``reader`` that turns it into a
+:class:`RequestInfo` on the worker thread. This keeps framework knowledge in the adapters and
+work off the request path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from time import perf_counter, time
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+if TYPE_CHECKING:
+    from ._config import Config
+
+#: A header as the server or app gave it: ``str`` (WSGI, Django) or ``bytes`` (ASGI) pairs.
+RawHeader = tuple[str, str] | tuple[bytes, bytes] | Sequence[Any]
+
+
+class RequestInfo(NamedTuple):
+    """What an adapter's reader extracts from its request snapshot."""
+
+    method: str
+    scheme: str
+    #: ``host[:port]`` as the client addressed it (Host header), or the server name and port.
+    host: str
+    #: The path as sent on the wire: percent-encoded, without the query string.
+    path: str
+    #: The raw query string, without the ``?``.
+    query: str
+    #: ``"1.0"``, ``"1.1"``, ``"2"``... without the ``HTTP/`` prefix.
+    http_version: str
+    headers: Sequence[RawHeader]
+    #: The socket peer's address, and the forwarding headers used with ``trusted_proxies``.
+    peer: str | None
+    server_ip: str | None
+    content_length: int | None
+
+
+class Exchange:
+    """Everything observed about one HTTP exchange, in raw form."""
+
+    __slots__ = (
+        "config",
+        "started_at",
+        "t_start",
+        "t_response",
+        "t_end",
+        "source",
+        "reader",
+        "request_body_size",
+        "request_body",
+        "request_complete",
+        "status",
+        "reason",
+        "response_headers",
+        "response_body_size",
+        "response_body",
+        "response_content_length",
+    )
+
+    def __init__(self, config: Config, source: Any, reader: Callable[[Any], RequestInfo]) -> None:
+        self.config = config
+        #: Wall clock at the start (for ``startedDateTime``), then monotonic marks (seconds).
+        self.started_at = time()
+        self.t_start = perf_counter()
+        #: When the response started (headers handed to the server); 0.0 while not yet.
+        self.t_response = 0.0
+        self.t_end = 0.0
+        self.source = source
+        self.reader = reader
+        self.request_body_size = 0
+        #: Captured request body prefix (``None`` when bodies are not logged).
+        self.request_body: bytearray | None = bytearray() if config.log_body else None
+        #: True once the app read the request body to its end.
+        self.request_complete = False
+        self.status = 0
+        self.reason = ""
+        self.response_headers: Sequence[RawHeader] = ()
+        self.response_body_size = 0
+        self.response_body: bytearray | None = bytearray() if config.log_body else None
+        #: Set when the response is passed through unobserved (a file wrapper).
+        self.response_content_length: int | None = None
+
+    def request_data(self, chunk: bytes | memoryview) -> None:
+        """Count (and capture, up to the cap) request body bytes as the app reads them."""
+        self.request_body_size += len(chunk)
+        body = self.request_body
+        if body is not None:
+            room = self.config.max_body_bytes - len(body)
+            if room > 0:
+                body += chunk[:room]
+
+    def response_data(self, chunk: bytes) -> None:
+        """Count (and capture, up to the cap) response body bytes as they are sent."""
+        self.response_body_size += len(chunk)
+        body = self.response_body
+        if body is not None:
+            room = self.config.max_body_bytes - len(body)
+            if room > 0:
+                body += chunk[:room]
+
+
+def now() -> float:
+    """The monotonic clock every timing mark uses."""
+    return perf_counter()

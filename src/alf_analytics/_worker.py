@@ -1,0 +1,518 @@
+"""The worker: a bounded queue, batching per (service token, environment), retries.
+
+One :class:`Worker` serves every middleware that sends to the same collector in this process.
+Its daemon thread starts lazily on the first entry, so it also starts in each child of a
+pre-forking server. The request path only calls :meth:`Worker.submit`, which never blocks: when
+the queue is full the entry is dropped and counted. Everything else, building the ALF entry
+included, happens on the worker thread.
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import json
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Callable
+from queue import Empty, SimpleQueue
+from typing import Any
+
+from ._alf import alf_envelope, build_entry
+from ._config import Config, mask_token
+from ._record import Exchange
+from ._transport import HTTPTransport, Outcome, Transport
+
+logger = logging.getLogger("alf_analytics")
+
+#: Drop reasons reported by :func:`stats`.
+DROP_REASONS = (
+    "queue_full",  # the bounded queue was full when the request finished
+    "too_large",  # one entry alone exceeds max_batch_bytes (or the collector said 413)
+    "rejected",  # the collector answered a 4xx other than 408/413/429
+    "retries_exhausted",  # 5xx, 429 or network errors outlasted `retries`
+    "shutdown",  # still queued when the shutdown bound ran out
+    "error",  # an entry could not be built (a bug of ours, logged)
+)
+MAX_BACKOFF = 30.0
+MAX_RETRY_AFTER = 120.0
+#: Entries taken off the queue before due batches are checked again.
+_DRAIN_CHUNK = 512
+_LOG_INTERVAL = 60.0
+
+
+def _dumps(value: Any) -> bytes:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+class _Flush:
+    __slots__ = ("done",)
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+
+
+_STOP = object()
+
+
+class _Group:
+    """The pending entries of one (service token, environment)."""
+
+    __slots__ = ("config", "prefix", "entries", "size", "oldest")
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        envelope = _dumps(alf_envelope(*config.group))
+        tail = b'"entries":[]}}}'
+        assert envelope.endswith(tail)
+        self.prefix = envelope[: -len(b"]}}}")]
+        self.entries: list[bytes] = []
+        #: Bytes this group's ALF object takes in a request body, commas included.
+        self.size = 0
+        self.oldest = 0.0
+
+    def overhead(self) -> int:
+        # '[' + prefix + ']}}}' + ']' around the entries.
+        return 1 + len(self.prefix) + 4 + 1
+
+
+_SUFFIX = b"]}}}"
+
+
+def _body(batch: list[tuple[bytes, list[bytes]]]) -> bytes:
+    return b"[" + b",".join(prefix + b",".join(items) + _SUFFIX for prefix, items in batch) + b"]"
+
+
+class Worker:
+    """Batches and sends the entries of every middleware that uses one collector."""
+
+    def __init__(
+        self, config: Config, transport_factory: Callable[[], Transport] | None = None
+    ) -> None:
+        self.collector_url = config.collector_url
+        self.retries = config.retries
+        self.retry_backoff = config.retry_backoff
+        self.shutdown_timeout = config.shutdown_timeout
+        self.queue_size = config.queue_size
+        self._transport_factory = transport_factory or (
+            lambda: HTTPTransport(config.collector_url, timeout=config.timeout)
+        )
+        self._reset()
+
+    def _reset(self) -> None:
+        """Fresh state: at construction, and in a forked child (the parent keeps its queue)."""
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._queue: SimpleQueue[Any] = SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._running = False
+        self._transport: Transport | None = None
+        self._groups: dict[tuple[str, str | None], _Group] = {}
+        self._deadline: float | None = None
+        # Drops on the request path use itertools counters: next() is atomic under the GIL.
+        self._queue_full = itertools.count()
+        self._refused = itertools.count()
+        self._counts = dict.fromkeys(("dequeued", "sent", "retried", "batches", "requests"), 0)
+        self._drops = dict.fromkeys(DROP_REASONS, 0)
+        self._logged: dict[str, float] = {}
+        self._crashes = 0
+
+    # -- request path -----------------------------------------------------------------------
+
+    def submit(self, exchange: Exchange) -> bool:
+        """Hand an exchange over without blocking. False when it had to be dropped."""
+        if self._pid != os.getpid():
+            self._reset()
+        if not self._running and not self._start():
+            next(self._refused)
+            return False
+        if self._queue.qsize() >= self.queue_size:
+            next(self._queue_full)
+            self._warn(
+                "queue_full", "queue full (%d entries): dropping new entries", self.queue_size
+            )
+            return False
+        self._queue.put(exchange)
+        return True
+
+    def _start(self) -> bool:
+        with self._lock:
+            if self._running:
+                return True
+            if _finalizing:
+                return False
+            thread = threading.Thread(
+                target=self._run, name=f"alf-analytics-worker:{self.collector_url}", daemon=True
+            )
+            try:
+                thread.start()
+            except RuntimeError:  # "can't create new thread at interpreter shutdown"
+                return False
+            self._thread = thread
+            self._running = True
+            return True
+
+    # -- public control ---------------------------------------------------------------------
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Send everything queued so far; True when done within ``timeout`` seconds."""
+        if self._pid != os.getpid():
+            self._reset()
+        if not self._running:
+            if self._queue.empty() and not self._groups:
+                return True
+            if not self._start():
+                return False
+        marker = _Flush()
+        self._queue.put(marker)
+        return marker.done.wait(timeout)
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Flush within ``timeout``, then stop the thread. Idempotent; a later entry restarts it."""
+        bound = self.shutdown_timeout if timeout is None else timeout
+        deadline = time.monotonic() + bound
+        self._deadline = deadline
+        try:
+            done = self.flush(bound)
+            thread = self._thread
+            if (
+                thread is not None
+                and thread.is_alive()
+                and thread is not threading.current_thread()
+            ):
+                self._queue.put(_STOP)
+                thread.join(max(0.0, deadline - time.monotonic()))
+            return done
+        finally:
+            self._deadline = None
+
+    def stats(self) -> dict[str, Any]:
+        """Counters since start (or since the fork that made this process)."""
+        queue_full = _value(self._queue_full)
+        refused = _value(self._refused)
+        drops = dict(self._drops)
+        drops["queue_full"] += queue_full
+        drops["shutdown"] += refused
+        pending = sum(len(group.entries) for group in list(self._groups.values()))
+        return {
+            "captured": self._counts["dequeued"] + queue_full + refused,
+            "sent": self._counts["sent"],
+            "dropped": drops,
+            "dropped_total": sum(drops.values()),
+            "retried": self._counts["retried"],
+            "batches": self._counts["batches"],
+            "requests": self._counts["requests"],
+            "queued": self._queue.qsize() + pending,
+            "worker_restarts": self._crashes,
+        }
+
+    # -- worker thread ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # never let the thread die silently
+            self._crashes += 1
+            if self._crashes == 1:
+                logger.error("alf_analytics worker crashed; it restarts on the next entry: %r", exc)
+        finally:
+            self._running = False
+            if self._transport is not None and self._thread is threading.current_thread():
+                self._transport.close()
+                self._transport = None
+
+    def _loop(self) -> None:
+        queue = self._queue
+        while True:
+            wait = self._next_due()
+            try:
+                if wait is None:
+                    item = queue.get()
+                elif wait > 0:
+                    item = queue.get(timeout=wait)
+                else:
+                    item = queue.get_nowait()
+            except Empty:
+                item = None
+            flushes: list[_Flush] = []
+            stop = False
+            taken = 0
+            while item is not None:
+                if item is _STOP:
+                    stop = True
+                elif type(item) is _Flush:
+                    flushes.append(item)
+                else:
+                    self._add(item)
+                taken += 1
+                if taken >= _DRAIN_CHUNK and not flushes and not stop:
+                    break
+                try:
+                    item = queue.get_nowait()
+                except Empty:
+                    break
+            if flushes or stop:
+                self._send(list(self._groups.values()))
+                for marker in flushes:
+                    marker.done.set()
+                if stop:
+                    return
+            else:
+                now = time.monotonic()
+                due = [
+                    g
+                    for g in self._groups.values()
+                    if g.entries and now - g.oldest >= g.config.delay
+                ]
+                if due:
+                    self._send(due)
+
+    def _next_due(self) -> float | None:
+        pending = [g.oldest + g.config.delay for g in self._groups.values() if g.entries]
+        if not pending:
+            return None
+        return min(pending) - time.monotonic()
+
+    def _add(self, exchange: Exchange) -> None:
+        self._counts["dequeued"] += 1
+        try:
+            data = _dumps(build_entry(exchange))
+        except Exception as exc:
+            self._drops["error"] += 1
+            self._warn("error", "could not build an ALF entry (%r); entry dropped", exc)
+            return
+        config = exchange.config
+        group = self._groups.get(config.group)
+        if group is None:
+            group = self._groups[config.group] = _Group(config)
+        group.config = config
+        limit = config.max_batch_bytes
+        if group.overhead() + len(data) > limit:
+            self._drops["too_large"] += 1
+            self._warn(
+                "too_large",
+                "an entry of %d bytes exceeds max_batch_bytes=%d; entry dropped",
+                len(data),
+                limit,
+            )
+            return
+        if group.entries and group.overhead() + group.size + 1 + len(data) > limit:
+            self._send([group])
+        if not group.entries:
+            group.oldest = time.monotonic()
+            group.size = len(data)
+        else:
+            group.size += 1 + len(data)
+        group.entries.append(data)
+        if len(group.entries) >= config.batch_size:
+            self._send([group])
+
+    def _send(self, groups: list[_Group]) -> None:
+        """Send the pending entries of ``groups``, packing several groups per request."""
+        batch: list[tuple[bytes, list[bytes]]] = []
+        size = 2
+        limit = min((g.config.max_batch_bytes for g in groups), default=0)
+        for group in groups:
+            if not group.entries:
+                continue
+            part = len(group.prefix) + 4 + group.size
+            if batch and size + 1 + part > limit:
+                self._deliver(batch)
+                batch, size = [], 2
+            batch.append((group.prefix, group.entries))
+            size += part + (1 if len(batch) > 1 else 0)
+            group.entries = []
+            group.size = 0
+        if batch:
+            self._deliver(batch)
+
+    def _deliver(self, batch: list[tuple[bytes, list[bytes]]]) -> None:
+        count = sum(len(items) for _, items in batch)
+        attempt = 0
+        while True:
+            outcome = self._post(_body(batch))
+            status = outcome.status
+            if status in (200, 201, 202, 204, 207):
+                self._counts["sent"] += count
+                self._counts["batches"] += 1
+                if status == 207:
+                    self._warn("207", "collector accepted part of a batch: %s", _errors(outcome))
+                return
+            if status == 413:
+                if count > 1:
+                    for half in _split(batch):
+                        self._deliver(half)
+                    return
+                self._drops["too_large"] += 1
+                self._warn("413", "collector refused an entry as too large (413); dropped")
+                return
+            if 400 <= status < 500 and status not in (408, 429):
+                self._drops["rejected"] += count
+                self._warn(
+                    f"http{status}",
+                    "collector rejected a batch of %d entries with %d %s; dropped",
+                    count,
+                    status,
+                    _errors(outcome),
+                )
+                return
+            attempt += 1
+            if attempt > self.retries:
+                self._drops["retries_exhausted"] += count
+                self._warn(
+                    "retries_exhausted",
+                    "gave up on %d entries after %d attempts (%s)",
+                    count,
+                    attempt,
+                    outcome.error or f"HTTP {status}",
+                )
+                return
+            pause = min(MAX_BACKOFF, self.retry_backoff * 2 ** (attempt - 1))
+            pause *= random.uniform(0.5, 1.0)
+            if outcome.retry_after is not None:
+                pause = max(pause, min(outcome.retry_after, MAX_RETRY_AFTER))
+            deadline = self._deadline
+            if deadline is not None and time.monotonic() + pause > deadline:
+                self._drops["shutdown"] += count
+                self._warn("shutdown", "shutdown bound reached: %d queued entries dropped", count)
+                return
+            self._counts["retried"] += count
+            time.sleep(pause)
+
+    def _post(self, body: bytes) -> Outcome:
+        if self._transport is None:
+            self._transport = self._transport_factory()
+        self._counts["requests"] += 1
+        try:
+            return self._transport.send(body)
+        except Exception as exc:  # a transport must not kill the worker
+            return Outcome(0, error=repr(exc))
+
+    def _warn(self, key: str, message: str, *args: Any) -> None:
+        """Log a problem once, then at most once a minute per kind, never the token."""
+        now = time.monotonic()
+        last = self._logged.get(key)
+        if last is not None and now - last < _LOG_INTERVAL:
+            return
+        self._logged[key] = now
+        logger.warning("alf_analytics (%s): " + message, self.collector_url, *args)
+
+
+def _value(counter: itertools.count[int]) -> int:
+    """The next value of an itertools.count without advancing it."""
+    return int(counter.__reduce__()[1][0])
+
+
+def _errors(outcome: Outcome) -> str:
+    try:
+        data = json.loads(outcome.body)
+        errors = data.get("errors") if isinstance(data, dict) else None
+    except ValueError:
+        errors = None
+    if errors:
+        return "; ".join(str(e) for e in errors[:5])
+    return outcome.body[:200].decode("utf-8", "replace") or outcome.error or ""
+
+
+def _split(batch: list[tuple[bytes, list[bytes]]]) -> list[list[tuple[bytes, list[bytes]]]]:
+    """Halve a request by entries (for a 413), keeping each entry with its group's prefix."""
+    flat = [(prefix, item) for prefix, items in batch for item in items]
+    middle = len(flat) // 2
+    halves = []
+    for part in (flat[:middle], flat[middle:]):
+        grouped: dict[bytes, list[bytes]] = {}
+        for prefix, item in part:
+            grouped.setdefault(prefix, []).append(item)
+        halves.append(list(grouped.items()))
+    return halves
+
+
+# -- the process-wide registry ------------------------------------------------------------------
+
+_workers: dict[str, Worker] = {}
+_registry_lock = threading.Lock()
+_finalizing = False
+
+
+def get_worker(config: Config) -> Worker:
+    """The worker for ``config.collector_url`` (created on first use)."""
+    worker = _workers.get(config.collector_url)
+    if worker is None:
+        with _registry_lock:
+            worker = _workers.get(config.collector_url)
+            if worker is None:
+                worker = _workers[config.collector_url] = Worker(config)
+                logger.debug(
+                    "alf_analytics: worker for %s (token %s)",
+                    config.collector_url,
+                    mask_token(config.service_token),
+                )
+    return worker
+
+
+def flush(timeout: float | None = 5.0) -> bool:
+    """Send everything queued in this process. True when all of it finished within ``timeout``."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    ok = True
+    for worker in list(_workers.values()):
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        ok = worker.flush(remaining) and ok
+    return ok
+
+
+def close(timeout: float | None = None) -> bool:
+    """Flush with a bounded wait and stop the worker threads (they restart if used again)."""
+    workers = list(_workers.values())
+    if timeout is None:
+        timeout = max((w.shutdown_timeout for w in workers), default=0.0)
+    deadline = time.monotonic() + timeout
+    ok = True
+    for worker in workers:
+        ok = worker.close(max(0.0, deadline - time.monotonic())) and ok
+    return ok
+
+
+def stats() -> dict[str, Any]:
+    """Counters summed over every collector this process sends to."""
+    total: dict[str, Any] = {
+        "captured": 0,
+        "sent": 0,
+        "dropped": dict.fromkeys(DROP_REASONS, 0),
+        "dropped_total": 0,
+        "retried": 0,
+        "batches": 0,
+        "requests": 0,
+        "queued": 0,
+        "worker_restarts": 0,
+    }
+    for worker in list(_workers.values()):
+        for key, value in worker.stats().items():
+            if key == "dropped":
+                for reason, count in value.items():
+                    total["dropped"][reason] += count
+            else:
+                total[key] += value
+    return total
+
+
+def _at_exit() -> None:
+    global _finalizing
+    try:
+        close()
+    finally:
+        _finalizing = True
+
+
+def _after_fork_in_child() -> None:
+    global _registry_lock
+    _registry_lock = threading.Lock()
+    for worker in _workers.values():
+        worker._reset()
+
+
+atexit.register(_at_exit)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

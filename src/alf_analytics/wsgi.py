@@ -1,0 +1,319 @@
+"""WSGI capture (PEP 3333): Flask, Django under WSGI servers, any WSGI application.
+
+Usage with Flask (wrap ``wsgi_app`` so the Flask object keeps working)::
+
+    app.wsgi_app = AnalyticsWSGIMiddleware(app.wsgi_app, service_token="...")
+
+The middleware only observes: the client gets exactly the status, headers and bytes the app
+produced, streamed responses stay streamed, the request body is counted (and captured up to
+``max_body_bytes``) as the app reads ``wsgi.input``, the app iterable's ``close()`` is called
+exactly once, and an app exception propagates unchanged.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections.abc import Iterable, Iterator
+from time import perf_counter
+from typing import TYPE_CHECKING, Any
+
+from ._config import Config, make_config
+from ._record import Exchange, RequestInfo
+from ._worker import Worker, get_worker
+
+if TYPE_CHECKING:
+    from _typeshed import OptExcInfo
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+
+__all__ = ["AnalyticsWSGIMiddleware"]
+
+logger = logging.getLogger("alf_analytics")
+
+_DEFAULT_PORTS = {"http": "80", "https": "443"}
+
+
+class AnalyticsWSGIMiddleware:
+    """Record every exchange of a WSGI application as an ALF entry.
+
+    :param app: the WSGI application to observe.
+    :param service_token: the collector's service token (or ``ALF_SERVICE_TOKEN``).
+    :param options: the other keyword-only options (``environment``, ``collector_url``,
+        ``log_body``, ``batch_size``, ``delay``, ...), see the README's table. Invalid options
+        raise ``ValueError``/``TypeError`` here, never at request time.
+    """
+
+    __slots__ = ("app", "config", "_worker")
+
+    def __init__(self, app: WSGIApplication, **options: Any) -> None:
+        self.app = app
+        self.config: Config = make_config(options)
+        self._worker: Worker = get_worker(self.config)
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        try:
+            exchange = Exchange(self.config, environ.copy(), read_environ)
+            stream = environ.get("wsgi.input")
+            if stream is not None:
+                environ["wsgi.input"] = _InputTee(stream, exchange)
+            responder = _Responder(exchange, start_response, self._worker)
+        except Exception:  # pragma: no cover - defensive: never break the host app
+            logger.exception("alf_analytics: capture failed; request passed through")
+            return self.app(environ, start_response)
+
+        try:
+            result = self.app(environ, responder.start_response)
+        except BaseException:
+            responder.fail()
+            raise
+        file_wrapper = environ.get("wsgi.file_wrapper")
+        if (
+            file_wrapper is not None
+            and isinstance(file_wrapper, type)
+            and isinstance(result, file_wrapper)
+        ):
+            # Servers recognise their file wrapper by type to use sendfile (uWSGI offload,
+            # gunicorn): hand it back untouched and account for it by its Content-Length.
+            responder.finish_unobserved()
+            return result
+        responder.result = result
+        return responder
+
+
+class _Responder:
+    """Per-request state: wraps ``start_response``/``write`` and is the returned iterable."""
+
+    __slots__ = ("exchange", "_start_response", "_worker", "_write", "result", "_iterator", "_done")
+
+    def __init__(self, exchange: Exchange, start_response: StartResponse, worker: Worker) -> None:
+        self.exchange = exchange
+        self._start_response = start_response
+        self._worker = worker
+        self._write: Any = None
+        self.result: Iterable[bytes] = ()
+        self._iterator: Iterator[bytes] | None = None
+        self._done = False
+
+    def start_response(
+        self, status: str, headers: list[tuple[str, str]], exc_info: OptExcInfo | None = None
+    ) -> Any:
+        exchange = self.exchange
+        # A second call (with exc_info) replaces the first, as it does for the server.
+        try:
+            exchange.status = int(status[:3])
+            exchange.reason = status[4:].strip()
+        except (TypeError, ValueError):
+            exchange.status = 0
+        exchange.response_headers = headers
+        if exc_info:
+            self._write = self._start_response(status, headers, exc_info)
+        else:
+            # Some servers and test clients reject an explicit third argument.
+            self._write = self._start_response(status, headers)
+        return self.write
+
+    def write(self, data: bytes) -> Any:
+        exchange = self.exchange
+        if not exchange.t_response:
+            exchange.t_response = perf_counter()
+        exchange.response_data(data)
+        return self._write(data)
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self
+
+    def __next__(self) -> bytes:
+        iterator = self._iterator
+        if iterator is None:
+            iterator = self._iterator = iter(self.result)
+        try:
+            chunk = next(iterator)
+        except StopIteration:
+            raise
+        except BaseException:
+            if not self.exchange.t_response:
+                self._as_500()
+            raise
+        if chunk:
+            exchange = self.exchange
+            if not exchange.t_response:
+                exchange.t_response = perf_counter()
+            exchange.response_data(chunk)
+        return chunk
+
+    def __bool__(self) -> bool:
+        return True
+
+    def __len__(self) -> int:
+        # Servers such as wsgiref add Content-Length to one-item sequences: keep that.
+        return len(self.result)  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        if self._done:
+            return
+        try:
+            close = getattr(self.result, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self._finish()
+
+    def _as_500(self) -> None:
+        # Nothing reached the client yet, so the server answers 500 itself.
+        exchange = self.exchange
+        exchange.status = 500
+        exchange.reason = ""
+        exchange.response_headers = ()
+
+    def fail(self) -> None:
+        """The app raised before returning its iterable."""
+        if not self.exchange.t_response:
+            self._as_500()
+        self._finish()
+
+    def finish_unobserved(self) -> None:
+        for name, value in self.exchange.response_headers:
+            if name.lower() == "content-length":
+                try:
+                    self.exchange.response_content_length = int(value)
+                except ValueError:
+                    pass
+        self._finish()
+
+    def _finish(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        exchange = self.exchange
+        exchange.t_end = perf_counter()
+        try:
+            self._worker.submit(exchange)
+        except Exception:  # pragma: no cover - defensive: never break the host app
+            logger.exception("alf_analytics: could not queue an entry")
+
+
+class _InputTee:
+    """``wsgi.input`` as the app sees it: the server's stream, counted as it is read."""
+
+    __slots__ = ("_stream", "_exchange")
+
+    def __init__(self, stream: Any, exchange: Exchange) -> None:
+        self._stream = stream
+        self._exchange = exchange
+
+    def _seen(self, data: bytes, args: tuple[Any, ...]) -> bytes:
+        exchange = self._exchange
+        asked = args[0] if args and args[0] is not None else -1
+        if data:
+            exchange.request_data(data)
+        if asked < 0 or (not data and asked != 0):
+            # read() without a size returns everything; an empty read means end of input.
+            exchange.request_complete = True
+        return data
+
+    def read(self, *args: Any) -> bytes:
+        return self._seen(self._stream.read(*args), args)
+
+    def read1(self, *args: Any) -> bytes:
+        return self._seen(self._stream.read1(*args), args)
+
+    def readinto(self, buffer: Any) -> int:
+        # Werkzeug's LimitedStream reads through readinto(): count those bytes as well.
+        count: int | None = self._stream.readinto(buffer)
+        if count:
+            self._exchange.request_data(memoryview(buffer)[:count])
+        elif count == 0 and len(buffer):
+            self._exchange.request_complete = True
+        return count  # type: ignore[return-value]
+
+    def readline(self, *args: Any) -> bytes:
+        line: bytes = self._stream.readline(*args)
+        if line:
+            self._exchange.request_data(line)
+        else:
+            self._exchange.request_complete = True
+        return line
+
+    def readlines(self, *args: Any) -> list[bytes]:
+        lines: list[bytes] = self._stream.readlines(*args)
+        for line in lines:
+            self._exchange.request_data(line)
+        if not args:
+            self._exchange.request_complete = True
+        return lines
+
+    def __iter__(self) -> Iterator[bytes]:
+        for line in self._stream:
+            self._exchange.request_data(line)
+            yield line
+        self._exchange.request_complete = True
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def _ip_literal(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _server_ip(environ: WSGIEnvironment) -> str | None:
+    address = environ.get("SERVER_ADDR")
+    if address:
+        return str(address)
+    sock = environ.get("gunicorn.socket")
+    if sock is not None:
+        try:
+            return str(sock.getsockname()[0])
+        except (OSError, AttributeError, IndexError, TypeError):
+            pass
+    name = environ.get("SERVER_NAME", "")
+    return name if isinstance(name, str) and _ip_literal(name) else None
+
+
+def read_environ(environ: WSGIEnvironment) -> RequestInfo:
+    """Request facts from a WSGI environ snapshot (runs on the worker thread)."""
+    get = environ.get
+    scheme = str(get("wsgi.url_scheme", "http"))
+    host = get("HTTP_HOST")
+    if not host:
+        host = str(get("SERVER_NAME", ""))
+        port = str(get("SERVER_PORT", ""))
+        if port and port != _DEFAULT_PORTS.get(scheme):
+            host = f"{host}:{port}"
+    raw_uri = get("RAW_URI") or get("REQUEST_URI")
+    if isinstance(raw_uri, str) and raw_uri.startswith("/"):
+        path = raw_uri.partition("?")[0]
+    else:
+        path = str(get("SCRIPT_NAME", "")) + str(get("PATH_INFO", ""))
+    headers: list[tuple[str, str]] = []
+    for key, value in environ.items():
+        if key.startswith("HTTP_") and isinstance(value, str):
+            headers.append((key[5:].replace("_", "-").lower(), value))
+    for key, name in (("CONTENT_TYPE", "content-type"), ("CONTENT_LENGTH", "content-length")):
+        value = get(key)
+        if value and isinstance(value, str):
+            headers.append((name, value))
+    content_length: int | None
+    try:
+        content_length = int(get("CONTENT_LENGTH") or "")
+        if content_length < 0:
+            content_length = None
+    except ValueError:
+        content_length = None
+    remote = get("REMOTE_ADDR")
+    return RequestInfo(
+        method=str(get("REQUEST_METHOD", "GET")),
+        scheme=scheme,
+        host=str(host),
+        path=path,
+        query=str(get("QUERY_STRING", "")),
+        http_version=str(get("SERVER_PROTOCOL", "HTTP/1.1")),
+        headers=headers,
+        peer=str(remote) if remote else None,
+        server_ip=_server_ip(environ),
+        content_length=content_length,
+    )
