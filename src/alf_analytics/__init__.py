@@ -12,9 +12,11 @@ from __future__ import annotations
 
 from ._version import __version__
 from ._worker import close, flush, stats
+from .asgi import AnalyticsASGIMiddleware
 from .wsgi import AnalyticsWSGIMiddleware
 
 __all__ = [
+    "AnalyticsASGIMiddleware",
     "AnalyticsWSGIMiddleware",
     "__version__",
     "close",

@@ -12,7 +12,7 @@ work off the request path.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from time import perf_counter, time
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -105,6 +105,70 @@ class Exchange:
             room = self.config.max_body_bytes - len(body)
             if room > 0:
                 body += chunk[:room]
+
+
+class InputTee:
+    """A request body stream as the app sees it (``wsgi.input``, Django's ``request._stream``).
+
+    Every read is passed to the real stream and its bytes are counted (and captured up to the
+    cap); nothing is read ahead, so the app still gets the whole body.
+    """
+
+    __slots__ = ("_stream", "_exchange")
+
+    def __init__(self, stream: Any, exchange: Exchange) -> None:
+        self._stream = stream
+        self._exchange = exchange
+
+    def _seen(self, data: bytes, args: tuple[Any, ...]) -> bytes:
+        exchange = self._exchange
+        asked = args[0] if args and args[0] is not None else -1
+        if data:
+            exchange.request_data(data)
+        if asked < 0 or (not data and asked != 0):
+            # read() without a size returns everything; an empty read means end of input.
+            exchange.request_complete = True
+        return data
+
+    def read(self, *args: Any) -> bytes:
+        return self._seen(self._stream.read(*args), args)
+
+    def read1(self, *args: Any) -> bytes:
+        return self._seen(self._stream.read1(*args), args)
+
+    def readinto(self, buffer: Any) -> int:
+        # Werkzeug's LimitedStream reads through readinto(): count those bytes as well.
+        count: int | None = self._stream.readinto(buffer)
+        if count:
+            self._exchange.request_data(memoryview(buffer)[:count])
+        elif count == 0 and len(buffer):
+            self._exchange.request_complete = True
+        return count  # type: ignore[return-value]
+
+    def readline(self, *args: Any) -> bytes:
+        line: bytes = self._stream.readline(*args)
+        if line:
+            self._exchange.request_data(line)
+        else:
+            self._exchange.request_complete = True
+        return line
+
+    def readlines(self, *args: Any) -> list[bytes]:
+        lines: list[bytes] = self._stream.readlines(*args)
+        for line in lines:
+            self._exchange.request_data(line)
+        if not args:
+            self._exchange.request_complete = True
+        return lines
+
+    def __iter__(self) -> Iterator[bytes]:
+        for line in self._stream:
+            self._exchange.request_data(line)
+            yield line
+        self._exchange.request_complete = True
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
 
 
 def now() -> float:

@@ -19,7 +19,7 @@ from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 from ._config import Config, make_config
-from ._record import Exchange, RequestInfo
+from ._record import Exchange, InputTee, RequestInfo
 from ._worker import Worker, get_worker
 
 if TYPE_CHECKING:
@@ -55,7 +55,7 @@ class AnalyticsWSGIMiddleware:
             exchange = Exchange(self.config, environ.copy(), read_environ)
             stream = environ.get("wsgi.input")
             if stream is not None:
-                environ["wsgi.input"] = _InputTee(stream, exchange)
+                environ["wsgi.input"] = InputTee(stream, exchange)
             responder = _Responder(exchange, start_response, self._worker)
         except Exception:  # pragma: no cover - defensive: never break the host app
             logger.exception("alf_analytics: capture failed; request passed through")
@@ -190,66 +190,6 @@ class _Responder:
             self._worker.submit(exchange)
         except Exception:  # pragma: no cover - defensive: never break the host app
             logger.exception("alf_analytics: could not queue an entry")
-
-
-class _InputTee:
-    """``wsgi.input`` as the app sees it: the server's stream, counted as it is read."""
-
-    __slots__ = ("_stream", "_exchange")
-
-    def __init__(self, stream: Any, exchange: Exchange) -> None:
-        self._stream = stream
-        self._exchange = exchange
-
-    def _seen(self, data: bytes, args: tuple[Any, ...]) -> bytes:
-        exchange = self._exchange
-        asked = args[0] if args and args[0] is not None else -1
-        if data:
-            exchange.request_data(data)
-        if asked < 0 or (not data and asked != 0):
-            # read() without a size returns everything; an empty read means end of input.
-            exchange.request_complete = True
-        return data
-
-    def read(self, *args: Any) -> bytes:
-        return self._seen(self._stream.read(*args), args)
-
-    def read1(self, *args: Any) -> bytes:
-        return self._seen(self._stream.read1(*args), args)
-
-    def readinto(self, buffer: Any) -> int:
-        # Werkzeug's LimitedStream reads through readinto(): count those bytes as well.
-        count: int | None = self._stream.readinto(buffer)
-        if count:
-            self._exchange.request_data(memoryview(buffer)[:count])
-        elif count == 0 and len(buffer):
-            self._exchange.request_complete = True
-        return count  # type: ignore[return-value]
-
-    def readline(self, *args: Any) -> bytes:
-        line: bytes = self._stream.readline(*args)
-        if line:
-            self._exchange.request_data(line)
-        else:
-            self._exchange.request_complete = True
-        return line
-
-    def readlines(self, *args: Any) -> list[bytes]:
-        lines: list[bytes] = self._stream.readlines(*args)
-        for line in lines:
-            self._exchange.request_data(line)
-        if not args:
-            self._exchange.request_complete = True
-        return lines
-
-    def __iter__(self) -> Iterator[bytes]:
-        for line in self._stream:
-            self._exchange.request_data(line)
-            yield line
-        self._exchange.request_complete = True
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._stream, name)
 
 
 def _ip_literal(value: str) -> bool:

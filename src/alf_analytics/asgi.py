@@ -1,0 +1,200 @@
+"""ASGI capture: Starlette, FastAPI, any ASGI 3 application. Pure ASGI, no framework import.
+
+Usage::
+
+    app.add_middleware(AnalyticsASGIMiddleware, service_token="...")
+    # or: app = AnalyticsASGIMiddleware(app, service_token="...")
+
+Every ``receive`` and ``send`` message is forwarded unchanged and at once; the middleware only
+counts body bytes (capturing up to ``max_body_bytes``) and stamps times. ``websocket`` and any
+unknown scope pass straight through. On ``lifespan.shutdown.complete`` the queued entries are
+flushed, off the event loop and with a bounded wait, before the message is forwarded.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, MutableMapping
+from time import perf_counter
+from typing import Any
+
+from ._config import Config, make_config
+from ._record import Exchange, RequestInfo
+from ._worker import Worker, get_worker
+
+__all__ = ["AnalyticsASGIMiddleware"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+logger = logging.getLogger("alf_analytics")
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+class AnalyticsASGIMiddleware:
+    """Record every HTTP exchange of an ASGI application as an ALF entry.
+
+    :param app: the ASGI application to observe.
+    :param service_token: the collector's service token (or ``ALF_SERVICE_TOKEN``).
+    :param options: the other keyword-only options (``environment``, ``collector_url``,
+        ``log_body``, ``batch_size``, ``delay``, ...), see the README's table. Invalid options
+        raise ``ValueError``/``TypeError`` here, never at request time.
+    """
+
+    __slots__ = ("app", "config", "_worker")
+
+    def __init__(self, app: ASGIApp, **options: Any) -> None:
+        self.app = app
+        self.config: Config = make_config(options)
+        self._worker: Worker = get_worker(self.config)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope_type = scope["type"]
+        if scope_type == "http":
+            await self._http(scope, receive, send)
+        elif scope_type == "lifespan":
+            await self.app(scope, receive, self._lifespan_send(send))
+        else:
+            await self.app(scope, receive, send)
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # A copy: routers add keys and rewrite root_path/path in the scope as they dispatch.
+        exchange = Exchange(self.config, dict(scope), read_scope)
+        worker = self._worker
+        done = False
+
+        async def receive_with_capture() -> Message:
+            message = await receive()
+            if message["type"] == "http.request":
+                body = message.get("body")
+                if body:
+                    exchange.request_data(body)
+                if not message.get("more_body", False):
+                    exchange.request_complete = True
+            return message
+
+        async def send_with_capture(message: Message) -> None:
+            nonlocal done
+            message_type = message["type"]
+            if message_type == "http.response.body":
+                body = message.get("body")
+                if body:
+                    exchange.response_data(body)
+                if not message.get("more_body", False):
+                    await send(message)
+                    # The response is complete: background tasks that run after this point
+                    # must not count as response time.
+                    done = True
+                    _finish(exchange, worker)
+                    return
+            elif message_type == "http.response.start":
+                exchange.t_response = perf_counter()
+                exchange.status = message.get("status", 0)
+                exchange.response_headers = message.get("headers") or ()
+            elif message_type == "http.response.pathsend":
+                await send(message)
+                done = True
+                _content_length_from_headers(exchange)
+                _finish(exchange, worker)
+                return
+            await send(message)
+
+        try:
+            await self.app(scope, receive_with_capture, send_with_capture)
+        except BaseException:
+            if not done:
+                done = True
+                if not exchange.t_response:
+                    exchange.status = 500
+                _finish(exchange, worker)
+            raise
+        if not done:
+            # The app returned without completing its response (client gone, or a bug).
+            _finish(exchange, worker)
+
+    def _lifespan_send(self, send: Send) -> Send:
+        async def send_with_flush(message: Message) -> None:
+            if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+                await _flush_off_loop(self._worker, self.config.shutdown_timeout)
+            await send(message)
+
+        return send_with_flush
+
+
+async def _flush_off_loop(worker: Worker, timeout: float) -> None:
+    try:
+        import anyio.to_thread
+
+        await anyio.to_thread.run_sync(worker.flush, timeout)
+    except Exception:  # never let our flush break the server's shutdown
+        logger.warning("alf_analytics: flush at lifespan shutdown failed", exc_info=True)
+
+
+def _finish(exchange: Exchange, worker: Worker) -> None:
+    exchange.t_end = perf_counter()
+    try:
+        worker.submit(exchange)
+    except Exception:  # pragma: no cover - defensive: never break the host app
+        logger.exception("alf_analytics: could not queue an entry")
+
+
+def _content_length_from_headers(exchange: Exchange) -> None:
+    for name, value in exchange.response_headers:
+        if name.lower() == b"content-length":
+            try:
+                exchange.response_content_length = int(value)
+            except ValueError:
+                pass
+
+
+def _latin1(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode("latin-1")
+    return str(value)
+
+
+def read_scope(scope: Scope) -> RequestInfo:
+    """Request facts from an ASGI ``http`` scope snapshot (runs on the worker thread)."""
+    scheme = str(scope.get("scheme") or "http")
+    headers = scope.get("headers") or []
+    host = ""
+    content_length: int | None = None
+    for name, value in headers:
+        lowered = name.lower()
+        if lowered == b"host" and not host:
+            host = _latin1(value)
+        elif lowered == b"content-length":
+            try:
+                content_length = int(value)
+            except ValueError:
+                content_length = None
+    server = scope.get("server")
+    server_ip = None
+    if server:
+        server_ip = str(server[0])
+        if not host:
+            name = f"[{server_ip}]" if ":" in server_ip else server_ip
+            port = server[1] if len(server) > 1 else None
+            host = name if port in (None, _DEFAULT_PORTS.get(scheme)) else f"{name}:{port}"
+    raw_path = scope.get("raw_path")
+    if raw_path:
+        path = _latin1(raw_path).partition("?")[0]
+    else:
+        path = str(scope.get("root_path", "")) + str(scope.get("path", ""))
+    client = scope.get("client")
+    return RequestInfo(
+        method=str(scope.get("method", "GET")),
+        scheme={"ws": "http", "wss": "https"}.get(scheme, scheme),
+        host=host,
+        path=path,
+        query=_latin1(scope.get("query_string", b"")),
+        http_version=str(scope.get("http_version", "1.1")),
+        headers=headers,
+        peer=str(client[0]) if client else None,
+        server_ip=server_ip,
+        content_length=content_length if content_length is None or content_length >= 0 else None,
+    )
