@@ -22,6 +22,7 @@ from queue import Empty, SimpleQueue
 from typing import Any
 
 from ._alf import alf_envelope, build_entry
+from ._alf import dumps as _dumps
 from ._config import Config, mask_token
 from ._record import Exchange
 from ._transport import HTTPTransport, Outcome, Transport
@@ -42,10 +43,6 @@ MAX_RETRY_AFTER = 120.0
 #: Entries taken off the queue before due batches are checked again.
 _DRAIN_CHUNK = 512
 _LOG_INTERVAL = 60.0
-
-
-def _dumps(value: Any) -> bytes:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
 class _Flush:

@@ -12,7 +12,6 @@ exactly once, and an app exception propagates unchanged.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 from collections.abc import Iterable, Iterator
 from time import perf_counter
@@ -192,14 +191,6 @@ class _Responder:
             logger.exception("alf_analytics: could not queue an entry")
 
 
-def _ip_literal(value: str) -> bool:
-    try:
-        ipaddress.ip_address(value)
-    except ValueError:
-        return False
-    return True
-
-
 def _server_ip(environ: WSGIEnvironment) -> str | None:
     address = environ.get("SERVER_ADDR")
     if address:
@@ -210,8 +201,9 @@ def _server_ip(environ: WSGIEnvironment) -> str | None:
             return str(sock.getsockname()[0])
         except (OSError, AttributeError, IndexError, TypeError):
             pass
-    name = environ.get("SERVER_NAME", "")
-    return name if isinstance(name, str) and _ip_literal(name) else None
+    # SERVER_NAME is often a host name; the builder keeps it only if it is an IP literal.
+    name = environ.get("SERVER_NAME")
+    return name if isinstance(name, str) else None
 
 
 def read_environ(environ: WSGIEnvironment) -> RequestInfo:
