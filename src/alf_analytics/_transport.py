@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import email.utils
 import gzip
+import re
 import time
 from dataclasses import dataclass
+from datetime import timezone
 from typing import Protocol
 
 import httpx
@@ -19,6 +21,8 @@ from ._version import __version__
 USER_AGENT = f"alf-analytics/{__version__}"
 # Level 1 compresses repetitive ALF JSON ~10:1 at a fraction of level 9's CPU cost.
 GZIP_LEVEL = 1
+#: How much of the collector's answer is kept (for log lines).
+MAX_ANSWER_BYTES = 65_536
 
 
 @dataclass(frozen=True)
@@ -42,17 +46,25 @@ class Transport(Protocol):
 
 
 def parse_retry_after(value: str | None) -> float | None:
-    """``Retry-After`` as seconds from now: delta-seconds or an HTTP date."""
+    """``Retry-After`` as seconds from now: delta-seconds or an HTTP date; None when unusable."""
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if _DELTA_SECONDS.fullmatch(value):
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
-    return max(0.0, when.timestamp() - time.time())
+    if when.tzinfo is None:  # "-0000" and obsolete zones: RFC 9110 dates are always GMT
+        when = when.replace(tzinfo=timezone.utc)
+    try:
+        return max(0.0, when.timestamp() - time.time())
+    except (OverflowError, OSError, ValueError):
+        return None
+
+
+_DELTA_SECONDS = re.compile(r"[0-9]{1,12}(?:\.[0-9]{1,6})?")
 
 
 class HTTPTransport:
@@ -83,16 +95,25 @@ class HTTPTransport:
         body = gzip.compress(payload, compresslevel=GZIP_LEVEL, mtime=0)
         client = self._get_client()
         try:
-            response = client.post(self.url, content=body)
-        except httpx.TimeoutException as exc:
-            # A read or write timeout leaves the outcome unknown: the batch may have arrived.
-            sent = not isinstance(exc, (httpx.ConnectTimeout, httpx.PoolTimeout))
-            return Outcome(0, error=f"{type(exc).__name__}: {exc}", maybe_delivered=sent)
-        except httpx.HTTPError as exc:
+            with client.stream("POST", self.url, content=body) as response:
+                # The answer only feeds log lines: read at most MAX_ANSWER_BYTES of it (a longer
+                # answer costs its connection, which is then not reused).
+                answer = bytearray()
+                for chunk in response.iter_bytes():
+                    answer += chunk
+                    if len(answer) >= MAX_ANSWER_BYTES:
+                        del answer[MAX_ANSWER_BYTES:]
+                        break
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            # Nothing was sent: the collector cannot have seen this batch.
             return Outcome(0, error=f"{type(exc).__name__}: {exc}", maybe_delivered=False)
+        except httpx.HTTPError as exc:
+            # A read timeout, a reset or a connection closed mid-response after the request was
+            # written: the outcome is unknown, the collector may have stored the batch.
+            return Outcome(0, error=f"{type(exc).__name__}: {exc}", maybe_delivered=True)
         return Outcome(
             response.status_code,
-            response.content,
+            bytes(answer),
             parse_retry_after(response.headers.get("retry-after")),
         )
 

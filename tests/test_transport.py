@@ -1,0 +1,221 @@
+"""The HTTP transport against a real loopback server: request format, reuse, timeouts, answers."""
+
+from __future__ import annotations
+
+import email.utils
+import gzip
+import json
+import socket
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from alf_analytics import __version__
+from alf_analytics._transport import MAX_ANSWER_BYTES, HTTPTransport, parse_retry_after
+
+from .faulty_collector import FaultyCollector
+
+TOKEN = "transport-token-0123456789"
+
+
+def payload(n: int = 1, environment: str | None = "test") -> bytes:
+    """A minimal but well-formed batch body with ``n`` entries."""
+    entry = {
+        "startedDateTime": "2024-01-01T00:00:00.000Z",
+        "request": {"method": "GET", "url": "http://x/"},
+    }
+    alf = {"version": "1.1.0", "serviceToken": TOKEN, "har": {"log": {"entries": [entry] * n}}}
+    if environment is not None:
+        alf["environment"] = environment
+    return json.dumps([alf]).encode()
+
+
+@pytest.fixture
+def faulty() -> Iterator[FaultyCollector]:
+    with FaultyCollector() as running:
+        yield running
+
+
+@pytest.fixture
+def transport(faulty: FaultyCollector) -> Iterator[HTTPTransport]:
+    sender = HTTPTransport(faulty.url, timeout=2.0)
+    yield sender
+    sender.close()
+
+
+def test_posts_gzip_json_array_to_the_batch_endpoint(
+    faulty: FaultyCollector, transport: HTTPTransport
+) -> None:
+    """A send is one POST /1.1.0/batch of the gzip-compressed payload with its headers."""
+    body = payload(3)
+    outcome = transport.send(body)
+    assert outcome.status == 200
+    (seen,) = faulty.seen()
+    assert (seen.method, seen.path) == ("POST", "/1.1.0/batch")
+    assert seen.headers["content-encoding"] == "gzip"
+    assert seen.headers["content-type"] == "application/json"
+    assert seen.headers["user-agent"] == f"alf-analytics/{__version__}"
+    assert int(seen.headers["content-length"]) == seen.wire_bytes < len(body)
+    assert gzip.decompress(seen.body) == body
+    assert faulty.count() == 3
+
+
+def test_one_connection_is_reused_for_many_sends(
+    faulty: FaultyCollector, transport: HTTPTransport
+) -> None:
+    """Twenty sends travel over a single keep-alive TCP connection."""
+    for _ in range(20):
+        assert transport.send(payload()).status == 200
+    assert len(faulty.seen()) == 20
+    assert faulty.connections == 1
+
+
+def test_timeouts_are_explicit() -> None:
+    """The client carries the configured read timeout and a connect timeout of at most 5 s."""
+    sender = HTTPTransport("http://127.0.0.1:9", timeout=7.5)
+    try:
+        client = sender._get_client()
+        assert client.timeout == httpx.Timeout(7.5, connect=5.0)
+        assert client.follow_redirects is False
+    finally:
+        sender.close()
+
+
+def test_refused_connection_is_not_maybe_delivered(faulty: FaultyCollector) -> None:
+    """Connection refused gives status 0, an error, and a batch known not to be delivered."""
+    faulty.refuse()
+    sender = HTTPTransport(faulty.url, timeout=2.0)
+    try:
+        outcome = sender.send(payload())
+    finally:
+        sender.close()
+    assert outcome.status == 0
+    assert outcome.error is not None and "ConnectError" in outcome.error
+    assert outcome.maybe_delivered is False
+
+
+def test_black_holed_send_times_out_as_maybe_delivered(faulty: FaultyCollector) -> None:
+    """A collector that never answers costs one read timeout and leaves the outcome unknown."""
+    faulty.blackhole()
+    sender = HTTPTransport(faulty.url, timeout=0.3)
+    try:
+        outcome = sender.send(payload())
+    finally:
+        sender.close()
+    assert outcome.status == 0
+    assert outcome.error is not None and "ReadTimeout" in outcome.error
+    assert outcome.maybe_delivered is True
+    assert len(faulty.seen()) == 1
+
+
+def test_connection_closed_mid_response_is_maybe_delivered(
+    faulty: FaultyCollector, transport: HTTPTransport
+) -> None:
+    """A response cut short is a network error whose outcome is unknown; the next send works."""
+    faulty.cut(times=1)
+    outcome = transport.send(payload())
+    assert outcome.status == 0
+    assert outcome.maybe_delivered is True
+    assert transport.send(payload()).status == 200
+    assert faulty.count() == 1
+
+
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [
+        pytest.param(400, b'{"errors":["bad"]}', id="400"),
+        pytest.param(413, b'{"errors":["too big"]}', id="413"),
+        pytest.param(503, b"<html>down</html>", id="503-html"),
+    ],
+)
+def test_error_answers_are_reported_with_their_body(
+    faulty: FaultyCollector, transport: HTTPTransport, status: int, body: bytes
+) -> None:
+    """A non-2xx answer comes back as its status and body, for the worker to decide."""
+    faulty.fail(status, times=1, body=body)
+    outcome = transport.send(payload())
+    assert (outcome.status, outcome.body, outcome.error) == (status, body, None)
+
+
+def test_answer_body_is_capped(faulty: FaultyCollector, transport: HTTPTransport) -> None:
+    """A huge answer is read only up to MAX_ANSWER_BYTES."""
+    faulty.fail(500, times=1, body=b"x" * (MAX_ANSWER_BYTES * 4))
+    outcome = transport.send(payload())
+    assert outcome.status == 500
+    assert len(outcome.body) == MAX_ANSWER_BYTES
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        pytest.param("7", id="seconds"),
+        pytest.param(email.utils.formatdate(time.time() + 7, usegmt=True), id="http-date"),
+    ],
+)
+def test_retry_after_of_a_429_is_parsed(
+    faulty: FaultyCollector, transport: HTTPTransport, header: str
+) -> None:
+    """Retry-After (delta-seconds or HTTP-date) reaches the outcome in seconds."""
+    faulty.fail(429, times=1, retry_after=header)
+    outcome = transport.send(payload())
+    assert outcome.status == 429
+    assert outcome.retry_after is not None
+    assert 5.0 <= outcome.retry_after <= 7.0
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        pytest.param(None, None, id="missing"),
+        pytest.param("", None, id="empty"),
+        pytest.param("0", 0.0, id="zero"),
+        pytest.param(" 120 ", 120.0, id="spaces"),
+        pytest.param("1.5", 1.5, id="decimal"),
+        pytest.param("-1", None, id="negative"),
+        pytest.param("\u00b2", None, id="unicode-digit"),
+        pytest.param("soon", None, id="garbage"),
+        pytest.param("Wed, 21 Oct 2015 07:28:00 GMT", 0.0, id="past-date"),
+        pytest.param("Wed, 99 Oct 2015 07:28:00 GMT", None, id="bad-date"),
+    ],
+)
+def test_parse_retry_after(value: str | None, expected: float | None) -> None:
+    """Retry-After values parse to seconds, a past date to 0, anything unusable to None."""
+    assert parse_retry_after(value) == expected
+
+
+def test_parse_retry_after_date_without_zone_is_gmt() -> None:
+    """An HTTP-date with a -0000 zone (naive) counts as GMT, not local time."""
+    when = email.utils.formatdate(time.time() + 100, usegmt=False).rsplit(" ", 1)[0] + " -0000"
+    seconds = parse_retry_after(when)
+    assert seconds is not None and 98.0 <= seconds <= 100.0
+
+
+def test_close_is_idempotent_and_a_later_send_reconnects(faulty: FaultyCollector) -> None:
+    """close() twice is fine; a send after close opens a fresh connection."""
+    sender = HTTPTransport(faulty.url, timeout=2.0)
+    assert sender.send(payload()).status == 200
+    sender.close()
+    sender.close()
+    assert sender.send(payload()).status == 200
+    sender.close()
+    assert faulty.connections == 2
+
+
+def test_proxy_environment_is_ignored(
+    faulty: FaultyCollector, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HTTP(S)_PROXY in the environment does not reroute the collector connection."""
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        dead = unused.getsockname()[1]
+    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.setenv(name, f"http://127.0.0.1:{dead}")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    sender = HTTPTransport(faulty.url, timeout=2.0)
+    try:
+        assert sender.send(payload()).status == 200
+    finally:
+        sender.close()
