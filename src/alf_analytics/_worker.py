@@ -52,7 +52,13 @@ class _Flush:
         self.done = threading.Event()
 
 
-_STOP = object()
+class _Stop:
+    """Asks one worker thread to stop; a stop left over for a thread that is gone is ignored."""
+
+    __slots__ = ("thread",)
+
+    def __init__(self, thread: threading.Thread) -> None:
+        self.thread = thread
 
 
 class _Group:
@@ -108,7 +114,15 @@ class Worker:
         self._running = False
         self._transport: Transport | None = None
         self._groups: dict[tuple[str, str | None], _Group] = {}
+        #: Set by close(): retries that would end after it give up (counted "shutdown").
         self._deadline: float | None = None
+        #: Wakes the worker from a backoff pause (close() sets it after setting the deadline).
+        self._wake = threading.Event()
+        #: Flush markers taken off the queue and not answered yet (re-queued after a crash).
+        self._flushes: list[_Flush] = []
+        #: Entries taken off the queue that are neither pending in a group nor settled yet:
+        #: a crash counts them as dropped ("error"), so sent + dropped stays equal to captured.
+        self._inflight = 0
         # Drops on the request path use itertools counters: next() is atomic under the GIL.
         self._queue_full = itertools.count()
         self._refused = itertools.count()
@@ -159,7 +173,7 @@ class Worker:
         if self._pid != os.getpid():
             self._reset()
         if not self._running:
-            if self._queue.empty() and not self._groups:
+            if self._queue.empty() and not self._pending():
                 return True
             if not self._start():
                 return False
@@ -168,10 +182,17 @@ class Worker:
         return marker.done.wait(timeout)
 
     def close(self, timeout: float | None = None) -> bool:
-        """Flush within ``timeout``, then stop the thread. Idempotent; a later entry restarts it."""
+        """Flush within ``timeout``, then stop the thread. Idempotent; a later entry restarts it.
+
+        Retries still waiting when the bound runs out give up (counted ``shutdown``); a send in
+        progress is bounded by the transport's own timeout, and this call does not wait for it.
+        """
         bound = self.shutdown_timeout if timeout is None else timeout
         deadline = time.monotonic() + bound
-        self._deadline = deadline
+        previous = self._deadline
+        if previous is None or deadline < previous:
+            self._deadline = deadline
+        self._wake.set()
         try:
             done = self.flush(bound)
             thread = self._thread
@@ -180,20 +201,24 @@ class Worker:
                 and thread.is_alive()
                 and thread is not threading.current_thread()
             ):
-                self._queue.put(_STOP)
+                self._queue.put(_Stop(thread))
                 thread.join(max(0.0, deadline - time.monotonic()))
             return done
         finally:
-            self._deadline = None
+            if self._deadline == deadline:
+                self._deadline = None
 
     def stats(self) -> dict[str, Any]:
-        """Counters since start (or since the fork that made this process)."""
+        """Counters since start (or since the fork that made this process).
+
+        ``captured`` counts the entries taken off the queue plus those dropped before it, so
+        once flushed, ``sent + dropped_total == captured``; ``queued`` is what is still waiting.
+        """
         queue_full = _value(self._queue_full)
         refused = _value(self._refused)
         drops = dict(self._drops)
         drops["queue_full"] += queue_full
         drops["shutdown"] += refused
-        pending = sum(len(group.entries) for group in list(self._groups.values()))
         return {
             "captured": self._counts["dequeued"] + queue_full + refused,
             "sent": self._counts["sent"],
@@ -202,9 +227,12 @@ class Worker:
             "retried": self._counts["retried"],
             "batches": self._counts["batches"],
             "requests": self._counts["requests"],
-            "queued": self._queue.qsize() + pending,
+            "queued": self._queue.qsize() + self._pending(),
             "worker_restarts": self._crashes,
         }
+
+    def _pending(self) -> int:
+        return sum(len(group.entries) for group in list(self._groups.values()))
 
     # -- worker thread ----------------------------------------------------------------------
 
@@ -213,16 +241,35 @@ class Worker:
             self._loop()
         except BaseException as exc:  # never let the thread die silently
             self._crashes += 1
+            lost, self._inflight = self._inflight, 0
+            self._drops["error"] += lost
             if self._crashes == 1:
-                logger.error("alf_analytics worker crashed; it restarts on the next entry: %r", exc)
+                logger.error(
+                    "alf_analytics worker crashed (%d entries lost); it restarts on the next "
+                    "entry: %r",
+                    lost,
+                    exc,
+                )
         finally:
+            transport, self._transport = self._transport, None
+            if transport is not None:
+                try:
+                    transport.close()
+                except Exception:  # closing is best effort
+                    pass
+            # A flush waiting on this thread must not wait for its timeout: hand its marker to
+            # a fresh thread.
+            flushes, self._flushes = self._flushes, []
+            for marker in flushes:
+                self._queue.put(marker)
             self._running = False
-            if self._transport is not None and self._thread is threading.current_thread():
-                self._transport.close()
-                self._transport = None
+            if flushes:
+                self._start()
 
     def _loop(self) -> None:
         queue = self._queue
+        me = threading.current_thread()
+        flushes = self._flushes
         while True:
             wait = self._next_due()
             try:
@@ -234,14 +281,14 @@ class Worker:
                     item = queue.get_nowait()
             except Empty:
                 item = None
-            flushes: list[_Flush] = []
             stop = False
             taken = 0
             while item is not None:
-                if item is _STOP:
-                    stop = True
-                elif type(item) is _Flush:
+                kind = type(item)
+                if kind is _Flush:
                     flushes.append(item)
+                elif kind is _Stop:
+                    stop = stop or item.thread is me
                 else:
                     self._add(item)
                 taken += 1
@@ -255,6 +302,7 @@ class Worker:
                 self._send(list(self._groups.values()))
                 for marker in flushes:
                     marker.done.set()
+                flushes.clear()
                 if stop:
                     return
             else:
@@ -275,9 +323,11 @@ class Worker:
 
     def _add(self, exchange: Exchange) -> None:
         self._counts["dequeued"] += 1
+        self._inflight += 1
         try:
             data = _dumps(build_entry(exchange))
         except Exception as exc:
+            self._inflight -= 1
             self._drops["error"] += 1
             self._warn("error", "could not build an ALF entry (%r); entry dropped", exc)
             return
@@ -288,6 +338,7 @@ class Worker:
         group.config = config
         limit = config.max_batch_bytes
         if group.overhead() + len(data) > limit:
+            self._inflight -= 1
             self._drops["too_large"] += 1
             self._warn(
                 "too_large",
@@ -304,6 +355,7 @@ class Worker:
         else:
             group.size += 1 + len(data)
         group.entries.append(data)
+        self._inflight -= 1
         if len(group.entries) >= config.batch_size:
             self._send([group])
 
@@ -321,44 +373,49 @@ class Worker:
                 batch, size = [], 2
             batch.append((group.prefix, group.entries))
             size += part + (1 if len(batch) > 1 else 0)
+            self._inflight += len(group.entries)
             group.entries = []
             group.size = 0
         if batch:
             self._deliver(batch)
 
     def _deliver(self, batch: list[tuple[bytes, list[bytes]]]) -> None:
+        """Send one request body until it is settled: every entry ends up sent or dropped."""
         count = sum(len(items) for _, items in batch)
         attempt = 0
         while True:
             outcome = self._post(_body(batch))
             status = outcome.status
             if status in (200, 201, 202, 204, 207):
+                self._settle(count)
                 self._counts["sent"] += count
                 self._counts["batches"] += 1
                 if status == 207:
-                    self._warn("207", "collector accepted part of a batch: %s", _errors(outcome))
+                    self._warn(
+                        "207", "collector accepted part of a batch: %s", self._errors(outcome)
+                    )
                 return
             if status == 413:
                 if count > 1:
                     for half in _split(batch):
                         self._deliver(half)
                     return
-                self._drops["too_large"] += 1
+                self._drop("too_large", 1)
                 self._warn("413", "collector refused an entry as too large (413); dropped")
                 return
             if 400 <= status < 500 and status not in (408, 429):
-                self._drops["rejected"] += count
+                self._drop("rejected", count)
                 self._warn(
                     f"http{status}",
                     "collector rejected a batch of %d entries with %d %s; dropped",
                     count,
                     status,
-                    _errors(outcome),
+                    self._errors(outcome),
                 )
                 return
             attempt += 1
             if attempt > self.retries:
-                self._drops["retries_exhausted"] += count
+                self._drop("retries_exhausted", count)
                 self._warn(
                     "retries_exhausted",
                     "gave up on %d entries after %d attempts (%s)",
@@ -367,26 +424,49 @@ class Worker:
                     outcome.error or f"HTTP {status}",
                 )
                 return
-            pause = min(MAX_BACKOFF, self.retry_backoff * 2 ** (attempt - 1))
-            pause *= random.uniform(0.5, 1.0)
-            if outcome.retry_after is not None:
-                pause = max(pause, min(outcome.retry_after, MAX_RETRY_AFTER))
-            deadline = self._deadline
-            if deadline is not None and time.monotonic() + pause > deadline:
-                self._drops["shutdown"] += count
+            pause = backoff(attempt, self.retry_backoff, outcome.retry_after)
+            if not self._pause(pause):
+                self._drop("shutdown", count)
                 self._warn("shutdown", "shutdown bound reached: %d queued entries dropped", count)
                 return
             self._counts["retried"] += count
-            time.sleep(pause)
+
+    def _settle(self, count: int) -> None:
+        self._inflight = max(0, self._inflight - count)
+
+    def _drop(self, reason: str, count: int) -> None:
+        self._settle(count)
+        self._drops[reason] += count
+
+    def _pause(self, seconds: float) -> bool:
+        """Wait before a retry; False when close()'s deadline comes first."""
+        end = time.monotonic() + seconds
+        while True:
+            deadline = self._deadline
+            if deadline is not None and end > deadline:
+                return False
+            remaining = end - time.monotonic()
+            if remaining <= 0:
+                return True
+            self._wake.wait(remaining)
+            self._wake.clear()
 
     def _post(self, body: bytes) -> Outcome:
-        if self._transport is None:
-            self._transport = self._transport_factory()
         self._counts["requests"] += 1
         try:
+            if self._transport is None:
+                self._transport = self._transport_factory()
             return self._transport.send(body)
         except Exception as exc:  # a transport must not kill the worker
             return Outcome(0, error=repr(exc))
+
+    def _errors(self, outcome: Outcome) -> str:
+        """The collector's error messages for a log line, with every service token masked."""
+        text = _errors(outcome)
+        for token, _ in list(self._groups):
+            if token in text:
+                text = text.replace(token, mask_token(token))
+        return text
 
     def _warn(self, key: str, message: str, *args: Any) -> None:
         """Log a problem once, then at most once a minute per kind, never the token."""
@@ -398,19 +478,38 @@ class Worker:
         logger.warning("alf_analytics (%s): " + message, self.collector_url, *args)
 
 
+def backoff(attempt: int, base: float, retry_after: float | None = None) -> float:
+    """Seconds to wait before retry number ``attempt`` (1-based).
+
+    Capped exponential backoff with jitter (half to all of ``base * 2**(attempt-1)``, at most
+    :data:`MAX_BACKOFF`); a ``Retry-After`` from the collector is a floor (at most
+    :data:`MAX_RETRY_AFTER`).
+    """
+    pause = min(MAX_BACKOFF, base * 2.0 ** min(attempt - 1, 62))
+    pause *= random.uniform(0.5, 1.0)
+    if retry_after is not None:
+        pause = max(pause, min(retry_after, MAX_RETRY_AFTER))
+    return pause
+
+
 def _value(counter: itertools.count[int]) -> int:
     """The next value of an itertools.count without advancing it."""
     return int(counter.__reduce__()[1][0])
 
 
 def _errors(outcome: Outcome) -> str:
+    """The ``errors`` of a collector answer (or the start of its body) as one line."""
+    errors: Any = None
     try:
         data = json.loads(outcome.body)
-        errors = data.get("errors") if isinstance(data, dict) else None
-    except ValueError:
+        if isinstance(data, dict):
+            errors = data.get("errors")
+    except Exception:  # not JSON, not UTF-8, too deep: fall back to the raw text
         errors = None
-    if errors:
-        return "; ".join(str(e) for e in errors[:5])
+    if isinstance(errors, list) and errors:
+        return "; ".join(str(e)[:200] for e in errors[:5])
+    if isinstance(errors, str) and errors:
+        return errors[:200]
     return outcome.body[:200].decode("utf-8", "replace") or outcome.error or ""
 
 
