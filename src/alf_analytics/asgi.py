@@ -17,6 +17,7 @@ import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from time import perf_counter
 from typing import Any
+from urllib.parse import quote
 
 from ._config import Config, make_config
 from ._record import Exchange, RequestInfo
@@ -157,6 +158,28 @@ def _latin1(value: Any) -> str:
     return str(value)
 
 
+def _wire_path(scope: Scope) -> str:
+    """The request path as the client sent it, bytes shown as Latin-1 (like ``raw_path``).
+
+    ASGI's ``path`` includes ``root_path`` (uvicorn puts it in ``raw_path`` too); a server that
+    leaves it out of either gets it put back in front, so a mounted app logs the full path.
+    """
+    raw_path = scope.get("raw_path")
+    if raw_path:
+        # Some clients/servers (older httpx) left the query string in raw_path.
+        path = _latin1(raw_path).partition("?")[0]
+    else:
+        # ``path`` is decoded text: back to its UTF-8 bytes, the form the client sent.
+        path = str(scope.get("path") or "").encode("utf-8", "surrogateescape").decode("latin-1")
+    root = str(scope.get("root_path") or "").rstrip("/")
+    if root:
+        root = root.encode("utf-8", "surrogateescape").decode("latin-1")
+        quoted = quote(root, safe="/:@!$&'()*+,;=-._~", encoding="latin-1")
+        if not any(path == r or path.startswith(r + "/") for r in (root, quoted)):
+            path = root + path
+    return path
+
+
 def read_scope(scope: Scope) -> RequestInfo:
     """Request facts from an ASGI ``http`` scope snapshot (runs on the worker thread)."""
     scheme = str(scope.get("scheme") or "http")
@@ -180,11 +203,7 @@ def read_scope(scope: Scope) -> RequestInfo:
             name = f"[{server_ip}]" if ":" in server_ip else server_ip
             port = server[1] if len(server) > 1 else None
             host = name if port in (None, _DEFAULT_PORTS.get(scheme)) else f"{name}:{port}"
-    raw_path = scope.get("raw_path")
-    if raw_path:
-        path = _latin1(raw_path).partition("?")[0]
-    else:
-        path = str(scope.get("root_path", "")) + str(scope.get("path", ""))
+    path = _wire_path(scope)
     client = scope.get("client")
     return RequestInfo(
         method=str(scope.get("method", "GET")),

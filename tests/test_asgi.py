@@ -1,0 +1,1144 @@
+"""The ASGI adapter: Starlette/FastAPI on both anyio backends, raw ASGI protocol care, uvicorn.
+
+Entries always travel to the real ``collector`` fixture over loopback HTTP and are schema-checked
+there (``received_entries``). Raw ASGI tests play the server themselves (:class:`Server`), which
+is the only way to observe message identity, ordering and back-pressure.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import tracemalloc
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from starlette.responses import FileResponse, StreamingResponse
+
+import alf_analytics
+from alf_analytics import AnalyticsASGIMiddleware
+from alf_analytics._worker import Worker
+from alf_analytics.collector import Collector
+
+from .asgi_apps import (
+    BodyReadingMiddleware,
+    ContextMiddleware,
+    echo_app,
+    fastapi_app,
+    read_body,
+    starlette_app,
+)
+from .conftest import received_entries
+
+TOKEN = "asgi-test-token"
+TESTS = Path(__file__).resolve().parent
+KIB = 1024
+MIB = 1024 * KIB
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    """Every async test runs on both anyio backends unless it narrows this itself."""
+    return str(request.param)
+
+
+def analytics(app: Any, collector: Collector, **options: Any) -> AnalyticsASGIMiddleware:
+    return AnalyticsASGIMiddleware(app, service_token=TOKEN, collector_url=collector.url, **options)
+
+
+def http_scope(path: str = "/", *, method: str = "GET", **overrides: Any) -> dict[str, Any]:
+    """An ``http`` scope as uvicorn builds it (``overrides`` replace or add keys)."""
+    scope: dict[str, Any] = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"testserver")],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8000),
+    }
+    scope.update(overrides)
+    return scope
+
+
+def body_messages(body: bytes, piece: int) -> list[dict[str, Any]]:
+    """``body`` as ``http.request`` messages of ``piece`` bytes (``more_body`` but the last)."""
+    chunks = [body[i : i + piece] for i in range(0, len(body), piece)] or [b""]
+    return [
+        {"type": "http.request", "body": chunk, "more_body": i < len(chunks) - 1}
+        for i, chunk in enumerate(chunks)
+    ]
+
+
+class Server:
+    """The server side of one ASGI call: scripted ``receive`` messages, recorded ``send`` ones.
+
+    Once the script is used up, ``receive`` waits for the response to complete and then reports
+    ``http.disconnect`` (what uvicorn and httpx do). ``on_send`` runs on every sent message.
+    """
+
+    def __init__(
+        self,
+        messages: list[dict[str, Any]] | None = None,
+        on_send: Callable[[dict[str, Any]], Any] | None = None,
+    ) -> None:
+        self.script = list(messages if messages is not None else body_messages(b"", 1))
+        self.received: list[dict[str, Any]] = []
+        self.sent: list[Any] = []
+        self.on_send = on_send
+        self.complete = anyio.Event()
+
+    async def receive(self) -> dict[str, Any]:
+        if self.script:
+            message = self.script.pop(0)
+        else:
+            await self.complete.wait()
+            message = {"type": "http.disconnect"}
+        self.received.append(message)
+        return message
+
+    async def send(self, message: dict[str, Any]) -> None:
+        self.sent.append(message)
+        if self.on_send is not None:
+            result = self.on_send(message)
+            if hasattr(result, "__await__"):
+                await result
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            self.complete.set()
+        if message["type"] == "http.response.pathsend":
+            self.complete.set()
+
+    def body(self) -> bytes:
+        return b"".join(m.get("body", b"") for m in self.sent if m["type"] == "http.response.body")
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def header_values(headers: list[dict[str, str]], name: str) -> list[str]:
+    return [h["value"] for h in headers if h["name"] == name]
+
+
+def only_entry(collector: Collector) -> dict[str, Any]:
+    """Exactly one entry arrived (after a flush): return it."""
+    entries = received_entries(collector, 1)  # flushes first: nothing else is on its way
+    assert len(entries) == 1, [e["request"]["url"] for e in entries]
+    return entries[0]
+
+
+# -- Starlette and FastAPI on both backends ---------------------------------------------------
+
+
+def _added(collector: Collector) -> Any:
+    app = starlette_app()
+    app.add_middleware(
+        AnalyticsASGIMiddleware,
+        service_token=TOKEN,
+        collector_url=collector.url,
+        environment="starlette",
+        log_body=True,
+    )
+    return app
+
+
+def _wrapped(collector: Collector) -> Any:
+    return analytics(starlette_app(), collector, environment="starlette", log_body=True)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "install", [pytest.param(_added, id="add_middleware"), pytest.param(_wrapped, id="wrapped")]
+)
+async def test_starlette_records_every_exchange(
+    anyio_backend: str, collector: Collector, install: Callable[[Collector], Any]
+) -> None:
+    """Starlette with the middleware added or wrapped records JSON posts and streams."""
+    app = install(collector)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+        posted = await client.post("/json?x=1", json={"n": 1})
+        streamed = await client.get("/stream", params={"count": 3, "size": 10})
+    assert posted.status_code == 201
+    assert posted.json() == {"received": {"n": 1}}
+    assert streamed.content == b"A" * 10 + b"B" * 10 + b"C" * 10
+
+    entries = received_entries(collector, 2)
+    stored = collector.entries()
+    assert {s.environment for s in stored} == {"starlette"}
+    assert {s.service_token for s in stored} == {TOKEN}
+    by_url = {e["request"]["url"]: e for e in entries}
+    post = by_url["http://testserver/json?x=1"]
+    assert post["request"]["method"] == "POST"
+    assert post["request"]["queryString"] == [{"name": "x", "value": "1"}]
+    assert post["request"]["bodySize"] == len(b'{"n":1}')
+    assert post["request"]["postData"]["text"] == b64(b'{"n":1}')
+    assert post["response"]["status"] == 201
+    assert post["response"]["bodySize"] == len(posted.content)
+    assert post["response"]["content"]["text"] == b64(posted.content)
+    stream = by_url["http://testserver/stream?count=3&size=10"]
+    assert stream["response"]["status"] == 200
+    assert stream["response"]["bodySize"] == 30
+    assert stream["response"]["content"]["mimeType"].startswith("text/plain")
+    assert stream["clientIPAddress"] == "127.0.0.1"
+    assert len(entries) == 2
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("wrap", [pytest.param(False, id="add_middleware"), True])
+async def test_fastapi_unhandled_exception_is_recorded_as_500(
+    anyio_backend: str, collector: Collector, wrap: bool
+) -> None:
+    """An unhandled FastAPI exception gives an entry with 500, whichever side sends the 500."""
+    app: Any = fastapi_app()
+    if wrap:
+        app = analytics(app, collector)
+    else:
+        app.add_middleware(
+            AnalyticsASGIMiddleware, service_token=TOKEN, collector_url=collector.url
+        )
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+        response = await client.get("/boom")
+    assert response.status_code == 500
+
+    entry = only_entry(collector)
+    assert entry["response"]["status"] == 500
+    assert entry["request"]["url"] == "http://testserver/boom"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_background_task_does_not_inflate_time(
+    anyio_backend: str, collector: Collector
+) -> None:
+    """A 1 s BackgroundTask after the response counts neither in ``time`` nor in ``receive``."""
+    app = analytics(starlette_app(), collector)
+    transport = httpx.ASGITransport(app=app)
+    started = time.perf_counter()
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+        response = await client.get("/background", params={"seconds": 1})
+    whole_call_ms = (time.perf_counter() - started) * 1000
+    assert response.text == "done"
+    assert whole_call_ms >= 1000  # the transport waits for the app, background task included
+
+    entry = only_entry(collector)
+    assert entry["time"] * 2 < whole_call_ms
+    assert entry["timings"]["receive"] * 2 < whole_call_ms
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "path", [pytest.param("/raw/echo", id="mounted-raw-asgi"), pytest.param("/body", id="route")]
+)
+@pytest.mark.parametrize("user_outside", [pytest.param(True, id="user-first"), False])
+async def test_body_reading_user_middleware_in_both_orders(
+    anyio_backend: str, collector: Collector, path: str, user_outside: bool
+) -> None:
+    """A user middleware that reads the body before or after ours leaves it for the endpoint."""
+    app: Any = starlette_app()
+    if user_outside:
+        app = BodyReadingMiddleware(analytics(app, collector, log_body=True))
+    else:
+        app.add_middleware(BodyReadingMiddleware)
+        app.add_middleware(
+            AnalyticsASGIMiddleware, service_token=TOKEN, collector_url=collector.url, log_body=True
+        )
+    body = bytes(range(256)) * 400  # 100 KiB, sent in pieces
+
+    async def pieces() -> AsyncIterator[bytes]:
+        for i in range(0, len(body), 16 * KIB):
+            yield body[i : i + 16 * KIB]
+
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+        with anyio.fail_after(10):
+            response = await client.post(path, content=pieces())
+    assert response.status_code == 200
+    assert response.content == body
+
+    entry = only_entry(collector)
+    assert entry["request"]["bodySize"] == len(body)
+    assert entry["request"]["postData"]["text"] == b64(body[: 64 * KIB])
+    assert entry["response"]["bodySize"] == len(body)
+
+
+@pytest.mark.anyio
+async def test_contextvar_from_outer_middleware_reaches_endpoint_and_background(
+    anyio_backend: str, collector: Collector
+) -> None:
+    """A contextvar set outside ours reaches the endpoint and its background task (run later)."""
+    observed: list[str] = []
+    app = ContextMiddleware(analytics(starlette_app(observed=observed), collector))
+
+    def on_send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            observed.append("server:final-body")
+
+    server = Server(on_send=on_send)
+    await app(http_scope("/context"), server.receive, server.send)
+    assert observed == [
+        "endpoint:set-by-outer:/context",
+        "server:final-body",
+        "background:set-by-outer:/context",
+    ]
+    assert only_entry(collector)["response"]["status"] == 200
+
+
+# -- raw ASGI: receive ------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_more_body_request_arrives_intact_and_is_captured_up_to_the_cap(
+    anyio_backend: str, collector: Collector
+) -> None:
+    """5 MB in 64 KiB ``more_body`` messages reach the app intact; only max_body_bytes are kept."""
+    body = os.urandom(5 * MIB)
+    app = analytics(echo_app, collector, log_body=True, max_body_bytes=100_000)
+    server = Server(body_messages(body, 64 * KIB))
+    await app(http_scope("/upload", method="POST"), server.receive, server.send)
+    assert server.body() == body
+
+    entry = only_entry(collector)
+    request = entry["request"]
+    assert request["bodySize"] == 5 * MIB
+    assert request["bodyCaptured"] is False
+    assert base64.b64decode(request["postData"]["text"]) == body[:100_000]
+    assert entry["response"]["bodySize"] == 5 * MIB
+
+
+@pytest.mark.anyio
+async def test_every_receive_message_is_forwarded_unchanged(
+    anyio_backend: str, collector: Collector
+) -> None:
+    """The app gets the server's very message objects, ``http.disconnect`` included, unmodified."""
+    script = [*body_messages(b"abcdefghij", 3), {"type": "http.disconnect"}]
+    pristine = copy.deepcopy(script)
+    seen: list[dict[str, Any]] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        while True:
+            message = await receive()
+            seen.append(message)
+            if message["type"] == "http.disconnect":
+                return
+
+    server = Server(script)
+    await analytics(app, collector, log_body=True)(
+        http_scope("/in", method="POST"), server.receive, server.send
+    )
+    assert len(seen) == len(server.received) == 5
+    assert all(got is given for got, given in zip(seen, server.received, strict=True))
+    assert seen == pristine
+
+    entry = only_entry(collector)
+    assert entry["request"]["bodySize"] == 10
+    assert entry["request"]["postData"]["text"] == b64(b"abcdefghij")
+
+
+# -- raw ASGI: send ---------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_every_send_message_is_forwarded_unchanged(
+    anyio_backend: str, collector: Collector
+) -> None:
+    """The server gets the app's very message objects, in order, with nothing added or changed."""
+    messages: list[dict[str, Any]] = [
+        {
+            "type": "http.response.start",
+            "status": 207,
+            "headers": [(b"content-type", b"text/plain"), (b"x-a", b"1")],
+            "trailers": False,
+        },
+        {"type": "http.response.body", "body": b"one", "more_body": True},
+        {"type": "http.response.body", "body": b"", "more_body": True},
+        {"type": "http.response.body", "body": b"two", "more_body": False},
+    ]
+    pristine = copy.deepcopy(messages)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        for message in messages:
+            await send(message)
+
+    server = Server()
+    await analytics(app, collector)(http_scope(), server.receive, server.send)
+    assert len(server.sent) == len(messages)
+    assert all(got is given for got, given in zip(server.sent, messages, strict=True))
+    assert server.sent == pristine
+
+    entry = only_entry(collector)
+    assert entry["response"]["status"] == 207
+    assert entry["response"]["bodySize"] == 6
+
+
+@pytest.mark.anyio
+async def test_each_chunk_reaches_the_server_before_the_next_is_produced(
+    anyio_backend: str, collector: Collector
+) -> None:
+    """No buffering: the app produces chunk 2 only after the server has seen chunk 1 (SSE works)."""
+    chunk_one_seen = anyio.Event()
+
+    async def sse(scope: Any, receive: Any, send: Any) -> None:
+        start = {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"text/event-stream")],
+        }
+        await send(start)
+        await send({"type": "http.response.body", "body": b"data: 1\n\n", "more_body": True})
+        await chunk_one_seen.wait()
+        await send({"type": "http.response.body", "body": b"data: 2\n\n", "more_body": False})
+
+    def on_send(message: dict[str, Any]) -> None:
+        if message.get("body") == b"data: 1\n\n":
+            chunk_one_seen.set()
+
+    server = Server(on_send=on_send)
+    with anyio.fail_after(10):  # a buffering middleware deadlocks here
+        await analytics(sse, collector)(http_scope("/events"), server.receive, server.send)
+    assert server.body() == b"data: 1\n\ndata: 2\n\n"
+
+    entry = only_entry(collector)
+    assert entry["response"]["bodySize"] == 18
+    assert header_values(entry["response"]["headers"], "content-type") == ["text/event-stream"]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_large_streamed_response_keeps_memory_flat(
+    anyio_backend: str, collector: Collector
+) -> None:
+    """200 MB streamed in 64 KiB chunks with log_body on: traced peak stays far below the size."""
+    total = 200 * MIB
+    piece = 64 * KIB
+
+    async def big(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        for index in range(total // piece):
+            # A fresh object per chunk, so holding on to chunks would show in the trace.
+            chunk = bytes([index % 251]) * piece
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    received = 0
+
+    def count(message: dict[str, Any]) -> None:
+        nonlocal received
+        received += len(message.get("body", b""))
+
+    server = Server(on_send=count)
+    app = analytics(big, collector, log_body=True)
+    server.sent = _Discard()
+    tracemalloc.start()
+    try:
+        await app(http_scope("/big"), server.receive, server.send)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert received == total
+    assert peak < total / 20
+
+    entry = only_entry(collector)
+    assert entry["response"]["bodySize"] == total
+    assert entry["response"]["bodyCaptured"] is False
+    assert base64.b64decode(entry["response"]["content"]["text"]) == bytes([0]) * (64 * KIB)
+
+
+class _Discard(list[Any]):
+    """A ``Server.sent`` that keeps nothing (for the memory test)."""
+
+    def append(self, item: Any) -> None:
+        pass
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_pathsend_response_is_recorded_with_its_length(
+    anyio_backend: str, collector: Collector, tmp_path: Path
+) -> None:
+    """A FileResponse sent as ``http.response.pathsend`` passes through, sized by Content-Length."""
+    target = tmp_path / "report.csv"
+    target.write_bytes(b"a,b\n" * 1000)
+    response = FileResponse(target, media_type="text/csv")
+    scope = http_scope("/report.csv", extensions={"http.response.pathsend": {}})
+    server = Server()
+    await analytics(response, collector)(scope, server.receive, server.send)
+    assert [m["type"] for m in server.sent] == ["http.response.start", "http.response.pathsend"]
+    assert server.sent[1]["path"] == str(target)
+
+    entry = only_entry(collector)
+    assert entry["response"]["status"] == 200
+    assert entry["response"]["bodySize"] == 4000
+
+
+# -- raw ASGI: other scopes and lifespan ------------------------------------------------------
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("scope_type", ["websocket", "custom.protocol"])
+async def test_websocket_and_unknown_scopes_pass_through_untouched(
+    anyio_backend: str, collector: Collector, scope_type: str
+) -> None:
+    """Non-http scopes reach the app as the same scope, receive and send; nothing is logged."""
+    scope = {"type": scope_type, "asgi": {"version": "3.0"}, "path": "/ws", "headers": []}
+    pristine = copy.deepcopy(scope)
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "websocket.connect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        pass
+
+    calls: list[tuple[Any, Any, Any]] = []
+
+    async def app(got_scope: Any, got_receive: Any, got_send: Any) -> None:
+        calls.append((got_scope, got_receive, got_send))
+
+    await analytics(app, collector)(scope, receive, send)
+    assert len(calls) == 1
+    assert calls[0][0] is scope and calls[0][1] is receive and calls[0][2] is send
+    assert scope == pristine
+    assert alf_analytics.flush(5.0)
+    assert collector.count() == 0
+    assert alf_analytics.stats()["captured"] == 0
+
+
+class LifespanServer:
+    """The server side of a lifespan: scripted events in, recorded messages out."""
+
+    def __init__(self, on_send: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.events = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
+        self.given: list[dict[str, Any]] = []
+        self.sent: list[dict[str, Any]] = []
+        self.on_send = on_send
+        self.shutdown_at = 0.0
+
+    async def receive(self) -> dict[str, Any]:
+        event = self.events.pop(0)
+        if event["type"] == "lifespan.shutdown":
+            self.shutdown_at = time.perf_counter()
+        self.given.append(event)
+        return event
+
+    async def send(self, message: dict[str, Any]) -> None:
+        if self.on_send is not None:
+            self.on_send(message)
+        self.sent.append(message)
+
+
+def lifespan_app(
+    shutdown_reply: dict[str, Any], received: list[Any]
+) -> Callable[[Any, Any, Any], Any]:
+    """A raw app: answers lifespan events with fixed messages, and 200 to http requests."""
+    startup_reply = {"type": "lifespan.startup.complete"}
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            received.append(receive)
+            while True:
+                event = await receive()
+                received.append(event)
+                if event["type"] == "lifespan.startup":
+                    await send(startup_reply)
+                else:
+                    await send(shutdown_reply)
+                    return
+        await read_body(receive)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    return app
+
+
+SHUTDOWN_REPLIES = [
+    pytest.param({"type": "lifespan.shutdown.complete"}, id="complete"),
+    pytest.param({"type": "lifespan.shutdown.failed", "message": "db close failed"}, id="failed"),
+]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("reply", SHUTDOWN_REPLIES)
+async def test_lifespan_shutdown_is_forwarded_after_the_flush(
+    anyio_backend: str, collector: Collector, reply: dict[str, Any]
+) -> None:
+    """Lifespan messages pass unchanged; the shutdown reply reaches the server after the flush."""
+    received: list[Any] = []
+    app = analytics(lifespan_app(reply, received), collector, delay=60.0)
+    server = Server()
+    await app(http_scope("/before-shutdown"), server.receive, server.send)
+    assert alf_analytics.stats()["queued"] + collector.count() <= 1
+
+    at_collector_when_forwarded: list[int] = []
+
+    def on_send(message: dict[str, Any]) -> None:
+        if message["type"].startswith("lifespan.shutdown"):
+            at_collector_when_forwarded.append(collector.count())
+
+    lifespan = LifespanServer(on_send)
+    scope = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}
+    server_receive = lifespan.receive  # one bound-method object, to compare identities
+    with anyio.fail_after(10):
+        await app(scope, server_receive, lifespan.send)
+    assert received[0] is server_receive
+    assert all(got is given for got, given in zip(received[1:], lifespan.given, strict=True))
+    assert [m["type"] for m in lifespan.sent] == ["lifespan.startup.complete", reply["type"]]
+    assert lifespan.sent[1] is reply
+    assert reply == copy.deepcopy(reply) and set(reply) <= {"type", "message"}
+    assert at_collector_when_forwarded == [1]
+    assert collector.entries()[0].path == "/before-shutdown"
+
+
+@pytest.fixture
+def black_hole() -> Iterator[str]:
+    """A collector URL whose socket accepts connections into its backlog and never answers."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        listener.close()  # resets the queued connections: the stuck worker fails fast
+
+
+@pytest.mark.anyio
+async def test_shutdown_flush_runs_off_the_loop_and_is_bounded(
+    anyio_backend: str, black_hole: str
+) -> None:
+    """With a black-holed collector the flush keeps the loop live and ends by shutdown_timeout."""
+    received: list[Any] = []
+    shutdown_timeout, transport_timeout = 1.0, 8.0
+    app = AnalyticsASGIMiddleware(
+        lifespan_app({"type": "lifespan.shutdown.complete"}, received),
+        service_token=TOKEN,
+        collector_url=black_hole,
+        delay=60.0,
+        retries=0,
+        timeout=transport_timeout,
+        shutdown_timeout=shutdown_timeout,
+    )
+    server = Server()
+    await app(http_scope("/queued"), server.receive, server.send)
+
+    ticks = 0
+    marks: dict[str, float] = {}
+
+    def on_send(message: dict[str, Any]) -> None:
+        if message["type"] == "lifespan.shutdown.complete":
+            marks["ticks_during_flush"] = ticks - marks["ticks_at_shutdown"]
+            marks["flush_seconds"] = time.perf_counter() - lifespan.shutdown_at
+
+    lifespan = LifespanServer(on_send)
+    server_receive = lifespan.receive
+
+    async def receive() -> dict[str, Any]:
+        event = await server_receive()
+        marks["ticks_at_shutdown"] = ticks
+        return event
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await anyio.sleep(0.01)
+            ticks += 1
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(ticker)
+        await app({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, lifespan.send)
+        tasks.cancel_scope.cancel()
+    assert marks["flush_seconds"] >= shutdown_timeout * 0.8  # it really waited for the collector
+    assert marks["flush_seconds"] < transport_timeout / 2  # ...but not for the transport timeout
+    assert marks["ticks_during_flush"] >= 10  # ~100 ticks fit into 1 s; a blocked loop gets 0
+    assert [m["type"] for m in lifespan.sent][-1] == "lifespan.shutdown.complete"
+
+
+# -- timings, exceptions, disconnects ---------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_wait_ends_at_response_start_and_receive_at_last_body(
+    anyio_backend: str, collector: Collector
+) -> None:
+    """``wait`` spans the time to ``http.response.start``, ``receive`` the time to the last body."""
+    before_start, before_last = 0.05, 0.6
+
+    async def slow(scope: Any, receive: Any, send: Any) -> None:
+        await anyio.sleep(before_start)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"a", "more_body": True})
+        await anyio.sleep(before_last)
+        await send({"type": "http.response.body", "body": b"b", "more_body": False})
+        await anyio.sleep(before_last)  # after the body: must not count
+
+    server = Server()
+    await analytics(slow, collector)(http_scope(), server.receive, server.send)
+
+    entry = only_entry(collector)
+    timings = entry["timings"]
+    assert timings["wait"] >= before_start * 1000 * 0.9
+    assert timings["receive"] >= before_last * 1000 * 0.9
+    assert timings["wait"] < timings["receive"]
+    assert entry["time"] < 2 * before_last * 1000
+    assert entry["time"] == pytest.approx(timings["send"] + timings["wait"] + timings["receive"])
+
+
+class AppError(Exception):
+    """Raised by the failing apps below."""
+
+
+def failing_app(when: str) -> tuple[Callable[[Any, Any, Any], Any], AppError, KeyError]:
+    """A raw app that raises ``AppError`` (caused by a KeyError) at the point named by ``when``."""
+    cause = KeyError("root cause")
+    error = AppError(f"failed {when}")
+    error.__cause__ = cause
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if when != "before-start":
+            await send({"type": "http.response.start", "status": 201, "headers": []})
+            await send(
+                {"type": "http.response.body", "body": b"12345", "more_body": when == "mid-body"}
+            )
+        raise error
+
+    return app, error, cause
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("when", "status", "body_size"),
+    [
+        pytest.param("before-start", 500, 0, id="before-start"),
+        pytest.param("mid-body", 201, 5, id="after-start"),
+        pytest.param("after-complete", 201, 5, id="after-complete"),
+    ],
+)
+async def test_app_exception_is_recorded_and_reraised_unchanged(
+    anyio_backend: str, collector: Collector, when: str, status: int, body_size: int
+) -> None:
+    """The same exception object (cause intact) propagates; the entry has the status really sent."""
+    app, error, cause = failing_app(when)
+    server = Server()
+    with pytest.raises(AppError) as raised:
+        await analytics(app, collector)(http_scope("/fail"), server.receive, server.send)
+    assert raised.value is error
+    assert raised.value.__cause__ is cause
+    assert any(entry.name == "app" for entry in raised.traceback)
+    if when == "before-start":
+        assert server.sent == []  # we never answer on the app's behalf
+
+    entry = only_entry(collector)
+    assert entry["response"]["status"] == status
+    assert entry["response"]["bodySize"] == body_size
+
+
+@pytest.mark.anyio
+async def test_background_task_exception_keeps_the_real_status(
+    anyio_backend: str, collector: Collector
+) -> None:
+    """A Starlette background task failing after a 200 leaves the entry at 200, not 500."""
+    app = analytics(starlette_app(), collector)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+        with pytest.raises(RuntimeError, match="background task failed"):
+            await client.get("/background-error")
+
+    entry = only_entry(collector)
+    assert entry["response"]["status"] == 200
+    assert entry["response"]["bodySize"] == 2
+
+
+@pytest.mark.anyio
+async def test_send_failing_mid_response_yields_one_entry(
+    anyio_backend: str, collector: Collector
+) -> None:
+    """A client gone mid-response (``send`` raises OSError) still yields exactly one entry."""
+
+    async def stream(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        for _ in range(3):
+            await send({"type": "http.response.body", "body": b"x" * 100, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    def broken_pipe(message: dict[str, Any]) -> None:
+        if len([m for m in server.sent if m["type"] == "http.response.body"]) == 2:
+            raise OSError(32, "Broken pipe")
+
+    server = Server(on_send=broken_pipe)
+    with pytest.raises(OSError, match="Broken pipe"):
+        await analytics(stream, collector)(http_scope("/gone"), server.receive, server.send)
+
+    entry = only_entry(collector)
+    assert entry["response"]["status"] == 200
+    assert entry["request"]["url"] == "http://testserver/gone"
+
+
+@pytest.mark.anyio
+async def test_disconnect_from_receive_mid_stream_yields_one_entry(
+    anyio_backend: str, collector: Collector
+) -> None:
+    """A Starlette stream cancelled by ``http.disconnect`` still yields exactly one entry."""
+
+    async def endless() -> AsyncIterator[bytes]:
+        while True:
+            yield b"tick\n"
+            await anyio.sleep(0.001)
+
+    first_chunk = anyio.Event()
+
+    def on_send(message: dict[str, Any]) -> None:
+        if message.get("body"):
+            first_chunk.set()
+
+    class DisconnectingServer(Server):
+        async def receive(self) -> dict[str, Any]:
+            if self.script:
+                return await super().receive()
+            await first_chunk.wait()
+            return {"type": "http.disconnect"}
+
+    server = DisconnectingServer(on_send=on_send)
+    response = StreamingResponse(endless(), media_type="text/plain")
+    with anyio.fail_after(10):
+        await analytics(response, collector)(http_scope("/endless"), server.receive, server.send)
+
+    entry = only_entry(collector)
+    assert entry["response"]["status"] == 200
+    assert entry["response"]["bodySize"] == len(server.body())
+    assert entry["response"]["bodySize"] >= 5
+
+
+@pytest.mark.anyio
+async def test_disconnect_before_any_response_yields_one_entry(
+    anyio_backend: str, collector: Collector
+) -> None:
+    """An app that returns without answering because the client left still yields one entry."""
+
+    async def gives_up(scope: Any, receive: Any, send: Any) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    server = Server([*body_messages(b"partial", 4)[:1], {"type": "http.disconnect"}])
+    await analytics(gives_up, collector)(
+        http_scope("/left", method="POST"), server.receive, server.send
+    )
+    assert server.sent == []
+
+    entry = only_entry(collector)
+    assert entry["request"]["bodySize"] == 4
+    assert entry["response"]["bodySize"] == 0
+
+
+@pytest.mark.anyio
+async def test_internal_failure_never_changes_the_response(
+    anyio_backend: str,
+    collector: Collector,
+    monkeypatch: pytest.MonkeyPatch,
+    internal_errors: list[Any],
+) -> None:
+    """If handing the entry over fails, the response is unchanged and the failure is logged."""
+
+    def broken_submit(self: Worker, exchange: Any) -> bool:
+        raise RuntimeError("submit exploded")
+
+    monkeypatch.setattr(Worker, "submit", broken_submit)
+    server = Server(body_messages(b"payload", 3))
+    await analytics(echo_app, collector)(
+        http_scope("/echo", method="POST"), server.receive, server.send
+    )
+    assert server.body() == b"payload"
+    assert [m["type"] for m in server.sent] == ["http.response.start", "http.response.body"]
+    assert len(internal_errors) == 1
+    assert "could not queue an entry" in internal_errors[0].getMessage()
+    internal_errors.clear()
+
+
+# -- scope facts ------------------------------------------------------------------------------
+
+SCOPE_FACTS = [
+    pytest.param(
+        {"client": ("203.0.113.7", 41000), "server": ("192.0.2.10", 8443)},
+        {"clientIPAddress": "203.0.113.7", "serverIPAddress": "192.0.2.10"},
+        id="client-and-server-addresses",
+    ),
+    pytest.param(
+        {"client": ["2001:db8::1", 41000], "server": ["::1", 80]},
+        {"clientIPAddress": "2001:db8::1", "serverIPAddress": "::1"},
+        id="ipv6-as-lists",
+    ),
+    pytest.param(
+        {"client": None, "server": None},
+        {"clientIPAddress": None, "serverIPAddress": None},
+        id="no-addresses",
+    ),
+    pytest.param({"http_version": "2"}, {"httpVersion": "HTTP/2"}, id="http2"),
+    pytest.param({"http_version": "1.0"}, {"httpVersion": "HTTP/1.0"}, id="http10"),
+    pytest.param(
+        {
+            "scheme": "https",
+            "headers": [(b"host", b"api.example.com")],
+            "path": "/v1/café",
+            "raw_path": b"/v1/caf%C3%A9",
+            "query_string": b"a=1&b=%20x",
+        },
+        {"url": "https://api.example.com/v1/caf%C3%A9?a=1&b=%20x"},
+        id="host-header-raw-path-query",
+    ),
+    pytest.param(
+        {"path": "/api/items", "raw_path": b"/api/items", "root_path": "/api"},
+        {"url": "http://testserver/api/items"},
+        id="root-path-already-in-raw-path",
+    ),
+    pytest.param(
+        {"path": "/items", "raw_path": b"/items", "root_path": "/api"},
+        {"url": "http://testserver/api/items"},
+        id="root-path-stripped-by-proxy",
+    ),
+    pytest.param(
+        {"path": "/api/caf\u00e9", "raw_path": None, "root_path": "/api"},
+        {"url": "http://testserver/api/caf%C3%A9"},
+        id="no-raw-path",
+    ),
+    pytest.param(
+        {"headers": [], "server": ("10.0.0.5", 8080)},
+        {"url": "http://10.0.0.5:8080/"},
+        id="no-host-header",
+    ),
+    pytest.param(
+        {"headers": [], "scheme": "https", "server": ("10.0.0.5", 443)},
+        {"url": "https://10.0.0.5/"},
+        id="no-host-header-default-port",
+    ),
+]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize(("overrides", "expected"), SCOPE_FACTS)
+async def test_scope_facts(
+    anyio_backend: str, collector: Collector, overrides: dict[str, Any], expected: dict[str, Any]
+) -> None:
+    """Addresses, HTTP version and URL come from the ASGI scope as the server filled it in."""
+    scope = http_scope()
+    scope.update(overrides)
+    server = Server()
+    await analytics(echo_app, collector)(scope, server.receive, server.send)
+
+    entry = only_entry(collector)
+    for key, value in expected.items():
+        if key in ("url", "httpVersion"):
+            assert entry["request"][key] == value
+            if key == "httpVersion":
+                assert entry["response"][key] == value
+        else:
+            assert entry.get(key) == value
+
+
+@pytest.mark.anyio
+async def test_scope_changes_downstream_do_not_change_the_entry(
+    anyio_backend: str, collector: Collector
+) -> None:
+    """A router rewriting path/root_path in the scope it was given does not alter the logged URL."""
+
+    async def router(scope: Any, receive: Any, send: Any) -> None:
+        scope["path"], scope["raw_path"], scope["root_path"] = "/x", b"/x", "/mounted"
+        scope["headers"] = [(b"host", b"elsewhere")]
+        await echo_app(scope, receive, send)
+
+    server = Server()
+    await analytics(router, collector)(http_scope("/orig/path"), server.receive, server.send)
+    assert only_entry(collector)["request"]["url"] == "http://testserver/orig/path"
+
+
+@pytest.mark.anyio
+async def test_non_utf8_header_bytes_are_tolerated(
+    anyio_backend: str, collector: Collector
+) -> None:
+    """Header bytes 0x80-0xFF in requests and responses are kept as Latin-1 and passed on as is."""
+    raw = bytes(range(0x80, 0x100))
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        assert (b"x-raw", raw) in scope["headers"]
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"x-out", raw)]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    headers = [(b"host", b"testserver"), (b"x-raw", raw)]
+    server = Server()
+    await analytics(app, collector)(http_scope(headers=headers), server.receive, server.send)
+    assert server.sent[0]["headers"] == [(b"x-out", raw)]
+
+    entry = only_entry(collector)
+    assert header_values(entry["request"]["headers"], "x-raw") == [raw.decode("latin-1")]
+    assert header_values(entry["response"]["headers"], "x-out") == [raw.decode("latin-1")]
+    assert entry["response"]["status"] == 200
+
+
+@pytest.mark.anyio
+async def test_repeated_headers_are_kept(anyio_backend: str, collector: Collector) -> None:
+    """Two Set-Cookie response headers and two Accept request headers stay separate pairs."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        headers = [(b"set-cookie", b"a=1; Path=/"), (b"set-cookie", b"b=2; Path=/")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b""})
+
+    headers = [(b"host", b"testserver"), (b"accept", b"text/html"), (b"accept", b"*/*")]
+    server = Server()
+    await analytics(app, collector, redact_headers=[])(
+        http_scope(headers=headers), server.receive, server.send
+    )
+
+    entry = only_entry(collector)
+    assert header_values(entry["request"]["headers"], "accept") == ["text/html", "*/*"]
+    assert header_values(entry["response"]["headers"], "set-cookie") == [
+        "a=1; Path=/",
+        "b=2; Path=/",
+    ]
+
+
+# -- no per-request state on the middleware ---------------------------------------------------
+
+STATUSES = (200, 201, 202, 404, 503)
+
+
+@pytest.mark.anyio
+async def test_concurrent_requests_each_get_their_own_entry(
+    anyio_backend: str, collector: Collector
+) -> None:
+    """200 interleaved requests of different bodies, statuses and sizes: one matching entry each."""
+    count = 200
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        ident = int(dict(scope["headers"])[b"x-id"])
+        body = await read_body(receive)
+        await anyio.sleep(0)
+        out = b"r" * (ident * 3 + 1)
+        status = STATUSES[ident % len(STATUSES)]
+        await send({"type": "http.response.start", "status": status, "headers": []})
+        await anyio.sleep(0)
+        await send({"type": "http.response.body", "body": out[:ident], "more_body": True})
+        await anyio.sleep(0)
+        await send({"type": "http.response.body", "body": out[ident:] + body[:0]})
+
+    middleware = analytics(app, collector, log_body=True)
+    servers: dict[int, Server] = {}
+    before = threading.active_count()
+
+    async def one(ident: int) -> None:
+        body = bytes([ident % 256]) * (ident * 7 + 1)
+        server = servers[ident] = Server(body_messages(body, ident * 4 + 1))
+        scope = http_scope(f"/item/{ident}", method="POST")
+        scope["headers"] = [(b"host", b"testserver"), (b"x-id", str(ident).encode())]
+        await middleware(scope, server.receive, server.send)
+
+    async with anyio.create_task_group() as tasks:
+        for ident in range(count):
+            tasks.start_soon(one, ident)
+    assert threading.active_count() <= before + 1  # at most the worker thread, no per-request ones
+
+    entries = received_entries(collector, count)
+    assert len(entries) == count
+    by_id = {int(header_values(e["request"]["headers"], "x-id")[0]): e for e in entries}
+    assert sorted(by_id) == list(range(count))
+    for ident, entry in by_id.items():
+        body = bytes([ident % 256]) * (ident * 7 + 1)
+        assert entry["request"]["url"] == f"http://testserver/item/{ident}"
+        assert entry["request"]["bodySize"] == len(body)
+        assert entry["request"]["postData"]["text"] == b64(body)
+        assert entry["response"]["status"] == STATUSES[ident % len(STATUSES)]
+        assert entry["response"]["bodySize"] == ident * 3 + 1
+        assert servers[ident].body() == b"r" * (ident * 3 + 1)
+
+
+# -- a real uvicorn ---------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def wait_until_serving(process: subprocess.Popen[bytes], base_url: str) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"uvicorn exited early: {process.communicate()[1]!r}")
+        try:
+            if httpx.get(f"{base_url}/health", timeout=1.0).status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.05)
+    raise AssertionError("uvicorn did not start serving in time")
+
+
+def test_uvicorn_delivers_entries_and_exits_cleanly(collector: Collector) -> None:
+    """Under a real uvicorn, requests are logged and SIGTERM's lifespan shutdown flushes them."""
+    port = free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    env = {
+        **os.environ,
+        "ALF_COLLECTOR_URL": collector.url,
+        "ALF_SERVICE_TOKEN": "uvicorn-token",
+    }
+    command = [
+        sys.executable, "-m", "uvicorn", "--factory", "tests.asgi_apps:create_uvicorn_app",
+        "--app-dir", str(TESTS.parent), "--host", "127.0.0.1", "--port", str(port),
+        "--lifespan", "on", "--log-level", "info", "--no-access-log",
+    ]  # fmt: skip
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_until_serving(process, base_url)
+        with httpx.Client(base_url=base_url, timeout=10.0) as client:
+            posted = client.post("/json", json={"hello": "uvicorn"})
+            chunks = []
+            with client.stream("GET", "/stream", params={"count": 20, "size": 5000}) as streamed:
+                for chunk in streamed.iter_raw():
+                    chunks.append(chunk)
+        assert posted.status_code == 201
+        assert b"".join(chunks) == b"".join(bytes([65 + i]) * 5000 for i in range(20))
+        assert collector.count() == 0  # queued (delay=60) until the shutdown flush
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    # uvicorn >= 0.29 re-raises the captured SIGTERM once its graceful shutdown is complete, so
+    # the process ends "killed by SIGTERM" -- after the lifespan, and without atexit handlers:
+    # the entries at the collector were sent by the lifespan shutdown flush.
+    assert process.returncode in (0, -signal.SIGTERM), stderr
+    assert b"Application shutdown complete." in stderr, stderr
+    assert b"Finished server process" in stderr, stderr
+    assert b"Traceback" not in stderr and b"ERROR" not in stderr, stderr
+
+    entries = received_entries(collector, 3)
+    assert {s.environment for s in collector.entries()} == {"uvicorn"}
+    by_path = {e["request"]["url"].split("?")[0]: e for e in entries}
+    post = by_path[f"{base_url}/json"]
+    assert post["request"]["method"] == "POST"
+    assert post["request"]["postData"]["text"] == b64(b'{"hello":"uvicorn"}')
+    assert post["response"]["status"] == 201
+    assert post["clientIPAddress"] == "127.0.0.1"
+    assert post["serverIPAddress"] == "127.0.0.1"
+    assert post["request"]["httpVersion"] == "HTTP/1.1"
+    stream = by_path[f"{base_url}/stream"]
+    assert stream["response"]["bodySize"] == 100_000
+    assert stream["response"]["status"] == 200
+    assert by_path[f"{base_url}/health"]["response"]["status"] == 200
