@@ -1,0 +1,243 @@
+"""The runnable examples: each app records what it serves, and `make demo` works end to end."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import httpx
+import pytest
+
+from alf_analytics.collector import Collector
+from tests.conftest import received_entries
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+DJANGO_DIR = EXAMPLES / "django_app"
+TOKEN = "example-test-token"
+DEMO_ENVIRONMENTS = ("flask-demo", "starlette-demo", "django-demo", "django-asgi-demo")
+
+
+def load_example(path: Path, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """Import an example module from its file, under a fresh name (its state starts clean)."""
+    name = f"alf_example_{path.parent.name}_{uuid.uuid4().hex}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def example_env(collector: Collector, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """The ALF_* variables the examples read, pointing at the test collector."""
+    values = {"ALF_SERVICE_TOKEN": TOKEN, "ALF_COLLECTOR_URL": collector.url}
+    monkeypatch.delenv("ALF_LOG_BODY", raising=False)
+    for key, value in values.items():
+        monkeypatch.setenv(key, value)
+    return values
+
+
+def decoded(message: dict[str, object]) -> bytes:
+    """The bytes of a base64 ``postData`` or ``content`` object."""
+    assert message["encoding"] == "base64"
+    text = message["text"]
+    assert isinstance(text, str)
+    return base64.b64decode(text)
+
+
+def test_flask_example_records_a_json_post(
+    collector: Collector, example_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Flask example, configured from the environment, records a JSON POST with its bodies."""
+    monkeypatch.setenv("ALF_ENVIRONMENT", "flask-test")
+    module = load_example(EXAMPLES / "flask_app" / "app.py", monkeypatch)
+    payload = {"name": "kite", "price": 12.5, "tags": ["red"]}
+
+    # buffered=True: like a real server, Werkzeug's client then calls the iterable's close(),
+    # which is where the middleware finishes the entry.
+    client = module.app.test_client()
+    response = client.post("/api/items?source=test", json=payload, buffered=True)
+
+    assert response.status_code == 201
+    [entry] = received_entries(collector, 1)
+    [stored] = collector.entries()
+    assert (stored.service_token, stored.environment) == (TOKEN, "flask-test")
+    assert entry["request"]["method"] == "POST"
+    assert entry["request"]["url"] == "http://localhost/api/items?source=test"
+    assert entry["request"]["queryString"] == [{"name": "source", "value": "test"}]
+    assert json.loads(decoded(entry["request"]["postData"])) == payload
+    assert entry["response"]["status"] == 201
+    assert decoded(entry["response"]["content"]) == response.data
+
+
+def test_starlette_example_flushes_at_lifespan_shutdown(
+    collector: Collector, example_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Starlette example delivers a binary upload's entry when its lifespan shuts down."""
+    with warnings.catch_warnings():
+        # Starlette 1.x nudges towards httpx2 at import (a UserWarning subclass).
+        warnings.simplefilter("ignore", UserWarning)
+        from starlette.testclient import TestClient
+
+    monkeypatch.setenv("ALF_ENVIRONMENT", "starlette-test")
+    module = load_example(EXAMPLES / "starlette_app" / "app.py", monkeypatch)
+    data = bytes(range(256)) * 8
+
+    with TestClient(module.app) as client:
+        response = client.post(
+            "/api/upload", content=data, headers={"Content-Type": "application/octet-stream"}
+        )
+        assert response.status_code == 201
+    # No flush() here: the middleware flushed (and waited) before lifespan.shutdown.complete.
+    assert collector.count() == 1
+
+    [entry] = received_entries(collector, 1)
+    assert collector.entries()[0].environment == "starlette-test"
+    assert response.json()["sha256"] == hashlib.sha256(data).hexdigest()
+    assert entry["request"]["bodySize"] == len(data)
+    assert decoded(entry["request"]["postData"]) == data
+    assert entry["response"]["status"] == 201
+
+
+_DJANGO_CLIENT_SCRIPT = textwrap.dedent(
+    """
+    import asyncio, json, os, sys
+
+    sys.path.insert(0, sys.argv[1])
+    os.environ["DJANGO_SETTINGS_MODULE"] = "mysite.settings"
+    import django
+
+    django.setup()
+    from django.core.files.uploadedfile import SimpleUploadedFile
+    from django.test import AsyncClient, Client
+
+    kind, path = sys.argv[2], sys.argv[3]
+    if kind == "upload":
+        upload = SimpleUploadedFile("hello.txt", b"hello, analytics", "text/plain")
+        response = Client().post(path, {"file": upload})
+        body = response.content
+    elif kind == "async":
+        response = asyncio.run(AsyncClient().get(path))
+        body = response.content
+    else:
+        response = Client().get(path)
+        body = b"".join(response.streaming_content)
+    print(json.dumps({"status": response.status_code, "body": body.decode()}))
+    """
+)
+
+
+@pytest.mark.parametrize(
+    ("kind", "path", "status", "body_marker"),
+    [
+        pytest.param("upload", "/api/upload", 201, '"filename": "hello.txt"', id="file-upload"),
+        pytest.param("async", "/api/search?q=g&tag=blue", 200, '"gadget"', id="async-view"),
+        pytest.param("stream", "/api/stream?chunks=3", 200, "line 2: ", id="streaming-view"),
+    ],
+)
+def test_django_example_records_each_kind_of_view(
+    collector: Collector,
+    example_env: dict[str, str],
+    kind: str,
+    path: str,
+    status: int,
+    body_marker: str,
+) -> None:
+    """The Django example's settings record a file upload, an async view and a streaming view.
+
+    Django's settings are process-wide, so the project runs in its own interpreter; the entry
+    is delivered by the middleware's atexit flush when that interpreter exits.
+    """
+    env = {**os.environ, **example_env, "ALF_ENVIRONMENT": "django-test"}
+    result = subprocess.run(
+        [sys.executable, "-c", _DJANGO_CLIENT_SCRIPT, str(DJANGO_DIR), kind, path],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout.splitlines()[-1])
+    assert answer["status"] == status
+    assert body_marker in answer["body"]
+
+    [entry] = received_entries(collector, 1)
+    assert collector.entries()[0].environment == "django-test"
+    assert entry["request"]["url"] == f"http://testserver{path}"
+    assert entry["response"]["status"] == status
+    assert decoded(entry["response"]["content"]).decode() == answer["body"]
+    if kind == "upload":
+        assert b"hello, analytics" in decoded(entry["request"]["postData"])
+
+
+def _listening_url(log: Path, process: subprocess.Popen[bytes], timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        match = re.search(r"running on (http://127\.0\.0\.1:\d+)", log.read_text("utf-8"))
+        if match:
+            return match.group(1)
+        assert process.poll() is None, log.read_text("utf-8")
+        time.sleep(0.05)
+    raise AssertionError(f"uvicorn did not start: {log.read_text('utf-8')}")
+
+
+@pytest.mark.slow
+def test_django_asgi_example_flushes_when_uvicorn_gets_sigterm(
+    collector: Collector, example_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Under uvicorn, whose SIGTERM exit skips atexit, the example's lifespan shim still flushes."""
+    log = tmp_path / "uvicorn.log"
+    env = {**os.environ, **example_env, "ALF_ENVIRONMENT": "django-asgi-test"}
+    command = [sys.executable, "-m", "uvicorn", "--host", "127.0.0.1", "--port", "0"]
+    command += ["--app-dir", str(DJANGO_DIR), "mysite.asgi:application"]
+    with log.open("wb") as output:
+        process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
+    try:
+        url = _listening_url(log, process, timeout=30)
+        statuses = [httpx.get(f"{url}{path}", timeout=10).status_code for path in ("/health", "/x")]
+        assert statuses == [200, 404]
+        process.send_signal(signal.SIGTERM)
+        process.wait(30)
+    finally:
+        process.kill()
+        process.wait(10)
+
+    # The entries are younger than the batching delay: only the shutdown flush can have sent them.
+    assert collector.count() == 2, log.read_text("utf-8")
+    entries = received_entries(collector, 2)
+    assert sorted(e["response"]["status"] for e in entries) == [200, 404]
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end(tmp_path: Path) -> None:
+    """`make demo` (examples/demo.py) exits 0 and every framework's entries all arrived."""
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "demo.py"), "--workdir", str(tmp_path / "demo")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=150,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    rows = re.findall(r"^(\S+-demo) +(?:GET|POST|PUT|DELETE) +/", output, re.MULTILINE)
+    table_environments = set(rows)
+    assert table_environments == set(DEMO_ENVIRONMENTS), output
+    verdicts = re.findall(r"(\S+) +sent (\d+) requests, collector holds (\d+) entries: OK", output)
+    assert {name for name, _, _ in verdicts} == {"flask", "starlette", "django", "django-asgi"}
+    assert all(sent == held and int(sent) > 200 for _, sent, held in verdicts), verdicts
