@@ -113,7 +113,8 @@ class AnalyticsMiddleware:
             exchange.status = response.status_code
             exchange.reason = response.reason_phrase
             headers = [*response.items()]
-            headers.extend(("Set-Cookie", c.output(header="")) for c in response.cookies.values())
+            # As Django's handlers send them; Morsel.output(header="") has a leading space.
+            headers.extend(("Set-Cookie", c.OutputString()) for c in response.cookies.values())
             exchange.response_headers = headers
             if isinstance(response, StreamingHttpResponse):
                 self._observe_stream(exchange, response)

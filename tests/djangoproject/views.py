@@ -1,0 +1,99 @@
+"""Views for every shape of request and response the Django middleware must observe."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+from django.http import (
+    FileResponse,
+    HttpRequest,
+    HttpResponse,
+    JsonResponse,
+    StreamingHttpResponse,
+)
+
+#: What the streaming views produced so far, to show the middleware does not read ahead.
+PRODUCED: list[bytes] = []
+STREAM_CHUNKS = [b"first chunk\n", b"second chunk\n", b"third chunk\n"]
+FILE_PATH = Path(__file__)
+
+
+def sync_view(request: HttpRequest) -> HttpResponse:
+    return JsonResponse({"view": "sync", "method": request.method})
+
+
+async def async_view(request: HttpRequest) -> HttpResponse:
+    await asyncio.sleep(float(request.GET.get("sleep", "0")))
+    return JsonResponse({"view": "async", "method": request.method})
+
+
+def body_view(request: HttpRequest) -> HttpResponse:
+    return HttpResponse(request.body, content_type="application/octet-stream")
+
+
+def post_view(request: HttpRequest) -> HttpResponse:
+    return JsonResponse({key: request.POST.getlist(key) for key in request.POST})
+
+
+def upload_view(request: HttpRequest) -> HttpResponse:
+    files = {name: f.read().decode("latin-1") for name, f in request.FILES.items()}
+    fields = {key: request.POST.getlist(key) for key in request.POST}
+    return JsonResponse({"files": files, "fields": fields})
+
+
+def read_view(request: HttpRequest) -> HttpResponse:
+    chunks = []
+    while chunk := request.read(7):
+        chunks.append(chunk)
+    return HttpResponse(b"".join(chunks), content_type="application/octet-stream")
+
+
+def stream_sync_view(request: HttpRequest) -> HttpResponse:
+    def chunks() -> Iterator[bytes]:
+        for chunk in STREAM_CHUNKS:
+            PRODUCED.append(chunk)
+            yield chunk
+
+    return StreamingHttpResponse(chunks(), content_type="text/plain")
+
+
+def stream_async_view(request: HttpRequest) -> HttpResponse:
+    async def chunks() -> AsyncIterator[bytes]:
+        for chunk in STREAM_CHUNKS:
+            await asyncio.sleep(0)
+            PRODUCED.append(chunk)
+            yield chunk
+
+    return StreamingHttpResponse(chunks(), content_type="text/plain")
+
+
+def file_view(request: HttpRequest) -> HttpResponse:
+    return FileResponse(FILE_PATH.open("rb"), content_type="text/x-python")
+
+
+def raising_view(request: HttpRequest) -> HttpResponse:
+    raise RuntimeError("boom from the view")
+
+
+def cookie_view(request: HttpRequest) -> HttpResponse:
+    response = JsonResponse({"cookies": "set"})
+    response.set_cookie("session", "s3cr3t", httponly=True)
+    response.set_cookie("theme", "dark", samesite="Lax")
+    return response
+
+
+#: The equivalence test's response, byte for byte the same in every framework.
+ECHO_HEADERS = {"X-Custom": "custom-value"}
+
+
+def echo_view(request: HttpRequest) -> HttpResponse:
+    payload = {"query": request.GET.getlist("x"), "echo": json.loads(request.body)}
+    body = json.dumps(payload, separators=(",", ":")).encode()
+    response = HttpResponse(body, status=201, content_type="application/json")
+    response["Content-Length"] = str(len(body))
+    for name, value in ECHO_HEADERS.items():
+        response[name] = value
+    return response
