@@ -346,6 +346,7 @@ def run(requests: int, workdir: Path) -> int:
     servers = example_servers()
     env = {key: value for key, value in os.environ.items() if not key.startswith("ALF_")}
     env["PYTHONUNBUFFERED"] = "1"
+    env["DJANGO_SETTINGS_MODULE"] = "mysite.settings"  # whatever the calling shell had
     problems: list[str] = []
     try:
         say(f"starting {collector.description} (db: {_shown(db)})")
@@ -441,6 +442,7 @@ def run(requests: int, workdir: Path) -> int:
         say(f"FAILED after {time.monotonic() - started:.1f} s")
         return 1
     say(f"all entries arrived; finished in {time.monotonic() - started:.1f} s")
+    say(f"explore them: .venv/bin/alf-analytics summary --db {_shown(db)} --json")
     return 0
 
 

@@ -203,6 +203,7 @@ def test_django_asgi_example_flushes_when_uvicorn_gets_sigterm(
     """Under uvicorn, whose SIGTERM exit skips atexit, the example's lifespan shim still flushes."""
     log = tmp_path / "uvicorn.log"
     env = {**os.environ, **example_env, "ALF_ENVIRONMENT": "django-asgi-test"}
+    env["DJANGO_SETTINGS_MODULE"] = "mysite.settings"  # not whatever another test set
     command = [sys.executable, "-m", "uvicorn", "--host", "127.0.0.1", "--port", "0"]
     command += ["--app-dir", str(DJANGO_DIR), "mysite.asgi:application"]
     with log.open("wb") as output:
