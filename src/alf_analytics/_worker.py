@@ -43,6 +43,8 @@ MAX_RETRY_AFTER = 120.0
 #: Entries taken off the queue before due batches are checked again.
 _DRAIN_CHUNK = 512
 _LOG_INTERVAL = 60.0
+#: How often a waiting flush() checks that the worker thread is still alive.
+_REVIVE_INTERVAL = 0.05
 
 
 class _Flush:
@@ -179,7 +181,18 @@ class Worker:
                 return False
         marker = _Flush()
         self._queue.put(marker)
-        return marker.done.wait(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            remaining = _REVIVE_INTERVAL
+            if deadline is not None:
+                remaining = min(remaining, deadline - time.monotonic())
+                if remaining <= 0:
+                    return marker.done.is_set()
+            if marker.done.wait(remaining):
+                return True
+            # A thread that died meanwhile left the marker queued: start a fresh one.
+            if not self._running and not self._start():
+                return False
 
     def close(self, timeout: float | None = None) -> bool:
         """Flush within ``timeout``, then stop the thread. Idempotent; a later entry restarts it.
@@ -257,14 +270,12 @@ class Worker:
                     transport.close()
                 except Exception:  # closing is best effort
                     pass
-            # A flush waiting on this thread must not wait for its timeout: hand its marker to
-            # a fresh thread.
+            # Flushes this thread took but did not answer go back to the queue; their flush()
+            # calls start a fresh thread (so does the next entry).
             flushes, self._flushes = self._flushes, []
             for marker in flushes:
                 self._queue.put(marker)
             self._running = False
-            if flushes:
-                self._start()
 
     def _loop(self) -> None:
         queue = self._queue

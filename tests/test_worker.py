@@ -1,0 +1,707 @@
+"""The worker: one thread per collector, grouping, batching, retries, drops, stats, lifecycle.
+
+End-to-end behaviour runs through the WSGI middleware to the real collector (or the loopback
+fault server); status handling and crash injection use a scripted in-process transport.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from time import perf_counter
+from typing import Any
+from wsgiref.util import setup_testing_defaults
+
+import pytest
+
+import alf_analytics
+from alf_analytics import AnalyticsWSGIMiddleware, _worker
+from alf_analytics._config import Config, make_config
+from alf_analytics._record import Exchange
+from alf_analytics._transport import Outcome
+from alf_analytics._worker import MAX_BACKOFF, MAX_RETRY_AFTER, Worker, backoff, get_worker
+from alf_analytics.collector import Collector
+from alf_analytics.wsgi import read_environ
+
+from .conftest import received_entries
+from .faulty_collector import FaultyCollector
+
+TOKEN = "worker-token-0123456789abcdef"
+OTHER_TOKEN = "other-token-9876543210fedcba"
+UNREACHABLE = "http://127.0.0.1:9"
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+    """A tiny WSGI app: echoes the request body (or ``ok``)."""
+    body = environ["wsgi.input"].read()
+    start_response("200 OK", [("Content-Type", "application/octet-stream")])
+    return [body or b"ok"]
+
+
+def call(middleware: Any, query: str = "", body: bytes = b"") -> bytes:
+    """One in-process WSGI request through ``middleware``; returns the response body."""
+    environ: dict[str, Any] = {}
+    setup_testing_defaults(environ)
+    environ["QUERY_STRING"] = query
+    environ["REQUEST_METHOD"] = "POST" if body else "GET"
+    environ["CONTENT_LENGTH"] = str(len(body))
+    environ["wsgi.input"] = io.BytesIO(body)
+    result = middleware(environ, lambda status, headers, exc_info=None: None)
+    try:
+        return b"".join(result)
+    finally:
+        result.close()
+
+
+def wrap(url: str, **options: Any) -> AnalyticsWSGIMiddleware:
+    options.setdefault("service_token", TOKEN)
+    options.setdefault("retry_backoff", 0.01)
+    return AnalyticsWSGIMiddleware(app, collector_url=url, **options)
+
+
+def config(**options: Any) -> Config:
+    options.setdefault("service_token", TOKEN)
+    options.setdefault("collector_url", UNREACHABLE)
+    options.setdefault("retry_backoff", 0.001)
+    return make_config(options)
+
+
+def exchange(cfg: Config, i: int = 0, body: bytes = b"") -> Exchange:
+    """A finished exchange, as an adapter hands it to the worker."""
+    environ: dict[str, Any] = {}
+    setup_testing_defaults(environ)
+    environ["QUERY_STRING"] = f"id={i}"
+    ex = Exchange(cfg, environ, read_environ)
+    ex.status, ex.reason = 200, "OK"
+    ex.response_headers = [("Content-Type", "text/plain")]
+    ex.t_response = perf_counter()
+    ex.response_data(body or b"ok")
+    ex.t_end = perf_counter()
+    return ex
+
+
+def ids(payload: list[dict[str, Any]]) -> list[str]:
+    return [e["request"]["url"].rpartition("id=")[2] for alf in payload for e in alf_entries(alf)]
+
+
+def alf_entries(alf: dict[str, Any]) -> list[dict[str, Any]]:
+    return alf["har"]["log"]["entries"]  # type: ignore[no-any-return]
+
+
+OK = Outcome(200)
+
+
+class ScriptedTransport:
+    """An in-process transport: answers from ``script`` (then ``default``), records payloads."""
+
+    def __init__(
+        self,
+        script: list[Outcome | BaseException] | None = None,
+        default: Outcome | Callable[[list[dict[str, Any]]], Outcome] = OK,
+    ) -> None:
+        self.script = list(script or [])
+        self.default = default
+        self.payloads: list[list[dict[str, Any]]] = []
+        self.times: list[float] = []
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.release.set()
+        self.closed = 0
+
+    def send(self, payload: bytes) -> Outcome:
+        data = json.loads(payload)
+        self.payloads.append(data)
+        self.times.append(time.monotonic())
+        self.entered.set()
+        self.release.wait(30)
+        if self.script:
+            answer = self.script.pop(0)
+            if isinstance(answer, BaseException):
+                raise answer
+            return answer
+        return self.default(data) if callable(self.default) else self.default
+
+    def close(self) -> None:
+        self.closed += 1
+
+    def entry_count(self) -> int:
+        return sum(len(alf_entries(alf)) for payload in self.payloads for alf in payload)
+
+
+@pytest.fixture
+def workers() -> Iterator[Callable[..., tuple[Worker, ScriptedTransport]]]:
+    """Make private workers on a scripted transport; they are closed after the test."""
+    made: list[tuple[Worker, ScriptedTransport]] = []
+
+    def make(
+        cfg: Config | None = None, transport: ScriptedTransport | None = None
+    ) -> tuple[Worker, ScriptedTransport]:
+        transport = transport or ScriptedTransport()
+        worker = Worker(cfg or config(), transport_factory=lambda: transport)
+        made.append((worker, transport))
+        return worker, transport
+
+    yield make
+    for worker, transport in made:
+        transport.release.set()
+        worker.close(timeout=2.0)
+
+
+class Boom(BaseException):
+    """An unexpected error that is not an Exception (like the worst a dependency can raise)."""
+
+
+def agent_threads(url: str) -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == f"alf-analytics-worker:{url}"]
+
+
+# -- one worker per collector -----------------------------------------------------------------
+
+
+def test_middlewares_share_one_worker_per_collector(collector: Collector) -> None:
+    """Middlewares for one collector share one worker whatever their tokens; not across URLs."""
+    first = wrap(collector.url)
+    second = wrap(collector.url, service_token=OTHER_TOKEN, environment="staging")
+    third = wrap(UNREACHABLE)
+    assert first._worker is second._worker
+    assert third._worker is not first._worker
+    assert get_worker(first.config) is first._worker
+
+
+def test_worker_thread_starts_lazily_and_only_once(collector: Collector) -> None:
+    """No thread before the first request; one thread for 200 requests from 8 threads."""
+    middleware = wrap(collector.url, delay=0.05)
+    assert agent_threads(collector.url) == []
+    before = threading.active_count()
+
+    def hammer(start: int) -> None:
+        for i in range(start, start + 25):
+            call(middleware, f"id={i}")
+
+    threads = [threading.Thread(target=hammer, args=(n * 25,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(agent_threads(collector.url)) == 1
+    assert threading.active_count() == before + 1
+    entries = received_entries(collector, 200)
+    assert sorted(int(e["request"]["url"].rpartition("=")[2]) for e in entries) == list(range(200))
+
+
+def test_groups_never_mix_tokens_or_environments(collector: Collector) -> None:
+    """Interleaved entries of three (token, environment) groups reach the collector unmixed."""
+    groups = {
+        "a": wrap(collector.url, environment="production", delay=0.05),
+        "b": wrap(collector.url, service_token=OTHER_TOKEN, environment="staging", delay=0.05),
+        "c": wrap(collector.url, delay=0.05),
+    }
+    expected = {"a": (TOKEN, "production"), "b": (OTHER_TOKEN, "staging"), "c": (TOKEN, None)}
+    for i in range(30):
+        for name, middleware in groups.items():
+            call(middleware, f"group={name}&id={i}")
+    received_entries(collector, 90)
+    stored = collector.entries()
+    assert len(stored) == 90
+    for entry in stored:
+        group = entry.url.split("group=")[1][0]  # type: ignore[union-attr]
+        assert (entry.service_token, entry.environment) == expected[group]
+    for alf in collector.alfs():
+        names = {e["request"]["url"].split("group=")[1][0] for e in alf_entries(alf)}
+        assert len(names) == 1
+
+
+# -- batching -----------------------------------------------------------------------------------
+
+
+def test_batch_is_cut_at_batch_size(collector: Collector) -> None:
+    """With a long delay, 12 entries at batch_size=5 leave as two batches of 5, then 2 on flush."""
+    middleware = wrap(collector.url, batch_size=5, delay=60.0)
+    for i in range(12):
+        call(middleware, f"id={i}")
+    assert collector.wait_for_requests(2)
+    assert [r.entry_count for r in collector.requests()] == [5, 5]
+    received_entries(collector, 12)
+    assert [r.entry_count for r in collector.requests()] == [5, 5, 2]
+
+
+def test_batch_is_sent_after_delay_without_flush(collector: Collector) -> None:
+    """A partial batch leaves once `delay` has passed since its oldest entry, without a flush."""
+    middleware = wrap(collector.url, batch_size=100, delay=0.2)
+    for i in range(3):
+        call(middleware, f"id={i}")
+    assert collector.wait_for_entries(3, timeout=10)
+    assert [r.entry_count for r in collector.requests()] == [3]
+
+
+def test_steady_light_traffic_is_not_starved(collector: Collector) -> None:
+    """An entry every 0.15 s with delay=0.5 is sent in several batches while traffic goes on."""
+    middleware = wrap(collector.url, batch_size=100, delay=0.5)
+    for i in range(16):
+        call(middleware, f"id={i}")
+        time.sleep(0.15)
+    # Kong's inactivity timer (ANCHORS 5.3) would not have sent anything by now.
+    sent_before_flush = len(collector.requests())
+    assert sent_before_flush >= 3
+    received_entries(collector, 16)
+    assert all(r.entry_count < 16 for r in collector.requests())
+
+
+def test_batches_never_exceed_max_batch_bytes(collector: Collector) -> None:
+    """Every request body is at most max_batch_bytes, decompressed and on the wire."""
+    limit = 8192
+    first = wrap(collector.url, log_body=True, max_batch_bytes=limit, batch_size=1000, delay=60.0)
+    second = wrap(
+        collector.url,
+        service_token=OTHER_TOKEN,
+        log_body=True,
+        max_batch_bytes=limit,
+        batch_size=1000,
+        delay=60.0,
+    )
+    for i in range(60):
+        call(first if i % 3 else second, f"id={i}", body=bytes([65 + i % 26]) * (200 + 37 * i))
+    received_entries(collector, 60)
+    requests = collector.requests()
+    assert len(requests) >= 5
+    for record in requests:
+        assert record.status == 200
+        assert 0 < record.body_bytes <= limit
+        assert record.wire_bytes <= limit
+    # Batches are cut when needed, not far earlier: on average they are at least half full.
+    assert sum(r.body_bytes for r in requests) / len(requests) > limit / 2
+
+
+def test_entry_too_large_alone_is_dropped_and_counted(
+    collector: Collector, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An entry that cannot fit in max_batch_bytes even alone is dropped as too_large."""
+    middleware = wrap(collector.url, log_body=True, max_batch_bytes=2048, max_body_bytes=8192)
+    call(middleware, "id=0")
+    call(middleware, "id=1", body=b"x" * 3000)
+    call(middleware, "id=2")
+    entries = received_entries(collector, 2)
+    assert [e["request"]["url"].rpartition("=")[2] for e in entries] == ["0", "2"]
+    stats = alf_analytics.stats()
+    assert stats["dropped"]["too_large"] == 1
+    assert (stats["captured"], stats["sent"], stats["dropped_total"]) == (3, 2, 1)
+    assert any("exceeds max_batch_bytes=2048" in r.getMessage() for r in caplog.records)
+
+
+def test_one_connection_carries_many_batches() -> None:
+    """Ten batches reach the collector over a single TCP connection."""
+    with FaultyCollector() as faulty:
+        middleware = wrap(faulty.url, batch_size=2, delay=60.0)
+        for i in range(20):
+            call(middleware, f"id={i}")
+        assert alf_analytics.flush(5)
+        assert faulty.count() == 20
+        assert len(faulty.seen()) == 10
+        assert faulty.connections == 1
+
+
+# -- answers and retries ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("answer", "sent", "reason", "requests"),
+    [
+        pytest.param(Outcome(200), 4, None, 1, id="200"),
+        pytest.param(Outcome(207, b'{"errors":["alf 0: bad"]}'), 4, None, 1, id="207"),
+        pytest.param(Outcome(400, b'{"errors":["malformed"]}'), 0, "rejected", 1, id="400"),
+        pytest.param(Outcome(401), 0, "rejected", 1, id="401"),
+        pytest.param(Outcome(403), 0, "rejected", 1, id="403"),
+        pytest.param(Outcome(404), 0, "rejected", 1, id="404"),
+        pytest.param(Outcome(408), 0, "retries_exhausted", 3, id="408"),
+        pytest.param(Outcome(429), 0, "retries_exhausted", 3, id="429"),
+        pytest.param(Outcome(500), 0, "retries_exhausted", 3, id="500"),
+        pytest.param(Outcome(502), 0, "retries_exhausted", 3, id="502"),
+        pytest.param(Outcome(503), 0, "retries_exhausted", 3, id="503"),
+        pytest.param(Outcome(0, error="ConnectError"), 0, "retries_exhausted", 3, id="network"),
+    ],
+)
+def test_answer_decides_sent_rejected_or_retried(
+    workers: Callable[..., tuple[Worker, ScriptedTransport]],
+    answer: Outcome,
+    sent: int,
+    reason: str | None,
+    requests: int,
+) -> None:
+    """2xx is delivered, other 4xx given up at once, 5xx/408/429/network retried `retries` times."""
+    worker, transport = workers(config(retries=2), ScriptedTransport(default=answer))
+    cfg = config(retries=2)
+    for i in range(4):
+        worker.submit(exchange(cfg, i))
+    assert worker.flush(10)
+    stats = worker.stats()
+    assert len(transport.payloads) == requests
+    assert stats["sent"] == sent
+    assert stats["captured"] == 4
+    assert stats["dropped_total"] == 4 - sent
+    if reason is not None:
+        assert stats["dropped"][reason] == 4
+    assert stats["retried"] == 4 * (requests - 1)
+
+
+def test_retries_then_success_delivers_once(
+    workers: Callable[..., tuple[Worker, ScriptedTransport]],
+) -> None:
+    """Two 503s then a 200 deliver the batch once, counted as retried twice."""
+    transport = ScriptedTransport([Outcome(503), Outcome(0, error="reset")])
+    cfg = config(retries=2)
+    worker, _ = workers(cfg, transport)
+    for i in range(3):
+        worker.submit(exchange(cfg, i))
+    assert worker.flush(10)
+    assert [ids(p) for p in transport.payloads] == [["0", "1", "2"]] * 3
+    stats = worker.stats()
+    assert (stats["sent"], stats["retried"], stats["dropped_total"]) == (3, 6, 0)
+
+
+def test_rejection_is_logged_once(
+    workers: Callable[..., tuple[Worker, ScriptedTransport]], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Three batches refused with 401 produce one warning, which names the status."""
+    cfg = config(batch_size=1)
+    worker, transport = workers(
+        cfg, ScriptedTransport(default=Outcome(401, b'{"errors":["bad token"]}'))
+    )
+    with caplog.at_level(logging.WARNING, logger="alf_analytics"):
+        for i in range(3):
+            worker.submit(exchange(cfg, i))
+        assert worker.flush(10)
+    assert len(transport.payloads) == 3
+    warnings = [r for r in caplog.records if r.name == "alf_analytics"]
+    assert len(warnings) == 1
+    assert "401" in warnings[0].getMessage() and "bad token" in warnings[0].getMessage()
+
+
+def test_207_errors_are_logged(
+    workers: Callable[..., tuple[Worker, ScriptedTransport]], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 207 counts as delivered and its per-ALF errors reach the log."""
+    worker, _ = workers(
+        config(), ScriptedTransport(default=Outcome(207, b'{"errors":["alf 1: no entries"]}'))
+    )
+    worker.submit(exchange(config()))
+    assert worker.flush(10)
+    assert worker.stats()["sent"] == 1
+    assert any("alf 1: no entries" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize(
+    ("retry_after", "floor"),
+    [pytest.param(0.3, 0.3, id="seconds"), pytest.param(0.0, 0.0, id="zero")],
+)
+def test_retry_after_is_a_floor_for_the_pause(
+    workers: Callable[..., tuple[Worker, ScriptedTransport]], retry_after: float, floor: float
+) -> None:
+    """After a 429 with Retry-After, the next attempt waits at least that long."""
+    transport = ScriptedTransport([Outcome(429, retry_after=retry_after)])
+    worker, _ = workers(config(retry_backoff=0.0), transport)
+    worker.submit(exchange(config()))
+    assert worker.flush(10)
+    assert len(transport.times) == 2
+    assert transport.times[1] - transport.times[0] >= floor
+    assert worker.stats()["sent"] == 1
+
+
+@pytest.mark.parametrize(
+    ("attempt", "base", "retry_after", "low", "high"),
+    [
+        pytest.param(1, 1.0, None, 0.5, 1.0, id="first"),
+        pytest.param(2, 1.0, None, 1.0, 2.0, id="doubles"),
+        pytest.param(4, 0.01, None, 0.04, 0.08, id="small-base"),
+        pytest.param(10, 1.0, None, MAX_BACKOFF / 2, MAX_BACKOFF, id="capped"),
+        pytest.param(500, 1.0, None, MAX_BACKOFF / 2, MAX_BACKOFF, id="huge-attempt"),
+        pytest.param(1, 0.01, 3.0, 3.0, 3.0, id="retry-after-floor"),
+        pytest.param(1, 0.01, 1e9, MAX_RETRY_AFTER, MAX_RETRY_AFTER, id="retry-after-capped"),
+        pytest.param(1, 0.0, None, 0.0, 0.0, id="no-backoff"),
+    ],
+)
+def test_backoff_is_capped_exponential_with_jitter(
+    attempt: int, base: float, retry_after: float | None, low: float, high: float
+) -> None:
+    """Each pause lies in [half, all] of base*2**(attempt-1), capped, with Retry-After a floor."""
+    pauses = [backoff(attempt, base, retry_after) for _ in range(200)]
+    assert all(low <= p <= high for p in pauses)
+    if low < high:
+        assert len(set(pauses)) > 100  # jittered
+
+
+def test_413_splits_the_batch_until_it_fits(
+    workers: Callable[..., tuple[Worker, ScriptedTransport]],
+) -> None:
+    """A 413 halves the batch (keeping each entry's group) until the halves are accepted."""
+
+    def answer(payload: list[dict[str, Any]]) -> Outcome:
+        count = sum(len(alf_entries(alf)) for alf in payload)
+        return Outcome(413 if count > 3 else 200)
+
+    worker, transport = workers(config(batch_size=100), ScriptedTransport(default=answer))
+    first, second = config(), config(service_token=OTHER_TOKEN, environment="staging")
+    for i in range(10):
+        worker.submit(exchange(first if i % 2 else second, i))
+    assert worker.flush(10)
+    assert worker.stats()["sent"] == 10
+    assert worker.stats()["dropped_total"] == 0
+    delivered = [p for p in transport.payloads if sum(len(alf_entries(a)) for a in p) <= 3]
+    assert sorted(int(i) for p in delivered for i in ids(p)) == list(range(10))
+    expected = {TOKEN: None, OTHER_TOKEN: "staging"}
+    for payload in delivered:
+        for alf in payload:
+            assert alf.get("environment") == expected[alf["serviceToken"]]
+            for i in ids([alf]):
+                assert (alf["serviceToken"] == TOKEN) == bool(int(i) % 2)
+
+
+def test_413_for_a_single_entry_drops_it_as_too_large(
+    workers: Callable[..., tuple[Worker, ScriptedTransport]],
+) -> None:
+    """When even single entries get 413, each is dropped and counted too_large."""
+    worker, transport = workers(config(), ScriptedTransport(default=Outcome(413)))
+    for i in range(4):
+        worker.submit(exchange(config(), i))
+    assert worker.flush(10)
+    stats = worker.stats()
+    assert stats["dropped"]["too_large"] == 4
+    assert stats["sent"] == 0
+    # 4 -> 2+2 -> 1+1+1+1: seven requests.
+    assert len(transport.payloads) == 7
+
+
+# -- queue, stats -------------------------------------------------------------------------------
+
+
+def test_full_queue_drops_new_entries_without_blocking(
+    workers: Callable[..., tuple[Worker, ScriptedTransport]],
+) -> None:
+    """With the worker stuck in a send, submit returns at once and overflow is counted."""
+    transport = ScriptedTransport()
+    transport.release.clear()
+    cfg = config(queue_size=20, batch_size=1)
+    worker, _ = workers(cfg, transport)
+    assert worker.submit(exchange(cfg, 0))
+    assert transport.entered.wait(10)
+    results: list[bool] = []
+    submitter = threading.Thread(
+        target=lambda: results.extend(worker.submit(exchange(cfg, i)) for i in range(1, 71))
+    )
+    submitter.start()
+    submitter.join(10)
+    assert not submitter.is_alive(), "submit blocked on a full queue"
+    assert results == [True] * 20 + [False] * 50
+    assert worker.stats()["dropped"]["queue_full"] == 50
+    transport.release.set()
+    assert worker.flush(10)
+    stats = worker.stats()
+    assert (stats["captured"], stats["sent"], stats["dropped_total"]) == (71, 21, 50)
+
+
+def test_stats_add_up_with_a_collector_that_stays_broken(
+    workers: Callable[..., tuple[Worker, ScriptedTransport]],
+) -> None:
+    """With every answer a 503, sent + dropped == captured, all as retries_exhausted."""
+    cfg = config(retries=1, batch_size=7)
+    worker, _ = workers(cfg, ScriptedTransport(default=Outcome(503)))
+    for i in range(30):
+        worker.submit(exchange(cfg, i))
+    assert worker.flush(10)
+    stats = worker.stats()
+    assert stats["captured"] == 30
+    assert stats["sent"] + stats["dropped_total"] == stats["captured"]
+    assert stats["dropped"]["retries_exhausted"] == 30
+    assert stats["queued"] == 0
+
+
+# -- flush and close --------------------------------------------------------------------------
+
+
+def test_flush_and_close_are_idempotent_and_thread_safe(collector: Collector) -> None:
+    """8 threads flushing and closing at once all return True; every entry arrives once."""
+    middleware = wrap(collector.url, delay=60.0)
+    for i in range(40):
+        call(middleware, f"id={i}")
+    results: list[bool] = []
+    barrier = threading.Barrier(8)
+
+    def control() -> None:
+        barrier.wait()
+        results.extend([alf_analytics.flush(5), alf_analytics.close(5), alf_analytics.close(5)])
+
+    threads = [threading.Thread(target=control) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    assert results == [True] * 24
+    assert agent_threads(collector.url) == []
+    entries = received_entries(collector, 40)
+    assert sorted(int(e["request"]["url"].rpartition("=")[2]) for e in entries) == list(range(40))
+
+
+def test_worker_restarted_after_close_keeps_running(
+    workers: Callable[..., tuple[Worker, ScriptedTransport]],
+) -> None:
+    """After close, the next entry restarts a thread that a late stop request cannot end."""
+    cfg = config(delay=0.1, batch_size=100)
+    worker, transport = workers(cfg)
+    worker.submit(exchange(cfg, 0))
+    assert worker.close(5)
+    old = worker._thread
+    assert old is not None and not old.is_alive()
+    # A close() that lost a race with another one leaves its stop request for a dead thread.
+    worker._queue.put(_worker._Stop(old))
+    for i in range(1, 4):
+        assert worker.submit(exchange(cfg, i))
+    assert worker.flush(5)
+    new = worker._thread
+    assert new is not old and new is not None and new.is_alive()
+    worker.submit(exchange(cfg, 4))
+    assert worker.flush(5)
+    assert [ids(p) for p in transport.payloads] == [["0"], ["1", "2", "3"], ["4"]]
+    assert worker._thread is new and new.is_alive()
+
+
+@pytest.mark.parametrize("mode", ["refuse", "blackhole", "slow"])
+def test_flush_and_close_are_bounded_with_a_bad_collector(mode: str) -> None:
+    """flush(0.5) and close(0.5) return far sooner than the collector timeout or backoff."""
+    with FaultyCollector() as faulty:
+        middleware = wrap(faulty.url, timeout=30.0, retry_backoff=30.0, retries=3)
+        getattr(faulty, mode)(*([30.0] if mode == "slow" else []))
+        for i in range(5):
+            call(middleware, f"id={i}")
+        started = time.monotonic()
+        assert alf_analytics.flush(0.5) is False
+        alf_analytics.close(0.5)
+        elapsed = time.monotonic() - started
+        assert elapsed < 5.0  # vs. 30 s of timeout or backoff per attempt
+        if mode == "refuse":
+            # The retry pause was cut short by close(): the batch counts as a shutdown drop.
+            stats = alf_analytics.stats()
+            assert stats["dropped"]["shutdown"] == 5
+            assert stats["sent"] + stats["dropped_total"] == stats["captured"] == 5
+
+
+# -- crashes ----------------------------------------------------------------------------------
+
+
+def test_worker_killed_by_builder_error_restarts_on_next_entry(
+    collector: Collector,
+    monkeypatch: pytest.MonkeyPatch,
+    internal_errors: list[logging.LogRecord],
+) -> None:
+    """A BaseException in the builder kills the thread once; it is logged once and restarted."""
+    real = _worker.build_entry
+    calls = {"n": 0}
+
+    def flaky(exchange: Exchange) -> dict[str, Any]:
+        calls["n"] += 1
+        if calls["n"] in (1, 3):
+            raise Boom("injected")
+        return real(exchange)
+
+    monkeypatch.setattr(_worker, "build_entry", flaky)
+    middleware = wrap(collector.url, delay=0.05)
+    assert call(middleware, "id=0") == b"ok"
+    assert alf_analytics.flush(5)  # the flush is not stuck behind the dead thread
+    assert call(middleware, "id=1") == b"ok"
+    assert call(middleware, "id=2") == b"ok"  # second crash
+    assert call(middleware, "id=3") == b"ok"
+    entries = received_entries(collector, 2)
+    assert sorted(e["request"]["url"].rpartition("=")[2] for e in entries) == ["1", "3"]
+    stats = alf_analytics.stats()
+    assert stats["worker_restarts"] == 2
+    assert stats["dropped"]["error"] == 2
+    assert (stats["captured"], stats["sent"]) == (4, 2)
+    assert [r.getMessage().count("crashed") for r in internal_errors] == [1]
+    internal_errors.clear()
+
+
+def test_worker_killed_in_a_send_counts_the_batch_and_restarts(
+    workers: Callable[..., tuple[Worker, ScriptedTransport]],
+    internal_errors: list[logging.LogRecord],
+) -> None:
+    """A BaseException out of the transport loses that batch (counted) and nothing else."""
+    cfg = config(batch_size=5)
+    worker, transport = workers(cfg, ScriptedTransport([Boom("injected")]))
+    for i in range(5):
+        assert worker.submit(exchange(cfg, i))
+    assert transport.entered.wait(10)
+    assert worker.flush(5)
+    for i in range(5, 8):
+        assert worker.submit(exchange(cfg, i))
+    assert worker.flush(5)
+    stats = worker.stats()
+    assert stats["worker_restarts"] == 1
+    assert stats["dropped"]["error"] == 5
+    assert (stats["captured"], stats["sent"], stats["dropped_total"]) == (8, 3, 5)
+    assert ids(transport.payloads[-1]) == ["5", "6", "7"]
+    assert transport.closed >= 1  # the crashed thread's transport was closed
+    assert len(internal_errors) == 1
+    internal_errors.clear()
+
+
+def test_flush_is_bounded_when_the_thread_cannot_restart(
+    workers: Callable[..., tuple[Worker, ScriptedTransport]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no thread able to start (interpreter shutdown), flush returns False at once."""
+    cfg = config()
+    worker, _ = workers(cfg)
+    monkeypatch.setattr(_worker, "_finalizing", True)
+    assert worker.submit(exchange(cfg)) is False
+    assert worker.flush(5) is True  # nothing was queued
+    assert worker.stats()["dropped"]["shutdown"] == 1
+
+
+# -- logging ----------------------------------------------------------------------------------
+
+
+def test_logs_stay_on_the_agent_logger_and_never_show_the_token() -> None:
+    """Every log line is on alf_analytics; the token never appears in full, not even echoed."""
+    records: list[logging.LogRecord] = []
+
+    class Recorder(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    recorder = Recorder(logging.DEBUG)
+    root.addHandler(recorder)
+    agent = logging.getLogger("alf_analytics")
+    agent_level = agent.level
+    agent.setLevel(logging.DEBUG)
+    try:
+        with FaultyCollector() as faulty:
+            echo = json.dumps({"errors": [f"unknown serviceToken {TOKEN}"]}).encode()
+            middleware = wrap(
+                faulty.url, batch_size=1, retries=1, log_body=True, max_batch_bytes=2048
+            )
+            faulty.fail(401, times=1, body=echo)
+            call(middleware, "id=0")
+            assert alf_analytics.flush(5)
+            faulty.fail(503, body=echo)
+            call(middleware, "id=1")
+            call(middleware, "id=2", body=b"x" * 4096)
+            assert alf_analytics.flush(5)
+            faulty.healthy()
+            faulty.fail(207, times=1, body=echo)
+            call(middleware, "id=3")
+            assert alf_analytics.flush(5)
+    finally:
+        root.removeHandler(recorder)
+        agent.setLevel(agent_level)
+    assert root.handlers == handlers and root.level == level
+    messages = [r.getMessage() for r in records]
+    assert len(messages) >= 4, messages
+    assert {r.name for r in records} <= {"alf_analytics"}
+    assert not [m for m in messages if TOKEN in m]
+    assert any("***" + TOKEN[-4:] in m for m in messages)  # shown masked
