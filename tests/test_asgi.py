@@ -341,9 +341,10 @@ async def test_every_receive_message_is_forwarded_unchanged(
                 return
 
     server = Server(script)
-    await analytics(app, collector, log_body=True)(
-        http_scope("/in", method="POST"), server.receive, server.send
-    )
+    with anyio.fail_after(10):
+        await analytics(app, collector, log_body=True)(
+            http_scope("/in", method="POST"), server.receive, server.send
+        )
     assert len(seen) == len(server.received) == 5
     assert all(got is given for got, given in zip(seen, server.received, strict=True))
     assert seen == pristine
@@ -835,9 +836,10 @@ async def test_disconnect_before_any_response_yields_one_entry(
             pass
 
     server = Server([*body_messages(b"partial", 4)[:1], {"type": "http.disconnect"}])
-    await analytics(gives_up, collector)(
-        http_scope("/left", method="POST"), server.receive, server.send
-    )
+    with anyio.fail_after(10):
+        await analytics(gives_up, collector)(
+            http_scope("/left", method="POST"), server.receive, server.send
+        )
     assert server.sent == []
 
     entry = only_entry(collector)
@@ -916,6 +918,11 @@ SCOPE_FACTS = [
         id="no-raw-path",
     ),
     pytest.param(
+        {"path": "/caf\u00e9", "raw_path": b"/caf\xe9", "query_string": b"q=\xff"},
+        {"url": "http://testserver/caf%E9?q=%FF"},
+        id="raw-path-and-query-not-utf8",
+    ),
+    pytest.param(
         {"headers": [], "server": ("10.0.0.5", 8080)},
         {"url": "http://10.0.0.5:8080/"},
         id="no-host-header",
@@ -958,12 +965,40 @@ async def test_scope_changes_downstream_do_not_change_the_entry(
 
     async def router(scope: Any, receive: Any, send: Any) -> None:
         scope["path"], scope["raw_path"], scope["root_path"] = "/x", b"/x", "/mounted"
-        scope["headers"] = [(b"host", b"elsewhere")]
+        scope["headers"][0] = (b"host", b"elsewhere")  # in place, as some middlewares do
+        scope["headers"].append((b"x-added-downstream", b"1"))
         await echo_app(scope, receive, send)
 
     server = Server()
     await analytics(router, collector)(http_scope("/orig/path"), server.receive, server.send)
-    assert only_entry(collector)["request"]["url"] == "http://testserver/orig/path"
+    entry = only_entry(collector)
+    assert entry["request"]["url"] == "http://testserver/orig/path"
+    assert [h["name"] for h in entry["request"]["headers"]] == ["host"]
+
+
+@pytest.mark.anyio
+async def test_body_read_after_the_response_does_not_touch_the_queued_entry(
+    anyio_backend: str, collector: Collector
+) -> None:
+    """An app that answers first and reads the body later gets it; the queued entry stays put."""
+    later: list[bytes] = []
+
+    async def answer_first(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 202, "headers": []})
+        await send({"type": "http.response.body", "body": b"accepted"})
+        later.append(await read_body(receive))
+
+    scope = http_scope("/later", method="POST")
+    scope["headers"].append((b"content-length", b"10"))
+    server = Server(body_messages(b"0123456789", 2))
+    with anyio.fail_after(10):
+        await analytics(answer_first, collector, log_body=True)(scope, server.receive, server.send)
+    assert later == [b"0123456789"]
+
+    request = only_entry(collector)["request"]
+    assert request["bodySize"] == 10  # the declared length: the app had not read it yet
+    assert request["bodyCaptured"] is False
+    assert "postData" not in request
 
 
 @pytest.mark.anyio

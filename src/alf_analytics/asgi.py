@@ -63,14 +63,21 @@ class AnalyticsASGIMiddleware:
             await self.app(scope, receive, send)
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        # A copy: routers add keys and rewrite root_path/path in the scope as they dispatch.
-        exchange = Exchange(self.config, dict(scope), read_scope)
+        # A copy: routers add keys and rewrite root_path/path in the scope as they dispatch,
+        # and some middlewares append to its header list in place.
+        source = dict(scope)
+        headers = source.get("headers")
+        if type(headers) is list:
+            source["headers"] = headers.copy()
+        exchange = Exchange(self.config, source, read_scope)
         worker = self._worker
         done = False
 
         async def receive_with_capture() -> Message:
             message = await receive()
-            if message["type"] == "http.request":
+            # Once the entry is handed to the worker thread it is no longer ours to change
+            # (an app may still read the body after it has answered).
+            if message["type"] == "http.request" and not done:
                 body = message.get("body")
                 if body:
                     exchange.request_data(body)
@@ -80,6 +87,9 @@ class AnalyticsASGIMiddleware:
 
         async def send_with_capture(message: Message) -> None:
             nonlocal done
+            if done:  # trailers, or an app sending past the end: not ours to record
+                await send(message)
+                return
             message_type = message["type"]
             if message_type == "http.response.body":
                 body = message.get("body")
