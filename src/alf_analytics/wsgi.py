@@ -16,6 +16,7 @@ import logging
 from collections.abc import Iterable, Iterator
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote_to_bytes
 
 from ._config import Config, make_config
 from ._record import Exchange, InputTee, RequestInfo
@@ -66,13 +67,14 @@ class AnalyticsWSGIMiddleware:
             responder.fail()
             raise
         file_wrapper = environ.get("wsgi.file_wrapper")
-        if (
-            file_wrapper is not None
-            and isinstance(file_wrapper, type)
-            and isinstance(result, file_wrapper)
+        if file_wrapper is not None and (
+            isinstance(result, file_wrapper)
+            if isinstance(file_wrapper, type)
+            else hasattr(result, "fileno")
         ):
-            # Servers recognise their file wrapper by type to use sendfile (uWSGI offload,
-            # gunicorn): hand it back untouched and account for it by its Content-Length.
+            # Servers recognise a file response to send it with sendfile: wsgiref and gunicorn
+            # by their wrapper's type, uWSGI (whose file_wrapper is a function returning the
+            # file itself) by identity. Hand it back untouched; its Content-Length is its size.
             responder.finish_unobserved()
             return result
         responder.result = result
@@ -96,6 +98,13 @@ class _Responder:
     def start_response(
         self, status: str, headers: list[tuple[str, str]], exc_info: OptExcInfo | None = None
     ) -> Any:
+        if exc_info:
+            # Once the response has started, the server re-raises exc_info here: the status
+            # the client got stays the recorded one, so record only after the server accepted.
+            self._write = self._start_response(status, headers, exc_info)
+        else:
+            # Some servers and test clients reject an explicit third argument.
+            self._write = self._start_response(status, headers)
         exchange = self.exchange
         # A second call (with exc_info) replaces the first, as it does for the server.
         try:
@@ -104,11 +113,6 @@ class _Responder:
         except (TypeError, ValueError):
             exchange.status = 0
         exchange.response_headers = headers
-        if exc_info:
-            self._write = self._start_response(status, headers, exc_info)
-        else:
-            # Some servers and test clients reject an explicit third argument.
-            self._write = self._start_response(status, headers)
         return self.write
 
     def write(self, data: bytes) -> Any:
@@ -122,10 +126,10 @@ class _Responder:
         return self
 
     def __next__(self) -> bytes:
-        iterator = self._iterator
-        if iterator is None:
-            iterator = self._iterator = iter(self.result)
         try:
+            iterator = self._iterator
+            if iterator is None:
+                iterator = self._iterator = iter(self.result)
             chunk = next(iterator)
         except StopIteration:
             raise
@@ -216,11 +220,17 @@ def read_environ(environ: WSGIEnvironment) -> RequestInfo:
         port = str(get("SERVER_PORT", ""))
         if port and port != _DEFAULT_PORTS.get(scheme):
             host = f"{host}:{port}"
+    script_name = str(get("SCRIPT_NAME", ""))
+    path = script_name + str(get("PATH_INFO", ""))
     raw_uri = get("RAW_URI") or get("REQUEST_URI")
     if isinstance(raw_uri, str) and raw_uri.startswith("/"):
-        path = raw_uri.partition("?")[0]
-    else:
-        path = str(get("SCRIPT_NAME", "")) + str(get("PATH_INFO", ""))
+        # The request target as sent (percent-encoding kept) is preferred, unless it lacks the
+        # mount point (Werkzeug's test client leaves SCRIPT_NAME out of RAW_URI).
+        raw_path = raw_uri.partition("?")[0]
+        if not script_name or unquote_to_bytes(raw_path).startswith(
+            script_name.encode("latin-1", "replace")
+        ):
+            path = raw_path
     headers: list[tuple[str, str]] = []
     for key, value in environ.items():
         if key.startswith("HTTP_") and isinstance(value, str):
