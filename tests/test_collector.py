@@ -1,0 +1,781 @@
+"""The reference collector and its CLI, over real loopback HTTP (no mocks)."""
+
+from __future__ import annotations
+
+import copy
+import gzip
+import json
+import logging
+import os
+import re
+import select
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from jsonschema import Draft4Validator, FormatChecker
+
+from alf_analytics.cli import main
+from alf_analytics.collector import Collector, CollectorError
+
+FIXTURES = Path(__file__).parent / "fixtures" / "alf"
+SRC = Path(__file__).resolve().parents[1] / "src"
+VERSIONS = ("1.0.0", "1.1.0")
+
+
+def load(version: str, name: str) -> Any:
+    return json.loads((FIXTURES / version / name).read_text("utf-8"))
+
+
+def raw_deflate(data: bytes) -> bytes:
+    compressor = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    return compressor.compress(data) + compressor.flush()
+
+
+ENCODINGS: dict[str, tuple[str | None, Callable[[bytes], bytes]]] = {
+    "plain": (None, lambda data: data),
+    "gzip": ("gzip", gzip.compress),
+    "deflate-zlib": ("deflate", zlib.compress),
+    "deflate-raw": ("deflate", raw_deflate),
+}
+
+
+def make_alf(
+    entries: list[tuple[str, str, int, float]],
+    *,
+    token: str = "token-a",
+    environment: str | None = None,
+) -> dict[str, Any]:
+    """A valid ALF 1.1.0 with one entry per (method, url, status, time_ms)."""
+    template = load("1.1.0", "minimal.json")
+    base_entry = template["har"]["log"]["entries"][0]
+    alf = {"version": "1.1.0", "serviceToken": token, "har": template["har"]}
+    if environment is not None:
+        alf["environment"] = environment
+    built = []
+    for method, url, status, time_ms in entries:
+        entry = copy.deepcopy(base_entry)
+        entry["request"]["method"] = method
+        entry["request"]["url"] = url
+        entry["response"]["status"] = status
+        entry["time"] = time_ms
+        built.append(entry)
+    alf["har"] = {"log": {"creator": template["har"]["log"]["creator"], "entries": built}}
+    return alf
+
+
+@pytest.fixture
+def collector() -> Iterator[Collector]:
+    with Collector() as running:
+        yield running
+
+
+@pytest.fixture
+def client() -> Iterator[httpx.Client]:
+    with httpx.Client(trust_env=False, timeout=10.0) as http:
+        yield http
+
+
+def post(
+    client: httpx.Client,
+    url: str,
+    payload: Any,
+    *,
+    encoding: str = "plain",
+    headers: dict[str, str] | None = None,
+) -> httpx.Response:
+    content_encoding, compress = ENCODINGS[encoding]
+    all_headers = {"Content-Type": "application/json", **(headers or {})}
+    if content_encoding:
+        all_headers["Content-Encoding"] = content_encoding
+    body = compress(json.dumps(payload).encode("utf-8"))
+    return client.post(url, content=body, headers=all_headers)
+
+
+# --- valid fixtures --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("encoding", list(ENCODINGS))
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize(("kind", "fixture"), [("single", "full.json"), ("batch", "multi.json")])
+def test_valid_fixtures_are_accepted_and_stored(
+    collector: Collector,
+    client: httpx.Client,
+    version: str,
+    kind: str,
+    fixture: str,
+    encoding: str,
+) -> None:
+    payload = load(version, fixture)
+    alfs = payload if isinstance(payload, list) else [payload]
+    expected_entries = [e for alf in alfs for e in alf["har"]["log"]["entries"]]
+
+    response = post(client, collector.endpoint(version, kind), payload, encoding=encoding)
+
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/json"
+    assert response.json() == {"errors": [], "sent": len(alfs), "saved": len(alfs)}
+    assert collector.count() == len(expected_entries)
+    stored = collector.entries()
+    assert [s.entry for s in stored] == expected_entries
+    for s, alf, entry in zip(
+        stored, [a for a in alfs for _ in a["har"]["log"]["entries"]], expected_entries, strict=True
+    ):
+        assert s.alf_version == version
+        assert s.service_token == alf["serviceToken"]
+        assert s.environment == alf.get("environment")
+        assert s.creator == alf["har"]["log"]["creator"]
+        assert s.method == entry["request"]["method"]
+        assert s.url == entry["request"]["url"]
+        assert s.status == entry["response"]["status"]
+        assert s.time_ms == entry["time"]
+    assert collector.alfs() == alfs
+    [record] = collector.requests()
+    assert record.endpoint == f"/{version}/{kind}"
+    assert record.content_encoding == ENCODINGS[encoding][0]
+    assert (record.status, record.alf_count, record.saved_count) == (200, len(alfs), len(alfs))
+    assert record.entry_count == len(expected_entries)
+    assert record.body_bytes == len(json.dumps(payload).encode())
+    assert record.wire_bytes == len(ENCODINGS[encoding][1](json.dumps(payload).encode()))
+
+
+def test_full_fixtures_store_token_environment_and_columns(
+    collector: Collector, client: httpx.Client
+) -> None:
+    assert post(
+        client, collector.endpoint("1.0.0", "single"), load("1.0.0", "full.json")
+    ).is_success
+    assert post(
+        client, collector.endpoint("1.1.0", "single"), load("1.1.0", "full.json")
+    ).is_success
+    old, new = collector.entries()
+    assert (old.service_token, old.environment) == ("<my service token>", "PRODUCTION")
+    assert old.client_ip_address == "::1"  # on the ALF root in 1.0.0
+    assert new.client_ip_address == "10.10.10.20"  # on the entry in 1.1.0
+    assert new.path == "/request" and new.url == "https://mockbin.org/request"
+    assert new.request_body_size == 25 and new.response_body_size == 25
+    assert collector.entries(alf_version="1.0.0") == [old]
+    assert collector.entries(environment="PRODUCTION") == [old, new]
+    assert collector.entries(environment=None) == []
+
+
+def test_stored_alfs_pass_the_schema_again(collector: Collector, client: httpx.Client) -> None:
+    for version in VERSIONS:
+        post(client, collector.endpoint(version, "batch"), load(version, "multi.json"))
+    schemas = Path(__file__).resolve().parents[1] / "src" / "alf_analytics" / "schemas"
+    alfs = collector.alfs()
+    assert len(alfs) == 4
+    for alf in alfs:
+        schema = json.loads((schemas / f"{alf['version']}.json").read_text())
+        Draft4Validator(schema, format_checker=FormatChecker()).validate(alf)
+    assert [a["version"] for a in collector.alfs(alf_version="1.1.0")] == ["1.1.0", "1.1.0"]
+
+
+# --- invalid payloads ------------------------------------------------------------------------
+
+
+INVALID = [
+    (version, path.name)
+    for version in VERSIONS
+    for path in sorted((FIXTURES / version / "invalid").glob("*.json"))
+    if path.name != "multi.json"
+]
+
+
+@pytest.mark.parametrize(("version", "name"), INVALID)
+def test_invalid_fixtures_are_rejected(
+    collector: Collector, client: httpx.Client, version: str, name: str
+) -> None:
+    response = post(client, collector.endpoint(version, "single"), load(version, f"invalid/{name}"))
+    assert response.status_code == 400, response.text
+    body = response.json()
+    assert body["sent"] == 1 and body["saved"] == 0
+    [error] = body["errors"]
+    assert re.fullmatch(r"ALF\[0\] .+ \(at \$[^ ]*\)", error), error
+    assert collector.count() == 0
+    assert collector.requests()[0].status == 400
+
+
+def test_invalid_fixture_messages_name_the_problem(
+    collector: Collector, client: httpx.Client
+) -> None:
+    url = collector.endpoint("1.1.0", "single")
+    errors = {
+        name: post(client, url, load("1.1.0", f"invalid/{name}.json")).json()["errors"][0]
+        for name in ("bodysize", "properties", "service")
+    }
+    assert errors == {
+        "bodysize": "ALF[0] -1 is less than the minimum of 0 "
+        "(at $.har.log.entries[0].response.bodySize)",
+        "properties": "ALF[0] Additional properties are not allowed ('foo' was unexpected) (at $)",
+        "service": "ALF[0] 'serviceToken' is a required property (at $)",
+    }
+
+
+def test_upstream_mixed_batch_fixture_is_a_207(collector: Collector, client: httpx.Client) -> None:
+    payload = load("1.0.0", "invalid/multi.json")
+    response = post(client, collector.endpoint("1.0.0", "batch"), payload)
+    assert response.status_code == 207
+    assert response.json() == {
+        "errors": ["ALF[1] 'version' is a required property (at $)"],
+        "sent": 2,
+        "saved": 1,
+    }
+    assert collector.alfs() == [payload[0]]
+
+
+def test_mixed_batch_stores_only_valid_alfs(collector: Collector, client: httpx.Client) -> None:
+    good_a = make_alf([("GET", "http://api.test/a", 200, 1)], token="token-a")
+    good_b = make_alf([("GET", "http://api.test/b", 200, 2)], token="token-b", environment="qa")
+    batch = [
+        good_a,
+        load("1.1.0", "invalid/bodysize.json"),
+        good_b,
+        load("1.1.0", "invalid/service.json"),
+        "not an object",
+    ]
+    response = post(client, collector.endpoint("1.1.0", "batch"), batch, encoding="gzip")
+    assert response.status_code == 207
+    body = response.json()
+    assert (body["sent"], body["saved"]) == (5, 2)
+    assert [e.split(" ", 1)[0] for e in body["errors"]] == ["ALF[1]", "ALF[3]", "ALF[4]"]
+    assert "bodySize" in body["errors"][0] and "serviceToken" in body["errors"][1]
+    assert collector.alfs() == [good_a, good_b]
+    assert [(e.service_token, e.environment, e.path) for e in collector.entries()] == [
+        ("token-a", None, "/a"),
+        ("token-b", "qa", "/b"),
+    ]
+    assert collector.entries(service_token="token-b")[0].path == "/b"
+    assert collector.entries(environment=None)[0].path == "/a"
+    [record] = collector.requests()
+    assert (record.status, record.alf_count, record.saved_count, record.entry_count) == (
+        207,
+        5,
+        2,
+        2,
+    )
+    assert record.errors == tuple(body["errors"])
+
+
+def test_batch_where_every_alf_is_invalid_is_a_400(
+    collector: Collector, client: httpx.Client
+) -> None:
+    batch = [load("1.1.0", "invalid/bodysize.json"), load("1.1.0", "invalid/properties.json")]
+    response = post(client, collector.endpoint("1.1.0", "batch"), batch)
+    assert response.status_code == 400
+    assert response.json()["sent"] == 2 and response.json()["saved"] == 0
+    assert len(response.json()["errors"]) == 2
+    assert collector.count() == 0
+
+
+def test_version_must_match_the_endpoint(collector: Collector, client: httpx.Client) -> None:
+    response = post(client, collector.endpoint("1.1.0", "single"), load("1.0.0", "minimal.json"))
+    assert response.status_code == 400
+    assert response.json()["errors"] == [
+        "ALF[0] version '1.0.0' does not match the endpoint version '1.1.0' (at $.version)"
+    ]
+
+
+def test_error_messages_stay_short_and_hide_the_document(
+    collector: Collector, client: httpx.Client
+) -> None:
+    alf = make_alf([("GET", "http://api.test/", 200, 1)], token="super-secret-token-123")
+    alf["har"]["log"]["entries"] = {"huge": "x" * 50_000}
+    response = post(client, collector.endpoint("1.1.0", "single"), alf)
+    assert response.status_code == 400
+    [error] = response.json()["errors"]
+    assert len(error) < 200, error
+    assert "super-secret" not in error and "xxxxxxxxxx" not in error
+    assert error.endswith("(at $.har.log.entries)")
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "headers", "message"),
+    [
+        ("/1.1.0/single", b"not json", {}, "body is not valid JSON"),
+        ("/1.1.0/single", b'{"a": NaN}', {}, "NaN is not valid JSON"),
+        ("/1.1.0/single", b"", {}, "body is empty"),
+        ("/1.1.0/single", '{"é": 1}'.encode("latin-1"), {}, "not valid UTF-8"),
+        ("/1.1.0/single", b"[]", {}, "expects one ALF object, got a JSON array"),
+        ("/1.1.0/batch", b"{}", {}, "expects a JSON array of ALF objects, got a JSON object"),
+        ("/1.1.0/batch", b"[]", {}, "expects at least one ALF object"),
+        ("/1.0.0/batch", gzip.compress(b"[{}]"), {}, "gzip-compressed but the request has no"),
+        ("/1.0.0/batch", zlib.compress(b"[{}]"), {}, "zlib-compressed but the request has no"),
+        ("/1.1.0/batch", b"[{}]", {"Content-Encoding": "gzip"}, "invalid gzip body"),
+        ("/1.1.0/batch", gzip.compress(b"[{}]")[:-6], {"Content-Encoding": "gzip"}, "truncated"),
+        ("/1.1.0/batch", b"\x00\x01garbage", {"Content-Encoding": "deflate"}, "invalid deflate"),
+    ],
+    ids=[
+        "not-json",
+        "nan",
+        "empty",
+        "latin-1",
+        "array-to-single",
+        "object-to-batch",
+        "empty-batch",
+        "gzip-without-header",
+        "zlib-without-header",
+        "not-gzip",
+        "truncated-gzip",
+        "not-deflate",
+    ],
+)
+def test_malformed_bodies_are_400(
+    collector: Collector,
+    client: httpx.Client,
+    path: str,
+    body: bytes,
+    headers: dict[str, str],
+    message: str,
+) -> None:
+    response = client.post(collector.url + path, content=body, headers=headers)
+    assert response.status_code == 400
+    assert response.headers["content-type"] == "application/json"
+    body_json = response.json()
+    assert body_json["saved"] == 0
+    [error] = body_json["errors"]
+    assert message in error
+    assert collector.requests()[0].status == 400
+    # The connection stays usable after an error.
+    assert client.get(collector.url + "/health").json() == {"status": "ok"}
+
+
+def test_unknown_content_encoding_is_415(collector: Collector, client: httpx.Client) -> None:
+    response = client.post(
+        collector.endpoint("1.1.0", "single"), content=b"{}", headers={"Content-Encoding": "br"}
+    )
+    assert response.status_code == 415
+    assert "br" in response.json()["errors"][0]
+
+
+# --- limits ----------------------------------------------------------------------------------
+
+
+def test_body_over_max_body_bytes_is_413(client: httpx.Client) -> None:
+    with Collector(max_body_bytes=2_000) as small:
+        url = small.endpoint("1.1.0", "batch")
+        big = [make_alf([("GET", f"http://api.test/{i}", 200, 1) for i in range(20)])]
+        assert len(json.dumps(big)) > 2_000
+        response = post(client, url, big)
+        assert response.status_code == 413
+        assert "exceeds the limit of 2000 bytes" in response.json()["errors"][0]
+        chunked = client.post(url, content=iter([json.dumps(big).encode()] * 2))
+        assert chunked.status_code == 413
+        # A compressed body is measured on the wire: this one fits.
+        assert post(client, url, big, encoding="gzip").status_code == 200
+        assert [r.status for r in small.requests()] == [413, 413, 200]
+        assert small.requests()[0].wire_bytes == len(json.dumps(big))
+        assert small.count() == 20
+
+
+def test_zip_bomb_is_413(client: httpx.Client) -> None:
+    with Collector(max_decompressed_bytes=100_000) as small:
+        bomb = gzip.compress(b"[" + b" " * 5_000_000 + b"]")
+        assert len(bomb) < 10_000
+        response = client.post(
+            small.endpoint("1.1.0", "batch"), content=bomb, headers={"Content-Encoding": "gzip"}
+        )
+        assert response.status_code == 413
+        assert "decompressed body exceeds" in response.json()["errors"][0]
+
+
+# --- routing ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/", "/2.0.0/single", "/1.1.0/single/", "/1.1.0", "/single"])
+def test_unknown_paths_are_404(collector: Collector, client: httpx.Client, path: str) -> None:
+    response = client.post(collector.url + path, content=b"{}")
+    assert response.status_code == 404
+    assert response.json()["errors"] == [f"no such endpoint: {path}"]
+    assert client.get(collector.url + path).status_code == 404
+
+
+@pytest.mark.parametrize("method", ["GET", "PUT", "DELETE", "PATCH", "HEAD"])
+def test_other_methods_on_endpoints_are_405(
+    collector: Collector, client: httpx.Client, method: str
+) -> None:
+    response = client.request(method, collector.endpoint("1.1.0", "single"))
+    assert response.status_code == 405
+    assert response.headers["allow"] == "POST"
+    assert collector.requests()[0].method == method
+
+
+def test_health(collector: Collector, client: httpx.Client) -> None:
+    response = client.get(collector.url + "/health")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok"}
+    assert client.post(collector.url + "/health", content=b"{}").status_code == 405
+    assert collector.requests() == []
+
+
+def test_query_string_is_ignored_in_routing(collector: Collector, client: httpx.Client) -> None:
+    url = collector.endpoint("1.1.0", "single") + "?source=test"
+    assert post(client, url, load("1.1.0", "minimal.json")).status_code == 200
+    assert collector.requests()[0].endpoint == "/1.1.0/single"
+
+
+# --- transfer ---------------------------------------------------------------------------------
+
+
+def _read_response(sock: socket.socket) -> tuple[bytes, bytes]:
+    """One HTTP response from a raw socket: (status line and headers, body)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed after {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    match = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+    length = int(match.group(1)) if match else 0
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk
+        body += chunk
+    return head, body
+
+
+def test_expect_100_continue(collector: Collector) -> None:
+    payload = json.dumps(load("1.1.0", "minimal.json")).encode()
+    request = (
+        "POST /1.1.0/single HTTP/1.1\r\nHost: collector\r\nContent-Type: application/json\r\n"
+        "Expect: 100-continue\r\nContent-Length: {}\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", collector.port), timeout=5) as sock:
+        sock.sendall(request.format(5_000_000).encode())
+        head, body = _read_response(sock)  # answered before any body byte is sent
+        assert head.startswith(b"HTTP/1.1 413 ")
+        assert b"exceeds the limit" in body
+    with socket.create_connection(("127.0.0.1", collector.port), timeout=5) as sock:
+        sock.sendall(request.format(len(payload)).encode())
+        head, _ = _read_response(sock)
+        assert head.startswith(b"HTTP/1.1 100 ")
+        sock.sendall(payload)
+        head, body = _read_response(sock)
+        assert head.startswith(b"HTTP/1.1 200 "), head
+        assert json.loads(body) == {"errors": [], "sent": 1, "saved": 1}
+    assert [r.status for r in collector.requests()] == [413, 200]
+
+
+def test_bodies_of_refused_requests_are_drained(collector: Collector) -> None:
+    payload = json.dumps(load("1.1.0", "minimal.json")).encode()
+    with socket.create_connection(("127.0.0.1", collector.port), timeout=5) as sock:
+        for path in ("/nowhere", "/1.1.0/single"):
+            head = f"POST {path} HTTP/1.1\r\nHost: c\r\nContent-Length: {len(payload)}\r\n\r\n"
+            sock.sendall(head.encode() + payload)
+            head, _ = _read_response(sock)
+            assert head.split(b" ")[1] == (b"404" if path == "/nowhere" else b"200")
+            assert b"connection: close" not in head.lower()
+
+
+def test_chunked_upload(collector: Collector, client: httpx.Client) -> None:
+    data = gzip.compress(json.dumps(load("1.1.0", "multi.json")).encode())
+
+    def chunks() -> Iterator[bytes]:
+        for start in range(0, len(data), 100):
+            yield data[start : start + 100]
+
+    response = client.post(
+        collector.endpoint("1.1.0", "batch"),
+        content=chunks(),
+        headers={"Content-Encoding": "gzip"},
+    )
+    assert response.status_code == 200, response.text
+    assert collector.count() == 2
+    [record] = collector.requests()
+    assert record.headers["transfer-encoding"] == "chunked"
+    assert "content-length" not in record.headers
+    assert record.wire_bytes == len(data)
+
+
+def test_keep_alive_connection_serves_many_requests(
+    collector: Collector, client: httpx.Client
+) -> None:
+    url = collector.endpoint("1.1.0", "single")
+    for i in range(20):
+        alf = make_alf([("GET", f"http://api.test/{i}", 200, i)])
+        assert post(client, url, alf).status_code == 200
+    assert [e.path for e in collector.entries()] == [f"/{i}" for i in range(20)]
+
+
+def test_concurrent_clients(collector: Collector) -> None:
+    url = collector.endpoint("1.1.0", "batch")
+
+    def send(worker: int) -> None:
+        with httpx.Client(trust_env=False, timeout=10.0) as own:
+            for i in range(5):
+                alf = make_alf([("GET", f"http://api.test/{worker}/{i}", 200, 1)] * 2)
+                assert post(own, url, [alf], encoding="gzip").status_code == 200
+
+    threads = [threading.Thread(target=send, args=(w,)) for w in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert collector.count() == 8 * 5 * 2
+    assert len(collector.requests()) == 8 * 5
+
+
+# --- Python API ------------------------------------------------------------------------------
+
+
+def test_wait_for_entries(collector: Collector, client: httpx.Client) -> None:
+    url = collector.endpoint("1.1.0", "single")
+
+    def later() -> None:
+        time.sleep(0.2)
+        with httpx.Client(trust_env=False) as own:
+            post(own, url, make_alf([("GET", "http://api.test/", 200, 1)] * 3))
+
+    thread = threading.Thread(target=later)
+    started = time.monotonic()
+    thread.start()
+    assert collector.wait_for_entries(3, timeout=5.0)
+    assert 0.15 < time.monotonic() - started < 4.0
+    thread.join()
+    started = time.monotonic()
+    assert not collector.wait_for_entries(4, timeout=0.3)
+    assert time.monotonic() - started >= 0.3
+    assert collector.wait_for_requests(1, timeout=0.1)
+
+
+def test_clear_and_count(collector: Collector, client: httpx.Client) -> None:
+    post(client, collector.endpoint("1.1.0", "batch"), load("1.1.0", "multi.json"))
+    assert collector.count() == 2
+    collector.clear()
+    assert collector.count() == 0
+    assert collector.entries() == [] and collector.alfs() == [] and collector.requests() == []
+    post(client, collector.endpoint("1.1.0", "single"), load("1.1.0", "minimal.json"))
+    assert collector.count() == 1 and collector.wait_for_entries(1, timeout=0.1)
+
+
+def test_stop_is_idempotent_and_closes_everything(client: httpx.Client) -> None:
+    running = Collector().start()
+    url = running.endpoint("1.1.0", "single")
+    assert post(client, url, load("1.1.0", "minimal.json")).status_code == 200
+    running.stop()
+    running.stop()
+    with pytest.raises(CollectorError):
+        running.entries()
+    with pytest.raises(CollectorError):
+        running.count()
+    assert not running.wait_for_entries(1, timeout=0.1)
+    with pytest.raises(httpx.TransportError):
+        post(client, url, load("1.1.0", "minimal.json"))
+    with pytest.raises(CollectorError):
+        running.start()
+
+
+def test_file_database_persists_and_uses_wal(tmp_path: Path, client: httpx.Client) -> None:
+    db = tmp_path / "alf.sqlite"
+    with Collector(str(db)) as first:
+        post(client, first.endpoint("1.1.0", "single"), load("1.1.0", "minimal.json"))
+        mode = sqlite3.connect(db).execute("PRAGMA journal_mode").fetchone()[0]
+        assert mode == "wal"
+    with Collector(str(db)) as second:
+        assert second.count() == 1
+        post(client, second.endpoint("1.1.0", "single"), load("1.1.0", "full.json"))
+        assert [e.environment for e in second.entries()] == [None, "PRODUCTION"]
+    rows = sqlite3.connect(db).execute("SELECT service_token, environment FROM entries").fetchall()
+    assert rows == [("foo", None), ("<my service token>", "PRODUCTION")]
+
+
+def test_refuses_a_database_of_something_else(tmp_path: Path) -> None:
+    db = tmp_path / "other.sqlite"
+    with sqlite3.connect(db) as other:
+        other.execute("CREATE TABLE users (id INTEGER)")
+    with pytest.raises(CollectorError, match="not an alf-analytics collector database"):
+        Collector(str(db))
+
+
+def test_without_validation_schema_errors_are_stored(client: httpx.Client) -> None:
+    with Collector(validate=False) as lax:
+        alf = load("1.1.0", "invalid/properties.json")
+        response = post(client, lax.endpoint("1.1.0", "single"), alf)
+        assert response.status_code == 200
+        assert lax.alfs() == [alf]
+        no_entries = {"version": "1.1.0", "serviceToken": "t", "har": {}}
+        response = post(client, lax.endpoint("1.1.0", "single"), no_entries)
+        assert response.status_code == 400
+        assert "har.log.entries" in response.json()["errors"][0]
+
+
+def test_missing_jsonschema_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "jsonschema", None)
+    with pytest.raises(ImportError, match=re.escape("pip install 'alf-analytics[collector]'")):
+        Collector()
+    Collector(validate=False).stop()  # works without jsonschema
+
+
+def test_logs_are_quiet_by_default_and_mask_tokens(
+    client: httpx.Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    token = "secret-token-abcdef-9876"
+    alf = make_alf([("GET", "http://api.test/", 200, 1)], token=token)
+    caplog.set_level(logging.DEBUG, logger="alf_analytics.collector")
+    with Collector() as quiet:
+        post(client, quiet.endpoint("1.1.0", "single"), alf)
+    assert [
+        r for r in caplog.records if r.levelno >= logging.INFO and "POST" in r.getMessage()
+    ] == []
+    caplog.clear()
+    with Collector(log_requests=True) as loud:
+        post(client, loud.endpoint("1.1.0", "single"), alf)
+    lines = [r.getMessage() for r in caplog.records if "POST /1.1.0/single" in r.getMessage()]
+    assert len(lines) == 1 and "-> 200" in lines[0] and "9876" in lines[0]
+    assert token not in caplog.text
+    assert all(r.name == "alf_analytics.collector" for r in caplog.records)
+
+
+# --- CLI -------------------------------------------------------------------------------------
+
+
+def _fill_summary_db(db: Path) -> None:
+    with Collector(str(db)) as filling, httpx.Client(trust_env=False) as http:
+        url = filling.endpoint("1.1.0", "batch")
+        times = list(range(100, 0, -1))  # 1..100 ms, out of order
+        users = make_alf([("GET", "http://api.test/users?page=2", 200, t) for t in times])
+        created = make_alf([("POST", "http://api.test/users", 201, 12.5)], token="token-b")
+        staging = make_alf(
+            [("GET", "http://api.test/users", 500, 7), ("GET", "http://api.test/users", 500, 3)],
+            token="token-b",
+            environment="staging",
+        )
+        assert post(http, url, [users, created]).status_code == 200
+        assert post(http, url, [staging]).status_code == 200
+        assert post(http, url, [load("1.1.0", "invalid/bodysize.json")]).status_code == 400
+
+
+def test_summary_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db = tmp_path / "alf.sqlite"
+    _fill_summary_db(db)
+    assert main(["summary", "--db", str(db)]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0].split() == [
+        "environment",
+        "method",
+        "path",
+        "status",
+        "count",
+        "p50_ms",
+        "p90_ms",
+        "p99_ms",
+        "max_ms",
+    ]
+    rows = [line.split() for line in lines[1:4]]
+    assert rows == [
+        ["-", "GET", "/users", "200", "100", "50", "90", "99", "100"],
+        ["-", "POST", "/users", "201", "1", "12.5", "12.5", "12.5", "12.5"],
+        ["staging", "GET", "/users", "500", "2", "3", "7", "7", "7"],
+    ]
+    # Numbers are right-aligned, so aligned columns make every line of the table equally long.
+    assert len({len(line) for line in lines[0:4]}) == 1
+    assert lines[1].index("GET") == lines[0].index("method")
+    assert lines[-1] == "Total: 103 entries, 3 ALF requests (1 rejected), 2 distinct service tokens"
+
+
+def test_summary_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db = tmp_path / "alf.sqlite"
+    _fill_summary_db(db)
+    assert main(["summary", "--db", str(db), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["rows"][0] == {
+        "environment": None,
+        "method": "GET",
+        "path": "/users",
+        "status": 200,
+        "count": 100,
+        "p50": 50.0,
+        "p90": 90.0,
+        "p99": 99.0,
+        "max": 100.0,
+    }
+    assert [row["environment"] for row in report["rows"]] == [None, None, "staging"]
+    assert report["totals"] == {
+        "entries": 103,
+        "requests": 3,
+        "rejected_requests": 1,
+        "alfs": 3,
+        "service_tokens": 2,
+    }
+
+
+def test_summary_of_empty_and_missing_databases(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = tmp_path / "empty.sqlite"
+    Collector(str(db)).stop()
+    assert main(["summary", "--db", str(db)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"No entries in {db}.")
+    assert "Total: 0 entries" in out
+    missing = tmp_path / "missing.sqlite"
+    assert main(["summary", "--db", str(missing)]) == 2
+    captured = capsys.readouterr()
+    assert "not found" in captured.err and captured.out == ""
+    assert not missing.exists()
+    junk = tmp_path / "junk.sqlite"
+    junk.write_text("not a database")
+    assert main(["summary", "--db", str(junk)]) == 2
+
+
+def _read_line(stream: Any, timeout: float) -> str:
+    ready, _, _ = select.select([stream], [], [], timeout)
+    assert ready, "the collector printed nothing"
+    return str(stream.readline())
+
+
+def test_collector_command_in_a_subprocess(
+    tmp_path: Path, client: httpx.Client, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = tmp_path / "cli.sqlite"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]))
+    command = [sys.executable, "-m", "alf_analytics.cli", "collector", "--port", "0"]
+    command += ["--db", str(db), "--max-body-bytes", "50000"]
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path
+    )
+    try:
+        line = _read_line(proc.stdout, timeout=10.0)
+        match = re.search(r"http://127\.0\.0\.1:(\d+)", line)
+        assert match, line
+        assert int(match.group(1)) != 0
+        url = match.group(0)
+        assert post(client, url + "/1.1.0/single", load("1.1.0", "full.json")).status_code == 200
+        assert (
+            post(
+                client, url + "/1.0.0/batch", load("1.0.0", "multi.json"), encoding="gzip"
+            ).status_code
+            == 200
+        )
+        assert client.post(url + "/1.1.0/single", content=b"x" * 60_000).status_code == 413
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        stderr = proc.stderr.read() if proc.stderr else ""
+        if proc.stdout:
+            proc.stdout.close()
+        if proc.stderr:
+            proc.stderr.close()
+    assert "Traceback" not in stderr, stderr
+    assert main(["summary", "--db", str(db), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["totals"]["entries"] == 3
+    assert report["totals"]["requests"] == 3 and report["totals"]["rejected_requests"] == 1
+    assert {(r["environment"], r["count"]) for r in report["rows"]} == {
+        ("PRODUCTION", 1),
+        (None, 2),
+    }
