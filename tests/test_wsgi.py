@@ -448,6 +448,7 @@ def test_unread_body_size_comes_from_content_length(collector: Collector) -> Non
         pytest.param("-1", id="negative"),
         pytest.param("abc", id="garbage"),
         pytest.param("1e3", id="float-like"),
+        pytest.param([12], id="not-a-string"),
     ],
 )
 def test_odd_content_length_is_tolerated(collector: Collector, content_length: str | None) -> None:
@@ -608,6 +609,31 @@ def test_flask_handled_error_is_recorded_as_its_500(collector: Collector) -> Non
     (entry,) = received_entries(collector, 1)
     assert entry["response"]["status"] == 500
     assert body_of(entry["response"], "content") == body
+
+
+def _broken(*args: Any, **kwargs: Any) -> Any:
+    raise ZeroDivisionError("agent bug")
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        pytest.param("alf_analytics.wsgi.Exchange", id="capture-setup"),
+        pytest.param("alf_analytics._worker.Worker.submit", id="hand-over"),
+    ],
+)
+def test_an_agent_failure_never_changes_the_response(
+    collector: Collector,
+    monkeypatch: pytest.MonkeyPatch,
+    internal_errors: list[Any],
+    target: str,
+) -> None:
+    """If the agent itself fails, the client still gets the app's response; the error is logged."""
+    monkeypatch.setattr(target, _broken)
+    bare = fetch(validator(wsgi_apps.generator_app))
+    assert fetch(validated(wsgi_apps.generator_app, collector)) == bare
+    assert [record.exc_info[0] for record in internal_errors] == [ZeroDivisionError]
+    internal_errors.clear()
 
 
 # -- the request as the server described it ----------------------------------------------------
@@ -797,6 +823,26 @@ def test_file_wrapper_response_is_returned_untouched(
     assert entry["response"]["status"] == 200
 
 
+def test_file_wrapper_without_content_length_is_not_claimed_as_captured(
+    collector: Collector,
+) -> None:
+    """A file response the agent hands over unseen is marked not captured, whatever its size."""
+
+    def file_app(environ: dict[str, Any], start_response: Any) -> Any:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return environ["wsgi.file_wrapper"](io.BytesIO(BODY))
+
+    environ = create_environ("/")
+    environ["wsgi.file_wrapper"] = FileWrapper
+    result = middleware(file_app, collector)(environ, lambda *args: None)
+    assert b"".join(result) == BODY
+    result.close()
+    (entry,) = received_entries(collector, 1)
+    assert entry["response"]["bodyCaptured"] is False
+    assert entry["response"]["bodySize"] == 0  # ALF.md 1.6: no measure, no Content-Length
+    assert "content" not in entry["response"]
+
+
 def test_flask_send_file_keeps_the_file_wrapper(collector: Collector) -> None:
     """Flask's send_file returns the server's file wrapper; the middleware hands it back as is."""
     environ = create_environ("/file")
@@ -807,6 +853,43 @@ def test_flask_send_file_keeps_the_file_wrapper(collector: Collector) -> None:
     result.close()
     (entry,) = received_entries(collector, 1)
     assert entry["response"]["bodySize"] == len(wsgi_apps.FILE_BYTES)
+
+
+def test_concurrent_requests_keep_their_own_facts(collector: Collector) -> None:
+    """Requests served at once on several threads each get their own status, sizes and path."""
+
+    def sized_app(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
+        size = int(environ["PATH_INFO"].rsplit("/", 1)[1])
+        received = environ["wsgi.input"].read(int(environ["CONTENT_LENGTH"]))
+        start_response(f"{200 + size % 7} OK", [("Content-Type", "text/plain")])
+        for _ in range(size):
+            time.sleep(0)  # let the other threads interleave
+            yield b"r"
+        assert len(received) == size * 3
+
+    wrapped = middleware(sized_app, collector)
+    sizes = list(range(1, 41))
+
+    def serve(mine: list[int]) -> None:
+        client = Client(wrapped)
+        for size in mine:
+            response = client.post(f"/size/{size}", data=b"q" * (size * 3))
+            assert response.get_data() == b"r" * size
+            response.close()
+
+    threads = [threading.Thread(target=serve, args=(sizes[i::4],)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    entries = received_entries(collector, len(sizes))
+    for entry in entries:
+        size = int(entry["request"]["url"].rsplit("/", 1)[1])
+        assert entry["request"]["bodySize"] == size * 3
+        assert body_of(entry["request"], "postData") == b"q" * (size * 3)
+        assert entry["response"]["bodySize"] == size
+        assert entry["response"]["status"] == 200 + size % 7
+    assert sorted(int(e["request"]["url"].rsplit("/", 1)[1]) for e in entries) == sizes
 
 
 def test_no_thread_per_request(collector: Collector, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -175,10 +175,13 @@ class _Responder:
         self._finish()
 
     def finish_unobserved(self) -> None:
-        for name, value in self.exchange.response_headers:
+        exchange = self.exchange
+        # The agent never sees these bytes: the entry must not claim it captured the body.
+        exchange.response_body = None
+        for name, value in exchange.response_headers:
             if name.lower() == "content-length":
                 try:
-                    self.exchange.response_content_length = int(value)
+                    exchange.response_content_length = int(value)
                 except ValueError:
                     pass
         self._finish()
@@ -244,7 +247,7 @@ def read_environ(environ: WSGIEnvironment) -> RequestInfo:
         content_length = int(get("CONTENT_LENGTH") or "")
         if content_length < 0:
             content_length = None
-    except ValueError:
+    except (TypeError, ValueError):
         content_length = None
     remote = get("REMOTE_ADDR")
     return RequestInfo(
