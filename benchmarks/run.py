@@ -1,0 +1,436 @@
+"""`make bench`: our middleware against the bare apps and every peer, in one run.
+
+Runs, in order, each part in child processes of the benchmark venv (benchmarks/.venv,
+built by benchmarks/setup.sh), all sending to one loopback sink:
+
+1. in-process: a minimal Starlette and a minimal Flask app called directly, bare and
+   wrapped by each variant, three scenarios, several interleaved rounds, one process per
+   variant per round (``inprocess.py``);
+2. through a real server: uvicorn and gunicorn under wrk, requests/s (``servers.py``);
+3. the worker alone: entries/s and bytes per entry (``worker_bench.py``);
+4. memory with the collector down (``memory.py``);
+5. a cProfile of our request path and worker (``profile_ours.py``), shown if a target is
+   missed.
+
+It prints the report and writes it to BENCHMARKS.md at the repository root (``--quick``
+writes benchmarks/results/BENCHMARKS-quick.md instead, so a smoke run never replaces real
+figures), with the raw results as JSON in benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib.metadata
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+RESULTS = os.path.join(HERE, "results")
+sys.path.insert(0, HERE)
+
+import report  # noqa: E402
+import servers  # noqa: E402
+from common import SCENARIOS  # noqa: E402
+from sink import SinkProcess  # noqa: E402
+from variants import DISTRIBUTIONS, LABELS, VARIANTS  # noqa: E402
+
+
+@dataclass
+class Plan:
+    rounds: int
+    requests: int
+    warmup: int
+    stream_requests: int
+    stream_warmup: int
+    server_rounds: int
+    server_duration: float
+    server_warmup: float
+    connections: int
+    worker_entries: int
+    worker_entries_bodies: int
+    memory_entries: int
+    profile_requests: int
+
+
+FULL = Plan(3, 3000, 300, 60, 10, 2, 4.0, 1.0, 8, 60_000, 20_000, 20_000, 5000)
+QUICK = Plan(1, 800, 100, 15, 5, 1, 2.0, 1.0, 8, 10_000, 4_000, 5_000, 1000)
+
+
+class Runner:
+    """Runs child scripts with the benchmark interpreter, logging their stderr."""
+
+    def __init__(self, env: dict[str, str], log_path: str) -> None:
+        self.env = env
+        self.log_path = log_path
+
+    def child(self, script: str, args: list[str], timeout: float = 300.0) -> dict[str, Any]:
+        cmd = [sys.executable, os.path.join(HERE, script), *args]
+        with open(self.log_path, "a") as log:
+            log.write(f"\n$ {shlex.join(cmd)}\n")
+            log.flush()
+            try:
+                proc = subprocess.run(
+                    cmd, stdout=subprocess.PIPE, stderr=log, text=True, timeout=timeout,
+                    env=self.env, cwd=HERE,
+                )  # fmt: skip
+            except subprocess.TimeoutExpired:
+                return {"status": "error", "reason": f"timed out after {timeout:.0f} s"}
+        lines = proc.stdout.strip().splitlines()
+        try:
+            return json.loads(lines[-1])  # type: ignore[no-any-return]
+        except (IndexError, json.JSONDecodeError):
+            return {"status": "error", "reason": f"exit {proc.returncode}, see {self.log_path}"}
+
+
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def ours_importable(env: dict[str, str]) -> bool:
+    probe = subprocess.run(
+        [sys.executable, "-c", "from alf_analytics import AnalyticsWSGIMiddleware, flush, stats"],
+        env=env,
+        capture_output=True,
+    )
+    return probe.returncode == 0
+
+
+def run_inprocess(
+    r: Runner, plan: Plan, sink: str, variants: list[str], frameworks: list[str]
+) -> list[dict[str, Any]]:
+    results: list[dict[str, Any]] = []
+    unavailable: set[tuple[str, str, str]] = set()
+    scenario_names = list(SCENARIOS)
+    for rnd in range(plan.rounds):
+        for fw in frameworks:
+            for si, sc in enumerate(scenario_names):
+                k = (rnd + si) % len(variants)
+                for v in variants[k:] + variants[:k]:  # interleaved, rotated each round
+                    if (v, fw, sc) in unavailable:
+                        continue
+                    stream = sc == "stream"
+                    args = [
+                        "--variant", v, "--framework", fw, "--scenario", sc, "--sink", sink,
+                        "--requests", str(plan.stream_requests if stream else plan.requests),
+                        "--warmup", str(plan.stream_warmup if stream else plan.warmup),
+                    ]  # fmt: skip
+                    res = r.child("inprocess.py", args)
+                    res.update(variant=v, framework=fw, scenario=sc, round=rnd)
+                    results.append(res)
+                    if res["status"] != "ok":
+                        unavailable.add((v, fw, sc))
+                        say(
+                            f"  round {rnd + 1} {fw} {sc} {v}: {res['status']}: {res.get('reason')}"
+                        )
+                    else:
+                        say(
+                            f"  round {rnd + 1} {fw:9} {sc:6} {v:13} {res['median_us']:9.1f} µs "
+                            f"cpu {res['cpu_us']:9.1f} µs  delivered "
+                            f"{res['delivered_events']}/{res['expected_events']}"
+                        )
+    return results
+
+
+def run_servers(
+    plan: Plan,
+    sink: str,
+    variants: list[str],
+    frameworks: list[str],
+    log_path: str,
+    unavailable: dict[tuple[str, str], str],
+) -> list[dict[str, Any]]:
+    results: list[dict[str, Any]] = []
+    for rnd in range(plan.server_rounds):
+        for fw in frameworks:
+            k = rnd % len(variants)
+            for v in variants[k:] + variants[:k]:
+                if (v, fw) in unavailable:
+                    if rnd == 0:
+                        reason = unavailable[(v, fw)]
+                        results.append(
+                            {"status": "n/a", "reason": reason, "variant": v, "framework": fw}
+                        )
+                    continue
+                res = servers.measure(
+                    sys.executable, fw, v, sink, plan.server_duration, plan.server_warmup,
+                    plan.connections, log_path,
+                )  # fmt: skip
+                res.update(variant=v, framework=fw, round=rnd)
+                results.append(res)
+                if res["status"] == "ok":
+                    say(f"  round {rnd + 1} {fw:9} {v:13} {res['rps']:9.0f} req/s")
+                else:
+                    say(f"  round {rnd + 1} {fw:9} {v:13} {res['status']}: {res.get('reason')}")
+    return results
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or "unknown CPU"
+    mem_gib = 0.0
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal"):
+                    mem_gib = int(line.split()[1]) / 2**20
+                    break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": mem_gib,
+        "platform": platform.platform(),
+        "python": sys.version.split()[0] + f" ({platform.python_implementation()})",
+    }
+
+
+def versions() -> dict[str, str]:
+    out: dict[str, str] = {}
+    for v in VARIANTS:
+        for dist in DISTRIBUTIONS[v]:
+            try:
+                out[dist] = importlib.metadata.version(dist)
+            except importlib.metadata.PackageNotFoundError:
+                out[dist] = "not installed"
+    return out
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--quick", action="store_true", help="~2-minute smoke run")
+    p.add_argument("--variants", help=f"comma-separated subset of {','.join(VARIANTS)}")
+    p.add_argument("--frameworks", default="starlette,flask")
+    p.add_argument("--skip", default="", help="parts to skip: " + ",".join(PARTS))
+    p.add_argument("--out", help="where to write the markdown report")
+    p.add_argument(
+        "--idle-wait",
+        type=float,
+        help="seconds to wait for other processes to calm down first (default 60, quick 0)",
+    )
+    return p.parse_args()
+
+
+PARTS = ("inprocess", "servers", "worker", "memory", "profile")
+
+
+def flag(on: bool, name: str) -> list[str]:
+    return [name] if on else []
+
+
+def run_worker(r: Runner, plan: Plan, sink: str) -> list[dict[str, Any]]:
+    out = []
+    for bodies, n in ((False, plan.worker_entries), (True, plan.worker_entries_bodies)):
+        args = ["--sink", sink, "--entries", str(n), *flag(bodies, "--bodies")]
+        res = r.child("worker_bench.py", args)
+        out.append(res)
+        rate = res.get("entries_per_cpu_s")
+        say(
+            f"  bodies={bodies}: " + (f"{rate:,.0f} entries/s per CPU-second" if rate else str(res))
+        )
+    return out
+
+
+def run_memory(r: Runner, plan: Plan) -> list[dict[str, Any]]:
+    out = []
+    for mode in ("queued", "rss"):
+        for bodies in (False, True):
+            args = [
+                "--mode",
+                mode,
+                "--entries",
+                str(plan.memory_entries),
+                *flag(bodies, "--bodies"),
+            ]
+            res = r.child("memory.py", args)
+            out.append(res)
+            value = res.get("bytes_per_entry", res.get("peak_rss_mib", res.get("reason")))
+            say(f"  {mode} bodies={bodies}: {value}")
+    return out
+
+
+def run_profiles(r: Runner, plan: Plan, sink: str, frameworks: list[str]) -> dict[str, str]:
+    profiles: dict[str, str] = {}
+    for fw in frameworks:
+        args = ["--framework", fw, "--sink", sink, "--requests", str(plan.profile_requests)]
+        profiles.update(r.child("profile_ours.py", args))
+    return profiles
+
+
+def cpu_busy(seconds: float = 1.0) -> float:
+    """Share of the machine's CPU time spent busy over ``seconds`` (from /proc/stat)."""
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            values = [int(x) for x in f.readline().split()[1:]]
+        return values[3] + values[4], sum(values)  # idle + iowait, total
+
+    try:
+        idle0, total0 = sample()
+        time.sleep(seconds)
+        idle1, total1 = sample()
+    except OSError:
+        return float("nan")
+    return 1.0 - (idle1 - idle0) / max(total1 - total0, 1)
+
+
+def wait_idle(max_wait: float) -> float:
+    """Wait (up to ``max_wait`` s) until other processes leave the CPUs mostly idle."""
+    deadline = time.monotonic() + max_wait
+    busy = cpu_busy()
+    while busy > 0.25 and time.monotonic() < deadline:
+        say(f"machine busy ({busy:.0%} of the CPUs used by other processes), waiting")
+        time.sleep(4)
+        busy = cpu_busy()
+    return busy
+
+
+def load_average() -> float:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return float("nan")
+
+
+def wrk_version() -> str:
+    if servers.load_generator() != "wrk":
+        return "benchmarks/loadgen.py (wrk not installed)"
+    out = subprocess.run(["wrk", "--version"], capture_output=True, text=True).stdout
+    return "wrk " + (out.split()[1] if len(out.split()) > 1 else "")
+
+
+def child_env(notes: list[str]) -> dict[str, str]:
+    """The environment of every child; falls back to src/ if the editable install is missing."""
+    env = dict(os.environ)
+    if not ours_importable(env):
+        env["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [os.path.join(ROOT, "src"), env.get("PYTHONPATH")])
+        )
+        if ours_importable(env):
+            os.environ["PYTHONPATH"] = env["PYTHONPATH"]  # the servers inherit os.environ
+            notes.append("alf-analytics was not installed in the venv; imported from src/ instead.")
+    return env
+
+
+def unavailable_in(results: list[dict[str, Any]]) -> dict[tuple[str, str], str]:
+    """(variant, framework) that could not even be built in-process, with the reason."""
+    return {
+        (r["variant"], r["framework"]): str(r.get("reason"))
+        for r in results
+        if r.get("status") == "n/a"
+    }
+
+
+def run_parts(
+    args: argparse.Namespace, plan: Plan, r: Runner, sink: str, log_path: str
+) -> dict[str, Any]:
+    variants = args.variants.split(",") if args.variants else list(VARIANTS)
+    if "bare" not in variants:
+        variants.insert(0, "bare")
+    frameworks = args.frameworks.split(",")
+    skip = set(filter(None, args.skip.split(",")))
+    res: dict[str, Any] = {"inprocess": [], "servers": [], "worker": [], "memory": []}
+    timings: dict[str, float] = {}
+    parts = {
+        "inprocess": lambda: run_inprocess(r, plan, sink, variants, frameworks),
+        "servers": lambda: run_servers(
+            plan, sink, variants, frameworks, log_path, unavailable_in(res["inprocess"])
+        ),
+        "worker": lambda: run_worker(r, plan, sink),
+        "memory": lambda: run_memory(r, plan),
+        "profile": lambda: run_profiles(r, plan, sink, frameworks),
+    }
+    for name, fn in parts.items():
+        if name in skip or (name in ("worker", "memory", "profile") and "ours" not in variants):
+            continue
+        say(f"{name}:")
+        t0 = time.monotonic()
+        res["profiles" if name == "profile" else name] = fn()
+        timings[name] = time.monotonic() - t0
+    res["timings"] = timings
+    return res
+
+
+def meta(
+    args: argparse.Namespace, plan: Plan, duration: float, loads: list[float]
+) -> dict[str, Any]:
+    argv = [
+        os.path.relpath(sys.executable, ROOT),
+        os.path.relpath(os.path.join(HERE, "run.py"), ROOT),
+    ]
+    return {
+        **machine(),
+        "command": shlex.join(argv + sys.argv[1:]),
+        "quick": args.quick,
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "duration_s": duration,
+        "load_average": loads,
+        "versions": versions(),
+        "load_generator": wrk_version(),
+        "rounds": plan.rounds,
+        "requests": plan.requests,
+        "warmup": plan.warmup,
+        "stream_requests": plan.stream_requests,
+        "server_rounds": plan.server_rounds,
+        "server_duration": plan.server_duration,
+        "server_warmup": plan.server_warmup,
+        "connections": plan.connections,
+    }
+
+
+def main() -> int:
+    args = parse_args()
+    if not os.path.realpath(sys.prefix).startswith(os.path.realpath(os.path.join(HERE, ".venv"))):
+        say("note: run.py expects benchmarks/.venv (benchmarks/setup.sh builds it)")
+    plan = QUICK if args.quick else FULL
+    tag = "quick" if args.quick else "full"
+    os.makedirs(RESULTS, exist_ok=True)
+    log_path = os.path.join(RESULTS, f"{tag}.log")
+    open(log_path, "w").close()
+    notes: list[str] = []
+    runner = Runner(child_env(notes), log_path)
+    idle_wait = args.idle_wait if args.idle_wait is not None else (0.0 if args.quick else 60.0)
+    busy = wait_idle(idle_wait)
+    loads = [load_average()]
+    started = time.monotonic()
+    sink = SinkProcess(sys.executable, RESULTS)
+    try:
+        results = run_parts(args, plan, runner, sink.url, log_path)
+    finally:
+        sink.stop()
+    duration = time.monotonic() - started
+    loads.append(load_average())
+    failed = {(r["variant"], r.get("reason")) for r in results["inprocess"] if r["status"] != "ok"}
+    notes += [f"n/a: {LABELS[v]}: {reason}" for v, reason in sorted(failed)]
+    results["notes"] = notes
+    results["meta"] = meta(args, plan, duration, loads)
+    results["meta"]["busy_at_start"] = busy
+    with open(os.path.join(RESULTS, f"{tag}.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    text = report.render(results)
+    default = os.path.join(RESULTS, "BENCHMARKS-quick.md") if args.quick else None
+    out = args.out or default or os.path.join(ROOT, "BENCHMARKS.md")
+    with open(out, "w") as f:
+        f.write(text)
+    print(text)
+    say(f"wrote {os.path.relpath(out, ROOT)} in {duration / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
