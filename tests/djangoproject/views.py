@@ -89,11 +89,17 @@ def cookie_view(request: HttpRequest) -> HttpResponse:
 ECHO_HEADERS = {"X-Custom": "custom-value"}
 
 
+def echo_body(query: list[str], raw: bytes) -> bytes:
+    """The echo response body: the ``x`` query values and the parsed JSON request body."""
+    payload = {"query": query, "echo": json.loads(raw)}
+    return json.dumps(payload, separators=(",", ":")).encode()
+
+
 def echo_view(request: HttpRequest) -> HttpResponse:
-    payload = {"query": request.GET.getlist("x"), "echo": json.loads(request.body)}
-    body = json.dumps(payload, separators=(",", ":")).encode()
+    body = echo_body(request.GET.getlist("x"), request.body)
     response = HttpResponse(body, status=201, content_type="application/json")
     response["Content-Length"] = str(len(body))
     for name, value in ECHO_HEADERS.items():
         response[name] = value
+    response.set_cookie("session", "s3cr3t", httponly=True)
     return response
