@@ -175,6 +175,61 @@ def test_one_chunk_list_keeps_the_server_content_length(collector: Collector) ->
     received_entries(collector, 1)
 
 
+def waitress_style_serve(app: App, path: str) -> tuple[int | None, bytes]:
+    """waitress's response loop (WSGITask.execute), reduced to what it does with the iterable.
+
+    It infers Content-Length from ``len(app_iter) == 1`` and calls ``len()`` whenever the
+    iterable has ``__len__``: a wrapper claiming a length it cannot give breaks every response.
+    """
+    headers: list[tuple[str, str]] = []
+
+    def start_response(status: str, response_headers: list[Any], exc_info: Any = None) -> Any:
+        headers[:] = response_headers
+        return lambda data: None
+
+    app_iter = app(create_environ(path), start_response)
+    declared = [int(value) for name, value in headers if name.lower() == "content-length"]
+    content_length = declared[0] if declared else None
+    chunks = []
+    try:
+        for chunk in app_iter:
+            if not chunks and content_length is None:
+                app_iter_len = len(app_iter) if hasattr(app_iter, "__len__") else None  # type: ignore[arg-type]
+                if app_iter_len == 1:
+                    content_length = len(chunk)
+            chunks.append(chunk)
+    finally:
+        if hasattr(app_iter, "close"):
+            app_iter.close()
+    return content_length, b"".join(chunks)
+
+
+def _one_chunk_app(environ: dict[str, Any], start_response: Any) -> tuple[bytes]:
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return (b"exactly one",)
+
+
+@pytest.mark.parametrize(
+    ("app", "path", "content_length"),
+    [
+        pytest.param(_one_chunk_app, "/", 11, id="one-chunk-tuple"),
+        pytest.param(wsgi_apps.list_app, "/", None, id="two-chunk-list"),
+        pytest.param(wsgi_apps.generator_app, "/", None, id="generator"),
+        pytest.param(wsgi_apps.lazy_generator_app, "/", None, id="generator-function"),
+        pytest.param(FLASK.wsgi_app, "/stream?n=3", None, id="flask-closing-iterator"),
+    ],
+)
+def test_response_length_is_what_the_app_returned(
+    collector: Collector, app: App, path: str, content_length: int | None
+) -> None:
+    """The wrapper has a len() exactly when the app's iterable has one (waitress relies on it)."""
+    bare = waitress_style_serve(app, path)
+    observed = waitress_style_serve(middleware(app, collector), path)
+    assert observed == bare
+    assert observed[0] == content_length
+    received_entries(collector, 1)
+
+
 def test_exc_info_before_output_replaces_the_response(collector: Collector) -> None:
     """start_response with exc_info before any output: same bytes from the server, 503 logged."""
     bare, bare_errors = cgi(validator(wsgi_apps.exc_info_app))
@@ -354,6 +409,22 @@ def test_request_body_is_captured_as_the_app_reads_it(
     assert body_of(request, "postData") == BODY
 
 
+def test_read_without_a_size_gets_the_whole_body(collector: Collector) -> None:
+    """read() with no size (allowed by gunicorn, uWSGI, werkzeug) returns and records it all."""
+
+    def read_all_app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        data = environ["wsgi.input"].read()
+        start_response("200 OK", [("Content-Type", "application/octet-stream")])
+        return [data, environ["wsgi.input"].read()]
+
+    # wsgiref's validator forbids read() without a size, so this app runs unvalidated.
+    status, _, echoed = fetch(middleware(read_all_app, collector), method="POST", data=BODY)
+    assert (status, echoed) == ("200 OK", BODY)
+    (entry,) = received_entries(collector, 1)
+    assert (entry["request"]["bodySize"], entry["request"]["bodyCaptured"]) == (len(BODY), True)
+    assert body_of(entry["request"], "postData") == BODY
+
+
 @pytest.mark.parametrize(
     "path",
     [pytest.param("/echo", id="get-data"), pytest.param("/json", id="get-json")],
@@ -375,12 +446,6 @@ def test_flask_reads_the_body_through_limited_stream_readinto(
     assert body_of(entry["request"], "postData") == payload
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="InputTee.readinto calls the server stream's readinto, which PEP 3333 does not "
-    "require (wsgiref's validator, gunicorn's Body lack it) (lead: _record.py)",
-)
 def test_flask_reads_a_server_stream_without_readinto(collector: Collector) -> None:
     """Flask get_data() works on a wsgi.input with only the PEP 3333 methods (no readinto)."""
     app = validator(middleware(wsgi_apps.make_flask_app().wsgi_app, collector))

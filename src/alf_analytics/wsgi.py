@@ -78,6 +78,10 @@ class AnalyticsWSGIMiddleware:
             responder.finish_unobserved()
             return result
         responder.result = result
+        if hasattr(result, "__len__"):
+            # Servers infer Content-Length from len() == 1 (wsgiref, waitress), and waitress
+            # calls len() whenever __len__ exists: only a sized result gets a sized responder.
+            responder.__class__ = _SizedResponder
         return responder
 
 
@@ -147,10 +151,6 @@ class _Responder:
     def __bool__(self) -> bool:
         return True
 
-    def __len__(self) -> int:
-        # Servers such as wsgiref add Content-Length to one-item sequences: keep that.
-        return len(self.result)  # type: ignore[arg-type]
-
     def close(self) -> None:
         if self._done:
             return
@@ -211,6 +211,15 @@ def _server_ip(environ: WSGIEnvironment) -> str | None:
     # SERVER_NAME is often a host name; the builder keeps it only if it is an IP literal.
     name = environ.get("SERVER_NAME")
     return name if isinstance(name, str) else None
+
+
+class _SizedResponder(_Responder):
+    """The responder of an app result that has a length (a list or tuple of chunks)."""
+
+    __slots__ = ()
+
+    def __len__(self) -> int:
+        return len(self.result)  # type: ignore[arg-type]
 
 
 def read_environ(environ: WSGIEnvironment) -> RequestInfo:
