@@ -8,9 +8,11 @@ from ``ALF_COLLECTOR_URL``.
 from __future__ import annotations
 
 import contextvars
+import json
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any
+from urllib.parse import parse_qsl
 
 import anyio
 from fastapi import FastAPI
@@ -59,6 +61,35 @@ async def echo_app(scope: Scope, receive: Receive, send: Send) -> None:
         }
     )
     await send({"type": "http.response.body", "body": body})
+
+
+async def raw_service(scope: Scope, receive: Receive, send: Send) -> None:
+    """Raw ASGI without lifespan support: ``/json`` (echo, 201), ``/stream``, anything else 200."""
+    assert scope["type"] == "http", "this app does not support lifespan"
+    if scope["path"] == "/stream":
+        params = dict(parse_qsl(scope["query_string"].decode("latin-1")))
+        count, size = int(params.get("count", "4")), int(params.get("size", "1000"))
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/plain")],
+            }
+        )
+        for index in range(count):
+            chunk = bytes([65 + index % 26]) * size
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+        return
+    body = await read_body(receive)
+    status, out, media = 200, b"ok", b"text/plain"
+    if scope["path"] == "/json":
+        status, media = 201, b"application/json"
+        out = json.dumps({"received": json.loads(body)}).encode()
+    await send(
+        {"type": "http.response.start", "status": status, "headers": [(b"content-type", media)]}
+    )
+    await send({"type": "http.response.body", "body": out})
 
 
 class BodyReadingMiddleware:
@@ -210,8 +241,17 @@ def create_uvicorn_app() -> Any:
 
     A long ``delay`` keeps entries queued until the lifespan shutdown flush sends them.
     """
+    return _for_uvicorn(starlette_app())
+
+
+def create_uvicorn_raw_app() -> Any:
+    """Like :func:`create_uvicorn_app`, around a raw ASGI app that refuses the lifespan scope."""
+    return _for_uvicorn(raw_service)
+
+
+def _for_uvicorn(app: Any) -> Any:
     return AnalyticsASGIMiddleware(
-        starlette_app(),
+        app,
         service_token=os.environ.get("ALF_SERVICE_TOKEN", "uvicorn-token"),
         collector_url=os.environ["ALF_COLLECTOR_URL"],
         environment="uvicorn",

@@ -553,7 +553,6 @@ def lifespan_app(
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            received.append(receive)
             while True:
                 event = await receive()
                 received.append(event)
@@ -582,10 +581,11 @@ async def test_lifespan_shutdown_is_forwarded_after_the_flush(
 ) -> None:
     """Lifespan messages pass unchanged; the shutdown reply reaches the server after the flush."""
     received: list[Any] = []
+    pristine = copy.deepcopy(reply)
     app = analytics(lifespan_app(reply, received), collector, delay=60.0)
     server = Server()
     await app(http_scope("/before-shutdown"), server.receive, server.send)
-    assert alf_analytics.stats()["queued"] + collector.count() <= 1
+    assert collector.count() == 0  # queued: delay=60 leaves it to the shutdown flush
 
     at_collector_when_forwarded: list[int] = []
 
@@ -595,16 +595,80 @@ async def test_lifespan_shutdown_is_forwarded_after_the_flush(
 
     lifespan = LifespanServer(on_send)
     scope = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}
-    server_receive = lifespan.receive  # one bound-method object, to compare identities
     with anyio.fail_after(10):
-        await app(scope, server_receive, lifespan.send)
-    assert received[0] is server_receive
-    assert all(got is given for got, given in zip(received[1:], lifespan.given, strict=True))
+        await app(scope, lifespan.receive, lifespan.send)
+    assert len(received) == 2
+    assert all(got is given for got, given in zip(received, lifespan.given, strict=True))
     assert [m["type"] for m in lifespan.sent] == ["lifespan.startup.complete", reply["type"]]
     assert lifespan.sent[1] is reply
-    assert reply == copy.deepcopy(reply) and set(reply) <= {"type", "message"}
+    assert reply == pristine
     assert at_collector_when_forwarded == [1]
     assert collector.entries()[0].path == "/before-shutdown"
+
+
+async def refuses_lifespan_with_assert(scope: Any, receive: Any, send: Any) -> None:
+    assert scope["type"] == "http"
+    await echo_app(scope, receive, send)
+
+
+async def refuses_lifespan_like_django(scope: Any, receive: Any, send: Any) -> None:
+    if scope["type"] != "http":
+        raise ValueError(f"Django can only handle ASGI/HTTP connections, not {scope['type']}.")
+    await echo_app(scope, receive, send)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("refusing", [refuses_lifespan_with_assert, refuses_lifespan_like_django])
+async def test_app_without_lifespan_support_still_gets_the_shutdown_flush(
+    anyio_backend: str, collector: Collector, refusing: Any
+) -> None:
+    """For an app refusing the lifespan scope, we answer its events and flush before shutdown."""
+    app = analytics(refusing, collector, delay=60.0)
+    server = Server()
+    await app(http_scope("/queued"), server.receive, server.send)
+    at_collector_when_forwarded: list[int] = []
+
+    def on_send(message: dict[str, Any]) -> None:
+        if message["type"] == "lifespan.shutdown.complete":
+            at_collector_when_forwarded.append(collector.count())
+
+    lifespan = LifespanServer(on_send)
+    with anyio.fail_after(10):
+        await app({"type": "lifespan", "asgi": {"version": "3.0"}}, lifespan.receive, lifespan.send)
+    assert lifespan.sent == [
+        {"type": "lifespan.startup.complete"},
+        {"type": "lifespan.shutdown.complete"},
+    ]
+    assert at_collector_when_forwarded == [1]
+
+
+class StartupError(Exception):
+    """A lifespan app's failure during startup."""
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("reports_failure", [pytest.param(True, id="sends-failed"), False])
+async def test_startup_failure_of_a_lifespan_app_is_not_masked(
+    anyio_backend: str, collector: Collector, reports_failure: bool
+) -> None:
+    """An app that takes the startup event and then fails keeps its failure: we answer nothing."""
+    error = StartupError("database unreachable")
+    failed = {"type": "lifespan.startup.failed", "message": "database unreachable"}
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        if reports_failure:
+            await send(failed)
+        raise error
+
+    lifespan = LifespanServer()
+    with pytest.raises(StartupError) as raised:
+        await analytics(app, collector)(
+            {"type": "lifespan", "asgi": {"version": "3.0"}}, lifespan.receive, lifespan.send
+        )
+    assert raised.value is error
+    assert lifespan.sent == ([failed] if reports_failure else [])
+    assert not reports_failure or lifespan.sent[0] is failed
 
 
 @pytest.fixture
@@ -1123,7 +1187,14 @@ def wait_until_serving(process: subprocess.Popen[bytes], base_url: str) -> None:
     raise AssertionError("uvicorn did not start serving in time")
 
 
-def test_uvicorn_delivers_entries_and_exits_cleanly(collector: Collector) -> None:
+@pytest.mark.parametrize(
+    "factory",
+    [
+        pytest.param("tests.asgi_apps:create_uvicorn_app", id="starlette"),
+        pytest.param("tests.asgi_apps:create_uvicorn_raw_app", id="raw-asgi-without-lifespan"),
+    ],
+)
+def test_uvicorn_delivers_entries_and_exits_cleanly(collector: Collector, factory: str) -> None:
     """Under a real uvicorn, requests are logged and SIGTERM's lifespan shutdown flushes them."""
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
@@ -1133,7 +1204,7 @@ def test_uvicorn_delivers_entries_and_exits_cleanly(collector: Collector) -> Non
         "ALF_SERVICE_TOKEN": "uvicorn-token",
     }
     command = [
-        sys.executable, "-m", "uvicorn", "--factory", "tests.asgi_apps:create_uvicorn_app",
+        sys.executable, "-m", "uvicorn", "--factory", factory,
         "--app-dir", str(TESTS.parent), "--host", "127.0.0.1", "--port", str(port),
         "--lifespan", "on", "--log-level", "info", "--no-access-log",
     ]  # fmt: skip

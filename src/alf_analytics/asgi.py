@@ -8,7 +8,9 @@ Usage::
 Every ``receive`` and ``send`` message is forwarded unchanged and at once; the middleware only
 counts body bytes (capturing up to ``max_body_bytes``) and stamps times. ``websocket`` and any
 unknown scope pass straight through. On ``lifespan.shutdown.complete`` the queued entries are
-flushed, off the event loop and with a bounded wait, before the message is forwarded.
+flushed, off the event loop and with a bounded wait, before the message is forwarded; for an
+app that does not support lifespan at all, the middleware answers the lifespan events itself so
+that this flush still happens.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ class AnalyticsASGIMiddleware:
         if scope_type == "http":
             await self._http(scope, receive, send)
         elif scope_type == "lifespan":
-            await self.app(scope, receive, self._lifespan_send(send))
+            await self._lifespan(scope, receive, send)
         else:
             await self.app(scope, receive, send)
 
@@ -127,13 +129,40 @@ class AnalyticsASGIMiddleware:
             # The app returned without completing its response (client gone, or a bug).
             _finish(exchange, worker)
 
-    def _lifespan_send(self, send: Send) -> Send:
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        took_part = False
+
+        async def receive_seen() -> Message:
+            nonlocal took_part
+            took_part = True
+            return await receive()
+
         async def send_with_flush(message: Message) -> None:
+            nonlocal took_part
+            took_part = True
             if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
                 await _flush_off_loop(self._worker, self.config.shutdown_timeout)
             await send(message)
 
-        return send_with_flush
+        try:
+            await self.app(scope, receive_seen, send_with_flush)
+        except Exception:
+            if took_part:
+                raise
+            # The app refused the scope before taking any event: it does not speak lifespan.
+            # Run the protocol for it, or the server (uvicorn re-raises SIGTERM after its
+            # shutdown, skipping atexit) would stop with entries still queued.
+            logger.debug("alf_analytics: the app does not support lifespan; running it here")
+        else:
+            return
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await _flush_off_loop(self._worker, self.config.shutdown_timeout)
+                await send({"type": "lifespan.shutdown.complete"})
+                return
 
 
 async def _flush_off_loop(worker: Worker, timeout: float) -> None:
