@@ -32,6 +32,7 @@ ALF_VERSION = "1.1.0"
 CREATOR = {"name": "alf-analytics", "version": __version__}
 OCTET_STREAM = "application/octet-stream"
 
+_DEFAULT_PORTS = {"http": ":80", "https": ":443"}
 _HTTP_VERSIONS = {
     "1": "HTTP/1",
     "1.0": "HTTP/1.0",
@@ -115,6 +116,10 @@ def build_url(info: RequestInfo) -> str:
     """An absolute URL (``format: uri``) from what the request carried."""
     scheme = info.scheme if info.scheme in ("http", "https") else "http"
     host = info.host if info.host and _HOST.fullmatch(info.host) else "unknown"
+    default_port = _DEFAULT_PORTS.get(scheme, "")
+    if default_port and host.endswith(default_port):
+        # "Host: example.com:80" names the default port: the URL leaves it out.
+        host = host[: -len(default_port)]
     path = _escape(info.path or "/", _PATH_SAFE)
     if not path.startswith("/"):
         path = "/" + path

@@ -120,9 +120,9 @@ class InputTee:
         self._stream = stream
         self._exchange = exchange
 
-    def _seen(self, data: bytes, args: tuple[Any, ...]) -> bytes:
+    def _seen(self, data: bytes, size: Any) -> bytes:
         exchange = self._exchange
-        asked = args[0] if args and args[0] is not None else -1
+        asked = size if isinstance(size, int) else -1
         if data:
             exchange.request_data(data)
         if asked < 0 or (not data and asked != 0):
@@ -130,34 +130,45 @@ class InputTee:
             exchange.request_complete = True
         return data
 
-    def read(self, *args: Any) -> bytes:
-        return self._seen(self._stream.read(*args), args)
+    # Sizes are passed on exactly as given (positionally or by keyword, as Django's
+    # HttpRequest.read(size=...) does), so the stream sees the call the app made.
+    def read(self, *args: Any, **kwargs: Any) -> bytes:
+        size = args[0] if args else kwargs.get("size", kwargs.get("n"))
+        return self._seen(self._stream.read(*args, **kwargs), size)
 
-    def read1(self, *args: Any) -> bytes:
-        return self._seen(self._stream.read1(*args), args)
+    def read1(self, *args: Any, **kwargs: Any) -> bytes:
+        size = args[0] if args else kwargs.get("size", kwargs.get("n"))
+        return self._seen(self._stream.read1(*args, **kwargs), size)
 
     def readinto(self, buffer: Any) -> int:
-        # Werkzeug's LimitedStream reads through readinto(): count those bytes as well.
-        count: int | None = self._stream.readinto(buffer)
+        # Werkzeug's LimitedStream prefers readinto() when the stream has one, and ours always
+        # has: fall back to read() for servers whose stream lacks it (PEP 3333 does not ask).
+        readinto = getattr(self._stream, "readinto", None)
+        if readinto is None:
+            data = self._stream.read(len(buffer))
+            count = len(data)
+            buffer[:count] = data
+        else:
+            count = readinto(buffer) or 0
         if count:
             self._exchange.request_data(memoryview(buffer)[:count])
-        elif count == 0 and len(buffer):
+        elif len(buffer):
             self._exchange.request_complete = True
-        return count  # type: ignore[return-value]
+        return count
 
-    def readline(self, *args: Any) -> bytes:
-        line: bytes = self._stream.readline(*args)
+    def readline(self, *args: Any, **kwargs: Any) -> bytes:
+        line: bytes = self._stream.readline(*args, **kwargs)
         if line:
             self._exchange.request_data(line)
         else:
             self._exchange.request_complete = True
         return line
 
-    def readlines(self, *args: Any) -> list[bytes]:
-        lines: list[bytes] = self._stream.readlines(*args)
+    def readlines(self, *args: Any, **kwargs: Any) -> list[bytes]:
+        lines: list[bytes] = self._stream.readlines(*args, **kwargs)
         for line in lines:
             self._exchange.request_data(line)
-        if not args:
+        if not args and not kwargs:
             self._exchange.request_complete = True
         return lines
 
