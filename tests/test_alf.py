@@ -142,10 +142,6 @@ def test_url_is_absolute(changes: dict[str, Any], url: str) -> None:
     assert entry_of(exchange(request_info(**changes)))["request"]["url"] == url
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="build_url keeps an explicit default port from the Host header (lead: _alf.py)",
-)
 @pytest.mark.parametrize(
     ("scheme", "host"),
     [
