@@ -408,14 +408,19 @@ async def test_each_chunk_reaches_the_server_before_the_next_is_produced(
         await chunk_one_seen.wait()
         await send({"type": "http.response.body", "body": b"data: 2\n\n", "more_body": False})
 
+    recorded_at_chunk_one: list[int] = []
+
     def on_send(message: dict[str, Any]) -> None:
         if message.get("body") == b"data: 1\n\n":
+            counters = alf_analytics.stats()
+            recorded_at_chunk_one.append(counters["captured"] + counters["queued"])
             chunk_one_seen.set()
 
     server = Server(on_send=on_send)
     with anyio.fail_after(10):  # a buffering middleware deadlocks here
         await analytics(sse, collector)(http_scope("/events"), server.receive, server.send)
     assert server.body() == b"data: 1\n\ndata: 2\n\n"
+    assert recorded_at_chunk_one == [0]  # the entry is made only once the stream has ended
 
     entry = only_entry(collector)
     assert entry["response"]["bodySize"] == 18
@@ -732,6 +737,32 @@ async def test_shutdown_flush_runs_off_the_loop_and_is_bounded(
     assert marks["flush_seconds"] < transport_timeout / 2  # ...but not for the transport timeout
     assert marks["ticks_during_flush"] >= 10  # ~100 ticks fit into 1 s; a blocked loop gets 0
     assert [m["type"] for m in lifespan.sent][-1] == "lifespan.shutdown.complete"
+
+
+@pytest.mark.anyio
+async def test_handing_over_never_blocks_the_loop(anyio_backend: str, black_hole: str) -> None:
+    """With the worker stuck on a black-holed collector and its queue full, requests run on."""
+    transport_timeout = 6.0
+    app = AnalyticsASGIMiddleware(
+        echo_app,
+        service_token=TOKEN,
+        collector_url=black_hole,
+        batch_size=1,
+        queue_size=5,
+        retries=0,
+        timeout=transport_timeout,
+    )
+    started = time.perf_counter()
+    with anyio.fail_after(30):
+        for index in range(100):
+            server = Server(body_messages(b"%d" % index, 8))
+            await app(http_scope(f"/n/{index}", method="POST"), server.receive, server.send)
+            assert server.body() == b"%d" % index
+    elapsed = time.perf_counter() - started
+    counters = alf_analytics.stats()
+    assert counters["captured"] + counters["queued"] == 100
+    assert counters["dropped"]["queue_full"] >= 90  # dropped, never waited for
+    assert elapsed < transport_timeout / 2  # nobody waited for the stuck worker either
 
 
 # -- timings, exceptions, disconnects ---------------------------------------------------------
