@@ -32,11 +32,12 @@ from alf_analytics.django import AnalyticsMiddleware
 from .conftest import received_entries
 from .djangoproject import project_settings, setup, views
 from .djangoproject.harness import Server, call_asgi, call_wsgi, server_env
+from .djangoproject.middleware import AsyncOnlyMiddleware
 
 setup()
 
 OURS = "alf_analytics.django.AnalyticsMiddleware"
-ASYNC_ONLY = "tests.djangoproject.middleware.AsyncOnlyMiddleware"
+ASYNC_ONLY = f"{AsyncOnlyMiddleware.__module__}.AsyncOnlyMiddleware"
 TOKEN = "django-secret-token-0123456789"
 Configure = Callable[..., None]
 
@@ -119,6 +120,26 @@ def wsgi_environ(method: str, path: str, body: bytes = b"", **extra: Any) -> dic
     }
     environ.update(extra)
     return environ
+
+
+def asgi_scope(method: str, path: str, **extra: Any) -> dict[str, Any]:
+    """An ASGI ``http`` scope as a server builds it."""
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"example.test")],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8000),
+    }
+    scope.update(extra)
+    return scope
 
 
 def get_ok(request: HttpRequest) -> HttpResponse:
@@ -401,19 +422,6 @@ def test_request_body_capture_is_capped(collector: Collector, configure: Configu
     assert (request["bodySize"], request["bodyCaptured"]) == (len(MULTIPART), False)
 
 
-def test_request_read_with_keyword_size(collector: Collector, configure: Configure) -> None:
-    """``request.read(size=n)``, as HttpRequest allows, works with the capture in place."""
-    factory = RequestFactory()
-    request = factory.post("/x", b"0123456789", content_type="text/plain")
-
-    def view(request: HttpRequest) -> HttpResponse:
-        return HttpResponse(request.read(size=4) + request.read())
-
-    response = AnalyticsMiddleware(view)(request)
-    response.close()
-    assert response.content == b"0123456789"
-
-
 def test_wsgi_request_without_content_length(collector: Collector, configure: Configure) -> None:
     """A WSGI POST without CONTENT_LENGTH (chunked) does not crash (PITFALLS #14)."""
     environ = wsgi_environ(
@@ -433,20 +441,8 @@ def test_wsgi_request_without_content_length(collector: Collector, configure: Co
 
 def test_asgi_request_without_content_length(collector: Collector, configure: Configure) -> None:
     """An ASGI POST without content-length, in several body messages, is captured exactly."""
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/body",
-        "raw_path": b"/body",
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"host", b"example.test"), (b"content-type", b"text/plain")],
-        "client": ("127.0.0.1", 50000),
-        "server": ("127.0.0.1", 8000),
-    }
+    headers = [(b"host", b"example.test"), (b"content-type", b"text/plain")]
+    scope = asgi_scope("POST", "/body", headers=headers)
     parts = [b"first part, ", b"second part, ", b"last part"]
     status, _, body = asyncio.run(call_asgi(ASGIHandler(), scope, parts))
     assert (status, body) == (200, b"".join(parts))
@@ -610,6 +606,31 @@ def test_exception_through_middleware_is_reraised_unchanged(
             asyncio.run(AnalyticsMiddleware(raise_async)(request))
     assert caught.value is error
     assert one_entry(collector)["response"]["status"] == 500
+
+
+def test_client_leaving_during_async_view_yields_entry(
+    collector: Collector, configure: Configure
+) -> None:
+    """A disconnect while the async view awaits cancels it; the entry is still recorded (500)."""
+    scope = asgi_scope("GET", "/async", query_string=b"sleep=30")
+    status, _, _ = asyncio.run(
+        asyncio.wait_for(call_asgi(ASGIHandler(), scope, [b""], leave_at="request"), 10)
+    )
+    assert status == 0  # nothing was sent: Django cancelled the view
+    entry = one_entry(collector)
+    assert (entry["response"]["status"], entry["response"]["bodySize"]) == (500, 0)
+
+
+def test_client_leaving_mid_stream_yields_entry(collector: Collector, configure: Configure) -> None:
+    """A disconnect during an endless async stream ends it; the entry counts what was sent."""
+    scope = asgi_scope("GET", "/endless")
+    status, _, body = asyncio.run(
+        asyncio.wait_for(call_asgi(ASGIHandler(), scope, [b""], leave_at="body"), 10)
+    )
+    assert status == 200 and body.startswith(b"tick\n")
+    response = one_entry(collector)["response"]
+    assert response["status"] == 200
+    assert (response["bodySize"], decoded(response["content"])) == (len(body), body)
 
 
 # -- real servers --------------------------------------------------------------------------------

@@ -45,14 +45,20 @@ def call_wsgi(app: Any, environ: dict[str, Any]) -> tuple[str, list[tuple[str, s
 
 
 async def call_asgi(
-    app: Any, scope: dict[str, Any], body_parts: Sequence[bytes]
+    app: Any, scope: dict[str, Any], body_parts: Sequence[bytes], *, leave_at: str = ""
 ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-    """Serve one ``http`` request: status, raw headers and body bytes."""
+    """Serve one ``http`` request: status, raw headers and body bytes (status 0: none sent).
+
+    The client disconnects after the response, or with ``leave_at="request"`` right after the
+    request body, or with ``leave_at="body"`` once the first body bytes were sent.
+    """
     messages: list[dict[str, Any]] = [
         {"type": "http.request", "body": part, "more_body": index < len(body_parts) - 1}
         for index, part in enumerate(body_parts or [b""])
     ]
     done = asyncio.Event()
+    if leave_at == "request":
+        done.set()
     sent: list[dict[str, Any]] = []
 
     async def receive() -> dict[str, Any]:
@@ -63,11 +69,12 @@ async def call_asgi(
 
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
-        if message["type"] == "http.response.body" and not message.get("more_body", False):
-            done.set()
+        if message["type"] == "http.response.body":
+            if not message.get("more_body", False) or (leave_at == "body" and message["body"]):
+                done.set()
 
     await app(scope, receive, send)
-    start = next(m for m in sent if m["type"] == "http.response.start")
+    start = next((m for m in sent if m["type"] == "http.response.start"), {"status": 0})
     body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
     return start["status"], list(start.get("headers", [])), body
 

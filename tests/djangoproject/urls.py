@@ -13,6 +13,7 @@ urlpatterns = [
     path("read", views.read_view),
     path("stream", views.stream_sync_view),
     path("astream", views.stream_async_view),
+    path("endless", views.endless_view),
     path("file", views.file_view),
     path("raise", views.raising_view),
     path("cookies", views.cookie_view),

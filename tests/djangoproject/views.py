@@ -70,6 +70,15 @@ def stream_async_view(request: HttpRequest) -> HttpResponse:
     return StreamingHttpResponse(chunks(), content_type="text/plain")
 
 
+def endless_view(request: HttpRequest) -> HttpResponse:
+    async def ticks() -> AsyncIterator[bytes]:
+        while True:
+            yield b"tick\n"
+            await asyncio.sleep(0.001)
+
+    return StreamingHttpResponse(ticks(), content_type="text/plain")
+
+
 def file_view(request: HttpRequest) -> HttpResponse:
     return FileResponse(FILE_PATH.open("rb"), content_type="text/x-python")
 
