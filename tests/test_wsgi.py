@@ -9,6 +9,7 @@ end-to-end check. Every entry goes to the real collector over loopback HTTP.
 from __future__ import annotations
 
 import base64
+import gc
 import io
 import json
 import os
@@ -19,6 +20,7 @@ import sys
 import threading
 import time
 import traceback
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -955,6 +957,23 @@ def test_concurrent_requests_keep_their_own_facts(collector: Collector) -> None:
         assert entry["response"]["bodySize"] == size
         assert entry["response"]["status"] == 200 + size % 7
     assert sorted(int(e["request"]["url"].rsplit("/", 1)[1]) for e in entries) == sizes
+
+
+def test_queued_entry_does_not_keep_the_request_stream_alive(collector: Collector) -> None:
+    """While an entry waits for the worker, the server's body buffer can still be freed."""
+    wrapped = middleware(echo_app(_read_all), collector)
+    handed_over: list[Any] = []
+    wrapped._worker.submit = handed_over.append  # type: ignore[method-assign]
+    stream = io.BytesIO(b"u" * 1_000_000)
+    environ = create_environ("/upload", method="POST", input_stream=stream)
+    gone = weakref.ref(stream)
+    status, _, body = run(wrapped, environ)
+    assert (status, len(body)) == ("200 OK", 1_000_000)
+    del stream, environ, body
+    gc.collect()
+    assert len(handed_over) == 1
+    assert gone() is None
+    assert handed_over[0].request_body_size == 1_000_000
 
 
 def test_no_thread_per_request(collector: Collector, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -52,8 +52,11 @@ class AnalyticsWSGIMiddleware:
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         try:
-            exchange = Exchange(self.config, environ.copy(), read_environ)
-            stream = environ.get("wsgi.input")
+            snapshot = environ.copy()
+            # The snapshot waits in the worker's queue: it must not keep the request body
+            # stream (a server's buffer of the whole upload) alive after the request.
+            stream = snapshot.pop("wsgi.input", None)
+            exchange = Exchange(self.config, snapshot, read_environ)
             if stream is not None:
                 environ["wsgi.input"] = InputTee(stream, exchange)
             responder = _Responder(exchange, start_response, self._worker)
