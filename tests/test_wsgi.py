@@ -772,26 +772,27 @@ def test_path_from_raw_uri_or_script_name(environ: dict[str, str], path: str) ->
 
 
 @pytest.mark.parametrize(
-    ("scheme", "port", "host"),
+    ("scheme", "name", "port", "host"),
     [
-        pytest.param("http", "80", "srv.example", id="http-default"),
-        pytest.param("https", "443", "srv.example", id="https-default"),
-        pytest.param("http", "8080", "srv.example:8080", id="http-other"),
-        pytest.param("https", "80", "srv.example:80", id="https-on-80"),
+        pytest.param("http", "srv.example", "80", "srv.example", id="http-default"),
+        pytest.param("https", "srv.example", "443", "srv.example", id="https-default"),
+        pytest.param("http", "srv.example", "8080", "srv.example:8080", id="http-other"),
+        pytest.param("https", "srv.example", "80", "srv.example:80", id="https-on-80"),
+        pytest.param("http", "::1", "8080", "[::1]:8080", id="ipv6"),
+        pytest.param("http", "10.0.0.5", "80", "10.0.0.5", id="ipv4"),
     ],
 )
-def test_host_from_server_name_without_a_host_header(scheme: str, port: str, host: str) -> None:
+def test_host_from_server_name_without_a_host_header(
+    collector: Collector, scheme: str, name: str, port: str, host: str
+) -> None:
     """Without a Host header the URL uses SERVER_NAME, and SERVER_PORT unless it is the default."""
     environ = create_environ("/x", f"{scheme}://ignored/")
     del environ["HTTP_HOST"]
-    environ.update(SERVER_NAME="srv.example", SERVER_PORT=port, SERVER_PROTOCOL="HTTP/1.0")
-    info = read_environ(environ)
-    assert (info.scheme, info.host, info.path, info.http_version) == (
-        scheme,
-        host,
-        "/x",
-        "HTTP/1.0",
-    )
+    environ.update(SERVER_NAME=name, SERVER_PORT=port, SERVER_PROTOCOL="HTTP/1.0")
+    assert run(middleware(wsgi_apps.list_app, collector), environ)[0] == "200 OK"
+    (entry,) = received_entries(collector, 1)
+    assert entry["request"]["url"] == f"{scheme}://{host}/x"
+    assert entry["request"]["httpVersion"] == "HTTP/1.0"
 
 
 def test_request_facts_come_from_the_environ(collector: Collector) -> None:
@@ -908,6 +909,25 @@ def test_file_wrapper_without_content_length_is_not_claimed_as_captured(
     assert entry["response"]["bodyCaptured"] is False
     assert entry["response"]["bodySize"] == 0  # ALF.md 1.6: no measure, no Content-Length
     assert "content" not in entry["response"]
+
+
+def test_flask_test_client_with_the_documented_setup(collector: Collector) -> None:
+    """Wrapping app.wsgi_app, as the README shows, keeps Flask's own test client working."""
+    app = wsgi_apps.make_flask_app()
+    app.wsgi_app = middleware(app.wsgi_app, collector)  # type: ignore[method-assign]
+    client = app.test_client()
+    # Werkzeug's test responses run the app iterable's close() (and so finish the entry)
+    # only when closed, as a server would: use them as context managers.
+    with client.post("/json", json={"items": [1, 2, 3]}) as posted:
+        assert (posted.status_code, posted.get_json()["count"]) == (201, 3)
+    with client.get("/stream?n=2") as streamed:
+        assert streamed.data == b"event 0\nevent 1\n"
+    entries = received_entries(collector, 2)
+    assert [(e["request"]["method"], e["response"]["status"]) for e in entries] == [
+        ("POST", 201),
+        ("GET", 200),
+    ]
+    assert body_of(entries[0]["request"], "postData") == b'{"items": [1, 2, 3]}'
 
 
 def test_flask_send_file_keeps_the_file_wrapper(collector: Collector) -> None:
@@ -1071,11 +1091,12 @@ def gunicorn_run() -> Iterator[dict[str, Any]]:
                 uploaded = client.post(
                     "/echo", content=upload(), headers={"Content-Type": "application/x-test"}
                 )
+                filed = client.get("/file")
             # Batches are large and the delay long: nothing may have been sent before exit.
             sent_before_exit = collector.count()
             process.send_signal(signal.SIGTERM)
             _, stderr = process.communicate(timeout=30)
-            assert collector.wait_for_entries(3, timeout=10.0), stderr.decode()
+            assert collector.wait_for_entries(4, timeout=10.0), stderr.decode()
             yield {
                 "returncode": process.returncode,
                 "sent_before_exit": sent_before_exit,
@@ -1085,6 +1106,7 @@ def gunicorn_run() -> Iterator[dict[str, Any]]:
                 "chunks": chunks,
                 "stream_headers": stream_headers,
                 "uploaded": uploaded,
+                "filed": filed,
                 "alfs": collector.alfs(),
                 "entries": {
                     (stored.method, stored.path): stored.entry for stored in collector.entries()
@@ -1100,7 +1122,7 @@ def test_gunicorn_worker_flushes_schema_valid_entries_at_exit(gunicorn_run: dict
     """After SIGTERM the worker's exit flush delivers every entry, each schema-valid."""
     assert gunicorn_run["sent_before_exit"] == 0
     assert gunicorn_run["returncode"] == 0, gunicorn_run["stderr"]
-    assert len(gunicorn_run["alfs"]) == 1  # one group, one ALF object, three entries
+    assert len(gunicorn_run["alfs"]) == 1  # one group, one ALF object, all the entries
     assert "Traceback" not in gunicorn_run["stderr"]
     for alf in gunicorn_run["alfs"]:
         assert_valid_alf(alf)
@@ -1110,6 +1132,7 @@ def test_gunicorn_worker_flushes_schema_valid_entries_at_exit(gunicorn_run: dict
         ("GET", "/stream"),
         ("POST", "/json"),
         ("POST", "/echo"),
+        ("GET", "/file"),
     }
 
 
@@ -1153,3 +1176,12 @@ def test_gunicorn_json_post(gunicorn_run: dict[str, Any]) -> None:
     assert body_of(response, "content") == posted.content
     assert response["bodySize"] == len(posted.content)
     assert entry["timings"]["wait"] > 0
+
+
+def test_gunicorn_send_file_goes_through_the_file_wrapper(gunicorn_run: dict[str, Any]) -> None:
+    """send_file under gunicorn (its FileWrapper, sendfile) arrives whole and is sized."""
+    assert gunicorn_run["filed"].content == wsgi_apps.FILE_BYTES
+    response = gunicorn_run["entries"][("GET", "/file")]["response"]
+    assert response["bodySize"] == len(wsgi_apps.FILE_BYTES)
+    assert response["bodyCaptured"] is False
+    assert "content" not in response

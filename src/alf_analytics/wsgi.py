@@ -232,6 +232,8 @@ def read_environ(environ: WSGIEnvironment) -> RequestInfo:
     host = get("HTTP_HOST")
     if not host:
         host = str(get("SERVER_NAME", ""))
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"  # an IPv6 literal, as a URL writes it
         port = str(get("SERVER_PORT", ""))
         if port and port != _DEFAULT_PORTS.get(scheme):
             host = f"{host}:{port}"
