@@ -7,7 +7,7 @@ import gzip
 import json
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
@@ -150,15 +150,15 @@ def test_answer_body_is_capped(faulty: FaultyCollector, transport: HTTPTransport
 @pytest.mark.parametrize(
     "header",
     [
-        pytest.param("7", id="seconds"),
-        pytest.param(email.utils.formatdate(time.time() + 7, usegmt=True), id="http-date"),
+        pytest.param(lambda: "7", id="seconds"),
+        pytest.param(lambda: email.utils.formatdate(time.time() + 7, usegmt=True), id="http-date"),
     ],
 )
 def test_retry_after_of_a_429_is_parsed(
-    faulty: FaultyCollector, transport: HTTPTransport, header: str
+    faulty: FaultyCollector, transport: HTTPTransport, header: Callable[[], str]
 ) -> None:
     """Retry-After (delta-seconds or HTTP-date) reaches the outcome in seconds."""
-    faulty.fail(429, times=1, retry_after=header)
+    faulty.fail(429, times=1, retry_after=header())
     outcome = transport.send(payload())
     assert outcome.status == 429
     assert outcome.retry_after is not None

@@ -590,6 +590,31 @@ def test_flush_and_close_are_bounded_with_a_bad_collector(mode: str) -> None:
             assert stats["sent"] + stats["dropped_total"] == stats["captured"] == 5
 
 
+def test_request_made_while_the_thread_starts_does_not_deadlock(
+    workers: Callable[..., tuple[Worker, ScriptedTransport]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A submit re-entering from the starting thread (a finalizer, a log handler) just queues."""
+    cfg = config()
+    worker, transport = workers(cfg)
+    real_thread = threading.Thread
+
+    class ReenteringThread(real_thread):
+        def start(self) -> None:
+            # What a __del__ run by a collection inside Thread.start() would do.
+            worker.submit(exchange(cfg, 1))
+            super().start()
+
+    monkeypatch.setattr(_worker.threading, "Thread", ReenteringThread)
+    submitter = real_thread(target=worker.submit, args=(exchange(cfg, 0),))
+    submitter.start()
+    submitter.join(10)
+    assert not submitter.is_alive(), "deadlocked in Worker._start"
+    monkeypatch.undo()
+    assert worker.flush(5)
+    assert sorted(i for p in transport.payloads for i in ids(p)) == ["0", "1"]
+    assert len(agent_threads(UNREACHABLE)) == 1
+
+
 # -- crashes ----------------------------------------------------------------------------------
 
 

@@ -152,7 +152,12 @@ class Worker:
         return True
 
     def _start(self) -> bool:
-        with self._lock:
+        # Never block here: a finalizer or a logging handler that makes a request can re-enter
+        # from this very thread while thread.start() runs (PITFALLS #33). A start under way,
+        # on this thread or another, will drain the queue: report it as started.
+        if not self._lock.acquire(blocking=False):
+            return True
+        try:
             if self._running:
                 return True
             if _finalizing:
@@ -160,13 +165,17 @@ class Worker:
             thread = threading.Thread(
                 target=self._run, name=f"alf-analytics-worker:{self.collector_url}", daemon=True
             )
+            # Set before start(): a thread that dies at once must be able to clear it.
+            self._thread = thread
+            self._running = True
             try:
                 thread.start()
             except RuntimeError:  # "can't create new thread at interpreter shutdown"
+                self._running = False
                 return False
-            self._thread = thread
-            self._running = True
             return True
+        finally:
+            self._lock.release()
 
     # -- public control ---------------------------------------------------------------------
 
@@ -408,6 +417,7 @@ class Worker:
                 return
             if status == 413:
                 if count > 1:
+                    self._counts["retried"] += count
                     for half in _split(batch):
                         self._deliver(half)
                     return

@@ -1,0 +1,314 @@
+"""Fault injection: a real loopback collector misbehaves while a WSGI app serves requests.
+
+For each fault the host app's request latency is compared with a healthy collector (relative,
+generous), every entry arrives once the collector recovers, duplicates appear only where a
+timeout left a send's outcome unknown, and with a collector that stays broken
+``sent + dropped == captured`` with every drop under its reason. A last test shows that memory
+stays bounded by ``queue_size`` (not by the number of requests) while the collector is down.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import gc
+import io
+import logging
+import statistics
+import time
+import tracemalloc
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from time import perf_counter
+from typing import Any
+from wsgiref.util import setup_testing_defaults
+
+import pytest
+
+import alf_analytics
+from alf_analytics import AnalyticsWSGIMiddleware
+
+from .faulty_collector import FaultyCollector
+
+TOKEN = "faults-token-0123456789abcdef"
+REQUESTS = 300
+
+_BASE_ENVIRON: dict[str, Any] = {}
+setup_testing_defaults(_BASE_ENVIRON)
+
+
+def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2")])
+    return [b"ok"]
+
+
+def call(middleware: Any, i: int) -> None:
+    """One in-process request with a unique id in its query string."""
+    environ = dict(_BASE_ENVIRON)
+    environ["QUERY_STRING"] = f"id={i}"
+    environ["wsgi.input"] = io.BytesIO()
+    result = middleware(environ, lambda status, headers, exc_info=None: None)
+    for _ in result:
+        pass
+    result.close()
+
+
+def timed_requests(middleware: Any, ids: range) -> list[float]:
+    """Serve one request per id and return each one's latency."""
+    latencies = []
+    for i in ids:
+        started = perf_counter()
+        call(middleware, i)
+        latencies.append(perf_counter() - started)
+    return latencies
+
+
+def received_ids(faulty: FaultyCollector) -> Counter[int]:
+    return Counter(int(e["request"]["url"].rpartition("id=")[2]) for _, _, e in faulty.entries())
+
+
+@pytest.fixture
+def faulty() -> Iterator[FaultyCollector]:
+    with FaultyCollector() as running:
+        yield running
+
+
+@dataclass(frozen=True)
+class Fault:
+    inject: Callable[[FaultyCollector], None]
+    #: Duplicates at the collector: "never"; "possible" where a timeout leaves a send's outcome
+    #: unknown; "expected" where the collector stores a batch and answers after the timeout.
+    duplicates: str = "never"
+    #: The fault makes the agent retry.
+    retries: bool = True
+    #: Seconds the fault lasts before the collector recovers.
+    hold: float = 0.4
+    #: The agent's send timeout.
+    timeout: float = 0.3
+
+
+def _retry_after_date(seconds: float) -> str:
+    return email.utils.formatdate(time.time() + seconds, usegmt=True)
+
+
+def REFUSE(faulty: FaultyCollector) -> None:
+    faulty.refuse()
+
+
+TRANSIENT = [
+    pytest.param(Fault(REFUSE), id="connection-refused"),
+    pytest.param(
+        Fault(lambda f: f.blackhole(), duplicates="possible", hold=0.6), id="never-answers"
+    ),
+    pytest.param(
+        Fault(lambda f: f.slow(0.6), duplicates="expected", hold=0.8), id="answers-after-timeout"
+    ),
+    pytest.param(
+        Fault(lambda f: f.slow(0.3), retries=False, hold=0.0, timeout=3.0), id="answers-slowly"
+    ),
+    pytest.param(Fault(lambda f: f.fail(500, times=3)), id="500-then-recovers"),
+    pytest.param(
+        Fault(lambda f: f.fail(502, times=3, body=b"<html>bad gateway</html>")),
+        id="502-html-then-recovers",
+    ),
+    pytest.param(Fault(lambda f: f.fail(503, times=3)), id="503-then-recovers"),
+    pytest.param(
+        Fault(lambda f: f.fail(429, times=1, retry_after="1"), hold=0.0), id="429-retry-after"
+    ),
+    pytest.param(
+        Fault(lambda f: f.fail(429, times=1, retry_after=_retry_after_date(2)), hold=0.0),
+        id="429-retry-after-date",
+    ),
+    pytest.param(Fault(lambda f: f.too_large_above(4096)), id="413-above-size"),
+    pytest.param(Fault(lambda f: f.cut(times=3)), id="closed-mid-response"),
+    pytest.param(Fault(lambda f: f.partial(), retries=False), id="207-per-alf-errors"),
+    pytest.param(Fault(lambda f: f.not_json(), retries=False), id="200-not-json"),
+]
+
+
+def assert_latency_unchanged(healthy: list[float], faulty: list[float]) -> None:
+    """The median request under the fault is within 3x the healthy median (+20 us of noise)."""
+    healthy_median = statistics.median(healthy)
+    faulty_median = statistics.median(faulty)
+    assert faulty_median < 3 * healthy_median + 20e-6, (healthy_median, faulty_median)
+
+
+@pytest.mark.parametrize("fault", TRANSIENT)
+def test_fault_then_recovery_delivers_everything(faulty: FaultyCollector, fault: Fault) -> None:
+    """Latency unchanged, every entry arrives after recovery, duplicates only if unknown."""
+    middleware = AnalyticsWSGIMiddleware(
+        app,
+        service_token=TOKEN,
+        collector_url=faulty.url,
+        batch_size=50,
+        delay=0.05,
+        retries=8,
+        retry_backoff=0.01,
+        timeout=fault.timeout,
+    )
+    healthy = timed_requests(middleware, range(REQUESTS))
+    assert alf_analytics.flush(10)
+    answered_before = len(faulty.seen())
+
+    fault.inject(faulty)
+    failing = timed_requests(middleware, range(REQUESTS, 2 * REQUESTS))
+    # Let the fault bite before the collector recovers.
+    assert fault.inject is REFUSE or faulty.wait_for_requests(answered_before + 1)
+    time.sleep(fault.hold)
+    faulty.healthy()
+    assert alf_analytics.flush(20)
+
+    assert_latency_unchanged(healthy, failing)
+    received = received_ids(faulty)
+    assert set(received) == set(range(2 * REQUESTS)), "entries lost"
+    duplicates = sum(received.values()) - len(received)
+    if fault.duplicates == "expected":
+        assert duplicates > 0  # the collector stored batches whose answer timed out
+    elif fault.duplicates == "never":
+        assert duplicates == 0
+    stats = alf_analytics.stats()
+    assert (stats["captured"], stats["sent"], stats["dropped_total"]) == (
+        2 * REQUESTS,
+        2 * REQUESTS,
+        0,
+    )
+    assert (stats["retried"] > 0) is fault.retries
+
+
+def test_latency_unchanged_with_a_full_queue(faulty: FaultyCollector) -> None:
+    """With the worker stuck on a black-holed collector and its queue full, requests drop fast."""
+    with FaultyCollector() as healthy_collector:
+        baseline = AnalyticsWSGIMiddleware(
+            app, service_token=TOKEN, collector_url=healthy_collector.url
+        )
+        healthy = timed_requests(baseline, range(REQUESTS))
+        faulty.blackhole()
+        stuck = AnalyticsWSGIMiddleware(
+            app,
+            service_token=TOKEN,
+            collector_url=faulty.url,
+            queue_size=50,
+            batch_size=10,
+            timeout=30.0,
+        )
+        timed_requests(stuck, range(100))
+        assert faulty.wait_for_requests(1)
+        full = timed_requests(stuck, range(100, 100 + REQUESTS))
+        assert alf_analytics.flush(0.5) is False  # still stuck: bounded, not hanging
+    assert_latency_unchanged(healthy, full)
+    stats = alf_analytics.stats()
+    assert stats["dropped"]["queue_full"] >= REQUESTS
+
+
+def test_429_retry_after_is_honoured_as_a_floor(faulty: FaultyCollector) -> None:
+    """After a 429 with Retry-After: 1, the next attempt comes at least a second later."""
+    middleware = AnalyticsWSGIMiddleware(
+        app, service_token=TOKEN, collector_url=faulty.url, retry_backoff=0.001
+    )
+    faulty.fail(429, times=1, retry_after="1")
+    call(middleware, 0)
+    assert alf_analytics.flush(10)
+    first, second = faulty.seen()
+    assert (first.status, second.status) == (429, 200)
+    assert first.answered is not None
+    assert second.received - first.answered >= 0.95
+
+
+def test_400_rejects_without_retry_and_logs_once(
+    faulty: FaultyCollector, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 400 drops its batch at once (no retry), counted rejected; later batches arrive."""
+    middleware = AnalyticsWSGIMiddleware(
+        app, service_token=TOKEN, collector_url=faulty.url, batch_size=10, delay=60.0
+    )
+    faulty.fail(400, times=2, body=b'{"errors":["malformed batch"]}')
+    for i in range(40):
+        call(middleware, i)
+    assert alf_analytics.flush(10)
+    received = received_ids(faulty)
+    assert sorted(received) == list(range(20, 40))
+    assert [r.status for r in faulty.seen()] == [400, 400, 200, 200]
+    stats = alf_analytics.stats()
+    assert stats["dropped"]["rejected"] == 20
+    assert (stats["retried"], stats["sent"], stats["captured"]) == (0, 20, 40)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "alf_analytics"]
+    assert len(warnings) == 1 and "400" in warnings[0] and "malformed batch" in warnings[0]
+
+
+BROKEN = [
+    pytest.param(lambda f: f.refuse(), "retries_exhausted", id="connection-refused"),
+    pytest.param(lambda f: f.blackhole(), "retries_exhausted", id="never-answers"),
+    pytest.param(lambda f: f.slow(0.5), "retries_exhausted", id="answers-after-timeout"),
+    pytest.param(lambda f: f.fail(500), "retries_exhausted", id="500"),
+    pytest.param(lambda f: f.fail(503, body=b"<html>down</html>"), "retries_exhausted", id="503"),
+    pytest.param(lambda f: f.fail(429, retry_after="0"), "retries_exhausted", id="429"),
+    pytest.param(lambda f: f.cut(), "retries_exhausted", id="closed-mid-response"),
+    pytest.param(lambda f: f.fail(400), "rejected", id="400"),
+    pytest.param(lambda f: f.fail(401), "rejected", id="401"),
+    pytest.param(lambda f: f.too_large_above(0), "too_large", id="413-always"),
+]
+
+
+@pytest.mark.parametrize(("inject", "reason"), BROKEN)
+def test_collector_that_stays_broken_accounts_for_every_entry(
+    faulty: FaultyCollector, inject: Callable[[FaultyCollector], None], reason: str
+) -> None:
+    """sent + dropped == captured exactly, and every drop is counted under the fault's reason."""
+    middleware = AnalyticsWSGIMiddleware(
+        app,
+        service_token=TOKEN,
+        collector_url=faulty.url,
+        batch_size=25,
+        delay=0.05,
+        retries=2,
+        retry_backoff=0.01,
+        timeout=0.2,
+    )
+    inject(faulty)
+    for i in range(100):
+        call(middleware, i)
+    assert alf_analytics.flush(20)
+    stats = alf_analytics.stats()
+    assert stats["captured"] == 100
+    assert stats["sent"] == 0
+    assert stats["sent"] + stats["dropped_total"] == stats["captured"]
+    assert stats["dropped"][reason] == 100
+    assert stats["queued"] == 0
+
+
+def test_memory_is_bounded_by_the_queue_not_the_traffic(faulty: FaultyCollector) -> None:
+    """50,000 requests against a dead collector hold no more memory than the first 2,000."""
+    faulty.refuse()
+    middleware = AnalyticsWSGIMiddleware(
+        app,
+        service_token=TOKEN,
+        collector_url=faulty.url,
+        queue_size=1000,
+        batch_size=100,
+        retries=3,
+        retry_backoff=30.0,
+    )
+    agent_logger = logging.getLogger("alf_analytics")
+    level = agent_logger.level
+    agent_logger.setLevel(logging.ERROR)  # the (rate-limited) drop warnings
+    gc.collect()
+    tracemalloc.start()
+    try:
+        for i in range(2000):
+            call(middleware, i)
+        gc.collect()
+        held, _ = tracemalloc.get_traced_memory()
+        for i in range(2000, 50_000):
+            call(middleware, i)
+        gc.collect()
+        after, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        agent_logger.setLevel(level)
+    stats = alf_analytics.stats()
+    accepted = 50_000 - stats["dropped"]["queue_full"]
+    assert accepted <= 1000 + 100  # the queue plus the batch the worker holds
+    # What 1,000 queued entries cost is held after 2,000 requests; 48,000 more add ~nothing.
+    assert after - held < 0.1 * held, (held, after)
+    # And that is proportional to the bound: a few KiB per queued entry.
+    assert after < (1000 + 100) * 8192, after
