@@ -590,6 +590,37 @@ def test_entry_is_finished_at_close(collector: Collector) -> None:
     assert entry["response"]["status"] == 201
 
 
+def _paced_app(before_first: float, before_last: float) -> App:
+    def paced(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        time.sleep(before_first)
+        yield b"first"
+        time.sleep(before_last)
+        yield b"last"
+
+    return paced
+
+
+@pytest.mark.parametrize(
+    ("before_first", "before_last", "slower"),
+    [
+        pytest.param(0.2, 0.0, "wait", id="slow-to-start"),
+        pytest.param(0.0, 0.2, "receive", id="slow-to-stream"),
+    ],
+)
+def test_wait_is_time_to_first_byte_and_receive_the_rest(
+    collector: Collector, before_first: float, before_last: float, slower: str
+) -> None:
+    """wait ends at the first body byte, receive runs to close(); time is their sum."""
+    fetch(validated(_paced_app(before_first, before_last), collector))
+    (entry,) = received_entries(collector, 1)
+    timings = entry["timings"]
+    faster = "receive" if slower == "wait" else "wait"
+    assert timings[slower] > 2 * timings[faster]
+    assert timings[slower] >= 150.0  # the app's own sleep of 200 ms, with a wide margin
+    assert entry["time"] == pytest.approx(timings["send"] + timings["wait"] + timings["receive"])
+
+
 # -- exceptions --------------------------------------------------------------------------------
 
 
