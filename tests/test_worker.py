@@ -615,6 +615,29 @@ def test_request_made_while_the_thread_starts_does_not_deadlock(
     assert len(agent_threads(UNREACHABLE)) == 1
 
 
+def test_flush_and_close_from_the_worker_thread_return_at_once(
+    workers: Callable[..., tuple[Worker, ScriptedTransport]],
+) -> None:
+    """A log handler running on the worker thread may call flush()/close() without hanging."""
+    cfg = config()
+    worker, _ = workers(cfg, ScriptedTransport(default=Outcome(400)))
+    results: list[bool] = []
+
+    class Flusher(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            results.extend([worker.flush(None), worker.close(None)])
+
+    handler = Flusher()
+    logging.getLogger("alf_analytics").addHandler(handler)
+    try:
+        worker.submit(exchange(cfg))
+        assert worker.flush(5)
+    finally:
+        logging.getLogger("alf_analytics").removeHandler(handler)
+    assert results == [False, False]
+    assert worker.stats()["dropped"]["rejected"] == 1
+
+
 # -- crashes ----------------------------------------------------------------------------------
 
 

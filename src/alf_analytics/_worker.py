@@ -183,6 +183,10 @@ class Worker:
         """Send everything queued so far; True when done within ``timeout`` seconds."""
         if self._pid != os.getpid():
             self._reset()
+        if self._thread is threading.current_thread():
+            # Called from the worker thread itself (a log handler, a callback): waiting for
+            # our own marker could only time out.
+            return False
         if not self._running:
             if self._queue.empty() and not self._pending():
                 return True
