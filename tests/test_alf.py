@@ -406,11 +406,6 @@ def test_body_exactly_at_the_cap_is_complete() -> None:
     assert base64.b64decode(entry["request"]["postData"]["text"]) == b"12345"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the builder reports body bytes the server drops for HEAD, 204 and 304 "
-    "(lead: _alf.py build_entry)",
-)
 @pytest.mark.parametrize(
     ("method", "status"),
     [

@@ -10,12 +10,14 @@ collector. :func:`flush`, :func:`close` and :func:`stats` control and observe th
 
 from __future__ import annotations
 
+from ._config import DEFAULT_REDACT_HEADERS
 from ._version import __version__
 from ._worker import close, flush, stats
 from .asgi import AnalyticsASGIMiddleware
 from .wsgi import AnalyticsWSGIMiddleware
 
 __all__ = [
+    "DEFAULT_REDACT_HEADERS",
     "AnalyticsASGIMiddleware",
     "AnalyticsWSGIMiddleware",
     "__version__",

@@ -283,9 +283,12 @@ def build_entry(exchange: Exchange) -> dict[str, Any]:
     response_size = exchange.response_body_size
     if exchange.response_content_length is not None:
         response_size = max(response_size, exchange.response_content_length)
-    response_complete = exchange.response_body is not None and response_size == len(
-        exchange.response_body
-    )
+    response_body = exchange.response_body
+    if info.method == "HEAD" or status in (204, 304) or 100 <= status < 200:
+        # The server sends no body for these, whatever the app produced (RFC 9110 6.4.1).
+        response_size = 0
+        response_body = None if response_body is None else bytearray()
+    response_complete = response_body is not None and response_size == len(response_body)
 
     request: dict[str, Any] = {
         "method": info.method,
@@ -310,7 +313,7 @@ def build_entry(exchange: Exchange) -> dict[str, Any]:
         "bodyCaptured": response_complete,
         "bodySize": response_size,
     }
-    content = _body(exchange.response_body, response_size, exchange.response_headers)
+    content = _body(response_body, response_size, exchange.response_headers)
     if content is not None:
         response["content"] = content
 

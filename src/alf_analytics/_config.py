@@ -133,6 +133,8 @@ def _redact(value: object) -> frozenset[str]:
         if not isinstance(item, str) or not item.strip():
             raise _bad("redact_headers", item, "header names must be non-empty strings")
         names.add(item.strip().lower())
+    # The given set replaces the defaults (so [] turns redaction off); extend it with
+    # [*DEFAULT_REDACT_HEADERS, "x-api-key"] to keep credentials redacted.
     return frozenset(names)
 
 

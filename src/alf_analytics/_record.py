@@ -157,10 +157,11 @@ class InputTee:
         return count
 
     def readline(self, *args: Any, **kwargs: Any) -> bytes:
+        size = args[0] if args else kwargs.get("size", kwargs.get("limit"))
         line: bytes = self._stream.readline(*args, **kwargs)
         if line:
             self._exchange.request_data(line)
-        else:
+        elif size != 0:
             self._exchange.request_complete = True
         return line
 
@@ -173,10 +174,24 @@ class InputTee:
         return lines
 
     def __iter__(self) -> Iterator[bytes]:
-        for line in self._stream:
-            self._exchange.request_data(line)
-            yield line
-        self._exchange.request_complete = True
+        return self
+
+    def __next__(self) -> bytes:
+        line = self.readline()
+        if not line:
+            raise StopIteration
+        return line
+
+    def seek(self, *args: Any, **kwargs: Any) -> int:
+        # A rewind (Django's and Werkzeug's caching streams) must not count bytes twice.
+        position: int = self._stream.seek(*args, **kwargs)
+        exchange = self._exchange
+        exchange.request_body_size = position
+        exchange.request_complete = False
+        body = exchange.request_body
+        if body is not None and len(body) > position:
+            del body[position:]
+        return position
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)
