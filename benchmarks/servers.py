@@ -97,6 +97,7 @@ def run_load(port: int, duration: float, connections: int) -> LoadResult:
         cmd.append(f"http://127.0.0.1:{port}{URL_PATH}")
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 30).stdout
         return parse_wrk(out)
+    headers.insert(0, "host: api.example.test")  # wrk adds its own; loadgen.py does not
     cmd = [sys.executable, os.path.join(HERE, "loadgen.py"), "--port", str(port)]
     cmd += ["--path", URL_PATH, "--connections", str(connections), "--duration", str(duration)]
     for h in headers:

@@ -3,9 +3,10 @@
 # frameworks and servers, and every peer from PyPI; plus wrk from Debian for the
 # real-server scenario.
 #
-# Idempotent and quick on re-run: a stamp file keyed on a hash of requirements.txt and of
-# this script skips the pip step when nothing changed.  A peer that fails to install is
-# skipped (the run then reports it as "n/a") instead of failing the whole setup.
+# Idempotent and quick on re-run: a stamp file keyed on a hash of requirements.txt, of
+# this script and of the project's pyproject.toml skips the pip step when nothing changed.
+# A peer that fails to install is skipped (the run then reports it as "n/a") instead of
+# failing the whole setup, and the stamp is not written, so the next run tries again.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -14,7 +15,7 @@ venv="$here/.venv"
 py="${PYTHON:-python3}"
 req="$here/requirements.txt"
 stamp="$venv/.bench-stamp"
-key="$(cat "$req" "$0" | sha256sum | cut -d' ' -f1)"
+key="$(cat "$req" "${BASH_SOURCE[0]}" "$root/pyproject.toml" | sha256sum | cut -d' ' -f1)"
 
 if [[ ! -x "$venv/bin/python" ]]; then
     echo "setup: creating $venv"
@@ -38,10 +39,13 @@ else
     if ! "${pip[@]}" install "${reqs[@]}" 2> >(grep -v "is ignored: it is neither" >&2); then
         echo "setup: joint install failed, installing one by one"
         for r in "${reqs[@]}"; do
-            "${pip[@]}" install "$r" || echo "setup: WARNING: could not install $r (reported as n/a)"
+            if ! "${pip[@]}" install "$r"; then
+                echo "setup: WARNING: could not install $r (reported as n/a; retried next time)"
+                failed=1
+            fi
         done
     fi
-    if [[ -z "${ours_failed:-}" ]]; then echo "$key" >"$stamp"; fi
+    if [[ -z "${ours_failed:-}${failed:-}" ]]; then echo "$key" >"$stamp"; fi
 fi
 
 if ! command -v wrk >/dev/null 2>&1; then

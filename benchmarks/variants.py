@@ -110,7 +110,7 @@ def build_ours(framework: str, app: Any, sink: str, bodies: bool) -> Wrapped:
     def flush() -> None:
         flush_api(timeout=10.0)
 
-    return Wrapped(wrapped, flush, f"log_body={bodies}, other options default")
+    return Wrapped(wrapped, flush, "log_body as the scenario says, other options default")
 
 
 def build_moesif(framework: str, app: Any, sink: str, bodies: bool) -> Wrapped:
@@ -137,10 +137,14 @@ def build_moesif(framework: str, app: Any, sink: str, bodies: bool) -> Wrapped:
             while not pool.event_queue.empty():
                 pool.batcher.create_batch()  # what its scheduler tick does
 
-        return Wrapped(mw, flush_asgi, f"BASE_URI=sink, LOG_BODY={bodies}, BATCH_SIZE=1000")
+        return Wrapped(
+            mw, flush_asgi, "ASGI: BASE_URI=sink, LOG_BODY as the scenario says, BATCH_SIZE=1000"
+        )
     mw = WsgiMoesif(app.wsgi_app, settings)
     # No flush API short of shutting it down: its batcher cuts a batch within 2 s.
-    return Wrapped(mw, noop, f"BASE_URI=sink, LOG_BODY={bodies}, defaults otherwise")
+    return Wrapped(
+        mw, noop, "WSGI: BASE_URI=sink, LOG_BODY as the scenario says, defaults otherwise"
+    )
 
 
 def build_apitally(framework: str, app: Any, sink: str, bodies: bool) -> Wrapped:
@@ -165,7 +169,7 @@ def build_apitally(framework: str, app: Any, sink: str, bodies: bool) -> Wrapped
     return Wrapped(
         inner(framework, app),
         flush,
-        f"APITALLY_OTLP_ENDPOINT=sink, capture_request/response_body={bodies}",
+        "APITALLY_OTLP_ENDPOINT=sink, capture_request/response_body as the scenario says",
     )
 
 
