@@ -796,15 +796,6 @@ print(json.dumps({"closed": ok, "made": made, "stats": alf_analytics.stats()}))
 )
 
 
-@pytest.mark.slow  # while it fails, it waits for the deadlock watchdog (6 s)
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "Worker._start holds a non-reentrant threading.Lock while it builds the thread; a "
-        "collection triggered there runs a finalizer whose request re-enters _start on the "
-        "same thread and deadlocks (PITFALLS #33); fix proposed in the lifecycle report"
-    ),
-)
 def test_finalizer_request_while_the_worker_starts_does_not_deadlock(
     collector: Collector,
 ) -> None:

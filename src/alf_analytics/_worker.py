@@ -126,6 +126,7 @@ class Worker:
         #: a crash counts them as dropped ("error"), so sent + dropped stays equal to captured.
         self._inflight = 0
         # Drops on the request path use itertools counters: next() is atomic under the GIL.
+        self._captured = itertools.count()
         self._queue_full = itertools.count()
         self._refused = itertools.count()
         self._counts = dict.fromkeys(("dequeued", "sent", "retried", "batches", "requests"), 0)
@@ -139,6 +140,7 @@ class Worker:
         """Hand an exchange over without blocking. False when it had to be dropped."""
         if self._pid != os.getpid():
             self._reset()
+        next(self._captured)
         if not self._running and not self._start():
             next(self._refused)
             return False
@@ -237,23 +239,24 @@ class Worker:
     def stats(self) -> dict[str, Any]:
         """Counters since start (or since the fork that made this process).
 
-        ``captured`` counts the entries taken off the queue plus those dropped before it, so
-        once flushed, ``sent + dropped_total == captured``; ``queued`` is what is still waiting.
+        ``captured`` counts every entry handed over, so ``sent + dropped_total + queued ==
+        captured``, where ``queued`` is what is waiting, batched or being sent right now.
         """
-        queue_full = _value(self._queue_full)
-        refused = _value(self._refused)
+        captured = _value(self._captured)
         drops = dict(self._drops)
-        drops["queue_full"] += queue_full
-        drops["shutdown"] += refused
+        drops["queue_full"] += _value(self._queue_full)
+        drops["shutdown"] += _value(self._refused)
+        dropped = sum(drops.values())
+        sent = self._counts["sent"]
         return {
-            "captured": self._counts["dequeued"] + queue_full + refused,
-            "sent": self._counts["sent"],
+            "captured": captured,
+            "sent": sent,
             "dropped": drops,
-            "dropped_total": sum(drops.values()),
+            "dropped_total": dropped,
             "retried": self._counts["retried"],
             "batches": self._counts["batches"],
             "requests": self._counts["requests"],
-            "queued": self._queue.qsize() + self._pending(),
+            "queued": max(0, captured - sent - dropped),
             "worker_restarts": self._crashes,
         }
 

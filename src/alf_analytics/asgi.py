@@ -23,9 +23,9 @@ from urllib.parse import quote
 
 from ._config import Config, make_config
 from ._record import Exchange, RequestInfo
-from ._worker import Worker, get_worker
+from ._worker import Worker, flush, get_worker
 
-__all__ = ["AnalyticsASGIMiddleware"]
+__all__ = ["AnalyticsASGIMiddleware", "FlushOnShutdown"]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -130,46 +130,85 @@ class AnalyticsASGIMiddleware:
             _finish(exchange, worker)
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
-        took_part = False
+        await _lifespan_with_flush(
+            self.app, scope, receive, send, self._worker.flush, self.config.shutdown_timeout
+        )
 
-        async def receive_seen() -> Message:
-            nonlocal took_part
-            took_part = True
-            return await receive()
 
-        async def send_with_flush(message: Message) -> None:
-            nonlocal took_part
-            took_part = True
-            if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
-                await _flush_off_loop(self._worker, self.config.shutdown_timeout)
-            await send(message)
+class FlushOnShutdown:
+    """Flush every queued entry at ASGI lifespan shutdown, for apps recorded by other means.
 
-        try:
-            await self.app(scope, receive_seen, send_with_flush)
-        except Exception:
-            if took_part:
-                raise
-            # The app refused the scope before taking any event: it does not speak lifespan.
-            # Run the protocol for it, or the server (uvicorn re-raises SIGTERM after its
-            # shutdown, skipping atexit) would stop with entries still queued.
-            logger.debug("alf_analytics: the app does not support lifespan; running it here")
-        else:
+    Django's ASGI handler refuses the lifespan protocol, and uvicorn ends a SIGTERM shutdown by
+    re-raising the signal, which skips ``atexit``: wrap Django's ASGI application so the
+    entries its :class:`~alf_analytics.django.AnalyticsMiddleware` queued are sent first::
+
+        application = FlushOnShutdown(get_asgi_application())
+
+    HTTP and websocket scopes pass through untouched; nothing is recorded here.
+    """
+
+    __slots__ = ("app", "timeout")
+
+    def __init__(self, app: ASGIApp, *, timeout: float = 5.0) -> None:
+        self.app = app
+        self.timeout = timeout
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
             return
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await _flush_off_loop(self._worker, self.config.shutdown_timeout)
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        await _lifespan_with_flush(self.app, scope, receive, send, flush, self.timeout)
 
 
-async def _flush_off_loop(worker: Worker, timeout: float) -> None:
+async def _lifespan_with_flush(
+    app: ASGIApp,
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    flush_queued: Callable[[float], bool],
+    timeout: float,
+) -> None:
+    """Forward the lifespan protocol, flushing before ``lifespan.shutdown.complete`` goes out."""
+    took_part = False
+
+    async def receive_seen() -> Message:
+        nonlocal took_part
+        took_part = True
+        return await receive()
+
+    async def send_with_flush(message: Message) -> None:
+        nonlocal took_part
+        took_part = True
+        if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+            await _flush_off_loop(flush_queued, timeout)
+        await send(message)
+
+    try:
+        await app(scope, receive_seen, send_with_flush)
+    except Exception:
+        if took_part:
+            raise
+        # The app refused the scope before taking any event: it does not speak lifespan.
+        # Run the protocol for it, or the server (uvicorn re-raises SIGTERM after its
+        # shutdown, skipping atexit) would stop with entries still queued.
+        logger.debug("alf_analytics: the app does not support lifespan; running it here")
+    else:
+        return
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await _flush_off_loop(flush_queued, timeout)
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+async def _flush_off_loop(flush_queued: Callable[[float], bool], timeout: float) -> None:
     try:
         import anyio.to_thread
 
-        await anyio.to_thread.run_sync(worker.flush, timeout)
+        await anyio.to_thread.run_sync(flush_queued, timeout)
     except Exception:  # never let our flush break the server's shutdown
         logger.warning("alf_analytics: flush at lifespan shutdown failed", exc_info=True)
 
