@@ -62,8 +62,14 @@ def options() -> dict[str, Any]:
     return value
 
 
+_served = [0]
+_served_lock = threading.Lock()
+
+
 def answer(request_id: str, body: bytes) -> tuple[int, bytes]:
     """The status and body ``/echo`` answers: both depend on the id, so no two look alike."""
+    with _served_lock:
+        _served[0] += 1
     code = zlib.crc32(request_id.encode())
     status = STATUSES[code % len(STATUSES)]
     text = f"{request_id}|{os.getpid()}|".encode() + body + b"." * (code % 257)
@@ -71,7 +77,13 @@ def answer(request_id: str, body: bytes) -> tuple[int, bytes]:
 
 
 def stats_document(stats: dict[str, Any]) -> dict[str, Any]:
-    return {"pid": os.getpid(), "threads": threading.active_count(), "stats": stats}
+    """This process's agent statistics, and how many ``/echo`` requests it answered."""
+    return {
+        "pid": os.getpid(),
+        "threads": threading.active_count(),
+        "served": _served[0],
+        "stats": stats,
+    }
 
 
 def _stats_body() -> bytes:
