@@ -453,6 +453,7 @@ def render(results: dict[str, Any]) -> str:
         f"- Command: `{meta['command']}`"
         + (" (quick: smoke figures only)" if meta["quick"] else ""),
         f"- Date: {meta['date']} (run took {meta['duration_s'] / 60:.1f} min)",
+        f"- Package source measured: commit {meta.get('revision', 'unknown')}",
         f"- Machine: {meta['cpu']}, {meta['cores']} cores, {meta['memory_gib']:.0f} GiB; "
         f"{meta['platform']}",
         f"- Python: {meta['python']}",

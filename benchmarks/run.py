@@ -307,6 +307,18 @@ def load_average() -> float:
         return float("nan")
 
 
+def git_revision() -> str:
+    """The commit measured, and whether src/ had uncommitted changes."""
+
+    def git(*args: str) -> str:
+        out = subprocess.run(["git", "-C", ROOT, *args], capture_output=True, text=True)
+        return out.stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    dirty = git("status", "--porcelain", "--", "src")
+    return head + (" with uncommitted changes in src/" if dirty else "")
+
+
 def wrk_version() -> str:
     if servers.load_generator() != "wrk":
         return "benchmarks/loadgen.py (wrk not installed)"
@@ -404,6 +416,7 @@ def main() -> int:
     open(log_path, "w").close()
     notes: list[str] = []
     runner = Runner(child_env(notes), log_path)
+    revision = git_revision()
     idle_wait = args.idle_wait if args.idle_wait is not None else (0.0 if args.quick else 60.0)
     busy = wait_idle(idle_wait)
     loads = [load_average()]
@@ -420,6 +433,7 @@ def main() -> int:
     results["notes"] = notes
     results["meta"] = meta(args, plan, duration, loads)
     results["meta"]["busy_at_start"] = busy
+    results["meta"]["revision"] = revision
     with open(os.path.join(RESULTS, f"{tag}.json"), "w") as f:
         json.dump(results, f, indent=1)
     text = report.render(results)
