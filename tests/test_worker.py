@@ -365,6 +365,43 @@ def test_retries_then_success_delivers_once(
     assert (stats["sent"], stats["retried"], stats["dropped_total"]) == (3, 6, 0)
 
 
+def test_an_isolated_failure_does_not_hold_up_later_batches(
+    workers: Callable[..., tuple[Worker, ScriptedTransport]],
+) -> None:
+    """A batch that gets one 503 waits for its retry while the next batches go out at once."""
+    transport = ScriptedTransport([Outcome(503)])
+    cfg = config(batch_size=2, retry_backoff=0.5)
+    worker, _ = workers(cfg, transport)
+    for i in range(6):
+        worker.submit(exchange(cfg, i))
+    assert worker.flush(10)
+    sent = [ids(p) for p in transport.payloads]
+    # The failed batch is retried last, after the two batches cut after it were delivered.
+    assert sent == [["0", "1"], ["2", "3"], ["4", "5"], ["0", "1"]]
+    stats = worker.stats()
+    assert (stats["sent"], stats["retried"], stats["dropped_total"]) == (6, 2, 0)
+
+
+def test_a_collector_that_keeps_failing_pauses_every_send(
+    workers: Callable[..., tuple[Worker, ScriptedTransport]],
+) -> None:
+    """After two failures in a row nothing is sent until the backoff ends, then all of it is."""
+    transport = ScriptedTransport([Outcome(503), Outcome(503)])
+    cfg = config(batch_size=1, retry_backoff=0.5, retries=3, queue_size=100)
+    worker, _ = workers(cfg, transport)
+    for i in range(20):
+        worker.submit(exchange(cfg, i))
+    time.sleep(0.15)
+    # Two batches failed, so the collector counts as down: the other 18 wait, unsent.
+    assert len(transport.payloads) == 2
+    assert worker.stats()["queued"] == 20
+    assert worker.flush(20)
+    assert len(transport.payloads) == 22
+    assert sorted(int(i) for p in transport.payloads[2:] for i in ids(p)) == list(range(20))
+    stats = worker.stats()
+    assert (stats["sent"], stats["retried"], stats["dropped_total"]) == (20, 2, 0)
+
+
 def test_rejection_is_logged_once(
     workers: Callable[..., tuple[Worker, ScriptedTransport]], caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -351,7 +351,9 @@ def dumps(value: Any) -> bytes:
     """Compact UTF-8 JSON, as the collector expects it."""
     if _orjson is not None:
         try:
-            return _orjson.dumps(value)
+            # orjson's bytes keep their whole output buffer (~8 KiB for a 1 KiB entry): copy
+            # into an exact-size object, since entries wait in memory for their batch.
+            return bytes(memoryview(_orjson.dumps(value)))
         except TypeError:  # e.g. a lone surrogate in a str: fall back to the stdlib encoder
             pass
     return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "replace")

@@ -48,10 +48,27 @@ _REVIVE_INTERVAL = 0.05
 
 
 class _Flush:
-    __slots__ = ("done",)
+    __slots__ = ("done", "target")
 
     def __init__(self) -> None:
         self.done = threading.Event()
+        #: The last batch cut when the worker took this marker: done once it is settled.
+        self.target = 0
+
+
+class _Batch:
+    """One request body's worth of entries, until it is settled (sent or dropped)."""
+
+    __slots__ = ("parts", "count", "seq", "attempt", "due")
+
+    def __init__(self, parts: list[tuple[bytes, list[bytes]]], seq: int, attempt: int = 0) -> None:
+        self.parts = parts
+        self.count = sum(len(items) for _, items in parts)
+        self.seq = seq
+        #: Failed attempts so far.
+        self.attempt = attempt
+        #: When it may be tried again (monotonic seconds).
+        self.due = 0.0
 
 
 class _Stop:
@@ -125,6 +142,14 @@ class Worker:
         #: Entries taken off the queue that are neither pending in a group nor settled yet:
         #: a crash counts them as dropped ("error"), so sent + dropped stays equal to captured.
         self._inflight = 0
+        #: Batches waiting for a retry (or for a collector that failed twice in a row); their
+        #: entries count against queue_size, so memory stays bounded while it is down.
+        self._retry: list[_Batch] = []
+        self._held = 0
+        self._seq = 0
+        #: Consecutive failed requests, and the time before which nothing is sent.
+        self._failures = 0
+        self._blocked_until = 0.0
         # Drops on the request path use itertools counters: next() is atomic under the GIL.
         self._captured = itertools.count()
         self._queue_full = itertools.count()
@@ -144,7 +169,7 @@ class Worker:
         if not self._running and not self._start():
             next(self._refused)
             return False
-        if self._queue.qsize() >= self.queue_size:
+        if self._queue.qsize() + self._held >= self.queue_size:
             next(self._queue_full)
             self._warn(
                 "queue_full", "queue full (%d entries): dropping new entries", self.queue_size
@@ -190,7 +215,7 @@ class Worker:
             # our own marker could only time out.
             return False
         if not self._running:
-            if self._queue.empty() and not self._pending():
+            if self._queue.empty() and not self._pending() and not self._retry:
                 return True
             if not self._start():
                 return False
@@ -313,37 +338,63 @@ class Worker:
             while item is not None:
                 kind = type(item)
                 if kind is _Flush:
+                    # Everything queued before the marker is in a group now: cut it all.
+                    self._send(list(self._groups.values()))
+                    item.target = self._seq
                     flushes.append(item)
                 elif kind is _Stop:
                     stop = stop or item.thread is me
                 else:
                     self._add(item)
                 taken += 1
-                if taken >= _DRAIN_CHUNK and not flushes and not stop:
+                if taken >= _DRAIN_CHUNK and not stop:
                     break
                 try:
                     item = queue.get_nowait()
                 except Empty:
                     break
-            if flushes or stop:
-                self._send(list(self._groups.values()))
-                for marker in flushes:
-                    marker.done.set()
-                flushes.clear()
-                if stop:
-                    return
-            else:
-                now = time.monotonic()
-                due = [
-                    g
-                    for g in self._groups.values()
-                    if g.entries and now - g.oldest >= g.config.delay
-                ]
-                if due:
-                    self._send(due)
+            if stop:
+                self._stop()
+                return
+            now = time.monotonic()
+            due = [
+                g for g in self._groups.values() if g.entries and now - g.oldest >= g.config.delay
+            ]
+            if due:
+                self._send(due)
+            self._retry_due()
+            if flushes:
+                self._answer_flushes()
+
+    def _answer_flushes(self) -> None:
+        """Answer every flush whose batches are all settled (sent or dropped)."""
+        oldest = min((batch.seq for batch in self._retry), default=None)
+        for marker in list(self._flushes):
+            if oldest is None or oldest > marker.target:
+                self._flushes.remove(marker)
+                marker.done.set()
+
+    def _stop(self) -> None:
+        """Send what is left, retrying within close()'s bound; give up on the rest."""
+        self._send(list(self._groups.values()))
+        while self._retry:
+            now = time.monotonic()
+            wait = max(min(batch.due for batch in self._retry), self._blocked_until) - now
+            if wait > 0 and not self._pause(wait):
+                break
+            self._retry_due()
+        left = sum(batch.count for batch in self._retry)
+        if left:
+            self._retry.clear()
+            self._held = 0
+            self._drops["shutdown"] += left
+            self._warn("shutdown", "shutdown bound reached: %d queued entries dropped", left)
+        self._answer_flushes()
 
     def _next_due(self) -> float | None:
         pending = [g.oldest + g.config.delay for g in self._groups.values() if g.entries]
+        if self._retry:
+            pending.append(max(min(b.due for b in self._retry), self._blocked_until))
         if not pending:
             return None
         return min(pending) - time.monotonic()
@@ -388,76 +439,132 @@ class Worker:
 
     def _send(self, groups: list[_Group]) -> None:
         """Send the pending entries of ``groups``, packing several groups per request."""
-        batch: list[tuple[bytes, list[bytes]]] = []
+        parts: list[tuple[bytes, list[bytes]]] = []
         size = 2
         limit = min((g.config.max_batch_bytes for g in groups), default=0)
         for group in groups:
             if not group.entries:
                 continue
             part = len(group.prefix) + 4 + group.size
-            if batch and size + 1 + part > limit:
-                self._deliver(batch)
-                batch, size = [], 2
-            batch.append((group.prefix, group.entries))
-            size += part + (1 if len(batch) > 1 else 0)
+            if parts and size + 1 + part > limit:
+                self._dispatch(parts)
+                parts, size = [], 2
+            parts.append((group.prefix, group.entries))
+            size += part + (1 if len(parts) > 1 else 0)
             self._inflight += len(group.entries)
             group.entries = []
             group.size = 0
-        if batch:
-            self._deliver(batch)
+        if parts:
+            self._dispatch(parts)
 
-    def _deliver(self, batch: list[tuple[bytes, list[bytes]]]) -> None:
-        """Send one request body until it is settled: every entry ends up sent or dropped."""
-        count = sum(len(items) for _, items in batch)
-        attempt = 0
-        while True:
-            outcome = self._post(_body(batch))
-            status = outcome.status
-            if status in (200, 201, 202, 204, 207):
-                self._settle(count)
-                self._counts["sent"] += count
-                self._counts["batches"] += 1
-                if status == 207:
-                    self._warn(
-                        "207", "collector accepted part of a batch: %s", self._errors(outcome)
-                    )
-                return
-            if status == 413:
-                if count > 1:
-                    self._counts["retried"] += count
-                    for half in _split(batch):
-                        self._deliver(half)
-                    return
-                self._drop("too_large", 1)
-                self._warn("413", "collector refused an entry as too large (413); dropped")
-                return
-            if 400 <= status < 500 and status not in (408, 429):
-                self._drop("rejected", count)
+    def _dispatch(self, parts: list[tuple[bytes, list[bytes]]]) -> None:
+        self._seq += 1
+        batch = _Batch(parts, self._seq)
+        if time.monotonic() < self._blocked_until:
+            # The collector is failing: wait with the batches already waiting.
+            batch.due = self._blocked_until
+            self._hold(batch)
+        else:
+            self._attempt(batch)
+
+    def _retry_due(self) -> None:
+        """Try the batches whose retry time has come, oldest due first."""
+        deadline = self._deadline
+        if deadline is not None:
+            # close() is under way: a retry that cannot happen before its bound never will.
+            late = [
+                batch for batch in self._retry if max(batch.due, self._blocked_until) > deadline
+            ]
+            for batch in late:
+                self._retry.remove(batch)
+                self._held -= batch.count
+                self._drops["shutdown"] += batch.count
+            if late:
                 self._warn(
-                    f"http{status}",
-                    "collector rejected a batch of %d entries with %d %s; dropped",
-                    count,
-                    status,
-                    self._errors(outcome),
+                    "shutdown",
+                    "shutdown bound reached: %d queued entries dropped",
+                    sum(batch.count for batch in late),
                 )
+        while self._retry:
+            now = time.monotonic()
+            if now < self._blocked_until:
                 return
-            attempt += 1
-            if attempt > self.retries:
-                self._drop("retries_exhausted", count)
-                self._warn(
-                    "retries_exhausted",
-                    "gave up on %d entries after %d attempts (%s)",
-                    count,
-                    attempt,
-                    outcome.error or f"HTTP {status}",
-                )
+            batch = min(self._retry, key=lambda b: (b.due, b.seq))
+            if batch.due > now:
                 return
-            pause = backoff(attempt, self.retry_backoff, outcome.retry_after)
-            if not self._pause(pause):
-                self._drop("shutdown", count)
-                self._warn("shutdown", "shutdown bound reached: %d queued entries dropped", count)
+            self._retry.remove(batch)
+            self._held -= batch.count
+            self._inflight += batch.count
+            self._attempt(batch)
+
+    def _hold(self, batch: _Batch) -> None:
+        self._inflight = max(0, self._inflight - batch.count)
+        self._retry.append(batch)
+        self._held += batch.count
+
+    def _attempt(self, batch: _Batch) -> None:
+        """One request for ``batch``; a retryable failure holds it for later, never here.
+
+        Other batches keep going out meanwhile, so an isolated 5xx costs no throughput. Two
+        failures in a row mean the collector is down (or a 429 asked us to wait): then every
+        send pauses, with backoff, and the next attempt is a probe.
+        """
+        count = batch.count
+        outcome = self._post(_body(batch.parts))
+        status = outcome.status
+        if status in (200, 201, 202, 204, 207):
+            self._settle(count)
+            self._counts["sent"] += count
+            self._counts["batches"] += 1
+            self._failures = 0
+            self._blocked_until = 0.0
+            if status == 207:
+                self._warn("207", "collector accepted part of a batch: %s", self._errors(outcome))
+            return
+        if status == 413:
+            if count > 1:
+                self._counts["retried"] += count
+                for half in _split(batch.parts):
+                    self._attempt(_Batch(half, batch.seq, batch.attempt))
                 return
-            self._counts["retried"] += count
+            self._drop("too_large", 1)
+            self._warn("413", "collector refused an entry as too large (413); dropped")
+            return
+        if 400 <= status < 500 and status not in (408, 429):
+            self._drop("rejected", count)
+            self._warn(
+                f"http{status}",
+                "collector rejected a batch of %d entries with %d %s; dropped",
+                count,
+                status,
+                self._errors(outcome),
+            )
+            return
+        batch.attempt += 1
+        if batch.attempt > self.retries:
+            self._drop("retries_exhausted", count)
+            self._warn(
+                "retries_exhausted",
+                "gave up on %d entries after %d attempts (%s)",
+                count,
+                batch.attempt,
+                outcome.error or f"HTTP {status}",
+            )
+            return
+        now = time.monotonic()
+        self._failures += 1
+        batch.due = now + backoff(batch.attempt, self.retry_backoff, outcome.retry_after)
+        if self._failures >= 2 or outcome.retry_after is not None:
+            pause = backoff(self._failures, self.retry_backoff, outcome.retry_after)
+            self._blocked_until = max(self._blocked_until, now + pause)
+            batch.due = max(batch.due, self._blocked_until)
+        deadline = self._deadline
+        if deadline is not None and batch.due > deadline:
+            self._drop("shutdown", count)
+            self._warn("shutdown", "shutdown bound reached: %d queued entries dropped", count)
+            return
+        self._counts["retried"] += count
+        self._hold(batch)
 
     def _settle(self, count: int) -> None:
         self._inflight = max(0, self._inflight - count)
@@ -565,15 +672,19 @@ def get_worker(config: Config) -> Worker:
     """The worker for ``config.collector_url`` (created on first use)."""
     worker = _workers.get(config.collector_url)
     if worker is None:
+        created = False
         with _registry_lock:
             worker = _workers.get(config.collector_url)
             if worker is None:
                 worker = _workers[config.collector_url] = Worker(config)
-                logger.debug(
-                    "alf_analytics: worker for %s (token %s)",
-                    config.collector_url,
-                    mask_token(config.service_token),
-                )
+                created = True
+        if created:
+            # Logged outside the lock: a handler that builds a middleware must not deadlock.
+            logger.debug(
+                "alf_analytics: worker for %s (token %s)",
+                config.collector_url,
+                mask_token(config.service_token),
+            )
     return worker
 
 
@@ -625,7 +736,12 @@ def stats() -> dict[str, Any]:
 def _at_exit() -> None:
     global _finalizing
     try:
-        close()
+        if not close():
+            left = stats()["queued"]
+            if left:
+                logger.warning(
+                    "alf_analytics: exiting with %d entries unsent (shutdown_timeout reached)", left
+                )
     finally:
         _finalizing = True
 
