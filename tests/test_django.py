@@ -678,7 +678,7 @@ def _check_server_entries(collector: Collector, responses: dict[str, httpx.Respo
 
 
 GUNICORN = ["gunicorn", "--bind", "fd://{fd}", "--workers", "1", "--graceful-timeout", "10"]
-UVICORN = ["uvicorn", "--fd", "{fd}", "--lifespan", "off", "--no-access-log"]
+UVICORN = ["uvicorn", "--fd", "{fd}", "--lifespan", "on", "--no-access-log"]
 
 
 @pytest.mark.slow
@@ -713,13 +713,8 @@ def test_django_under_uvicorn(collector: Collector) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="uvicorn re-raises SIGTERM with the default handler after shutting down, so atexit "
-    "never runs, and Django rejects the lifespan scope: nothing flushes the queue",
-)
 def test_django_under_uvicorn_flushes_at_sigterm(collector: Collector) -> None:
-    """Entries still queued when uvicorn gets SIGTERM reach the collector."""
+    """Entries still queued when uvicorn gets SIGTERM reach the collector (FlushOnShutdown)."""
     server = Server([*UVICORN, "tests.djangoproject.asgi:application"], server_env(collector.url))
     try:
         server.wait_ready()
