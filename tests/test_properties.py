@@ -14,12 +14,13 @@ import random
 import string
 import tracemalloc
 from typing import Any
+from urllib.parse import parse_qsl
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from alf_analytics import AnalyticsASGIMiddleware, AnalyticsWSGIMiddleware
-from alf_analytics._alf import _ip_literal, alf_envelope, build_entry
+from alf_analytics._alf import _ip_literal, alf_envelope, build_entry, query_pairs
 from alf_analytics._config import make_config
 from alf_analytics._record import Exchange, RequestInfo
 
@@ -335,3 +336,11 @@ def test_random_methods_and_paths_grow_no_state() -> None:
         tracemalloc.stop()
     assert _ip_literal.cache_info().currsize <= 1024
     assert grown < 300_000, f"memory grew by {grown} bytes over 18,000 requests"
+
+
+@PROFILE
+@given(query=st.text(alphabet=st.sampled_from("ab=&%+;2Ez é"), max_size=40) | any_text)
+def test_query_pairs_match_parse_qsl(query: str) -> None:
+    """The builder's fast query parser gives exactly what urllib's parse_qsl gives."""
+    expected = parse_qsl(query, keep_blank_values=True, errors="replace")
+    assert [(p["name"], p["value"]) for p in query_pairs(query)] == expected

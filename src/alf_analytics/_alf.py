@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from functools import lru_cache
 from http import HTTPStatus
 from typing import Any
-from urllib.parse import parse_qsl, quote
+from urllib.parse import quote, unquote_plus
 
 from ._config import REDACTED, Config
 from ._record import Exchange, RawHeader, RequestInfo
@@ -152,13 +152,24 @@ def pairs(headers: Iterable[Any], redact: frozenset[str]) -> tuple[list[dict[str
 
 
 def query_pairs(query: str) -> list[dict[str, str]]:
-    """The query string parsed into pairs, repeats and blank values kept, in order."""
+    """The query string parsed into pairs, repeats and blank values kept, in order.
+
+    The same result as ``parse_qsl(query, keep_blank_values=True, errors="replace")``, with
+    the decoding skipped for the parts that hold nothing to decode (most of them).
+    """
     if not query:
         return []
-    return [
-        {"name": name, "value": value}
-        for name, value in parse_qsl(query, keep_blank_values=True, errors="replace")
-    ]
+    out = []
+    for part in query.split("&"):
+        if not part:
+            continue
+        name, _, value = part.partition("=")
+        if "%" in name or "+" in name:
+            name = unquote_plus(name, errors="replace")
+        if "%" in value or "+" in value:
+            value = unquote_plus(value, errors="replace")
+        out.append({"name": name, "value": value})
+    return out
 
 
 def _ip(value: str | None) -> str | None:

@@ -31,6 +31,8 @@ __all__ = ["AnalyticsWSGIMiddleware"]
 logger = logging.getLogger("alf_analytics")
 
 _DEFAULT_PORTS = {"http": "80", "https": "443"}
+#: ``HTTP_X_REQUEST_ID`` -> ``x-request-id``, for the header names seen so far.
+_HEADER_NAMES: dict[str, str] = {}
 
 
 class AnalyticsWSGIMiddleware:
@@ -251,7 +253,12 @@ def read_environ(environ: WSGIEnvironment) -> RequestInfo:
     headers: list[tuple[str, str]] = []
     for key, value in environ.items():
         if key.startswith("HTTP_") and isinstance(value, str):
-            headers.append((key[5:].replace("_", "-").lower(), value))
+            name = _HEADER_NAMES.get(key)
+            if name is None:
+                name = key[5:].replace("_", "-").lower()
+                if len(_HEADER_NAMES) < 1024:  # bounded: clients choose header names
+                    _HEADER_NAMES[key] = name
+            headers.append((name, value))
     for key, name in (("CONTENT_TYPE", "content-type"), ("CONTENT_LENGTH", "content-length")):
         value = get(key)
         if value and isinstance(value, str):
