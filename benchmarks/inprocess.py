@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import gc
 import io
 import json
@@ -47,6 +48,8 @@ from common import (
 from variants import Unavailable, Wrapped, build, events_per_request
 
 perf_ns = time.perf_counter_ns
+# Longer than any peer's batching delay once flushed (moesifwsgi cuts a batch within 2 s).
+STALL_S = 4.0
 
 
 def expected_body_len(sc: Scenario) -> int:
@@ -294,22 +297,33 @@ class Runner:
 
 
 def wait_delivered(
-    sink: SinkClient, target_events: int, timeout: float
+    sink: SinkClient, target_events: int, timeout: float, reflush: Callable[[], None]
 ) -> tuple[float, tuple[int, int, int], bool]:
     """Poll the sink (backing off) until ``target_events`` arrived.
 
+    While something is missing the variant is asked to flush again every second, as its
+    own timer would.  Gives up when nothing more arrived for ``STALL_S`` seconds: a peer
+    that dropped events (apitally's span queue drops the oldest when full) never catches up.
     Returns the process CPU time read just before the poll that saw everything (so the
     polls after the data arrived are not charged), the sink totals, and success.
     """
     deadline = time.monotonic() + timeout
+    last_flush = last_change = time.monotonic()
+    last_count = -1
     pause = 0.005
     while True:
         cpu = time.process_time()
         totals = sink.totals()
         if totals[2] >= target_events:
             return cpu, totals, True
-        if time.monotonic() > deadline:
+        now = time.monotonic()
+        if totals[2] != last_count:
+            last_count, last_change = totals[2], now
+        if now > deadline or now - last_change > STALL_S:
             return cpu, totals, False
+        if now - last_flush >= 1.0:
+            reflush()
+            last_flush = time.monotonic()
         time.sleep(pause)
         pause = min(pause * 1.5, 0.2)
 
@@ -355,8 +369,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         pre = sink.totals()
         runner.many(args.warmup)
         runner.call_soon(wrapped.flush)
+        reflush = functools.partial(runner.call_soon, wrapped.flush)
         if per_req:
-            wait_delivered(sink, pre[2] + per_req * args.warmup, args.deliver_timeout)
+            wait_delivered(sink, pre[2] + per_req * args.warmup, args.deliver_timeout, reflush)
         base = sink.totals()
 
         gc.collect()
@@ -367,7 +382,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         runner.call_soon(wrapped.flush)
         target = base[2] + per_req * args.requests
         if per_req:
-            cpu_end, totals, complete = wait_delivered(sink, target, args.deliver_timeout)
+            cpu_end, totals, complete = wait_delivered(sink, target, args.deliver_timeout, reflush)
         else:
             cpu_end, totals, complete = time.process_time(), sink.totals(), True
         wait_s = time.perf_counter() - t_flush

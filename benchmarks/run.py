@@ -13,14 +13,17 @@ built by benchmarks/setup.sh), all sending to one loopback sink:
    missed.
 
 It prints the report and writes it to BENCHMARKS.md at the repository root (``--quick``
-writes benchmarks/results/BENCHMARKS-quick.md instead, so a smoke run never replaces real
-figures), with the raw results as JSON in benchmarks/results/.
+writes benchmarks/results/BENCHMARKS-quick-<date>.md instead, so a smoke run never
+replaces real figures), with the raw results as JSON in benchmarks/results/.  Only one run
+at a time: a second one waits for the first (two would measure each other).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
+import fcntl
 import importlib.metadata
 import json
 import os
@@ -405,13 +408,30 @@ def meta(
     }
 
 
+@contextlib.contextmanager
+def exclusive_run() -> Any:
+    """One benchmark at a time on this machine: two at once would measure each other."""
+    os.makedirs(RESULTS, exist_ok=True)
+    with open(os.path.join(RESULTS, ".lock"), "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            say("another benchmark run is in progress on this machine; waiting for it")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def main() -> int:
+    with exclusive_run():
+        return run()
+
+
+def run() -> int:
     args = parse_args()
     if not os.path.realpath(sys.prefix).startswith(os.path.realpath(os.path.join(HERE, ".venv"))):
         say("note: run.py expects benchmarks/.venv (benchmarks/setup.sh builds it)")
     plan = QUICK if args.quick else FULL
-    tag = "quick" if args.quick else "full"
-    os.makedirs(RESULTS, exist_ok=True)
+    tag = ("quick" if args.quick else "full") + dt.datetime.now().strftime("-%Y%m%d-%H%M%S")
     log_path = os.path.join(RESULTS, f"{tag}.log")
     open(log_path, "w").close()
     notes: list[str] = []
@@ -437,7 +457,7 @@ def main() -> int:
     with open(os.path.join(RESULTS, f"{tag}.json"), "w") as f:
         json.dump(results, f, indent=1)
     text = report.render(results)
-    default = os.path.join(RESULTS, "BENCHMARKS-quick.md") if args.quick else None
+    default = os.path.join(RESULTS, f"BENCHMARKS-{tag}.md") if args.quick else None
     out = args.out or default or os.path.join(ROOT, "BENCHMARKS.md")
     with open(out, "w") as f:
         f.write(text)
