@@ -163,8 +163,8 @@ class Worker:
 
     def submit(self, exchange: Exchange) -> bool:
         """Hand an exchange over without blocking. False when it had to be dropped."""
-        if self._pid != os.getpid():
-            self._reset()
+        # No pid check here: os.register_at_fork resets the worker in a forked child, and a
+        # getpid() system call per request is measurable.
         next(self._captured)
         if not self._running and not self._start():
             next(self._refused)
