@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: help install demo test lint types pytest pytest-fast slow soak bench clean
+.PHONY: help install demo test lint types pytest soak bench clean
 
 help:
 	@echo "make demo   - start a collector, run the example apps under real servers, print a summary"
@@ -34,6 +34,13 @@ test: lint types pytest
 
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py
+
+bench:
+	bash benchmarks/setup.sh
+	benchmarks/.venv/bin/python benchmarks/run.py
+
+soak: $(STAMP)
+	$(BIN)/python scripts/soak.py --minutes 10 --framework all
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .demo
