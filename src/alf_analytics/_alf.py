@@ -129,26 +129,48 @@ def build_url(info: RequestInfo) -> str:
     return url
 
 
+#: (redaction set) -> {(raw name, raw value): (ALF pair, wire size)}. Most headers repeat from
+#: request to request (host, accept, user-agent, content-type...): an entry reuses the pair
+#: objects (they are never mutated). Cleared when full, so it stays bounded.
+_PAIR_CACHE: dict[frozenset[str], dict[tuple[Any, Any], tuple[dict[str, str], int]]] = {}
+_PAIR_CACHE_SIZE = 4096
+
+
 def pairs(headers: Iterable[Any], redact: frozenset[str]) -> tuple[list[dict[str, str]], int]:
     """Headers as ALF name/value pairs (repeats kept, names lower-cased) and their wire size."""
+    cache = _PAIR_CACHE.get(redact)
+    if cache is None:
+        cache = _PAIR_CACHE[redact] = {}
     out = []
     size = 0
     for raw_name, raw_value in headers:
-        # Fast path for the common case: ASCII names and values (bytes from ASGI, str from WSGI).
-        if raw_name.isascii() and raw_value.isascii():
-            size += len(raw_name) + len(raw_value) + 4  # ": " and CRLF
-            if isinstance(raw_name, bytes):
-                name = raw_name.decode("ascii").lower()
-                value = raw_value.decode("ascii")
-            else:
-                name = raw_name.lower()
-                value = raw_value
-        else:
-            size += wire_length(raw_name) + wire_length(raw_value) + 4
-            name = text(raw_name).lower()
-            value = text(raw_value)
-        out.append({"name": name, "value": REDACTED if name in redact else value})
+        key = (raw_name, raw_value)
+        known = cache.get(key)
+        if known is None:
+            known = _pair(raw_name, raw_value, redact)
+            if len(cache) >= _PAIR_CACHE_SIZE:
+                cache.clear()
+            cache[key] = known
+        out.append(known[0])
+        size += known[1]
     return out, size
+
+
+def _pair(raw_name: Any, raw_value: Any, redact: frozenset[str]) -> tuple[dict[str, str], int]:
+    # Fast path for the common case: ASCII names and values (bytes from ASGI, str from WSGI).
+    if raw_name.isascii() and raw_value.isascii():
+        size = len(raw_name) + len(raw_value) + 4  # ": " and CRLF
+        if isinstance(raw_name, bytes):
+            name = raw_name.decode("ascii").lower()
+            value = raw_value.decode("ascii")
+        else:
+            name = raw_name.lower()
+            value = raw_value
+    else:
+        size = wire_length(raw_name) + wire_length(raw_value) + 4
+        name = text(raw_name).lower()
+        value = text(raw_value)
+    return {"name": name, "value": REDACTED if name in redact else value}, size
 
 
 def query_pairs(query: str) -> list[dict[str, str]]:
