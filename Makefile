@@ -35,9 +35,10 @@ test: lint types pytest
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py
 
+# make bench BENCH_ARGS=--quick for a ~2-minute smoke run (written under benchmarks/results/).
 bench:
-	bash benchmarks/setup.sh
-	benchmarks/.venv/bin/python benchmarks/run.py
+	PYTHON=$(PYTHON) bash benchmarks/setup.sh
+	benchmarks/.venv/bin/python benchmarks/run.py $(BENCH_ARGS)
 
 soak: $(STAMP)
 	$(BIN)/python scripts/soak.py --minutes 10 --framework all
