@@ -771,7 +771,10 @@ def finalizer(phase, info):
     # collection of each start is skipped: it comes before the start is under way.
     if phase != "start" or len(made) >= 100:
         return
-    frame = sys._getframe(1)
+    try:
+        frame = sys._getframe(1)
+    except ValueError:  # a collection with no Python frame above it (seen on 3.10)
+        return
     while frame is not None and frame.f_code is not _worker.Worker._start.__code__:
         frame = frame.f_back
     if frame is None:
