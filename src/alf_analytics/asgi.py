@@ -94,16 +94,18 @@ class AnalyticsASGIMiddleware:
                 return
             message_type = message["type"]
             if message_type == "http.response.body":
+                # Forward first, count after: the chunk reaches the client without waiting for
+                # its capture, and a chunk the server could not send is not counted as sent.
+                await send(message)
                 body = message.get("body")
                 if body:
                     exchange.response_data(body)
                 if not message.get("more_body", False):
-                    await send(message)
                     # The response is complete: background tasks that run after this point
                     # must not count as response time.
                     done = True
                     _finish(exchange, worker)
-                    return
+                return
             elif message_type == "http.response.start":
                 exchange.t_response = perf_counter()
                 exchange.status = message.get("status", 0)
