@@ -267,9 +267,7 @@ def _content_type(headers: Sequence[RawHeader]) -> str:
     return OCTET_STREAM
 
 
-def _body(
-    captured: bytearray | None, size: int, headers: Sequence[RawHeader]
-) -> dict[str, str] | None:
+def _body(captured: bytearray | None, headers: Sequence[RawHeader]) -> dict[str, str] | None:
     if captured is None or not captured:
         return None
     return {
@@ -333,7 +331,7 @@ def build_entry(exchange: Exchange) -> dict[str, Any]:
         "bodyCaptured": request_complete,
         "bodySize": request_size,
     }
-    post_data = _body(exchange.request_body, request_size, info.headers)
+    post_data = _body(exchange.request_body, info.headers)
     if post_data is not None:
         request["postData"] = post_data
 
@@ -346,7 +344,7 @@ def build_entry(exchange: Exchange) -> dict[str, Any]:
         "bodyCaptured": response_complete,
         "bodySize": response_size,
     }
-    content = _body(response_body, response_size, exchange.response_headers)
+    content = _body(response_body, exchange.response_headers)
     if content is not None:
         response["content"] = content
 

@@ -88,6 +88,16 @@ class Exchange:
         #: Set when the response is passed through unobserved (a file wrapper).
         self.response_content_length: int | None = None
 
+    def length_from_headers(self) -> None:
+        """Take the response size from Content-Length when the body passes by unobserved."""
+        for name, value in self.response_headers:
+            if name.lower() in ("content-length", b"content-length"):
+                try:
+                    self.response_content_length = int(value)
+                except ValueError:
+                    pass
+                return
+
     def request_data(self, chunk: bytes | memoryview) -> None:
         """Count (and capture, up to the cap) request body bytes as the app reads them."""
         self.request_body_size += len(chunk)
@@ -195,8 +205,3 @@ class InputTee:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)
-
-
-def now() -> float:
-    """The monotonic clock every timing mark uses."""
-    return perf_counter()

@@ -154,7 +154,7 @@ class Worker:
         self._captured = itertools.count()
         self._queue_full = itertools.count()
         self._refused = itertools.count()
-        self._counts = dict.fromkeys(("dequeued", "sent", "retried", "batches", "requests"), 0)
+        self._counts = dict.fromkeys(("sent", "retried", "batches", "requests"), 0)
         self._drops = dict.fromkeys(DROP_REASONS, 0)
         self._logged: dict[str, float] = {}
         self._crashes = 0
@@ -400,7 +400,6 @@ class Worker:
         return min(pending) - time.monotonic()
 
     def _add(self, exchange: Exchange) -> None:
-        self._counts["dequeued"] += 1
         self._inflight += 1
         try:
             data = _dumps(build_entry(exchange))
@@ -611,6 +610,15 @@ class Worker:
             return
         self._logged[key] = now
         logger.warning("alf_analytics (%s): " + message, self.collector_url, *args)
+
+
+def hand_over(worker: Any, exchange: Exchange) -> None:
+    """The adapters' last step: stamp the end and queue the exchange; never raise."""
+    exchange.t_end = time.perf_counter()
+    try:
+        worker.submit(exchange)
+    except Exception:  # defensive: an agent failure must never reach the host app
+        logger.exception("alf_analytics: could not queue an entry")
 
 
 def backoff(attempt: int, base: float, retry_after: float | None = None) -> float:

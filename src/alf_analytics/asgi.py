@@ -23,7 +23,7 @@ from urllib.parse import quote
 
 from ._config import Config, make_config
 from ._record import Exchange, RequestInfo
-from ._worker import Worker, flush, get_worker
+from ._worker import Worker, flush, get_worker, hand_over
 
 __all__ = ["AnalyticsASGIMiddleware", "FlushOnShutdown"]
 
@@ -104,7 +104,7 @@ class AnalyticsASGIMiddleware:
                     # The response is complete: background tasks that run after this point
                     # must not count as response time.
                     done = True
-                    _finish(exchange, worker)
+                    hand_over(worker, exchange)
                 return
             elif message_type == "http.response.start":
                 exchange.t_response = perf_counter()
@@ -113,8 +113,8 @@ class AnalyticsASGIMiddleware:
             elif message_type == "http.response.pathsend":
                 await send(message)
                 done = True
-                _content_length_from_headers(exchange)
-                _finish(exchange, worker)
+                exchange.length_from_headers()
+                hand_over(worker, exchange)
                 return
             await send(message)
 
@@ -125,11 +125,11 @@ class AnalyticsASGIMiddleware:
                 done = True
                 if not exchange.t_response:
                     exchange.status = 500
-                _finish(exchange, worker)
+                hand_over(worker, exchange)
             raise
         if not done:
             # The app returned without completing its response (client gone, or a bug).
-            _finish(exchange, worker)
+            hand_over(worker, exchange)
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         await _lifespan_with_flush(
@@ -213,23 +213,6 @@ async def _flush_off_loop(flush_queued: Callable[[float], bool], timeout: float)
         await anyio.to_thread.run_sync(flush_queued, timeout)
     except Exception:  # never let our flush break the server's shutdown
         logger.warning("alf_analytics: flush at lifespan shutdown failed", exc_info=True)
-
-
-def _finish(exchange: Exchange, worker: Worker) -> None:
-    exchange.t_end = perf_counter()
-    try:
-        worker.submit(exchange)
-    except Exception:  # never break the host app
-        logger.exception("alf_analytics: could not queue an entry")
-
-
-def _content_length_from_headers(exchange: Exchange) -> None:
-    for name, value in exchange.response_headers:
-        if name.lower() == b"content-length":
-            try:
-                exchange.response_content_length = int(value)
-            except ValueError:
-                pass
 
 
 def _latin1(value: Any) -> str:

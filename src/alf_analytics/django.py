@@ -27,7 +27,7 @@ from django.http.response import HttpResponseBase, StreamingHttpResponse
 
 from ._config import Config, make_config
 from ._record import Exchange, InputTee
-from ._worker import Worker, get_worker
+from ._worker import Worker, get_worker, hand_over
 from .wsgi import read_environ
 
 __all__ = ["AnalyticsMiddleware"]
@@ -134,9 +134,7 @@ class AnalyticsMiddleware:
         if isinstance(response, FileResponse) and not exchange.config.log_body:
             # Keep file_to_stream so WSGI servers can use sendfile; the size comes from
             # Content-Length, set by FileResponse.
-            length = response.get("Content-Length")
-            if length is not None and length.isdigit():
-                exchange.response_content_length = int(length)
+            exchange.length_from_headers()
             exchange.t_response = perf_counter()
             return
         content = response.streaming_content
@@ -146,13 +144,8 @@ class AnalyticsMiddleware:
             response.streaming_content = _observe_sync(content, exchange)
 
     def _finish(self, exchange: Exchange) -> None:
-        if exchange.t_end:
-            return
-        exchange.t_end = perf_counter()
-        try:
-            self._worker.submit(exchange)
-        except Exception:  # pragma: no cover - defensive: never break the host app
-            logger.exception("alf_analytics: could not queue an entry")
+        if not exchange.t_end:  # Django may close a response twice
+            hand_over(self._worker, exchange)
 
 
 def _observe_sync(chunks: Iterator[bytes], exchange: Exchange) -> Iterator[bytes]:

@@ -20,7 +20,7 @@ from urllib.parse import unquote_to_bytes
 
 from ._config import Config, make_config
 from ._record import Exchange, InputTee, RequestInfo
-from ._worker import Worker, get_worker
+from ._worker import Worker, get_worker, hand_over
 
 if TYPE_CHECKING:
     from _typeshed import OptExcInfo
@@ -183,24 +183,14 @@ class _Responder:
         exchange = self.exchange
         # The agent never sees these bytes: the entry must not claim it captured the body.
         exchange.response_body = None
-        for name, value in exchange.response_headers:
-            if name.lower() == "content-length":
-                try:
-                    exchange.response_content_length = int(value)
-                except ValueError:
-                    pass
+        exchange.length_from_headers()
         self._finish()
 
     def _finish(self) -> None:
         if self._done:
             return
         self._done = True
-        exchange = self.exchange
-        exchange.t_end = perf_counter()
-        try:
-            self._worker.submit(exchange)
-        except Exception:  # pragma: no cover - defensive: never break the host app
-            logger.exception("alf_analytics: could not queue an entry")
+        hand_over(self._worker, self.exchange)
 
 
 def _server_ip(environ: WSGIEnvironment) -> str | None:
