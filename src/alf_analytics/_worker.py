@@ -383,12 +383,7 @@ class Worker:
             if wait > 0 and not self._pause(wait):
                 break
             self._retry_due()
-        left = sum(batch.count for batch in self._retry)
-        if left:
-            self._retry.clear()
-            self._held = 0
-            self._drops["shutdown"] += left
-            self._warn("shutdown", "shutdown bound reached: %d queued entries dropped", left)
+        self._give_up(list(self._retry))
         self._answer_flushes()
 
     def _next_due(self) -> float | None:
@@ -474,16 +469,7 @@ class Worker:
             late = [
                 batch for batch in self._retry if max(batch.due, self._blocked_until) > deadline
             ]
-            for batch in late:
-                self._retry.remove(batch)
-                self._held -= batch.count
-                self._drops["shutdown"] += batch.count
-            if late:
-                self._warn(
-                    "shutdown",
-                    "shutdown bound reached: %d queued entries dropped",
-                    sum(batch.count for batch in late),
-                )
+            self._give_up(late)
         while self._retry:
             now = time.monotonic()
             if now < self._blocked_until:
@@ -495,6 +481,16 @@ class Worker:
             self._held -= batch.count
             self._inflight += batch.count
             self._attempt(batch)
+
+    def _give_up(self, batches: list[_Batch]) -> None:
+        """Drop held batches that close()'s bound leaves no time to retry."""
+        count = sum(batch.count for batch in batches)
+        for batch in batches:
+            self._retry.remove(batch)
+            self._held -= batch.count
+        if count:
+            self._drops["shutdown"] += count
+            self._warn("shutdown", "shutdown bound reached: %d queued entries dropped", count)
 
     def _hold(self, batch: _Batch) -> None:
         self._inflight = max(0, self._inflight - batch.count)
