@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: help install demo test lint types pytest soak bench clean
+.PHONY: help install system-deps demo test lint types pytest soak bench clean
 
 help:
 	@echo "make demo   - start a collector, run the example apps under real servers, print a summary"
@@ -20,6 +20,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Chromium and PostgreSQL from Debian, for the browser and PostgreSQL tests (apt-get when root).
+system-deps:
+	bash scripts/system-deps.sh
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -27,7 +31,7 @@ lint: $(STAMP)
 types: $(STAMP)
 	$(BIN)/mypy
 
-pytest: $(STAMP)
+pytest: $(STAMP) system-deps
 	$(BIN)/pytest
 
 test: lint types pytest
