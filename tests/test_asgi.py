@@ -1170,7 +1170,7 @@ async def test_repeated_headers_are_kept(anyio_backend: str, collector: Collecto
 
     headers = [(b"host", b"testserver"), (b"accept", b"text/html"), (b"accept", b"*/*")]
     server = Server()
-    await analytics(app, collector, redact_headers=[])(
+    await analytics(app, collector, default_redactions=False)(
         http_scope(headers=headers), server.receive, server.send
     )
 

@@ -45,7 +45,14 @@ def test_defaults_match_the_documented_values() -> None:
     assert config.log_body is False
     assert (config.batch_size, config.delay) == (100, 2.0)
     assert config.max_batch_bytes == 1_000_000
-    assert config.redact_headers == {"authorization", "proxy-authorization", "cookie", "set-cookie"}
+    assert config.redact_headers == {
+        "authorization",
+        "proxy-authorization",
+        "cookie",
+        "set-cookie",
+        "x-api-key",
+        "x-auth-token",
+    }
     assert config.trusted_proxies == ()
     assert config.group == (TOKEN, None)
 
@@ -97,7 +104,7 @@ INVALID = [
         {"collector_url": "http://h/?a=1"}, ValueError, ["collector_url", "query"], id="url-query"
     ),
     pytest.param({"collector_url": 8700}, TypeError, ["collector_url", "int"], id="int-url"),
-    pytest.param({"log_body": "yes"}, TypeError, ["log_body", "str"], id="str-log-body"),
+    pytest.param({"log_body": "yes"}, ValueError, ["log_body='yes'", "request"], id="str-log-body"),
     pytest.param({"log_body": 1}, TypeError, ["log_body", "int"], id="int-log-body"),
     pytest.param({"environment": 5}, TypeError, ["environment", "int"], id="int-environment"),
     pytest.param(
@@ -204,7 +211,7 @@ def test_bad_collector_url_from_environment_names_the_option(
 ) -> None:
     """A bad ALF_COLLECTOR_URL fails like a bad keyword, naming collector_url."""
     monkeypatch.setenv("ALF_COLLECTOR_URL", "gopher://old.example")
-    with pytest.raises(ValueError, match=r"collector_url='gopher://old\.example'"):
+    with pytest.raises(ValueError, match=r"ALF_COLLECTOR_URL='gopher://old\.example' \(the environment variable for option collector_url\)"):
         make_config({"service_token": TOKEN})
 
 
@@ -232,7 +239,7 @@ def test_log_body_from_environment(
 def test_log_body_garbage_in_environment_is_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
     """An ALF_LOG_BODY that is neither true nor false raises, naming log_body and the value."""
     monkeypatch.setenv("ALF_LOG_BODY", "maybe")
-    with pytest.raises(ValueError, match=r"log_body='maybe'"):
+    with pytest.raises(ValueError, match=r"ALF_LOG_BODY='maybe' \(the environment variable for option log_body\)"):
         make_config({"service_token": TOKEN})
 
 
@@ -286,7 +293,8 @@ def test_redact_headers_and_trusted_proxies_are_normalised() -> None:
             "trusted_proxies": ["10.0.0.1", "192.168.0.0/16", "::1"],
         }
     )
-    assert config.redact_headers == {"x-api-key", "authorization"}
+    # Given names add to the defaults: extending never drops Authorization or Cookie.
+    assert config.redact_headers == DEFAULT_REDACT_HEADERS | {"x-api-key", "authorization"}
     assert config.trusted_proxies == (
         ipaddress.ip_network("10.0.0.1/32"),
         ipaddress.ip_network("192.168.0.0/16"),

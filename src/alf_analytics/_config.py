@@ -1,180 +1,562 @@
-"""Configuration: every option, its default, its environment fallback and its validation.
+"""Configuration: every option, its default, its environment variable and its validation.
 
 All validation happens here, once, when a middleware is constructed; the request path only
-reads the frozen :class:`Config`.
+reads the frozen :class:`Config`. The option names and types are defined once, in
+:class:`alf_analytics._options.Options`; every option ``name`` can also come from the
+environment variable ``ALF_<NAME>`` (lists comma-separated, booleans ``true``/``false``,
+callables never), and an explicit argument always wins.
 """
 
 from __future__ import annotations
 
+import inspect
 import ipaddress
+import logging
 import math
 import os
-from collections.abc import Iterable, Mapping
+import re
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-DEFAULT_COLLECTOR_URL = "https://collector.galileo.mashape.com"
-DEFAULT_REDACT_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "set-cookie"})
-REDACTED = "[REDACTED]"
+from ._options import OPTION_NAMES, ClientIP, ForwardedHeader, LogBody, Request
 
-#: Option name -> environment variable consulted when the option is not given.
-ENV_VARS = {
-    "service_token": "ALF_SERVICE_TOKEN",
-    "environment": "ALF_ENVIRONMENT",
-    "collector_url": "ALF_COLLECTOR_URL",
-    "log_body": "ALF_LOG_BODY",
-}
+__all__ = [
+    "DEFAULT_COLLECTOR_URL",
+    "DEFAULT_LOG_BODY_TYPES",
+    "DEFAULT_REDACT_BODY_KEYS",
+    "DEFAULT_REDACT_HEADERS",
+    "DEFAULT_REDACT_HEADER_SUBSTRINGS",
+    "DEFAULT_REDACT_QUERY",
+    "ENV_VARS",
+    "OPTION_NAMES",
+    "REDACTED",
+    "Config",
+    "make_config",
+    "mask_token",
+    "mask_url",
+]
+
+logger = logging.getLogger("alf_analytics")
+
+#: Where ``alf-analytics collector`` listens by default: entries never go to a third party
+#: unless ``collector_url`` says so.
+DEFAULT_COLLECTOR_URL = "http://127.0.0.1:8700"
+DEFAULT_REDACT_HEADERS = frozenset(
+    {"authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key", "x-auth-token"}
+)
+#: A header whose (lower-cased) name contains one of these is redacted too.
+DEFAULT_REDACT_HEADER_SUBSTRINGS = frozenset(
+    {"token", "secret", "password", "passwd", "api-key", "apikey", "session"}
+)
+DEFAULT_REDACT_QUERY = frozenset(
+    {
+        "token",
+        "access_token",
+        "api_key",
+        "apikey",
+        "key",
+        "password",
+        "secret",
+        "signature",
+        "sig",
+        "code",
+        "session",
+    }
+)
+DEFAULT_REDACT_BODY_KEYS = frozenset(
+    {
+        "password",
+        "passwd",
+        "pwd",
+        "secret",
+        "client_secret",
+        "token",
+        "access_token",
+        "refresh_token",
+        "id_token",
+        "api_key",
+        "apikey",
+        "private_key",
+        "authorization",
+        "card_number",
+        "cvv",
+        "cvc",
+        "ssn",
+    }
+)
+#: Bodies of these content types are captured when ``log_body`` asks for them. ``type/*`` and
+#: ``*/*`` match any subtype, ``application/*+json`` any structured-syntax suffix.
+#: ``text/event-stream`` is never matched by a wildcard: list it to capture event streams.
+DEFAULT_LOG_BODY_TYPES = (
+    "application/json",
+    "application/*+json",
+    "application/x-www-form-urlencoded",
+    "application/xml",
+    "application/*+xml",
+    "text/*",
+)
+REDACTED = "[REDACTED]"
+#: Room left in a batch for the rest of an entry (URL, headers, timings) beside its bodies.
+ENTRY_OVERHEAD = 8192
+
+#: Option name -> the environment variable read when the option is not given.
+ENV_VARS = {name: f"ALF_{name.upper()}" for name in sorted(OPTION_NAMES)}
+#: Options that cannot come from the environment (they are Python callables).
+_CALLABLE_ONLY = frozenset({"skip", "identify", "before_send"})
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+_ENDPOINT_SUFFIX = re.compile(r"/1\.[01]\.0/(?:single|batch)$")
+_NEVER_BY_WILDCARD = frozenset({"text/event-stream"})
 
 
-def mask_token(token: str) -> str:
+def mask_token(token: object) -> str:
     """Show a service token in messages without disclosing it."""
+    if not isinstance(token, str):
+        return "<per-request>" if callable(token) else "<none>"
     if len(token) <= 8:
         return "***"
     return f"***{token[-4:]}"
 
 
+def mask_url(url: str) -> str:
+    """A URL fit for logs and thread names: credentials in it replaced by ``***``."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    netloc, slash, path = rest.partition("/")
+    if "@" in netloc:
+        netloc = "***@" + netloc.rpartition("@")[2]
+    return f"{scheme}://{netloc}{slash}{path}"
+
+
+def _shown_token(value: object) -> str:
+    if isinstance(value, str):
+        return repr(mask_token(value))
+    if value is None:
+        return "None"
+    if callable(value):
+        return f"<function {getattr(value, '__qualname__', type(value).__name__)}>"
+    return f"<{type(value).__name__}>"
+
+
 @dataclass(frozen=True, eq=False)
 class Config:
-    """The validated options of one middleware instance. Build it with :func:`make_config`."""
+    """The validated options of one middleware instance. Build it with :func:`make_config`.
 
-    service_token: str
-    environment: str | None = None
+    Redaction sets are the effective ones (defaults included unless
+    ``default_redactions=False``), lower-cased.
+    """
+
+    service_token: str | Callable[[Request], str | None] | None = None
+    environment: str | Callable[[Request], str | None] | None = None
     collector_url: str = DEFAULT_COLLECTOR_URL
-    log_body: bool = False
+    require_token: bool = True
+    enabled: bool = True
+    log_body: LogBody = False
+    log_body_types: tuple[str, ...] = DEFAULT_LOG_BODY_TYPES
+    max_body_bytes: int = 65_536
+    skip_paths: tuple[str | re.Pattern[str], ...] = ()
+    skip_methods: frozenset[str] = frozenset()
+    skip: Callable[[Request], bool] | None = None
+    sample_rate: float = 1.0
+    identify: Callable[[Request], str | None] | None = None
+    redact_headers: frozenset[str] = DEFAULT_REDACT_HEADERS
+    redact_header_substrings: frozenset[str] = DEFAULT_REDACT_HEADER_SUBSTRINGS
+    redact_query: frozenset[str] = DEFAULT_REDACT_QUERY
+    redact_body_keys: frozenset[str] = DEFAULT_REDACT_BODY_KEYS
+    default_redactions: bool = True
+    client_ip: ClientIP = "full"
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+    forwarded_header: ForwardedHeader = "x-forwarded-for"
+    before_send: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None
     batch_size: int = 100
     delay: float = 2.0
     max_batch_bytes: int = 1_000_000
-    max_body_bytes: int = 65_536
     queue_size: int = 10_000
+    max_queue_bytes: int = 64 * 1024 * 1024
+    max_inflight: int = 4
     timeout: float = 10.0
     retries: int = 5
     retry_backoff: float = 1.0
     shutdown_timeout: float = 5.0
-    redact_headers: frozenset[str] = DEFAULT_REDACT_HEADERS
-    trusted_proxies: tuple[IPNetwork, ...] = ()
-    #: ``(service_token, environment)``: entries are batched per group, never mixed.
+    debug: bool = False
+
+    #: False when the middleware passes everything through (``enabled=False``, or no token
+    #: with ``require_token=False``): no worker, no entry, one log line at construction.
+    active: bool = field(init=False)
+    log_request_body: bool = field(init=False)
+    log_response_body: bool = field(init=False)
+    #: ``(service_token, environment)`` when both are static strings (or no environment).
+    #: With a per-request callable the adapter resolves the group per request: use
+    #: ``exchange.group``, which is always right.
     group: tuple[str, str | None] = field(init=False)
+    #: True when a request must be looked at before deciding to record it.
+    has_skip_rules: bool = field(init=False)
+    _skip_exact: frozenset[str] = field(init=False, repr=False)
+    _skip_prefixes: tuple[str, ...] = field(init=False, repr=False)
+    _skip_patterns: tuple[re.Pattern[str], ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "group", (self.service_token, self.environment))
+        def put(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
+
+        put("active", self.enabled and self.service_token is not None)
+        put("log_request_body", self.log_body in (True, "request"))
+        put("log_response_body", self.log_body in (True, "response"))
+        token = self.service_token if isinstance(self.service_token, str) else ""
+        environment = self.environment if isinstance(self.environment, str) else None
+        put("group", (token, environment))
+        exact, prefixes, patterns = set(), [], []
+        for rule in self.skip_paths:
+            if isinstance(rule, re.Pattern):
+                patterns.append(rule)
+            elif rule.endswith("*"):
+                prefixes.append(rule[:-1])
+            else:
+                exact.add(rule)
+        put("_skip_exact", frozenset(exact))
+        put("_skip_prefixes", tuple(prefixes))
+        put("_skip_patterns", tuple(patterns))
+        put("has_skip_rules", bool(self.skip_paths or self.skip_methods or self.skip))
 
     def __repr__(self) -> str:
         return (
-            f"Config(service_token={mask_token(self.service_token)!r}, "
-            f"environment={self.environment!r}, collector_url={self.collector_url!r})"
+            f"Config(service_token={_shown_token(self.service_token)}, "
+            f"environment={self.environment!r}, collector_url={mask_url(self.collector_url)!r}, "
+            f"enabled={self.enabled!r})"
         )
 
+    def skips_path(self, path: str) -> bool:
+        """Whether ``skip_paths`` excludes this (decoded) request path."""
+        if path in self._skip_exact:
+            return True
+        for prefix in self._skip_prefixes:
+            if path.startswith(prefix):
+                return True
+        for pattern in self._skip_patterns:
+            if pattern.search(path):
+                return True
+        return False
 
-def _bad(name: str, value: object, expected: str) -> ValueError:
-    shown = mask_token(value) if name == "service_token" and isinstance(value, str) else value
-    return ValueError(f"alf_analytics: option {name}={shown!r} is invalid: {expected}")
+    def body_type_allowed(self, content_type: str | bytes | None) -> bool:
+        """Whether a body of this ``Content-Type`` may be captured (``log_body_types``)."""
+        if content_type is None:
+            return False
+        if isinstance(content_type, bytes):
+            content_type = content_type.decode("latin-1")
+        mime = content_type.partition(";")[0].strip().lower()
+        if not mime:
+            return False
+        major, _, minor = mime.partition("/")
+        for pattern in self.log_body_types:
+            if pattern == mime:
+                return True
+            if mime in _NEVER_BY_WILDCARD:
+                continue
+            p_major, _, p_minor = pattern.partition("/")
+            if p_major not in ("*", major):
+                continue
+            if p_minor == "*":
+                return True
+            if p_minor.startswith("*") and minor.endswith(p_minor[1:]):
+                return True
+        return False
 
 
-def _check_type(name: str, value: object, types: type | tuple[type, ...], expected: str) -> None:
+# -- validation --------------------------------------------------------------------------------
+
+
+class _Source:
+    """Where a value came from: an explicit option, or an environment variable (named)."""
+
+    __slots__ = ("name", "variable")
+
+    def __init__(self, name: str, variable: str | None) -> None:
+        self.name = name
+        self.variable = variable
+
+    def label(self, value: object) -> str:
+        shown = _shown_token(value) if self.name == "service_token" else repr(value)
+        if self.variable:
+            return f"{self.variable}={shown} (the environment variable for option {self.name})"
+        return f"option {self.name}={shown}"
+
+    def bad(self, value: object, expected: str) -> ValueError:
+        return ValueError(f"alf_analytics: {self.label(value)} is invalid: {expected}")
+
+    def wrong_type(self, value: object, expected: str) -> TypeError:
+        shown = "a bool" if isinstance(value, bool) else type(value).__name__
+        return TypeError(f"alf_analytics: option {self.name} must be {expected}, got {shown}")
+
+
+def _check_type(src: _Source, value: object, types: tuple[type, ...], expected: str) -> None:
     # bool is an int subclass; a stray True must not pass as batch_size=1.
-    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
-        raise TypeError(f"alf_analytics: option {name} must be {expected}, got a bool")
-    if not isinstance(value, types):
-        raise TypeError(
-            f"alf_analytics: option {name} must be {expected}, got {type(value).__name__}"
-        )
+    if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
+        raise src.wrong_type(value, expected)
 
 
-def _int(name: str, value: object, minimum: int) -> int:
-    _check_type(name, value, int, "an int")
-    assert isinstance(value, int)
-    if value < minimum:
-        raise _bad(name, value, f"must be >= {minimum}")
-    return value
-
-
-def _seconds(name: str, value: object, *, allow_zero: bool = False) -> float:
-    _check_type(name, value, (int, float), "a number of seconds")
-    assert isinstance(value, (int, float))
-    number = float(value)
-    if math.isnan(number) or math.isinf(number) or number < 0 or (number == 0 and not allow_zero):
-        raise _bad(name, value, "must be a positive, finite number of seconds")
-    return number
-
-
-def _bool_from_env(name: str, raw: str) -> bool:
+def _env_bool(src: _Source, raw: str) -> bool:
     lowered = raw.strip().lower()
     if lowered in {"1", "true", "yes", "on"}:
         return True
     if lowered in {"0", "false", "no", "off", ""}:
         return False
-    raise _bad(name, raw, "must be true/false (from the environment)")
+    raise src.bad(raw, "must be true or false")
 
 
-def _collector_url(value: object) -> str:
-    _check_type("collector_url", value, str, "a string")
+def _env_number(src: _Source, raw: str, kind: type[int] | type[float]) -> int | float:
+    try:
+        return kind(raw.strip().replace("_", ""))
+    except ValueError:
+        raise src.bad(raw, "must be " + ("an integer" if kind is int else "a number")) from None
+
+
+def _env_list(raw: str) -> list[str]:
+    return [item.strip() for item in raw.split(",") if item.strip()]
+
+
+def _boolean(src: _Source, value: object) -> bool:
+    if isinstance(value, str) and src.variable:
+        return _env_bool(src, value)
+    _check_type(src, value, (bool,), "a bool")
+    return bool(value)
+
+
+def _integer(minimum: int) -> Callable[[_Source, object], int]:
+    def validate(src: _Source, value: object) -> int:
+        if isinstance(value, str) and src.variable:
+            value = _env_number(src, value, int)
+        _check_type(src, value, (int,), "an int")
+        assert isinstance(value, int)
+        if value < minimum:
+            raise src.bad(value, f"must be >= {minimum}")
+        return value
+
+    return validate
+
+
+def _seconds(allow_zero: bool) -> Callable[[_Source, object], float]:
+    def validate(src: _Source, value: object) -> float:
+        if isinstance(value, str) and src.variable:
+            value = _env_number(src, value, float)
+        _check_type(src, value, (int, float), "a number of seconds")
+        assert isinstance(value, (int, float))
+        number = float(value)
+        if not math.isfinite(number) or number < 0 or (number == 0 and not allow_zero):
+            what = "a finite number of seconds >= 0" if allow_zero else "> 0"
+            raise src.bad(value, f"must be {what}")
+        return number
+
+    return validate
+
+
+def _sample_rate(src: _Source, value: object) -> float:
+    if isinstance(value, str) and src.variable:
+        value = _env_number(src, value, float)
+    _check_type(src, value, (int, float), "a number between 0 and 1")
+    assert isinstance(value, (int, float))
+    if not 0.0 <= float(value) <= 1.0:  # NaN fails this too
+        raise src.bad(value, "must be between 0 and 1")
+    return float(value)
+
+
+def _text(src: _Source, value: object) -> str:
+    _check_type(src, value, (str,), "a string")
+    assert isinstance(value, str)
+    return value.strip()
+
+
+def _per_request(src: _Source, value: object) -> str | Callable[[Request], str | None] | None:
+    """A string, or a callable of the request (service_token, environment)."""
+    if callable(value) and not isinstance(value, str):
+        function: Callable[[Request], str | None] = _sync_callable(src, value)
+        return function
+    _check_type(src, value, (str,), "a string or a callable of the request")
+    assert isinstance(value, str)
+    return value.strip()
+
+
+def _sync_callable(src: _Source, value: object) -> Any:
+    if value is None:
+        return None
+    if not callable(value):
+        raise src.wrong_type(value, "a callable")
+    target = getattr(value, "__call__", value)  # noqa: B004 - a callable object's method
+    if inspect.iscoroutinefunction(value) or inspect.iscoroutinefunction(target):
+        raise src.bad(value, "must be a plain function: it runs on the request path, not awaited")
+    return value
+
+
+def _callable_only(src: _Source, value: object) -> Any:
+    if src.variable:  # never reached: make_config does not read these from the environment
+        raise src.bad(value, "cannot come from the environment")
+    return _sync_callable(src, value)
+
+
+def _collector_url(src: _Source, value: object) -> str:
+    _check_type(src, value, (str,), "a string")
     assert isinstance(value, str)
     url = value.strip().rstrip("/")
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError on a malformed port
     except ValueError as exc:
-        raise _bad("collector_url", value, f"not a URL ({exc})") from None
+        raise src.bad(mask_url(value), f"not a URL ({exc})") from None
     if parts.scheme not in {"http", "https"} or not parts.hostname:
-        raise _bad("collector_url", value, "must be an absolute http:// or https:// URL")
+        raise src.bad(mask_url(value), "must be an absolute http:// or https:// URL")
     if parts.query or parts.fragment:
-        raise _bad("collector_url", value, "must not have a query string or fragment")
-    return url
+        raise src.bad(mask_url(value), "must not have a query string or fragment")
+    # The URL of an endpoint names its base: batches go to {base}/1.1.0/batch, never doubled.
+    return _ENDPOINT_SUFFIX.sub("", url)
 
 
-def _redact(value: object) -> frozenset[str]:
-    if isinstance(value, str) or not isinstance(value, Iterable):
-        raise TypeError("alf_analytics: option redact_headers must be an iterable of header names")
-    names = set()
+def _log_body(src: _Source, value: object) -> LogBody:
+    if isinstance(value, str):
+        lowered = value.strip().lower()
+        if lowered in ("request", "response"):
+            return "request" if lowered == "request" else "response"
+        if src.variable and lowered in {"1", "true", "yes", "on", "0", "false", "no", "off", ""}:
+            return _env_bool(src, value)
+        raise src.bad(value, 'must be True, False, "request" or "response"')
+    _check_type(src, value, (bool,), 'True, False, "request" or "response"')
+    return bool(value)
+
+
+def _names(
+    kind: str, *, lower: bool = True, upper: bool = False
+) -> Callable[[_Source, object], tuple[str, ...]]:
+    def validate(src: _Source, value: object) -> tuple[str, ...]:
+        if isinstance(value, str):
+            if not src.variable:
+                raise src.wrong_type(value, f"a list of {kind}, not one string")
+            value = _env_list(value)
+        if not isinstance(value, Iterable):
+            raise src.wrong_type(value, f"a list of {kind}")
+        names = []
+        for item in value:
+            if not isinstance(item, str) or not item.strip():
+                raise src.bad(item, f"{kind} must be non-empty strings")
+            name = item.strip()
+            names.append(name.upper() if upper else name.lower() if lower else name)
+        return tuple(dict.fromkeys(names))
+
+    return validate
+
+
+def _body_types(src: _Source, value: object) -> tuple[str, ...]:
+    types = _names("content types")(src, value)
+    for item in types:
+        major, slash, minor = item.partition("/")
+        if not slash or not major or not minor or ("*" in minor and not minor.startswith("*")):
+            raise src.bad(item, 'content types look like "type/subtype", "type/*" or "*/*"')
+    return types
+
+
+def _skip_paths(src: _Source, value: object) -> tuple[str | re.Pattern[str], ...]:
+    if isinstance(value, str):
+        if not src.variable:
+            raise src.wrong_type(value, "a list of paths or patterns, not one string")
+        value = _env_list(value)
+    if not isinstance(value, Iterable):
+        raise src.wrong_type(value, "a list of paths or patterns")
+    rules: list[str | re.Pattern[str]] = []
     for item in value:
-        if not isinstance(item, str) or not item.strip():
-            raise _bad("redact_headers", item, "header names must be non-empty strings")
-        names.add(item.strip().lower())
-    # The given set replaces the defaults (so [] turns redaction off); extend it with
-    # [*DEFAULT_REDACT_HEADERS, "x-api-key"] to keep credentials redacted.
-    return frozenset(names)
+        if isinstance(item, re.Pattern):
+            if not isinstance(item.pattern, str):
+                raise src.bad(item, "patterns must be str patterns (paths are text)")
+            rules.append(item)
+        elif isinstance(item, str) and item.startswith("/"):
+            if "*" in item[:-1]:
+                raise src.bad(item, 'only a trailing "*" is a wildcard; use re.compile(...)')
+            rules.append(item)
+        else:
+            raise src.bad(item, 'paths start with "/" ("/health", "/static/*") or are re.compile')
+    return tuple(rules)
 
 
-def _proxies(value: object) -> tuple[IPNetwork, ...]:
-    if isinstance(value, str) or not isinstance(value, Iterable):
-        raise TypeError(
-            "alf_analytics: option trusted_proxies must be an iterable of IP addresses or networks"
-        )
+def _skip_methods(src: _Source, value: object) -> frozenset[str]:
+    return frozenset(_names("HTTP methods", upper=True)(src, value))
+
+
+def _proxies(src: _Source, value: object) -> tuple[IPNetwork, ...]:
+    if isinstance(value, str):
+        if not src.variable:
+            raise src.wrong_type(value, "an iterable of IP addresses or networks")
+        value = _env_list(value)
+    if not isinstance(value, Iterable):
+        raise src.wrong_type(value, "an iterable of IP addresses or networks")
     networks = []
     for item in value:
         try:
-            networks.append(ipaddress.ip_network(str(item), strict=False))
+            networks.append(ipaddress.ip_network(str(item).strip(), strict=False))
         except ValueError:
-            raise _bad("trusted_proxies", item, "not an IP address or CIDR network") from None
+            raise src.bad(item, "not an IP address or CIDR network") from None
     return tuple(networks)
 
 
-_VALIDATORS: dict[str, Any] = {
-    "log_body": None,  # handled inline
-    "batch_size": lambda v: _int("batch_size", v, 1),
-    "delay": lambda v: _seconds("delay", v),
-    "max_batch_bytes": lambda v: _int("max_batch_bytes", v, 1024),
-    "max_body_bytes": lambda v: _int("max_body_bytes", v, 0),
-    "queue_size": lambda v: _int("queue_size", v, 1),
-    "timeout": lambda v: _seconds("timeout", v),
-    "retries": lambda v: _int("retries", v, 0),
-    "retry_backoff": lambda v: _seconds("retry_backoff", v, allow_zero=True),
-    "shutdown_timeout": lambda v: _seconds("shutdown_timeout", v, allow_zero=True),
-    "redact_headers": _redact,
-    "trusted_proxies": _proxies,
-}
+def _choice(*choices: str) -> Callable[[_Source, object], str]:
+    def validate(src: _Source, value: object) -> str:
+        if isinstance(value, str) and value.strip().lower() in choices:
+            return value.strip().lower()
+        raise src.bad(value, "must be one of " + ", ".join(repr(c) for c in choices))
 
-OPTION_NAMES = frozenset({"service_token", "environment", "collector_url", *_VALIDATORS.keys()})
+    return validate
+
+
+_Validator = Callable[[_Source, object], Any]
+
+_VALIDATORS: dict[str, _Validator] = {
+    "service_token": _per_request,
+    "environment": _per_request,
+    "collector_url": _collector_url,
+    "require_token": _boolean,
+    "enabled": _boolean,
+    "log_body": _log_body,
+    "log_body_types": _body_types,
+    "max_body_bytes": _integer(0),
+    "skip_paths": _skip_paths,
+    "skip_methods": _skip_methods,
+    "skip": _callable_only,
+    "sample_rate": _sample_rate,
+    "identify": _callable_only,
+    "redact_headers": _names("header names"),
+    "redact_query": _names("query parameter names"),
+    "redact_body_keys": _names("body keys"),
+    "default_redactions": _boolean,
+    "client_ip": _choice("full", "anonymized", "none"),
+    "trusted_proxies": _proxies,
+    "forwarded_header": _choice("x-forwarded-for", "forwarded"),
+    "before_send": _callable_only,
+    "batch_size": _integer(1),
+    "delay": _seconds(allow_zero=False),
+    "max_batch_bytes": _integer(1024),
+    "queue_size": _integer(1),
+    "max_queue_bytes": _integer(1024),
+    "max_inflight": _integer(1),
+    "timeout": _seconds(allow_zero=False),
+    "retries": _integer(0),
+    "retry_backoff": _seconds(allow_zero=True),
+    "shutdown_timeout": _seconds(allow_zero=True),
+    "debug": _boolean,
+}
+assert set(_VALIDATORS) == OPTION_NAMES, set(_VALIDATORS) ^ OPTION_NAMES
+
+
+def _largest_entry(values: Mapping[str, Any]) -> int:
+    """Bytes the captured bodies of one entry can take in a batch (base64: 4 per 3 bytes)."""
+    body = 4 * math.ceil(int(values["max_body_bytes"]) / 3)
+    log_body = values["log_body"]
+    directions = (log_body in (True, "request")) + (log_body in (True, "response"))
+    return directions * body + ENTRY_OVERHEAD
 
 
 def make_config(options: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Config:
-    """Validate ``options`` (keyword arguments or Django's ``ALF_ANALYTICS``) into a Config.
+    """Validate ``options`` (keyword arguments, or Django's ``ALF_ANALYTICS``) into a Config.
 
-    Missing ``service_token``, ``environment``, ``collector_url`` and ``log_body`` fall back to
-    the ``ALF_*`` environment variables. Raises ``TypeError``/``ValueError`` naming the option.
+    An option not given (or given as ``None``) is read from ``ALF_<NAME>`` in the environment.
+    Raises ``TypeError``/``ValueError`` naming the option, or the environment variable.
     """
     env = os.environ if environ is None else environ
     unknown = set(options) - OPTION_NAMES
@@ -184,45 +566,60 @@ def make_config(options: Mapping[str, Any], environ: Mapping[str, str] | None = 
             f"valid options are {', '.join(sorted(OPTION_NAMES))}"
         )
     values: dict[str, Any] = {}
-
-    token = options.get("service_token")
-    if token is None:
-        token = env.get(ENV_VARS["service_token"])
-    if token is None:
-        raise ValueError(
-            "alf_analytics: option service_token is required "
-            "(pass service_token=... or set ALF_SERVICE_TOKEN)"
-        )
-    _check_type("service_token", token, str, "a string")
-    if not token.strip():
-        raise ValueError("alf_analytics: option service_token must not be empty")
-    values["service_token"] = token.strip()
-
-    environment = options.get("environment")
-    if environment is None:
-        environment = env.get(ENV_VARS["environment"])
-    if environment is not None:
-        _check_type("environment", environment, str, "a string")
-        # An empty environment means "none": ALF leaves the field out rather than sending "".
-        environment = environment.strip() or None
-    values["environment"] = environment
-
-    url = options.get("collector_url")
-    if url is None:
-        url = env.get(ENV_VARS["collector_url"], DEFAULT_COLLECTOR_URL)
-    values["collector_url"] = _collector_url(url)
-
-    log_body = options.get("log_body")
-    if log_body is None:
-        raw = env.get(ENV_VARS["log_body"])
-        log_body = _bool_from_env("log_body", raw) if raw is not None else False
-    if not isinstance(log_body, bool):
-        raise TypeError(
-            f"alf_analytics: option log_body must be a bool, got {type(log_body).__name__}"
-        )
-    values["log_body"] = log_body
-
     for name, validate in _VALIDATORS.items():
-        if validate is not None and options.get(name) is not None:
-            values[name] = validate(options[name])
-    return Config(**values)
+        value = options.get(name)
+        if value is not None:
+            values[name] = validate(_Source(name, None), value)
+        elif name not in _CALLABLE_ONLY and ENV_VARS[name] in env:
+            values[name] = validate(_Source(name, ENV_VARS[name]), env[ENV_VARS[name]])
+
+    for name in ("service_token", "environment"):
+        # An empty string means "none" (for environment: the ALF leaves the field out).
+        if values.get(name) == "":
+            values[name] = None
+    token_given = options.get("service_token")
+    if isinstance(token_given, str) and not token_given.strip():
+        # Given explicitly but blank: a mistake, not a request to run without a token.
+        raise ValueError("alf_analytics: option service_token must not be empty")
+
+    merged = {**_defaults(), **values}
+    if merged["service_token"] is None and merged["enabled"] and merged["require_token"]:
+        raise ValueError(
+            "alf_analytics: option service_token is required (pass service_token=... or set "
+            "ALF_SERVICE_TOKEN; require_token=False or ALF_REQUIRE_TOKEN=false runs the app "
+            "without recording, enabled=False or ALF_ENABLED=false switches recording off)"
+        )
+    if merged["log_body"] and _largest_entry(merged) > merged["max_batch_bytes"]:
+        need = _largest_entry(merged)
+        raise ValueError(
+            f"alf_analytics: option max_body_bytes={merged['max_body_bytes']} does not fit in "
+            f"max_batch_bytes={merged['max_batch_bytes']}: bodies travel base64-encoded (4 bytes "
+            f"per 3), so one entry with its captured bodies and {ENTRY_OVERHEAD} bytes for the "
+            f"rest can reach {need} bytes and would always be dropped as too_large; raise "
+            f"max_batch_bytes to at least {need} or lower max_body_bytes"
+        )
+
+    default_sets = merged["default_redactions"]
+    for name, defaults in (
+        ("redact_headers", DEFAULT_REDACT_HEADERS),
+        ("redact_query", DEFAULT_REDACT_QUERY),
+        ("redact_body_keys", DEFAULT_REDACT_BODY_KEYS),
+    ):
+        given = frozenset(values.get(name, ()))
+        values[name] = (defaults | given) if default_sets else given
+    values["redact_header_substrings"] = (
+        DEFAULT_REDACT_HEADER_SUBSTRINGS if default_sets else frozenset()
+    )
+    config = Config(**values)
+    if not config.enabled:
+        logger.info("alf_analytics: recording is off (enabled=False); requests pass through")
+    elif not config.active:
+        logger.warning(
+            "alf_analytics: recording is off: no service_token (and require_token=False); "
+            "requests pass through"
+        )
+    return config
+
+
+def _defaults() -> dict[str, Any]:
+    return {f.name: f.default for f in Config.__dataclass_fields__.values() if f.init}

@@ -48,6 +48,8 @@ class Exchange:
 
     __slots__ = (
         "config",
+        "group",
+        "consumer",
         "started_at",
         "t_start",
         "t_response",
@@ -65,8 +67,19 @@ class Exchange:
         "response_content_length",
     )
 
-    def __init__(self, config: Config, source: Any, reader: Callable[[Any], RequestInfo]) -> None:
+    def __init__(
+        self,
+        config: Config,
+        source: Any,
+        reader: Callable[[Any], RequestInfo],
+        group: tuple[str, str | None] | None = None,
+    ) -> None:
         self.config = config
+        #: ``(service_token, environment)`` of this request, resolved by the adapter (the
+        #: config's own values unless they are callables): the worker batches per group.
+        self.group = config.group if group is None else group
+        #: The caller's id, from ``identify`` or :func:`alf_analytics.set_consumer`.
+        self.consumer: str | None = None
         #: Wall clock at the start (for ``startedDateTime``), then monotonic marks (seconds).
         self.started_at = time()
         self.t_start = perf_counter()
@@ -76,15 +89,16 @@ class Exchange:
         self.source = source
         self.reader = reader
         self.request_body_size = 0
-        #: Captured request body prefix (``None`` when bodies are not logged).
-        self.request_body: bytearray | None = bytearray() if config.log_body else None
+        #: Captured request body prefix (``None`` when not captured: ``log_body`` or
+        #: ``log_body_types`` say no, decided by the adapter before any byte is kept).
+        self.request_body: bytearray | None = bytearray() if config.log_request_body else None
         #: True once the app read the request body to its end.
         self.request_complete = False
         self.status = 0
         self.reason = ""
         self.response_headers: Sequence[RawHeader] = ()
         self.response_body_size = 0
-        self.response_body: bytearray | None = bytearray() if config.log_body else None
+        self.response_body: bytearray | None = bytearray() if config.log_response_body else None
         #: Set when the response is passed through unobserved (a file wrapper).
         self.response_content_length: int | None = None
 
