@@ -1,0 +1,655 @@
+"""The collector's dashboard: server-rendered HTML over the query layer, behind the read key.
+
+Every figure on every page comes from :mod:`alf_analytics.collector.queries`, the same
+functions the JSON API answers with; this module only chooses what to ask for (from the
+page's query string), formats it and renders a Jinja2 template (autoescaped: entries'
+headers and bodies are attacker-controlled). The JavaScript in ``static/dashboard.js``
+draws the charts from JSON embedded in the page, localizes times, and in live mode
+re-fetches the same URL and swaps the page's live regions, so there is one rendering path.
+
+The routes (:func:`dashboard_routes`) are mounted by :func:`~alf_analytics.collector.create_app`:
+
+- ``GET /``: the overview (headline numbers, charts, endpoints, status codes, slowest
+  requests, recent failures, consumers) for the selected service, environment and range;
+- ``GET /requests``: the request log, newest first, filtered and paginated by cursor;
+- ``GET /requests/{id}``: one request in detail;
+- ``GET /login``, ``POST /login``, ``POST /logout``: the read-key cookie;
+- ``/static``: the stylesheet, the script and the vendored chart library.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Final
+from urllib.parse import parse_qsl, urlencode
+
+import jinja2
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, RedirectResponse, Response
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from . import auth, queries
+
+__all__ = ["dashboard_routes"]
+
+_HERE: Final = Path(__file__).resolve().parent
+STATIC_DIR: Final = _HERE / "static"
+TEMPLATES_DIR: Final = _HERE / "templates"
+
+#: Relative time ranges offered by the selector, in the order shown.
+RANGES: Final[dict[str, timedelta | None]] = {
+    "15m": timedelta(minutes=15),
+    "1h": timedelta(hours=1),
+    "6h": timedelta(hours=6),
+    "24h": timedelta(hours=24),
+    "7d": timedelta(days=7),
+    "30d": timedelta(days=30),
+    "all": None,
+}
+DEFAULT_RANGE: Final = "24h"
+#: Chart bucket sizes (seconds); the smallest that keeps a chart under ~_MAX_POINTS points.
+_INTERVALS: Final = (60, 300, 900, 1800, 3600, 10_800, 21_600, 43_200, 86_400)
+_MAX_POINTS: Final = 180
+_TABLE_ROWS: Final = 10
+_ENDPOINT_ROWS: Final = 15
+LOG_PAGE_SIZE: Final = 50
+#: Sort keys of the endpoints table, each with its column title; all sort descending.
+ENDPOINT_SORTS: Final = {
+    "count": "Requests",
+    "errors": "Errors",
+    "error_rate": "Error rate",
+    "p50": "p50",
+    "p95": "p95",
+    "p99": "p99",
+}
+#: The filters the pages carry in their query string (the same names as the JSON API).
+FILTER_KEYS: Final = (
+    "service",
+    "environment",
+    "range",
+    "since",
+    "until",
+    "status",
+    "method",
+    "path",
+    "route",
+    "consumer",
+)
+_LOGIN_BODY_LIMIT: Final = 4096
+_COOKIE_MAX_AGE: Final = 30 * 24 * 3600
+_STATUS_CLASSES: Final = {
+    1: "informational",
+    2: "success",
+    3: "redirect",
+    4: "client error",
+    5: "server error",
+}
+_SECURITY_HEADERS: Final = {
+    # No script but ours, no inline script, no framing: a second wall behind autoescaping.
+    "Content-Security-Policy": (
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Formatting (Jinja filters)
+
+
+def fmt_count(value: int | float | None) -> str:
+    """``1234567`` -> ``"1,234,567"``; ``None`` -> an en dash."""
+    if value is None:
+        return "–"
+    return f"{int(value):,}"
+
+
+def fmt_ms(value: float | None) -> str:
+    """A duration in milliseconds, at a precision that fits its size."""
+    if value is None or not math.isfinite(value):
+        return "–"
+    if value < 10:
+        return f"{value:.2f} ms"
+    if value < 1000:
+        return f"{value:.0f} ms"
+    return f"{value / 1000:.2f} s"
+
+
+def fmt_bytes(value: int | float | None) -> str:
+    """A size in bytes, in B, KiB, MiB or GiB."""
+    if value is None or value < 0:
+        return "–"
+    size = float(value)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{int(size)} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def fmt_rate(value: float | None) -> str:
+    """An error rate (0..1) as a percentage."""
+    if value is None:
+        return "–"
+    percent = value * 100
+    if percent == 0:
+        return "0 %"
+    if percent < 0.1:
+        return "< 0.1 %"
+    return f"{percent:.1f} %"
+
+
+def fmt_time(value: str | datetime | None) -> str:
+    """An ISO 8601 instant as ``2026-12-02 07:59:01`` UTC (the script shows local time)."""
+    moment = _parse_instant(value)
+    if moment is None:
+        return "–" if value is None else str(value)
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def local_input(value: str) -> str:
+    """A ``since``/``until`` value as ``<input type=datetime-local>`` shows it (UTC, naive)."""
+    moment = _parse_instant(value)
+    if moment is None:
+        return value
+    return moment.astimezone(timezone.utc).replace(tzinfo=None).isoformat(timespec="seconds")
+
+
+def iso(value: str | datetime | None) -> str:
+    """The machine-readable form for ``<time datetime>``."""
+    moment = _parse_instant(value)
+    return "" if moment is None else moment.astimezone(timezone.utc).isoformat()
+
+
+def status_class(status: int | None) -> str:
+    """``404`` -> ``"4xx"``; ``None`` or out of range -> ``"other"``."""
+    if status is None or not 100 <= status <= 599:
+        return "other"
+    return f"{status // 100}xx"
+
+
+def status_label(status_class_name: str) -> str:
+    """``"4xx"`` -> ``"4xx client error"``: status classes are named, not only coloured."""
+    if len(status_class_name) == 3 and status_class_name[0].isdigit():
+        name = _STATUS_CLASSES.get(int(status_class_name[0]))
+        if name:
+            return f"{status_class_name} {name}"
+    return status_class_name
+
+
+def _parse_instant(value: object) -> datetime | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return datetime.fromtimestamp(value, timezone.utc)
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+# --------------------------------------------------------------------------------------------
+# Templates
+
+
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES_DIR),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters.update(
+        count=fmt_count,
+        ms=fmt_ms,
+        bytes=fmt_bytes,
+        rate=fmt_rate,
+        time=fmt_time,
+        iso=iso,
+        local_input=local_input,
+        status_class=status_class,
+        status_label=status_label,
+    )
+    return env
+
+
+_TEMPLATES: Final = _environment()
+
+
+def render(request: Request, name: str, context: Mapping[str, Any], status: int = 200) -> Response:
+    html = _TEMPLATES.get_template(name).render(
+        request=request,
+        url_with=_url_builder(request),
+        static=_static_url,
+        logout=auth.read_key_configured(request),
+        **context,
+    )
+    return HTMLResponse(html, status_code=status, headers=_SECURITY_HEADERS)
+
+
+def _static_url(path: str) -> str:
+    return f"/static/{path}"
+
+
+def _url_builder(request: Request) -> Callable[..., str]:
+    """``url_with(sort="p95", cursor=None)``: this page's URL with some parameters changed.
+
+    ``None`` removes a parameter; ``path=`` changes the page. The cursor is dropped whenever
+    anything else changes (it belongs to one filtered listing).
+    """
+
+    def url_with(_path: str | None = None, **changes: str | int | None) -> str:
+        params = dict(request.query_params)
+        if "cursor" not in changes:
+            params.pop("cursor", None)
+        for key, value in changes.items():
+            if value is None or value == "":
+                params.pop(key, None)
+            else:
+                params[key] = str(value)
+        query = urlencode(params)
+        path = _path if _path is not None else request.url.path
+        return f"{path}?{query}" if query else path
+
+    return url_with
+
+
+# --------------------------------------------------------------------------------------------
+# The selection a page shows: filters, time range, chart interval
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What the query string asks for, validated: the filters and the time window.
+
+    ``params`` are the page's own filter parameters (``range`` included), ``api_params``
+    the same filters as the JSON API takes them (``range`` resolved into ``since``): they
+    build the HAR export link, so a download holds exactly what the page lists.
+    """
+
+    params: dict[str, str]
+    api_params: dict[str, str]
+    filters: queries.Filters
+    range_name: str
+    since: datetime | None
+    until: datetime | None
+
+    def entry_filters(self) -> dict[str, str]:
+        """The filters narrower than service, environment and time (shown as chips)."""
+        keys = ("status", "method", "path", "route", "consumer")
+        return {key: self.params[key] for key in keys if key in self.params}
+
+    def with_status(self, status: str) -> queries.Filters:
+        """These filters with ``status`` replaced (the overview's recent 4xx and 5xx)."""
+        return queries.Filters.from_query({**self.api_params, "status": status})
+
+
+def parse_selection(query: Mapping[str, str], now: datetime) -> Selection:
+    """The filters of a page's query string; a bad value raises :class:`SelectionError`."""
+    params = {key: query[key].strip() for key in FILTER_KEYS if query.get(key, "").strip()}
+    range_name = params.get("range", DEFAULT_RANGE)
+    if range_name not in RANGES:
+        raise SelectionError(f"range must be one of: {', '.join(RANGES)}")
+    api_params = {key: value for key, value in params.items() if key != "range"}
+    span = RANGES[range_name]
+    if "since" not in params and span is not None:
+        api_params["since"] = (now - span).isoformat(timespec="seconds")
+    try:
+        filters = queries.Filters.from_query(api_params)
+    except queries.FilterError as exc:
+        raise SelectionError(str(exc)) from None
+    since = _parse_instant(filters.since)
+    until = _parse_instant(filters.until)
+    return Selection(params, api_params, filters, range_name, since, until)
+
+
+class SelectionError(ValueError):
+    """A filter in the query string is not valid; the message says which and why."""
+
+
+def chart_interval(since: datetime | None, until: datetime | None) -> int:
+    """The bucket size for a window: one minute up to 3 hours, then coarser steps."""
+    if since is None or until is None:
+        return _INTERVALS[0]
+    seconds = max((until - since).total_seconds(), 60.0)
+    for interval in _INTERVALS:
+        if seconds / interval <= _MAX_POINTS:
+            return interval
+    return _INTERVALS[-1]
+
+
+def chart_data(series: Sequence[Mapping[str, Any]], interval: int) -> dict[str, Any]:
+    """Column arrays for the charts: requests per minute (all, 4xx, 5xx) and p50/p95/p99.
+
+    Buckets the query layer left out (no traffic) are drawn as zero requests and as gaps in
+    the latency lines, so a quiet minute shows as quiet instead of being bridged.
+    """
+    points: dict[int, Mapping[str, Any]] = {}
+    for point in series:
+        moment = _parse_instant(point.get("t"))
+        if moment is not None:
+            points[int(moment.timestamp())] = point
+    times: list[int] = []
+    if points:
+        first, last = min(points), max(points)
+        times = list(range(first, last + 1, interval))
+        if len(times) > 4 * _MAX_POINTS:  # buckets not on the grid: draw what we have
+            times = sorted(points)
+    per_minute = 60 / interval
+    columns: dict[str, list[Any]] = {
+        "t": times,
+        "count": [],
+        "client_errors": [],
+        "server_errors": [],
+        "p50": [],
+        "p95": [],
+        "p99": [],
+    }
+    for moment in times:
+        point = points.get(moment, {})
+        for key in ("count", "client_errors", "server_errors"):
+            columns[key].append(round((point.get(key) or 0) * per_minute, 3))
+        for key in ("p50", "p95", "p99"):
+            columns[key].append(point.get(key))
+    return {"interval": interval, "columns": columns}
+
+
+# --------------------------------------------------------------------------------------------
+# Pages
+
+
+def _store(request: Request) -> Any:
+    return request.app.state.store
+
+
+def _login_redirect(request: Request) -> Response:
+    target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    return RedirectResponse(f"/login?{urlencode({'next': target})}", status_code=303)
+
+
+PageData = Callable[[Any, Selection], dict[str, Any]]
+
+
+async def _page(request: Request, template: str, build: PageData) -> Response:
+    """The shared shape of a data page: auth, selection, one threadpool call, render."""
+    if not auth.read_allowed(request):
+        return _login_redirect(request)
+    store = _store(request)
+    try:
+        selection = parse_selection(request.query_params, datetime.now(timezone.utc))
+    except SelectionError as exc:
+        services = await run_in_threadpool(_all_services, store)
+        context = _frame(request, None, services, error=str(exc))
+        return render(request, template, {**context, "failed": True}, status=400)
+    data = await run_in_threadpool(build, store, selection)
+    services = data.pop("_services")
+    return render(request, template, {**_frame(request, selection, services), **data})
+
+
+def _frame(
+    request: Request,
+    selection: Selection | None,
+    services: Mapping[str, Any],
+    error: str | None = None,
+) -> dict[str, Any]:
+    """What every page's header needs: the service and environment choices, the range."""
+    rows = list(services.get("services", []))
+    choices = {str(row["service_token_id"]): str(row["service"]) for row in rows}
+    environments = sorted({str(row["environment"]) for row in rows if row.get("environment")})
+    return {
+        "selection": selection,
+        "params": selection.params if selection else {},
+        "services": sorted(choices.items(), key=lambda item: item[1]),
+        "environments": environments,
+        "ranges": list(RANGES),
+        "range_name": selection.range_name if selection else DEFAULT_RANGE,
+        "error": error,
+        "failed": False,
+        "live": request.query_params.get("live") == "1",
+        "sort": request.query_params.get("sort", "count"),
+    }
+
+
+def _all_services(store: Any) -> dict[str, Any]:
+    """Every service and environment stored, whatever the page's filters (the selectors)."""
+    return queries.services(store, queries.Filters())
+
+
+def _overview_data(store: Any, selection: Selection, sort: str) -> dict[str, Any]:
+    filters = selection.filters
+    services = _all_services(store)
+    since = selection.since
+    until = selection.until or datetime.now(timezone.utc)
+    if since is None:  # "All time": the chart spans what is stored
+        firsts = [_parse_instant(row.get("first_seen")) for row in services["services"]]
+        since = min((first for first in firsts if first), default=None)
+    interval = chart_interval(since, until)
+    stats = queries.stats(store, filters, interval=interval)
+    endpoints = queries.endpoints(store, filters, sort=sort, limit=_ENDPOINT_ROWS)
+    slowest = queries.entries(store, filters, limit=_TABLE_ROWS, sort="slowest")
+    consumers = queries.consumers(store, filters, limit=_TABLE_ROWS)
+    total = stats["count"] or 0
+    codes = sorted(stats["status_codes"].items(), key=lambda item: str(item[0]))
+    return {
+        "_services": services,
+        "stats": stats,
+        "chart": chart_data(stats["series"], interval),
+        "status_codes": [(code, count, count / total if total else 0) for code, count in codes],
+        "status_classes": sorted(stats["status_classes"].items()),
+        "endpoints": endpoints["endpoints"],
+        "endpoint_sorts": ENDPOINT_SORTS,
+        "slowest": slowest["entries"],
+        "failures": _recent_failures(store, selection),
+        "consumers": consumers["consumers"],
+    }
+
+
+def _recent_failures(store: Any, selection: Selection) -> list[dict[str, Any]]:
+    """The newest 4xx and 5xx answers together; a status filter narrows them further."""
+    status = selection.params.get("status")
+    if status is not None:  # "404", "5xx": already failures only; "200", "2xx": none
+        if status[:1] not in ("4", "5"):
+            return []
+        return list(queries.entries(store, selection.filters, limit=_TABLE_ROWS)["entries"])
+    rows: list[dict[str, Any]] = []
+    for status_filter in ("4xx", "5xx"):
+        page = queries.entries(store, selection.with_status(status_filter), limit=_TABLE_ROWS)
+        rows.extend(page["entries"])
+    rows.sort(key=lambda row: (str(row["started"]), row["id"]), reverse=True)
+    return rows[:_TABLE_ROWS]
+
+
+def _log_data(store: Any, selection: Selection, cursor: str | None) -> dict[str, Any]:
+    page = queries.entries(store, selection.filters, limit=LOG_PAGE_SIZE, cursor=cursor)
+    return {
+        "_services": _all_services(store),
+        "entries": page["entries"],
+        "next_cursor": page["next_cursor"],
+        "cursor": cursor,
+        "har_query": urlencode(selection.api_params),
+    }
+
+
+async def overview(request: Request) -> Response:
+    sort = request.query_params.get("sort", "count")
+    if sort not in ENDPOINT_SORTS:
+        sort = "count"
+    return await _page(request, "overview.html", lambda s, sel: _overview_data(s, sel, sort))
+
+
+async def request_log(request: Request) -> Response:
+    cursor = request.query_params.get("cursor") or None
+    return await _page(request, "requests.html", lambda s, sel: _log_data(s, sel, cursor))
+
+
+async def entry_detail(request: Request) -> Response:
+    if not auth.read_allowed(request):
+        return _login_redirect(request)
+    entry_id = request.path_params["id"]
+    store = _store(request)
+    detail = await run_in_threadpool(queries.entry_detail, store, entry_id)
+    services = await run_in_threadpool(_all_services, store)
+    context = _frame(request, None, services)
+    if detail is None:
+        context["error"] = f"There is no entry {entry_id} in this store."
+        return render(request, "detail.html", {**context, "detail": None}, status=404)
+    return render(request, "detail.html", {**context, "detail": detail, "view": EntryView(detail)})
+
+
+# --------------------------------------------------------------------------------------------
+# One entry in detail
+
+
+class EntryView:
+    """The parts of a stored ALF entry the detail page shows, read defensively.
+
+    Entries were schema-checked on ingest, but the page must render whatever is stored, so
+    every field falls back to a neutral value instead of raising.
+    """
+
+    TIMING_PHASES: Final = ("blocked", "dns", "connect", "ssl", "send", "wait", "receive")
+
+    def __init__(self, detail: Mapping[str, Any]) -> None:
+        entry = detail.get("entry") or {}
+        self.entry: Mapping[str, Any] = entry if isinstance(entry, Mapping) else {}
+        self.request: Mapping[str, Any] = _mapping(self.entry.get("request"))
+        self.response: Mapping[str, Any] = _mapping(self.entry.get("response"))
+        bodies = _mapping(detail.get("bodies"))
+        self.request_body: Mapping[str, Any] = _mapping(bodies.get("request"))
+        self.response_body: Mapping[str, Any] = _mapping(bodies.get("response"))
+
+    @property
+    def status(self) -> int | None:
+        status = self.response.get("status")
+        return status if isinstance(status, int) else None
+
+    @property
+    def request_headers(self) -> list[tuple[str, str]]:
+        return _pairs(self.request.get("headers"))
+
+    @property
+    def response_headers(self) -> list[tuple[str, str]]:
+        return _pairs(self.response.get("headers"))
+
+    @property
+    def query(self) -> list[tuple[str, str]]:
+        return _pairs(self.request.get("queryString"))
+
+    @property
+    def timings(self) -> list[tuple[str, float]]:
+        """``(phase, ms)`` for each phase the entry measured (HAR's -1 means not measured)."""
+        raw = _mapping(self.entry.get("timings"))
+        phases = []
+        for phase in self.TIMING_PHASES:
+            value = raw.get(phase)
+            if isinstance(value, (int, float)) and value >= 0:
+                phases.append((phase, float(value)))
+        return phases
+
+    @property
+    def timing_bar(self) -> list[tuple[str, float, float, float]]:
+        """``(phase, ms, x, width)`` segments of a bar 1000 units wide (SVG, no inline style)."""
+        phases = self.timings
+        total = sum(ms for _, ms in phases)
+        if total <= 0:
+            return []
+        segments, x = [], 0.0
+        for phase, ms in phases:
+            width = 1000 * ms / total
+            segments.append((phase, ms, round(x, 2), round(width, 2)))
+            x += width
+        return segments
+
+
+def _mapping(value: object) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _pairs(value: object) -> list[tuple[str, str]]:
+    if not isinstance(value, list):
+        return []
+    return [
+        (str(item.get("name", "")), str(item.get("value", "")))
+        for item in value
+        if isinstance(item, Mapping)
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# Login and logout
+
+
+def _safe_next(value: str | None) -> str:
+    """Only a path on this site (no ``//host``, no scheme) is a place to go back to."""
+    if not value or not value.startswith("/") or value.startswith("//") or "\\" in value:
+        return "/"
+    return value
+
+
+async def login_page(request: Request) -> Response:
+    target = _safe_next(request.query_params.get("next"))
+    if auth.read_allowed(request):
+        return RedirectResponse(target, status_code=303)
+    return render(request, "login.html", {"next": target, "error": None, "logout": False})
+
+
+async def login(request: Request) -> Response:
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > _LOGIN_BODY_LIMIT:
+            return Response("Request body too large", status_code=413)
+    form = dict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
+    target = _safe_next(form.get("next"))
+    key = form.get("key", "")
+    if not auth.read_key_configured(request):
+        return RedirectResponse(target, status_code=303)
+    if not key or not auth.read_key_matches(request, key):
+        context = {"next": target, "error": "That is not the read key.", "logout": False}
+        return render(request, "login.html", context, status=401)
+    response = RedirectResponse(target, status_code=303)
+    response.set_cookie(
+        auth.COOKIE_NAME,
+        auth.make_read_cookie(request),
+        max_age=_COOKIE_MAX_AGE,
+        path="/",
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+    )
+    return response
+
+
+async def logout(request: Request) -> Response:
+    response = RedirectResponse("/login", status_code=303)
+    response.delete_cookie(auth.COOKIE_NAME, path="/", httponly=True, samesite="strict")
+    return response
+
+
+def dashboard_routes() -> list[BaseRoute]:
+    """The dashboard's routes, for :func:`~alf_analytics.collector.create_app` to mount."""
+    return [
+        Route("/", overview, methods=["GET"], name="dashboard:overview"),
+        Route("/requests", request_log, methods=["GET"], name="dashboard:requests"),
+        Route("/requests/{id:int}", entry_detail, methods=["GET"], name="dashboard:entry"),
+        Route("/login", login_page, methods=["GET"], name="dashboard:login-page"),
+        Route("/login", login, methods=["POST"], name="dashboard:login"),
+        Route("/logout", logout, methods=["POST"], name="dashboard:logout"),
+        Mount("/static", StaticFiles(directory=STATIC_DIR), name="dashboard:static"),
+    ]
+
+

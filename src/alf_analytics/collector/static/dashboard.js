@@ -1,0 +1,280 @@
+/* alf-analytics dashboard: charts, local times, live refresh. No build step, no framework.
+ *
+ * The server renders every page (escaped by Jinja). This script never builds markup from
+ * data: it reads chart columns from a JSON <script> element, sets text with textContent,
+ * and in live mode re-fetches the page and swaps in the server's freshly rendered regions.
+ */
+(function () {
+  "use strict";
+
+  var LIVE_SECONDS = 5;
+  var charts = [];
+
+  function cssVar(name, fallback) {
+    var value = getComputedStyle(document.documentElement).getPropertyValue(name).trim();
+    return value || fallback;
+  }
+
+  function readChartData() {
+    var node = document.getElementById("chart-data");
+    if (!node) return null;
+    try {
+      return JSON.parse(node.textContent);
+    } catch (err) {
+      return null;
+    }
+  }
+
+  function formatMs(value) {
+    if (value == null) return "–";
+    if (value < 10) return value.toFixed(2) + " ms";
+    if (value < 1000) return value.toFixed(0) + " ms";
+    return (value / 1000).toFixed(2) + " s";
+  }
+
+  function formatRate(value) {
+    if (value == null) return "–";
+    return value < 10 ? value.toFixed(2) : value.toFixed(0);
+  }
+
+  // Series are told apart by dash pattern and legend label as well as by colour.
+  var CHARTS = {
+    requests: {
+      series: [
+        { label: "All", key: "count", color: "--chart-all", dash: [], fill: true },
+        { label: "4xx", key: "client_errors", color: "--chart-4xx", dash: [6, 4] },
+        { label: "5xx", key: "server_errors", color: "--chart-5xx", dash: [2, 3] },
+      ],
+      value: formatRate,
+      unit: "req/min",
+    },
+    latency: {
+      series: [
+        { label: "p50", key: "p50", color: "--chart-p50", dash: [] },
+        { label: "p95", key: "p95", color: "--chart-p95", dash: [6, 4] },
+        { label: "p99", key: "p99", color: "--chart-p99", dash: [2, 3] },
+      ],
+      value: formatMs,
+      unit: "ms",
+    },
+  };
+
+  function chartWidth(node) {
+    return Math.max(node.clientWidth, 240);
+  }
+
+  function drawCharts() {
+    charts.forEach(function (chart) {
+      chart.destroy();
+    });
+    charts = [];
+    var data = readChartData();
+    if (!data || !window.uPlot || !data.columns.t.length) return;
+    var columns = data.columns;
+    var grid = cssVar("--grid", "#ddd");
+    var text = cssVar("--muted", "#555");
+    document.querySelectorAll("[data-chart]").forEach(function (node) {
+      var spec = CHARTS[node.getAttribute("data-chart")];
+      if (!spec) return;
+      var series = [{}];
+      var values = [columns.t];
+      spec.series.forEach(function (s) {
+        var color = cssVar(s.color, "#36c");
+        series.push({
+          label: s.label,
+          stroke: color,
+          width: 2,
+          dash: s.dash,
+          fill: s.fill ? color + "22" : undefined,
+          spanGaps: false,
+          points: { show: columns.t.length < 3 },
+          value: function (u, v) {
+            return spec.value(v);
+          },
+        });
+        values.push(columns[s.key]);
+      });
+      var axis = { stroke: text, grid: { stroke: grid, width: 1 }, ticks: { stroke: grid } };
+      var opts = {
+        width: chartWidth(node),
+        height: 220,
+        series: series,
+        scales: { x: { time: true }, y: { range: function (u, min, max) { return [0, Math.max(max, 1) * 1.1]; } } },
+        axes: [
+          axis,
+          Object.assign({}, axis, {
+            size: 60,
+            label: spec.unit,
+            values: function (u, splits) {
+              return splits.map(function (v) {
+                return spec.unit === "ms" ? formatMs(v) : String(+v.toFixed(2));
+              });
+            },
+          }),
+        ],
+        cursor: { drag: { x: false, y: false } },
+        legend: { live: true },
+      };
+      while (node.firstChild) node.removeChild(node.firstChild);
+      var chart = new window.uPlot(opts, values, node);
+      chart.root.setAttribute("data-points", String(columns.t.length));
+      charts.push(chart);
+    });
+  }
+
+  function resizeCharts() {
+    charts.forEach(function (chart) {
+      var node = chart.root.parentNode;
+      if (node) chart.setSize({ width: chartWidth(node), height: 220 });
+    });
+  }
+
+  var pad = function (n) {
+    return (n < 10 ? "0" : "") + n;
+  };
+
+  // <time datetime="...Z">UTC</time> -> the viewer's local time; the UTC value stays as a title.
+  function localizeTimes(root) {
+    var now = new Date();
+    var today = now.getFullYear() + "-" + pad(now.getMonth() + 1) + "-" + pad(now.getDate());
+    root.querySelectorAll("time[datetime]").forEach(function (node) {
+      var value = node.getAttribute("datetime");
+      if (!value) return;
+      var date = new Date(value);
+      if (isNaN(date.getTime())) return;
+      var day = date.getFullYear() + "-" + pad(date.getMonth() + 1) + "-" + pad(date.getDate());
+      var clock = pad(date.getHours()) + ":" + pad(date.getMinutes()) + ":" + pad(date.getSeconds());
+      if (!node.title) node.title = node.textContent + " UTC";
+      // Today's times show the clock only, in the viewer's time zone; older ones the date too.
+      node.textContent = day === today ? clock : day + " " + clock;
+    });
+  }
+
+  // Live mode (?live=1): fetch this same URL every few seconds and swap the live regions.
+  var timer = null;
+  var busy = false;
+
+  function liveEnabled() {
+    return new URLSearchParams(location.search).get("live") === "1";
+  }
+
+  function refresh() {
+    if (busy || document.hidden) return;
+    busy = true;
+    fetch(location.href, { credentials: "same-origin", headers: { Accept: "text/html" } })
+      .then(function (response) {
+        if (!response.ok || response.redirected) {
+          // Logged out or the collector went away: stop quietly, a reload shows why.
+          stopLive();
+          return null;
+        }
+        return response.text();
+      })
+      .then(function (html) {
+        if (html == null) return;
+        var fresh = new DOMParser().parseFromString(html, "text/html");
+        document.querySelectorAll("[data-live-region]").forEach(function (region) {
+          if (region.hasAttribute("data-live-frozen") || !region.id) return;
+          var replacement = fresh.getElementById(region.id);
+          if (replacement) region.replaceWith(document.importNode(replacement, true));
+        });
+        localizeTimes(document);
+        drawCharts();
+        document.documentElement.setAttribute("data-refreshed", String(Date.now()));
+      })
+      .catch(function () {
+        /* a failed poll is retried on the next tick */
+      })
+      .then(function () {
+        busy = false;
+      });
+  }
+
+  function stopLive() {
+    if (timer) clearInterval(timer);
+    timer = null;
+  }
+
+  function setupLive() {
+    var on = liveEnabled();
+    document.querySelectorAll("[data-live-toggle]").forEach(function (button) {
+      button.hidden = false;
+      button.setAttribute("aria-pressed", on ? "true" : "false");
+      button.textContent = on ? "Live: on" : "Live: off";
+      button.addEventListener("click", function () {
+        var url = new URL(location.href);
+        if (on) url.searchParams.delete("live");
+        else url.searchParams.set("live", "1");
+        location.assign(url.toString());
+      });
+    });
+    if (on) timer = setInterval(refresh, LIVE_SECONDS * 1000);
+  }
+
+  // Choosing a service, environment or range applies it at once.
+  function setupAutosubmit() {
+    document.querySelectorAll("form[data-autosubmit] select").forEach(function (select) {
+      select.addEventListener("change", function () {
+        select.form.submit();
+      });
+    });
+  }
+
+  // <input type=datetime-local data-utc>: the server speaks UTC, the viewer their own time.
+  function toInput(date) {
+    return (
+      date.getFullYear() + "-" + pad(date.getMonth() + 1) + "-" + pad(date.getDate()) + "T" +
+      pad(date.getHours()) + ":" + pad(date.getMinutes()) + ":" + pad(date.getSeconds())
+    );
+  }
+
+  function setupTimeInputs() {
+    var inputs = document.querySelectorAll("input[data-utc]");
+    inputs.forEach(function (input) {
+      if (input.value) {
+        var date = new Date(input.value + "Z");
+        if (!isNaN(date.getTime())) input.value = toInput(date);
+      }
+      var label = input.parentNode.querySelector("[data-tz-label]");
+      if (label) label.textContent = "(local time)";
+      input.form.addEventListener("submit", function () {
+        var local = new Date(input.value);
+        if (!input.value || isNaN(local.getTime())) return;
+        // Send the UTC instant in a hidden field; the visible one keeps what was typed.
+        var hidden = document.createElement("input");
+        hidden.type = "hidden";
+        hidden.name = input.name;
+        hidden.value = local.toISOString().slice(0, 19);
+        input.removeAttribute("name");
+        input.form.appendChild(hidden);
+      });
+    });
+  }
+
+  // "← Requests" on a detail page goes back to the filtered log it was opened from.
+  function setupBack() {
+    document.querySelectorAll("a[data-back]").forEach(function (link) {
+      var from = document.referrer ? new URL(document.referrer) : null;
+      if (from && from.origin === location.origin && from.pathname === "/requests") {
+        link.href = from.pathname + from.search;
+      }
+    });
+  }
+
+  function start() {
+    setupTimeInputs();
+    setupBack();
+    localizeTimes(document);
+    drawCharts();
+    setupLive();
+    setupAutosubmit();
+    var pending = null;
+    window.addEventListener("resize", function () {
+      clearTimeout(pending);
+      pending = setTimeout(resizeCharts, 100);
+    });
+  }
+
+  if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", start);
+  else start();
+})();
