@@ -456,7 +456,7 @@ def test_custom_redact_headers() -> None:
     record = exchange(info, cfg=cfg, response_headers=[("X-Session", "s-secret"), ("X-Ok", "1")])
     entry = entry_of(record)
     assert header(entry["request"]["headers"], "x-api-key") == [REDACTED]
-    assert header(entry["request"]["headers"], "authorization") == [REDACTED]
+    assert header(entry["request"]["headers"], "authorization") == [f"Basic {REDACTED}"]
     assert header(entry["response"]["headers"], "x-session") == [REDACTED]
     assert header(entry["response"]["headers"], "x-ok") == ["1"]
     assert "secret" not in json.dumps(entry)
@@ -511,24 +511,38 @@ PROXIES = ["10.0.0.0/8", "fd00::/8"]
         ),
         pytest.param(
             "10.0.0.1",
-            [("forwarded", 'for=6.6.6.6, for="[2001:db8::1]:4711";proto=https')],
+            [("x-forwarded-for", "5.6.7.8"), ("Forwarded", "for=6.6.6.6")],
             PROXIES,
-            "2001:db8::1",
-            id="forwarded-ipv6-with-port",
+            "5.6.7.8",
+            id="forwarded-ignored-by-default",
         ),
         pytest.param(
             "10.0.0.1",
-            [("forwarded", "for=1.2.3.4:8080;proto=https;by=10.0.0.1")],
+            [("x-forwarded-for", "1.2.3.4:5678")],
             PROXIES,
             "1.2.3.4",
-            id="forwarded-ipv4-with-port",
+            id="xff-hop-with-port",
+        ),
+        pytest.param(
+            "::ffff:10.0.0.1",
+            [("x-forwarded-for", "1.2.3.4")],
+            PROXIES,
+            "1.2.3.4",
+            id="ipv4-mapped-proxy",
         ),
         pytest.param(
             "10.0.0.1",
-            [("x-forwarded-for", "5.6.7.8"), ("Forwarded", "for=1.2.3.4")],
+            [("x-forwarded-for", "fe80::1%eth0")],
             PROXIES,
-            "1.2.3.4",
-            id="forwarded-preferred-over-xff",
+            "fe80::1",
+            id="scoped-hop",
+        ),
+        pytest.param(
+            "10.0.0.1",
+            [("x-forwarded-for", "6.6.6.6, unknown")],
+            PROXIES,
+            "10.0.0.1",
+            id="unknown-hop-ends-the-walk",
         ),
         pytest.param(
             "fd00::1",
@@ -545,6 +559,45 @@ def test_client_ip_address(
     """The socket peer, or with trusted_proxies the first untrusted hop from the right."""
     cfg = config(trusted_proxies=trusted) if trusted else config()
     entry = entry_of(exchange(request_info(peer=peer, headers=headers), cfg=cfg))
+    assert entry["clientIPAddress"] == client
+
+
+@pytest.mark.parametrize(
+    ("headers", "client"),
+    [
+        pytest.param(
+            [("forwarded", 'for=6.6.6.6, for="[2001:db8::1]:4711";proto=https')],
+            "2001:db8::1",
+            id="ipv6-with-port",
+        ),
+        pytest.param(
+            [("forwarded", "for=1.2.3.4:8080;proto=https;by=10.0.0.1")],
+            "1.2.3.4",
+            id="ipv4-with-port",
+        ),
+        pytest.param(
+            [("x-forwarded-for", "5.6.7.8"), ("Forwarded", "for=1.2.3.4")],
+            "1.2.3.4",
+            id="xff-ignored",
+        ),
+        pytest.param(
+            [("forwarded", 'for="[fe80::1%25eth0]"')], "fe80::1", id="scoped-ipv6"
+        ),
+        pytest.param([("forwarded", "proto=https, for=_hidden")], "10.0.0.1", id="obfuscated"),
+        pytest.param([("forwarded", "by=10.0.0.9")], "10.0.0.1", id="no-for"),
+        pytest.param(
+            [("forwarded", "for=6.6.6.6"), ("forwarded", "for=10.0.0.2")],
+            "6.6.6.6",
+            id="repeated-headers",
+        ),
+    ],
+)
+def test_client_ip_from_forwarded_when_configured(
+    headers: list[tuple[str, str]], client: str
+) -> None:
+    """forwarded_header="forwarded": only RFC 7239 for= is read, walked from the right."""
+    cfg = config(trusted_proxies=PROXIES, forwarded_header="forwarded")
+    entry = entry_of(exchange(request_info(peer="10.0.0.1", headers=headers), cfg=cfg))
     assert entry["clientIPAddress"] == client
 
 

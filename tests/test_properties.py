@@ -20,8 +20,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from alf_analytics import AnalyticsASGIMiddleware, AnalyticsWSGIMiddleware
-from alf_analytics._alf import _ip_literal, alf_envelope, build_entry, query_pairs
+from alf_analytics._alf import alf_envelope, build_entry, query_pairs
 from alf_analytics._config import make_config
+from alf_analytics._net import ip_literal
 from alf_analytics._record import Exchange, RequestInfo
 
 from .conftest import assert_valid_alf
@@ -334,7 +335,7 @@ def test_random_methods_and_paths_grow_no_state() -> None:
         grown = tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()
-    assert _ip_literal.cache_info().currsize <= 1024
+    assert ip_literal.cache_info().currsize <= 1024
     assert grown < 300_000, f"memory grew by {grown} bytes over 18,000 requests"
 
 

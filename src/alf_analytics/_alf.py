@@ -4,23 +4,33 @@ Nothing here knows a framework or touches the network. Every rule of ``shared/AL
 schema does not enforce lives here: lower-case header names, repeated headers kept as pairs,
 ``headersSize`` rebuilt from the wire form, ``bodySize`` from counted bytes, standard base64
 bodies, ``time == send + wait + receive``, redaction and the trusted-proxy client address.
+
+Whatever the request carried, every field is valid against the 1.1.0 schema *with* its format
+checks (``uri``, ``date-time``, ``ipv4``/``ipv6``) and numbers stay in sane ranges: one hostile
+request must never make a collector reject the batch its entry travels in. The placeholders
+used for values that cannot be written faithfully are listed in the README ("What an entry
+holds").
+
+Speed: the worker builds every entry on the app's interpreter, so the per-config rules are
+prepared once (:class:`_Plan`) and what repeats from request to request (header pairs, query
+strings, the URL origin) is cached in bounded caches whose values are never mutated.
 """
 
 from __future__ import annotations
 
 import base64
-import ipaddress
 import json
-import re
-from collections.abc import Iterable, Sequence
+import weakref
+from collections.abc import Sequence
 from datetime import datetime, timezone
-from functools import lru_cache
 from http import HTTPStatus
 from typing import Any
-from urllib.parse import quote, unquote_plus
+from urllib.parse import unquote_plus
 
+from . import _net
 from ._config import REDACTED, Config
 from ._record import Exchange, RawHeader, RequestInfo
+from ._redact import Redactor, body_kind, decoded, redacted_query
 from ._version import __version__
 
 try:  # orjson is a dependency on CPython: ~10x faster than json for the worker's hot loop.
@@ -28,11 +38,26 @@ try:  # orjson is a dependency on CPython: ~10x faster than json for the worker'
 except ImportError:  # pragma: no cover - PyPy and other interpreters
     _orjson = None  # type: ignore[assignment]
 
+__all__ = [
+    "ALF_VERSION",
+    "CONSUMER_HEADER",
+    "CREATOR",
+    "MAX_DECLARED_SIZE",
+    "alf_envelope",
+    "build_entry",
+    "dumps",
+    "query_pairs",
+]
+
 ALF_VERSION = "1.1.0"
 CREATOR = {"name": "alf-analytics", "version": __version__}
 OCTET_STREAM = "application/octet-stream"
+#: The synthetic request header that carries the consumer id (``identify``/``set_consumer``).
+CONSUMER_HEADER = "x-alf-consumer"
+#: A size taken from a ``Content-Length`` header (never from counted bytes) is believed only up
+#: to 1 TiB; above it, the bytes actually seen are recorded instead.
+MAX_DECLARED_SIZE = 1 << 40
 
-_DEFAULT_PORTS = {"http": ":80", "https": ":443"}
 _HTTP_VERSIONS = {
     "1": "HTTP/1",
     "1.0": "HTTP/1.0",
@@ -40,26 +65,26 @@ _HTTP_VERSIONS = {
     "2": "HTTP/2",
     "2.0": "HTTP/2",
 }
-# Characters RFC 3986 allows unescaped in a path and a query; everything else gets %XX.
-_PATH_SAFE = "/:@!$&'()*+,;=-._~%"
-_QUERY_SAFE = _PATH_SAFE + "?"
-_URI_PLAIN = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@/%?]*")
-_PERCENT_OK = re.compile(r"%(?![0-9A-Fa-f]{2})")
-_HOST = re.compile(
-    r"(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})+(?::\d{1,5})?|\[[0-9A-Fa-f:.]+\](?::\d{1,5})?"
-)
+_PHRASES = {status.value: status.phrase for status in HTTPStatus}
+_CACHE_SIZE = 4096
+_QUERY_CACHE_SIZE = 512
+# The latest second a datetime can show (9999-12-31T23:59:59).
+_MAX_TIMESTAMP = 253_402_300_799
 
 
 def text(value: str | bytes) -> str:
-    """A header name or value as text: bytes are UTF-8 when they decode, else Latin-1."""
+    """A header name or value as text: bytes are UTF-8 when they decode, else Latin-1.
+
+    The result always encodes to UTF-8 (a lone surrogate becomes U+FFFD).
+    """
     if isinstance(value, str):
-        # WSGI hands over "bytes as Latin-1"; recover UTF-8 text where that is what was sent.
         if value.isascii():
             return value
+        # WSGI hands over "bytes as Latin-1": recover UTF-8 text where that is what was sent.
         try:
             return value.encode("latin-1").decode("utf-8")
         except UnicodeError:
-            return value
+            return _net.clean(value)
     try:
         return value.decode("utf-8")
     except UnicodeDecodeError:
@@ -70,10 +95,9 @@ def wire_length(value: str | bytes) -> int:
     """Bytes a header name or value took on the wire."""
     if isinstance(value, bytes):
         return len(value)
-    try:
-        return len(value.encode("latin-1"))
-    except UnicodeEncodeError:
-        return len(value.encode("utf-8"))
+    if value.isascii():
+        return len(value)
+    return len(_net.to_bytes(value))
 
 
 def http_version(raw: str) -> str:
@@ -86,8 +110,10 @@ _last_second: tuple[int, str] = (-1, "")
 
 
 def iso_utc(timestamp: float) -> str:
-    """``startedDateTime``: UTC, millisecond precision, ``Z`` suffix."""
+    """``startedDateTime``: UTC, millisecond precision, ``Z`` suffix (years 1970 to 9999)."""
     global _last_second
+    if not 0 <= timestamp <= _MAX_TIMESTAMP:  # also catches NaN
+        timestamp = 0.0 if not timestamp > 0 else float(_MAX_TIMESTAMP)
     second = int(timestamp)
     # Round to microseconds first, as datetime does, so 0.123 is not shown as .122.
     millis = round((timestamp - second) * 1_000_000) // 1000
@@ -101,88 +127,22 @@ def iso_utc(timestamp: float) -> str:
     return f"{prefix}{millis:03d}Z"
 
 
-def _escape(value: str, safe: str) -> str:
-    if not _URI_PLAIN.fullmatch(value):
-        try:
-            raw = value.encode("latin-1")
-        except UnicodeEncodeError:
-            raw = value.encode("utf-8", "replace")
-        value = quote(raw, safe=safe)
-    # A lone '%' not followed by two hex digits is not a valid URI either.
-    return _PERCENT_OK.sub("%25", value)
-
-
-def build_url(info: RequestInfo) -> str:
-    """An absolute URL (``format: uri``) from what the request carried."""
-    scheme = info.scheme if info.scheme in ("http", "https") else "http"
-    host = info.host if info.host and _HOST.fullmatch(info.host) else "unknown"
-    default_port = _DEFAULT_PORTS.get(scheme, "")
-    if default_port and host.endswith(default_port):
-        # "Host: example.com:80" names the default port: the URL leaves it out.
-        host = host[: -len(default_port)]
-    path = _escape(info.path or "/", _PATH_SAFE)
-    if not path.startswith("/"):
-        path = "/" + path
-    url = f"{scheme}://{host}{path}"
-    if info.query:
-        url += "?" + _escape(info.query, _QUERY_SAFE)
-    return url
-
-
-#: (redaction set) -> {(raw name, raw value): (ALF pair, wire size)}. Most headers repeat from
-#: request to request (host, accept, user-agent, content-type...): an entry reuses the pair
-#: objects (they are never mutated). Cleared when full, so it stays bounded.
-_PAIR_CACHE: dict[frozenset[str], dict[tuple[Any, Any], tuple[dict[str, str], int]]] = {}
-_PAIR_CACHE_SIZE = 4096
-
-
-def pairs(headers: Iterable[Any], redact: frozenset[str]) -> tuple[list[dict[str, str]], int]:
-    """Headers as ALF name/value pairs (repeats kept, names lower-cased) and their wire size."""
-    cache = _PAIR_CACHE.get(redact)
-    if cache is None:
-        cache = _PAIR_CACHE[redact] = {}
-    out = []
-    size = 0
-    for raw_name, raw_value in headers:
-        key = (raw_name, raw_value)
-        known = cache.get(key)
-        if known is None:
-            known = _pair(raw_name, raw_value, redact)
-            if len(cache) >= _PAIR_CACHE_SIZE:
-                cache.clear()
-            cache[key] = known
-        out.append(known[0])
-        size += known[1]
-    return out, size
-
-
-def _pair(raw_name: Any, raw_value: Any, redact: frozenset[str]) -> tuple[dict[str, str], int]:
-    # Fast path for the common case: ASCII names and values (bytes from ASGI, str from WSGI).
-    if raw_name.isascii() and raw_value.isascii():
-        size = len(raw_name) + len(raw_value) + 4  # ": " and CRLF
-        if isinstance(raw_name, bytes):
-            name = raw_name.decode("ascii").lower()
-            value = raw_value.decode("ascii")
-        else:
-            name = raw_name.lower()
-            value = raw_value
-    else:
-        size = wire_length(raw_name) + wire_length(raw_value) + 4
-        name = text(raw_name).lower()
-        value = text(raw_value)
-    return {"name": name, "value": REDACTED if name in redact else value}, size
-
-
 def query_pairs(query: str) -> list[dict[str, str]]:
     """The query string parsed into pairs, repeats and blank values kept, in order.
 
     The same result as ``parse_qsl(query, keep_blank_values=True, errors="replace")``, with
     the decoding skipped for the parts that hold nothing to decode (most of them).
     """
-    if not query:
-        return []
+    return _parse_query(query, None)[0]
+
+
+def _parse_query(
+    query: str, redactor: Redactor | None
+) -> tuple[list[dict[str, str]], list[tuple[int, bool]]]:
     out = []
-    for part in query.split("&"):
+    marks: list[tuple[int, bool]] = []
+    redacted = False
+    for index, part in enumerate(query.split("&") if query else ()):
         if not part:
             continue
         name, _, value = part.partition("=")
@@ -190,164 +150,250 @@ def query_pairs(query: str) -> list[dict[str, str]]:
             name = unquote_plus(name, errors="replace")
         if "%" in value or "+" in value:
             value = unquote_plus(value, errors="replace")
+        if not part.isascii():
+            name, value = _net.clean(name), _net.clean(value)
+        if redactor is not None and redactor.query_key(name):
+            value = REDACTED
+            redacted = True
+            marks.append((index, True))
         out.append({"name": name, "value": value})
-    return out
+    return out, marks if redacted else []
 
 
-def _ip(value: str | None) -> str | None:
-    if not value:
-        return None
-    return _ip_literal(value.strip())
+class _Plan:
+    """What building an entry needs from one Config, prepared once, with its caches."""
 
+    __slots__ = (
+        "redactor",
+        "copy_pairs",
+        "client_ip",
+        "trusted",
+        "forwarded_header",
+        "limit",
+        "header_pairs",
+        "queries",
+    )
 
-@lru_cache(maxsize=1024)
-def _ip_literal(candidate: str) -> str | None:
-    """The normalised IP literal, or None (cached: peers repeat, and parsing raises)."""
-    if candidate.startswith("[") and "]" in candidate:
-        candidate = candidate[1 : candidate.index("]")]
-    try:
-        return str(ipaddress.ip_address(candidate))
-    except ValueError:
-        return None
+    def __init__(self, config: Config) -> None:
+        self.redactor = Redactor(config)
+        #: A before_send hook may edit the entry: it must get pairs of its own.
+        self.copy_pairs = config.before_send is not None
+        self.client_ip = config.client_ip
+        self.trusted = config.trusted_proxies
+        self.forwarded_header = config.forwarded_header
+        self.limit = config.max_body_bytes
+        #: (raw name, raw value) -> (ALF pair or None when left out, wire size)
+        self.header_pairs: dict[tuple[Any, Any], tuple[dict[str, str] | None, int]] = {}
+        #: raw query -> (query for the URL, queryString pairs)
+        self.queries: dict[str, tuple[str, list[dict[str, str]]]] = {}
 
+    def pairs(self, headers: Sequence[RawHeader]) -> tuple[list[dict[str, str]], int]:
+        """Headers as ALF name/value pairs (repeats kept, names lower-cased), and wire size."""
+        cache = self.header_pairs
+        out = []
+        size = 0
+        for raw_name, raw_value in headers:
+            key = (raw_name, raw_value)
+            known = cache.get(key)
+            if known is None:
+                known = self._pair(raw_name, raw_value)
+                if len(cache) >= _CACHE_SIZE:
+                    cache.clear()
+                cache[key] = known
+            pair, length = known
+            if pair is not None:
+                out.append(pair)
+            size += length
+        if self.copy_pairs:
+            out = [dict(pair) for pair in out]
+        return out, size
 
-def _forwarded_for(headers: Sequence[RawHeader]) -> list[str]:
-    """Addresses from ``Forwarded: for=`` or else ``X-Forwarded-For``, left to right."""
-    forwarded: list[str] = []
-    xff: list[str] = []
-    for raw_name, raw_value in headers:
+    def _pair(self, raw_name: Any, raw_value: Any) -> tuple[dict[str, str] | None, int]:
+        size = wire_length(raw_name) + wire_length(raw_value) + 4  # ": " and CRLF
         name = text(raw_name).lower()
-        if name == "forwarded":
-            for element in text(raw_value).split(","):
-                for param in element.split(";"):
-                    key, _, val = param.strip().partition("=")
-                    if key.lower() == "for":
-                        val = val.strip().strip('"')
-                        # for="1.2.3.4:8080" and for="[::1]:80" carry a port.
-                        if not val.startswith("[") and val.count(":") == 1:
-                            val = val.split(":")[0]
-                        forwarded.append(val)
-        elif name == "x-forwarded-for":
-            xff.extend(part.strip() for part in text(raw_value).split(","))
-    return forwarded or xff
+        if name == CONSUMER_HEADER:
+            # Sent by the client: it would pose as the consumer id. Left out (still counted).
+            return None, size
+        return {"name": name, "value": self.redactor.header(name, text(raw_value))}, size
 
+    def query(self, query: str) -> tuple[str, list[dict[str, str]]]:
+        """The query for the URL (redacted, escaped) and the queryString pairs."""
+        cache = self.queries
+        known = cache.get(query)
+        if known is None:
+            pairs, marks = _parse_query(query, self.redactor)
+            in_url = redacted_query(query, marks) if marks else query
+            known = (_net.escape(in_url, query=True), pairs)
+            if len(cache) >= _QUERY_CACHE_SIZE:
+                cache.clear()
+            cache[query] = known
+        url_query, pairs = known
+        if self.copy_pairs:
+            return url_query, [dict(pair) for pair in pairs]
+        return url_query, list(pairs)
 
-def client_ip(info: RequestInfo, config: Config) -> str | None:
-    """The client address: the socket peer, or the first untrusted hop from the right.
-
-    Forwarding headers are honoured only when the peer is a configured trusted proxy, and then
-    hop by hop from the right, so a client cannot forge its address by sending the header.
-    """
-    peer = _ip(info.peer)
-    if peer is None or not config.trusted_proxies:
-        return peer
-    trusted = config.trusted_proxies
-
-    def is_trusted(address: str) -> bool:
-        ip = ipaddress.ip_address(address)
-        return any(ip in network for network in trusted)
-
-    if not is_trusted(peer):
-        return peer
-    client = peer
-    for hop in reversed(_forwarded_for(info.headers)):
-        address = _ip(hop)
+    def client(self, info: RequestInfo) -> str | None:
+        """``clientIPAddress`` as the ``client_ip`` option asks for it (None: left out)."""
+        mode = self.client_ip
+        if mode == "none" or not info.peer:
+            return None
+        address = _net.ip_literal(info.peer)
+        if address is not None and self.trusted:
+            address = _net.client_address(
+                address, info.headers, self.trusted, self.forwarded_header
+            )
         if address is None:
-            break
-        client = address
-        if not is_trusted(address):
-            break
-    return client
+            return None
+        return _net.anonymized(address) if mode == "anonymized" else str(address)
+
+    def body(
+        self, captured: bytearray | None, size: int, headers: Sequence[RawHeader]
+    ) -> tuple[dict[str, str] | None, bool]:
+        """The body object (or None) and ``bodyCaptured`` for a captured body prefix."""
+        if captured is None:
+            return None, False
+        complete = len(captured) == size
+        if not captured:
+            return None, complete  # an empty body: captured, nothing to send
+        content_type = coding = ""
+        for raw_name, raw_value in headers:
+            name = raw_name.lower()
+            if name in ("content-type", b"content-type"):
+                content_type = text(raw_value)
+            elif name in ("content-encoding", b"content-encoding"):
+                coding = text(raw_value)
+        data = bytes(captured)
+        if coding:
+            # Never compressed bytes labelled JSON: decoded (bounded), or left out.
+            result = decoded(data, coding, self.limit)
+            if result is None:
+                return None, False
+            data, whole = result
+            complete = complete and whole
+        kind = body_kind(content_type)
+        if kind != "other":
+            redacted = self.redactor.body(data, kind) if complete else None
+            if redacted is None:
+                return None, False  # never sent half-redacted
+            data = redacted
+        body = {
+            "mimeType": content_type or OCTET_STREAM,
+            "encoding": "base64",
+            "text": base64.b64encode(data).decode("ascii"),
+        }
+        return body, complete
 
 
-def _content_type(headers: Sequence[RawHeader]) -> str:
-    for raw_name, raw_value in headers:
-        if text(raw_name).lower() == "content-type":
-            return text(raw_value) or OCTET_STREAM
-    return OCTET_STREAM
+_plans: weakref.WeakKeyDictionary[Config, _Plan] = weakref.WeakKeyDictionary()
+_last_plan: tuple[Config | None, _Plan | None] = (None, None)
 
 
-def _body(captured: bytearray | None, headers: Sequence[RawHeader]) -> dict[str, str] | None:
-    if captured is None or not captured:
-        return None
-    return {
-        "mimeType": _content_type(headers),
-        "encoding": "base64",
-        "text": base64.b64encode(captured).decode("ascii"),
-    }
+def _plan(config: Config) -> _Plan:
+    global _last_plan
+    last_config, plan = _last_plan
+    if config is last_config and plan is not None:
+        return plan
+    plan = _plans.get(config)
+    if plan is None:
+        plan = _plans[config] = _Plan(config)
+    _last_plan = (config, plan)
+    return plan
 
 
-_PHRASES = {status.value: status.phrase for status in HTTPStatus}
+def _status(value: Any) -> int:
+    """A response status in 0..999: 0 (unknown) for anything else the app gave."""
+    if type(value) is int:  # the common case; bool and str are not statuses
+        return value if 0 <= value <= 999 else 0
+    if isinstance(value, int) and not isinstance(value, bool):
+        return int(value) if 0 <= value <= 999 else 0  # an IntEnum (HTTPStatus)
+    return 0
 
 
-def _reason(status: int, reason: str) -> str:
-    return reason or _PHRASES.get(status, "")
+def _declared(value: int | None) -> int:
+    """A Content-Length believed only within 0..MAX_DECLARED_SIZE (0 otherwise)."""
+    if value is None or type(value) is not int or not 0 <= value <= MAX_DECLARED_SIZE:
+        return 0
+    return value
 
 
 def _ms(seconds: float) -> float:
-    return round(max(seconds, 0.0) * 1000.0, 3)
+    return round(seconds * 1000.0, 3) if seconds > 0 else 0.0
 
 
 def build_entry(exchange: Exchange) -> dict[str, Any]:
-    """The ALF 1.1.0 entry for one exchange."""
-    config = exchange.config
+    """The ALF 1.1.0 entry for one exchange. Never raises for anything a request carried."""
+    plan = _plan(exchange.config)
     info = exchange.reader(exchange.source)
     version = http_version(info.http_version)
-    redact = config.redact_headers
 
-    request_headers, request_headers_size = pairs(info.headers, redact)
-    target = info.path + ("?" + info.query if info.query else "")
-    request_headers_size += len(info.method) + 1 + wire_length(target) + 1 + len(version) + 2 + 2
-    # Body sizes: the bytes we counted, unless the app stopped reading early and the client
-    # declared more (ALF.md 1.6: measure; else Content-Length; else 0).
-    request_size = exchange.request_body_size
-    if not exchange.request_complete and info.content_length is not None:
-        request_size = max(request_size, info.content_length)
-    request_complete = exchange.request_body is not None and request_size == len(
-        exchange.request_body
+    # -- request
+    method = info.method if info.method.isascii() else _net.clean(info.method)
+    request_headers, request_headers_size = plan.pairs(info.headers)
+    path = info.path
+    query = info.query
+    request_headers_size += (
+        wire_length(method)
+        + wire_length(path)
+        + (wire_length(query) + 1 if query else 0)
+        + len(version)
+        + 6  # two spaces, CRLF after the request line, CRLF ending the headers
     )
+    if exchange.consumer:
+        request_headers.append({"name": CONSUMER_HEADER, "value": _net.clean(exchange.consumer)})
+    url = _net.origin(info.scheme, info.host) + _path(path)
+    if query:
+        url_query, query_string = plan.query(query)
+        url += "?" + url_query
+    else:
+        query_string = []
+    # Body sizes: the bytes we counted, unless the app stopped reading early and the client
+    # declared more (ALF.md 1.6: measure; else Content-Length, within bounds; else 0).
+    request_size = exchange.request_body_size
+    if not exchange.request_complete:
+        request_size = max(request_size, _declared(info.content_length))
+    post_data, request_captured = plan.body(exchange.request_body, request_size, info.headers)
+    request: dict[str, Any] = {
+        "method": method,
+        "url": url,
+        "httpVersion": version,
+        "queryString": query_string,
+        "headers": request_headers,
+        "headersSize": request_headers_size,
+        "bodyCaptured": request_captured,
+        "bodySize": request_size,
+    }
+    if post_data is not None:
+        request["postData"] = post_data
 
-    status = exchange.status or 500
-    response_headers, response_headers_size = pairs(exchange.response_headers, redact)
-    reason = _reason(status, exchange.reason)
-    response_headers_size += len(version) + 1 + len(str(status)) + 1 + wire_length(reason) + 4
+    # -- response
+    status = _status(exchange.status) if exchange.status else 500
+    response_headers, response_headers_size = plan.pairs(exchange.response_headers)
+    reason = exchange.reason or _PHRASES.get(status, "")
+    if not reason.isascii():
+        reason = _net.clean(reason)
+    response_headers_size += len(version) + len(str(status)) + wire_length(reason) + 6
     response_size = exchange.response_body_size
     if exchange.response_content_length is not None:
-        response_size = max(response_size, exchange.response_content_length)
+        response_size = max(response_size, _declared(exchange.response_content_length))
     response_body = exchange.response_body
     if info.method == "HEAD" or status in (204, 304) or 100 <= status < 200:
         # The server sends no body for these, whatever the app produced (RFC 9110 6.4.1).
         response_size = 0
         response_body = None if response_body is None else bytearray()
-    response_complete = response_body is not None and response_size == len(response_body)
-
-    request: dict[str, Any] = {
-        "method": info.method,
-        "url": build_url(info),
-        "httpVersion": version,
-        "queryString": query_pairs(info.query),
-        "headers": request_headers,
-        "headersSize": request_headers_size,
-        "bodyCaptured": request_complete,
-        "bodySize": request_size,
-    }
-    post_data = _body(exchange.request_body, info.headers)
-    if post_data is not None:
-        request["postData"] = post_data
-
+    content, response_captured = plan.body(response_body, response_size, exchange.response_headers)
     response: dict[str, Any] = {
         "status": status,
         "statusText": reason,
         "httpVersion": version,
         "headers": response_headers,
         "headersSize": response_headers_size,
-        "bodyCaptured": response_complete,
+        "bodyCaptured": response_captured,
         "bodySize": response_size,
     }
-    content = _body(response_body, exchange.response_headers)
     if content is not None:
         response["content"] = content
 
+    # -- timings
     t_start = exchange.t_start
     t_end = exchange.t_end or t_start
     t_response = exchange.t_response or t_end
@@ -360,13 +406,19 @@ def build_entry(exchange: Exchange) -> dict[str, Any]:
         "response": response,
         "timings": {"send": 0.0, "wait": wait, "receive": receive},
     }
-    client = client_ip(info, config)
+    client = plan.client(info)
     if client is not None:
         entry["clientIPAddress"] = client
-    server = _ip(info.server_ip)
-    if server is not None:
-        entry["serverIPAddress"] = server
+    if info.server_ip:
+        server = _net.ip_literal(info.server_ip)
+        if server is not None:
+            entry["serverIPAddress"] = str(server)
     return entry
+
+
+def _path(path: str) -> str:
+    escaped = _net.escape(path) if path else "/"
+    return escaped if escaped.startswith("/") else "/" + escaped
 
 
 def alf_envelope(service_token: str, environment: str | None) -> dict[str, Any]:
@@ -385,6 +437,6 @@ def dumps(value: Any) -> bytes:
             # orjson's bytes keep their whole output buffer (~8 KiB for a 1 KiB entry): copy
             # into an exact-size object, since entries wait in memory for their batch.
             return bytes(memoryview(_orjson.dumps(value)))
-        except TypeError:  # e.g. a lone surrogate in a str: fall back to the stdlib encoder
+        except TypeError:  # e.g. a lone surrogate a before_send hook put in: stdlib below
             pass
     return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "replace")

@@ -1,0 +1,233 @@
+"""Redaction and body decoding, applied by the builder before an entry is queued.
+
+Headers: a redacted header keeps its name and gets the marker as its value (Authorization and
+Proxy-Authorization keep a known scheme: ``Bearer [REDACTED]``). Query parameters and JSON and
+form-encoded body fields: matching keys keep their place, their values become the marker.
+Keys match case-insensitively, ignoring ``-`` and ``_`` (so ``api_key`` also catches
+``apiKey`` and ``API-KEY``). A JSON or form body that might hold a redacted key but cannot be
+parsed, or was cut at ``max_body_bytes``, is left out rather than sent half-redacted.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import unquote_plus
+
+from ._config import REDACTED
+
+if TYPE_CHECKING:
+    from ._config import Config
+
+#: Authorization schemes kept in front of the marker (IANA's registry and common others).
+#: Any other first word may be part of the secret, so the whole value is replaced.
+AUTH_SCHEMES = frozenset(
+    {
+        "basic",
+        "bearer",
+        "concealed",
+        "digest",
+        "dpop",
+        "gnap",
+        "hoba",
+        "mutual",
+        "negotiate",
+        "ntlm",
+        "oauth",
+        "privatetoken",
+        "scram-sha-1",
+        "scram-sha-256",
+        "vapid",
+        "aws4-hmac-sha256",
+        "hawk",
+        "token",
+        "apikey",
+    }
+)
+_AUTH_HEADERS = frozenset({"authorization", "proxy-authorization"})
+_REDACTED_IN_URL = "%5BREDACTED%5D"  # '[' and ']' may not appear unescaped in a query
+_REDACTED_BYTES = _REDACTED_IN_URL.encode("ascii")
+
+BodyKind = Literal["json", "form", "other"]
+
+
+def normalized(key: str) -> str:
+    """The form keys are compared in: lower case, without ``-`` and ``_``."""
+    return key.lower().replace("-", "").replace("_", "")
+
+
+def body_kind(mime_type: str) -> BodyKind:
+    """Whether a ``Content-Type`` names JSON (``*/json``, ``*+json``), a form, or other."""
+    essence = mime_type.partition(";")[0].strip().lower()
+    if essence.endswith(("/json", "+json")):
+        return "json"
+    if essence == "application/x-www-form-urlencoded":
+        return "form"
+    return "other"
+
+
+class Redactor:
+    """The redaction rules of one :class:`~alf_analytics._config.Config`, ready to apply."""
+
+    __slots__ = ("header_names", "header_substrings", "query_keys", "body_keys", "_needles")
+
+    def __init__(self, config: Config) -> None:
+        self.header_names: frozenset[str] = frozenset(n.lower() for n in config.redact_headers)
+        self.header_substrings: tuple[str, ...] = tuple(
+            sorted(s.lower() for s in config.redact_header_substrings)
+        )
+        self.query_keys = frozenset(normalized(k) for k in config.redact_query)
+        self.body_keys = frozenset(normalized(k) for k in config.redact_body_keys)
+        # What a body must contain (lower-cased, '-' and '_' removed) to possibly hold a key.
+        self._needles = tuple(sorted(k.encode("utf-8") for k in self.body_keys if k))
+
+    # -- headers -------------------------------------------------------------------------------
+
+    def header(self, name: str, value: str) -> str:
+        """The value to record for a header (``name`` lower-cased)."""
+        if name not in self.header_names and not any(s in name for s in self.header_substrings):
+            return value
+        if name in _AUTH_HEADERS:
+            scheme, space, _ = value.strip().partition(" ")
+            if space and scheme.lower() in AUTH_SCHEMES:
+                return f"{scheme} {REDACTED}"
+        return REDACTED
+
+    # -- query string --------------------------------------------------------------------------
+
+    def query_key(self, name: str) -> bool:
+        """Whether a (decoded) query parameter name is redacted."""
+        return normalized(name) in self.query_keys
+
+    # -- bodies --------------------------------------------------------------------------------
+
+    def may_hold_key(self, data: bytes) -> bool:
+        """False when no redacted key can appear in ``data`` (a cheap, conservative scan)."""
+        if not self._needles:
+            return False
+        if b"\\u" in data or b"%" in data:
+            return True  # escaped characters could spell a key: parse to be sure
+        folded = data.lower().replace(b"_", b"").replace(b"-", b"")
+        return any(needle in folded for needle in self._needles)
+
+    def body(self, data: bytes, kind: BodyKind) -> bytes | None:
+        """``data`` with redacted keys' values replaced, or None when it cannot be parsed."""
+        if kind == "other" or not self.may_hold_key(data):
+            return data
+        if kind == "json":
+            return self._json(data)
+        return self._form(data)
+
+    def _json(self, data: bytes) -> bytes | None:
+        try:
+            document = json.loads(data, parse_constant=_no_constant)
+        except (ValueError, RecursionError):
+            return None
+        if not self._scrub(document):
+            return data
+        try:
+            text = json.dumps(document, ensure_ascii=False, separators=(",", ":"))
+            return text.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate escape (\ud800): keep it escaped
+            return json.dumps(document, separators=(",", ":")).encode("ascii")
+        except RecursionError:
+            return None
+
+    def _scrub(self, document: Any) -> bool:
+        """Replace redacted keys' values in place, at any depth; True if any was."""
+        changed = False
+        stack = [document]
+        keys = self.body_keys
+        while stack:
+            node = stack.pop()
+            if isinstance(node, dict):
+                for key, value in node.items():
+                    if normalized(key) in keys:
+                        node[key] = REDACTED
+                        changed = True
+                    elif isinstance(value, (dict, list)):
+                        stack.append(value)
+            elif isinstance(node, list):
+                stack.extend(item for item in node if isinstance(item, (dict, list)))
+        return changed
+
+    def _form(self, data: bytes) -> bytes:
+        parts = data.split(b"&")
+        changed = False
+        for index, part in enumerate(parts):
+            name, equals, _ = part.partition(b"=")
+            if not equals:
+                continue
+            decoded = unquote_plus(name.decode("latin-1"), encoding="utf-8", errors="replace")
+            if normalized(decoded) in self.body_keys:
+                parts[index] = name + b"=" + _REDACTED_BYTES
+                changed = True
+        return b"&".join(parts) if changed else data
+
+
+def redacted_query(query: str, names: Iterable[tuple[int, bool]]) -> str:
+    """``query`` with the values of the marked parameters replaced, its shape kept.
+
+    ``names`` gives, for each ``&``-separated part that holds a parameter, its index and
+    whether it is redacted.
+    """
+    parts = query.split("&")
+    for index, redact in names:
+        if redact:
+            name, equals, _ = parts[index].partition("=")
+            if equals:
+                parts[index] = f"{name}={_REDACTED_IN_URL}"
+    return "&".join(parts)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+# -- Content-Encoding ------------------------------------------------------------------------
+
+
+def decoded(data: bytes, encodings: str, limit: int) -> tuple[bytes, bool] | None:
+    """The body under its ``Content-Encoding`` (gzip, deflate), at most ``limit`` bytes.
+
+    Returns ``(body, complete)``, or None when an encoding is unknown (``br``, ``zstd``...) or
+    the data is corrupt. Never produces more than ``limit`` bytes, whatever the ratio.
+    """
+    complete = True
+    for coding in reversed([c.strip().lower() for c in encodings.split(",")]):
+        if coding in ("", "identity"):
+            continue
+        if coding in ("gzip", "x-gzip"):
+            result = _inflate(data, 16 + zlib.MAX_WBITS, limit)
+        elif coding == "deflate":
+            # RFC 9110 says zlib-wrapped; some servers send raw deflate.
+            result = _inflate(data, zlib.MAX_WBITS, limit) or _inflate(data, -zlib.MAX_WBITS, limit)
+        else:
+            return None
+        if result is None:
+            return None
+        data, layer_complete = result
+        complete = complete and layer_complete
+    return data, complete
+
+
+def _inflate(data: bytes, wbits: int, limit: int) -> tuple[bytes, bool] | None:
+    out = bytearray()
+    rest = data
+    try:
+        while rest and len(out) <= limit:
+            inflater = zlib.decompressobj(wbits)
+            out += inflater.decompress(rest, limit + 1 - len(out))
+            if not inflater.eof:
+                # Input ran out (a captured prefix) or the output bound was reached.
+                return bytes(out[:limit]), False
+            rest = inflater.unused_data  # gzip may hold several members
+            if wbits < 16 + zlib.MAX_WBITS:
+                break
+    except zlib.error:
+        return None
+    if len(out) > limit:
+        return bytes(out[:limit]), False
+    return bytes(out), not rest
