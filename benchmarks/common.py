@@ -36,10 +36,17 @@ STREAM_CHUNK_BYTES = b"x" * STREAM_CHUNK
 SMALL_JSON = {"id": 42, "name": "widget", "price": 9.99, "tags": ["a", "b"], "in_stock": True}
 
 
-def make_json_body(size: int, seed: str) -> bytes:
-    """A JSON object of exactly ``size`` bytes (array of records, padded in a string)."""
+def make_json_body(size: int, seed: str, secrets: bool = False) -> bytes:
+    """A JSON object of exactly ``size`` bytes (array of records, padded in a string).
+
+    With ``secrets`` it also carries two keys the default body redaction matches
+    (``password`` at the top, ``token`` inside a nested object), as a login or
+    account-update request would, so the redaction benchmark has something to redact.
+    """
     items = [{"id": i, "name": f"{seed}-{i}", "qty": i % 7, "ok": i % 2 == 0} for i in range(40)]
     doc: dict[str, Any] = {"items": items, "pad": ""}
+    if secrets:
+        doc = {"user": "bench", "password": "hunter2", "auth": {"token": "t0k3n"}, **doc}
     raw = json.dumps(doc, separators=(",", ":")).encode()
     if len(raw) > size:
         raise ValueError("base document larger than requested size")
@@ -49,7 +56,7 @@ def make_json_body(size: int, seed: str) -> bytes:
     return out
 
 
-REQUEST_BODY_4K = make_json_body(4096, "req")
+REQUEST_BODY_4K = make_json_body(4096, "req", secrets=True)
 RESPONSE_BODY_4K = make_json_body(4096, "rsp")
 
 # About ten headers a browser or API client sends; lower-case as ASGI wants them.

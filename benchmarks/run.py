@@ -5,17 +5,24 @@ built by benchmarks/setup.sh), all sending to one loopback sink:
 
 1. in-process: a minimal Starlette and a minimal Flask app called directly, bare and
    wrapped by each variant, three scenarios, several interleaved rounds, one process per
-   variant per round (``inprocess.py``);
-2. through a real server: uvicorn and gunicorn under wrk, requests/s (``servers.py``);
-3. the worker alone: entries/s and bytes per entry (``worker_bench.py``);
-4. memory with the collector down (``memory.py``);
-5. a cProfile of our request path and worker (``profile_ours.py``), shown if a target is
+   variant per round (``inprocess.py``); plus our middleware with a skipped path and with
+   redaction off, for the cost of a skipped request and of redaction;
+2. through a real server: uvicorn and gunicorn under wrk, requests/s and the share of
+   entries that reached the sink (``servers.py``);
+3. delivery under latency: one process, batch_size 100, a sink answering each POST after
+   50 ms (``delivery.py``);
+4. the worker alone: entries/s and bytes per entry (``worker_bench.py``);
+5. memory with the collector down (``memory.py``);
+6. the collector's ingest and dashboard query (``ingest.py``, when it exists);
+7. a cProfile of our request path and worker (``profile_ours.py``), shown if a target is
    missed.
 
 It prints the report and writes it to BENCHMARKS.md at the repository root (``--quick``
 writes benchmarks/results/BENCHMARKS-quick-<date>.md instead, so a smoke run never
-replaces real figures), with the raw results as JSON in benchmarks/results/.  Only one run
-at a time: a second one waits for the first (two would measure each other).
+replaces real figures), with the raw results as JSON in benchmarks/results/.  Every
+figure is printed with the command that reproduces it (each script runs on its own and
+starts its own sink when ``--sink`` is not given).  Only one run at a time: a second one
+waits for the first (two would measure each other).
 """
 
 from __future__ import annotations
@@ -44,7 +51,9 @@ import report  # noqa: E402
 import servers  # noqa: E402
 from common import SCENARIOS  # noqa: E402
 from sink import SinkProcess  # noqa: E402
-from variants import DISTRIBUTIONS, LABELS, VARIANTS  # noqa: E402
+from variants import DISTRIBUTIONS, LABELS, OURS_OPTIONS, VARIANTS, runs_in  # noqa: E402
+
+PY = "benchmarks/.venv/bin/python"
 
 
 @dataclass
@@ -62,10 +71,32 @@ class Plan:
     worker_entries_bodies: int
     memory_entries: int
     profile_requests: int
+    ours_server_rounds: int  # bare and ours get more rounds: their ratio is a target
+    delivery_seconds: float
+    delivery_inflight: tuple[int | None, ...]  # None: the option's default
 
 
-FULL = Plan(3, 3000, 300, 60, 10, 2, 4.0, 1.0, 8, 60_000, 20_000, 20_000, 5000)
-QUICK = Plan(1, 800, 100, 15, 5, 1, 2.0, 1.0, 8, 10_000, 4_000, 5_000, 1000)
+FULL = Plan(
+    3, 3000, 300, 60, 10, 2, 4.0, 1.0, 8, 60_000, 20_000, 20_000, 5000, 3, 5.0, (None, 8, 1)
+)
+QUICK = Plan(1, 800, 100, 15, 5, 1, 2.0, 1.0, 8, 10_000, 4_000, 5_000, 1000, 1, 2.0, (None,))
+DELIVERY_LATENCY = 0.05
+DELIVERY_RATE = 15_000.0  # offered: 1.5 × the 10,000 entries/s target
+
+
+def display_command(script: str, args: list[str]) -> str:
+    """The command that reproduces one child's figure on its own (it starts its own sink)."""
+    shown: list[str] = []
+    skip = False
+    for a in args:
+        if skip:
+            skip = False
+            continue
+        if a == "--sink":
+            skip = True
+            continue
+        shown.append(a)
+    return shlex.join([PY, f"benchmarks/{script}", *shown])
 
 
 class Runner:
@@ -89,9 +120,11 @@ class Runner:
                 return {"status": "error", "reason": f"timed out after {timeout:.0f} s"}
         lines = proc.stdout.strip().splitlines()
         try:
-            return json.loads(lines[-1])  # type: ignore[no-any-return]
+            result: dict[str, Any] = json.loads(lines[-1])
         except (IndexError, json.JSONDecodeError):
-            return {"status": "error", "reason": f"exit {proc.returncode}, see {self.log_path}"}
+            result = {"status": "error", "reason": f"exit {proc.returncode}, see {self.log_path}"}
+        result.setdefault("command", display_command(script, args))
+        return result
 
 
 def say(msg: str) -> None:
@@ -118,7 +151,7 @@ def run_inprocess(
             for si, sc in enumerate(scenario_names):
                 k = (rnd + si) % len(variants)
                 for v in variants[k:] + variants[:k]:  # interleaved, rotated each round
-                    if (v, fw, sc) in unavailable:
+                    if (v, fw, sc) in unavailable or not runs_in(v, sc):
                         continue
                     stream = sc == "stream"
                     args = [
@@ -152,10 +185,14 @@ def run_servers(
     unavailable: dict[tuple[str, str], str],
 ) -> list[dict[str, Any]]:
     results: list[dict[str, Any]] = []
-    for rnd in range(plan.server_rounds):
+    variants = [v for v in variants if v not in OURS_OPTIONS]
+    for rnd in range(max(plan.server_rounds, plan.ours_server_rounds)):
         for fw in frameworks:
             k = rnd % len(variants)
             for v in variants[k:] + variants[:k]:
+                rounds = plan.ours_server_rounds if v in ("bare", "ours") else plan.server_rounds
+                if rnd >= rounds:
+                    continue
                 if (v, fw) in unavailable:
                     if rnd == 0:
                         reason = unavailable[(v, fw)]
@@ -168,9 +205,19 @@ def run_servers(
                     plan.connections, log_path,
                 )  # fmt: skip
                 res.update(variant=v, framework=fw, round=rnd)
+                res["command"] = shlex.join(
+                    [PY, "benchmarks/servers.py", "--framework", fw, "--variant", v,
+                     "--duration", f"{plan.server_duration:g}",
+                     "--warmup", f"{plan.server_warmup:g}",
+                     "--connections", str(plan.connections)]
+                )  # fmt: skip
                 results.append(res)
                 if res["status"] == "ok":
-                    say(f"  round {rnd + 1} {fw:9} {v:13} {res['rps']:9.0f} req/s")
+                    got = res["delivered_after_exit"]
+                    say(
+                        f"  round {rnd + 1} {fw:9} {v:13} {res['rps']:9.0f} req/s"
+                        + ("" if v == "bare" else f"  sink received {got}/{res['served']}")
+                    )
                 else:
                     say(f"  round {rnd + 1} {fw:9} {v:13} {res['status']}: {res.get('reason')}")
     return results
@@ -229,7 +276,7 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-PARTS = ("inprocess", "servers", "worker", "memory", "profile")
+PARTS = ("inprocess", "servers", "delivery", "worker", "memory", "ingest", "profile")
 
 
 def flag(on: bool, name: str) -> list[str]:
@@ -247,6 +294,47 @@ def run_worker(r: Runner, plan: Plan, sink: str) -> list[dict[str, Any]]:
             f"  bodies={bodies}: " + (f"{rate:,.0f} entries/s per CPU-second" if rate else str(res))
         )
     return out
+
+
+def run_delivery(r: Runner, plan: Plan) -> list[dict[str, Any]]:
+    """Entries/s one process delivers to a sink answering each POST after 50 ms."""
+    out = []
+    sink = SinkProcess(sys.executable, RESULTS, DELIVERY_LATENCY)
+    try:
+        for inflight in plan.delivery_inflight:
+            args = ["--sink", sink.url, "--latency", f"{DELIVERY_LATENCY:g}"]
+            args += ["--rate", f"{DELIVERY_RATE:g}", "--seconds", f"{plan.delivery_seconds:g}"]
+            if inflight is not None:
+                args += ["--max-inflight", str(inflight)]
+            res = r.child("delivery.py", args, timeout=180)
+            out.append(res)
+            if res.get("status") == "ok":
+                say(
+                    f"  max_inflight={res['max_inflight']}"
+                    f"{'' if res['max_inflight_given'] else ' (default)'}: "
+                    f"{res['delivered_per_s']:,.0f} entries/s delivered, "
+                    f"{res['lost']:,} of {res['captured']:,} lost"
+                )
+            else:
+                say(f"  max_inflight={inflight}: {res.get('status')}: {res.get('reason')}")
+    finally:
+        sink.stop()
+    return out
+
+
+INGEST = os.path.join(HERE, "ingest.py")
+
+
+def run_ingest(r: Runner, plan: Plan, quick: bool) -> dict[str, Any]:
+    """The collector's figures (benchmarks/ingest.py, written with the collector)."""
+    if not os.path.exists(INGEST):
+        return {"status": "n/a", "reason": "benchmarks/ingest.py does not exist yet"}
+    res = r.child("ingest.py", ["--quick"] if quick else [], timeout=150 if quick else 420)
+    for f in res.get("figures", []):
+        say(f"  {f.get('name')}: {f.get('value')} {f.get('unit', '')}")
+    if res.get("status") != "ok":
+        say(f"  {res.get('status')}: {res.get('reason')}")
+    return res
 
 
 def run_memory(r: Runner, plan: Plan) -> list[dict[str, Any]]:
@@ -271,7 +359,9 @@ def run_profiles(r: Runner, plan: Plan, sink: str, frameworks: list[str]) -> dic
     profiles: dict[str, str] = {}
     for fw in frameworks:
         args = ["--framework", fw, "--sink", sink, "--requests", str(plan.profile_requests)]
-        profiles.update(r.child("profile_ours.py", args))
+        res = r.child("profile_ours.py", args)
+        res.pop("command", None)
+        profiles.update(res)
     return profiles
 
 
@@ -359,19 +449,24 @@ def run_parts(
         variants.insert(0, "bare")
     frameworks = args.frameworks.split(",")
     skip = set(filter(None, args.skip.split(",")))
-    res: dict[str, Any] = {"inprocess": [], "servers": [], "worker": [], "memory": []}
+    res: dict[str, Any] = {
+        "inprocess": [], "servers": [], "delivery": [], "worker": [], "memory": [], "ingest": {}
+    }  # fmt: skip
     timings: dict[str, float] = {}
     parts = {
         "inprocess": lambda: run_inprocess(r, plan, sink, variants, frameworks),
         "servers": lambda: run_servers(
             plan, sink, variants, frameworks, log_path, unavailable_in(res["inprocess"])
         ),
+        "delivery": lambda: run_delivery(r, plan),
         "worker": lambda: run_worker(r, plan, sink),
         "memory": lambda: run_memory(r, plan),
+        "ingest": lambda: run_ingest(r, plan, args.quick),
         "profile": lambda: run_profiles(r, plan, sink, frameworks),
     }
     for name, fn in parts.items():
-        if name in skip or (name in ("worker", "memory", "profile") and "ours" not in variants):
+        ours_only = ("delivery", "worker", "memory", "profile")
+        if name in skip or (name in ours_only and "ours" not in variants):
             continue
         say(f"{name}:")
         t0 = time.monotonic()
@@ -402,6 +497,8 @@ def meta(
         "warmup": plan.warmup,
         "stream_requests": plan.stream_requests,
         "server_rounds": plan.server_rounds,
+        "ours_server_rounds": plan.ours_server_rounds,
+        "delivery_seconds": plan.delivery_seconds,
         "server_duration": plan.server_duration,
         "server_warmup": plan.server_warmup,
         "connections": plan.connections,

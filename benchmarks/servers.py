@@ -11,6 +11,8 @@ would in production.
 Besides requests/s we record what reached the sink: within a short grace period after the
 load, and after the server was stopped (SIGTERM, so exit-time flushes run), because a
 middleware that looks cheap while silently delaying or dropping its data is not cheap.
+For our variant the serving process also writes ``alf_analytics.stats()`` at exit
+(``server_app.py``), so entries dropped as ``queue_full`` are counted by name.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from common import GET_PATH, QUERY_STRING, SinkClient, request_headers
+from sink import running_sink
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 URL_PATH = f"{GET_PATH}?{QUERY_STRING}"
@@ -144,7 +147,14 @@ def measure(
 ) -> dict[str, Any]:
     """Start a server for ``variant``, load it, stop it; requests/s and deliveries."""
     port = free_port()
-    env = dict(os.environ, BENCH_FRAMEWORK=framework, BENCH_VARIANT=variant, BENCH_SINK=sink_url)
+    stats_file = os.path.join(os.path.dirname(log_path), f"server-stats-{os.getpid()}-{port}.json")
+    env = dict(
+        os.environ,
+        BENCH_FRAMEWORK=framework,
+        BENCH_VARIANT=variant,
+        BENCH_SINK=sink_url,
+        BENCH_STATS_FILE=stats_file,
+    )
     sink = SinkClient(sink_url)
     base = sink.totals()
     with open(log_path, "ab") as log:
@@ -162,6 +172,11 @@ def measure(
             return {"status": "error", "reason": f"{type(exc).__name__}: {exc}"}
         stop(proc, 20)
     after_exit = sink.wait_quiet(0.5, 5.0)
+    ours_stats: dict[str, Any] | None = None
+    if os.path.exists(stats_file):
+        with open(stats_file) as f:
+            ours_stats = json.load(f)
+        os.unlink(stats_file)
     if res.errors or res.non2xx:
         status = f"{res.errors} socket errors, {res.non2xx} non-2xx"
     else:
@@ -177,4 +192,30 @@ def measure(
         "delivered_after_exit": after_exit[2] - base[2],
         "sink_requests": after_exit[0] - base[0],
         "sink_bytes": after_exit[1] - base[1],
+        "ours_stats": ours_stats,
     }
+
+
+def main() -> None:
+    import argparse
+    import tempfile
+
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--framework", choices=["starlette", "flask"], required=True)
+    p.add_argument("--variant", required=True)
+    p.add_argument("--sink", help="the sink's URL (default: start one for this run)")
+    p.add_argument("--duration", type=float, default=4.0)
+    p.add_argument("--warmup", type=float, default=1.0)
+    p.add_argument("--connections", type=int, default=8)
+    a = p.parse_args()
+    log = os.path.join(tempfile.gettempdir(), f"bench-server-{os.getpid()}.log")
+    with running_sink(a.sink) as url:
+        result = measure(
+            sys.executable, a.framework, a.variant, url, a.duration, a.warmup, a.connections, log
+        )
+    result.update(variant=a.variant, framework=a.framework)
+    sys.stdout.write(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -15,17 +15,26 @@ and apitally), so a variant can wait for exactly what it produced.
 
 It runs in its own process so its CPU time is never charged to the variant measured.
 It stops by itself after ``--max-seconds``.
+
+``--latency SECONDS`` delays the answer to every ALF batch POST (the collector "far away"
+of the delivery benchmark) without blocking other connections: each connection waits in
+its own task, so POSTs sent at once are answered at once after the delay.  The counters
+include ``first_entry_at``/``last_entry_at`` (``time.monotonic()``, one clock for every
+process on Linux) so a client can compute the rate at which entries arrived.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gzip
 import json
 import os
+import time
 import zlib
 from collections import defaultdict
+from collections.abc import Iterator
 from typing import Any
 
 ALF_REPLY_TEMPLATE = '{{"errors":[],"sent":{n},"saved":{n}}}'
@@ -42,6 +51,10 @@ class Counters:
         self.alf_batches = 0
         self.alf_raw_bytes = 0
         self.parse_errors = 0
+        self.first_entry_at = 0.0
+        self.last_entry_at = 0.0
+        self.concurrent = 0
+        self.max_concurrent = 0
         self.by_path: dict[str, list[int]] = defaultdict(lambda: [0, 0])
 
     def as_json(self) -> bytes:
@@ -54,6 +67,9 @@ class Counters:
                 "alf_batches": self.alf_batches,
                 "alf_raw_bytes": self.alf_raw_bytes,
                 "parse_errors": self.parse_errors,
+                "first_entry_at": self.first_entry_at,
+                "last_entry_at": self.last_entry_at,
+                "max_concurrent": self.max_concurrent,
                 "by_path": self.by_path,
             }
         ).encode()
@@ -111,8 +127,13 @@ def decode_body(body: bytes, encoding: str) -> bytes:
 
 
 class Sink:
-    def __init__(self) -> None:
+    def __init__(self, latency: float = 0.0) -> None:
         self.c = Counters()
+        self.latency = latency
+
+    def delays(self, method: str, path: str) -> bool:
+        """Whether this request's answer waits ``latency`` (ALF batch POSTs only)."""
+        return bool(self.latency) and method == "POST" and path.rstrip("/").endswith("/batch")
 
     def handle(self, method: str, path: str, headers: dict[str, str], body: bytes) -> bytes:
         """Count one request; return the full HTTP response."""
@@ -135,6 +156,9 @@ class Sink:
                     c.alf_raw_bytes += len(raw)
                     c.alf_batches += 1
                     c.entries += n
+                    now = time.monotonic()
+                    c.first_entry_at = c.first_entry_at or now
+                    c.last_entry_at = now
                 c.events += n
             except Exception:
                 c.parse_errors += 1
@@ -164,6 +188,14 @@ class Sink:
                         k, v = line.split(":", 1)
                         headers[k.strip().lower()] = v.strip()
                 body = await read_body(reader, headers)
+                if self.delays(method, path):
+                    c = self.c
+                    c.concurrent += 1
+                    c.max_concurrent = max(c.max_concurrent, c.concurrent)
+                    try:
+                        await asyncio.sleep(self.latency)  # counted when answered
+                    finally:
+                        c.concurrent -= 1
                 out = self.handle(method, path, headers, body)
                 close = headers.get("connection", "").lower() == "close" or version == "HTTP/1.0"
                 if close:
@@ -202,8 +234,8 @@ def response(status: int, payload: bytes, ctype: str) -> bytes:
     return head.encode() + payload
 
 
-async def main_async(port: int, port_file: str | None, max_seconds: float) -> None:
-    sink = Sink()
+async def main_async(port: int, port_file: str | None, max_seconds: float, latency: float) -> None:
+    sink = Sink(latency)
     server = await asyncio.start_server(sink.serve_conn, "127.0.0.1", port, backlog=1024)
     bound = server.sockets[0].getsockname()[1]
     if port_file:
@@ -223,8 +255,9 @@ def main() -> None:
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--port-file")
     p.add_argument("--max-seconds", type=float, default=1800.0)
+    p.add_argument("--latency", type=float, default=0.0, help="seconds before each batch answer")
     a = p.parse_args()
-    asyncio.run(main_async(a.port, a.port_file, a.max_seconds))
+    asyncio.run(main_async(a.port, a.port_file, a.max_seconds, a.latency))
 
 
 if __name__ == "__main__":
@@ -234,15 +267,16 @@ if __name__ == "__main__":
 class SinkProcess:
     """Start the sink in a child process; ``url`` is where variants send."""
 
-    def __init__(self, python: str, tmpdir: str) -> None:
+    def __init__(self, python: str, tmpdir: str, latency: float = 0.0) -> None:
         import subprocess
         import sys
-        import time
 
+        os.makedirs(tmpdir, exist_ok=True)
         port_file = os.path.join(tmpdir, f"sink-{os.getpid()}-{time.monotonic_ns()}.port")
-        self.proc = subprocess.Popen(
-            [python or sys.executable, os.path.abspath(__file__), "--port-file", port_file]
-        )
+        cmd = [python or sys.executable, os.path.abspath(__file__), "--port-file", port_file]
+        if latency:
+            cmd += ["--latency", str(latency)]
+        self.proc = subprocess.Popen(cmd)
         deadline = time.monotonic() + 15
         while not os.path.exists(port_file):
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -259,3 +293,23 @@ class SinkProcess:
             self.proc.wait(5)
         except Exception:
             self.proc.kill()
+
+
+@contextlib.contextmanager
+def running_sink(url: str | None, latency: float = 0.0) -> Iterator[str]:
+    """``url`` if given, else the URL of a sink started here for as long as the block runs.
+
+    Lets every benchmark script run on its own (``--sink`` omitted), exactly as the report
+    prints its command.
+    """
+    if url:
+        yield url
+        return
+    import sys
+    import tempfile
+
+    sink = SinkProcess(sys.executable, tempfile.gettempdir(), latency)
+    try:
+        yield sink.url
+    finally:
+        sink.stop()

@@ -48,6 +48,8 @@ def noop() -> None:
 LABELS: dict[str, str] = {
     "bare": "bare app",
     "ours": "alf-analytics (ours)",
+    "ours_skip": "ours, request skipped (skip_paths)",
+    "ours_noredact": "ours, default_redactions=False",
     "moesif": "Moesif",
     "apitally": "apitally",
     "readme": "readme-metrics",
@@ -55,12 +57,25 @@ LABELS: dict[str, str] = {
     "api_analytics": "api-analytics",
 }
 VARIANTS: list[str] = list(LABELS)
-PEERS: list[str] = [v for v in VARIANTS if v not in ("bare", "ours")]
+# Our middleware with one option changed, each run only in the scenario it is about: the
+# cost of a skipped request (GET, the same request as "ours" but its path in skip_paths)
+# and the cost of redaction (POST with bodies on, "ours" minus this).
+OURS_OPTIONS: dict[str, str] = {"ours_skip": "get", "ours_noredact": "post"}
+PEERS: list[str] = [v for v in VARIANTS if v not in ("bare", "ours", *OURS_OPTIONS)]
+
+
+def runs_in(variant: str, scenario: str) -> bool:
+    """Whether ``variant`` is measured in ``scenario`` (the option variants in one only)."""
+    only = OURS_OPTIONS.get(variant)
+    return only is None or only == scenario
+
 
 # Variant name -> distributions whose versions the report lists.
 DISTRIBUTIONS: dict[str, list[str]] = {
     "bare": ["starlette", "flask", "werkzeug", "uvicorn", "gunicorn"],
     "ours": ["alf-analytics"],
+    "ours_skip": [],
+    "ours_noredact": [],
     "moesif": ["moesifasgi", "moesifwsgi", "moesifapi"],
     "apitally": ["apitally"],
     "readme": ["readme-metrics"],
@@ -76,7 +91,7 @@ DISTRIBUTIONS: dict[str, list[str]] = {
 
 def events_per_request(variant: str, framework: str, scenario: str) -> int:
     """How many events the sink counts for one request of this variant."""
-    if variant == "bare":
+    if variant in ("bare", "ours_skip"):
         return 0
     if variant == "readme" and framework == "flask" and scenario == "stream":
         return STREAM_CHUNKS  # readme-metrics WSGI logs once per yielded chunk
@@ -91,7 +106,11 @@ def build_bare(framework: str, app: Any, sink: str, bodies: bool) -> Wrapped:
     return Wrapped(inner(framework, app), noop, "no middleware")
 
 
-def build_ours(framework: str, app: Any, sink: str, bodies: bool) -> Wrapped:
+# The path the skip variant skips: the GET scenario's path, by prefix.
+SKIP_PATHS = ["/items/*"]
+
+
+def build_ours(framework: str, app: Any, sink: str, bodies: bool, **options: Any) -> Wrapped:
     try:
         import alf_analytics
 
@@ -103,14 +122,34 @@ def build_ours(framework: str, app: Any, sink: str, bodies: bool) -> Wrapped:
         flush_api = alf_analytics.flush
     except (ImportError, AttributeError) as exc:
         raise Unavailable(f"alf_analytics API not importable: {exc}") from exc
-    wrapped = cls(
-        inner(framework, app), service_token=SERVICE_TOKEN, collector_url=sink, log_body=bodies
-    )
+    try:
+        wrapped = cls(
+            inner(framework, app),
+            service_token=SERVICE_TOKEN,
+            collector_url=sink,
+            log_body=bodies,
+            **options,
+        )
+    except (TypeError, ValueError) as exc:
+        if not options:
+            raise
+        raise Unavailable(f"option {', '.join(options)} not accepted: {exc}") from exc
 
     def flush() -> None:
         flush_api(timeout=10.0)
 
-    return Wrapped(wrapped, flush, "log_body as the scenario says, other options default")
+    changed = ", ".join(f"{k}={v!r}" for k, v in options.items())
+    return Wrapped(
+        wrapped, flush, "log_body as the scenario says, " + (changed or "other options default")
+    )
+
+
+def build_ours_skip(framework: str, app: Any, sink: str, bodies: bool) -> Wrapped:
+    return build_ours(framework, app, sink, bodies, skip_paths=SKIP_PATHS)
+
+
+def build_ours_noredact(framework: str, app: Any, sink: str, bodies: bool) -> Wrapped:
+    return build_ours(framework, app, sink, bodies, default_redactions=False)
 
 
 def build_moesif(framework: str, app: Any, sink: str, bodies: bool) -> Wrapped:
@@ -265,6 +304,8 @@ def build_api_analytics(framework: str, app: Any, sink: str, bodies: bool) -> Wr
 BUILDERS: dict[str, Callable[[str, Any, str, bool], Wrapped]] = {
     "bare": build_bare,
     "ours": build_ours,
+    "ours_skip": build_ours_skip,
+    "ours_noredact": build_ours_noredact,
     "moesif": build_moesif,
     "apitally": build_apitally,
     "readme": build_readme,

@@ -28,6 +28,7 @@ import psutil
 from apps import make_raw_wsgi_app
 from common import RESPONSE_BODY_4K, SCENARIOS, SERVICE_TOKEN, SMALL_JSON, SinkClient
 from inprocess import wsgi_environ
+from sink import running_sink
 
 
 def thread_cpu() -> dict[int, float]:
@@ -55,7 +56,7 @@ def produce(app: Any, environ: dict[str, Any], body: bytes, n: int) -> None:
             close()
 
 
-def measure(sink_url: str, entries: int, bodies: bool) -> dict[str, Any]:
+def measure(url: str, entries: int, bodies: bool) -> dict[str, Any]:
     import alf_analytics
 
     sc = SCENARIOS["post" if bodies else "get"]
@@ -63,12 +64,12 @@ def measure(sink_url: str, entries: int, bodies: bool) -> dict[str, Any]:
     app = alf_analytics.AnalyticsWSGIMiddleware(
         make_raw_wsgi_app(body_out),
         service_token=SERVICE_TOKEN,
-        collector_url=sink_url,
+        collector_url=url,
         log_body=bodies,
         queue_size=entries + 10_000,  # nothing may be dropped while we produce at full speed
     )
     environ = wsgi_environ(sc)
-    sink = SinkClient(sink_url)
+    sink = SinkClient(url)
     main_tid = threading.get_native_id()
 
     produce(app, environ, sc.body, 1000)
@@ -112,12 +113,13 @@ def measure(sink_url: str, entries: int, bodies: bool) -> dict[str, Any]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--sink", required=True)
+    p.add_argument("--sink", help="the sink's URL (default: start one for this run)")
     p.add_argument("--entries", type=int, default=50_000)
     p.add_argument("--bodies", action="store_true")
     a = p.parse_args()
     try:
-        result = measure(a.sink, a.entries, a.bodies)
+        with running_sink(a.sink) as url:
+            result = measure(url, a.entries, a.bodies)
     except (ImportError, AttributeError) as exc:
         result = {"status": "n/a", "reason": f"alf_analytics API not importable: {exc}"}
     except Exception as exc:
