@@ -246,7 +246,8 @@ class ServerFigures:
     """Bare vs ours through one real server, over the rounds of a run."""
 
     fraction: float  # ours requests/s over bare requests/s (medians over rounds)
-    delivered: float  # entries the sink received over entries captured (all rounds)
+    delivered: float  # entries at the sink within 3 s of the load's end over entries captured
+    delivered_exit: float  # the same after the server's shutdown
     queue_full: int  # entries dropped as queue_full (all rounds; -1: not known)
     command: str
 
@@ -256,13 +257,14 @@ def server_figures(rows: list[dict[str, Any]], fw: str) -> ServerFigures:
     bare = med(r["rps"] for r in ok if r["variant"] == "bare")
     ours = [r for r in ok if r["variant"] == "ours"]
     mine = med(r["rps"] for r in ours)
-    captured = received = 0
+    captured = received = received_exit = 0
     queue_full = 0
     for r in ours:
         stats = r.get("ours_stats")
         made = stats["captured"] if stats else r["served"]
         captured += made
-        received += min(r["delivered_after_exit"], made)
+        received += min(r["delivered_after_load"], made)
+        received_exit += min(r["delivered_after_exit"], made)
         if stats is None:
             queue_full = -1
         elif queue_full >= 0:
@@ -270,6 +272,7 @@ def server_figures(rows: list[dict[str, Any]], fw: str) -> ServerFigures:
     return ServerFigures(
         mine / bare if bare else math.nan,
         received / captured if captured else math.nan,
+        received_exit / captured if captured else math.nan,
         queue_full,
         ours[0].get("command", "") if ours else "",
     )
@@ -305,10 +308,11 @@ def server_table(rows: list[dict[str, Any]]) -> list[str]:
             drops = "–"
             if v == "ours":
                 f = server_figures(rows, fw)
-                de = f"{f.delivered:.1%}"
+                dl, de = f"{f.delivered:.1%}", f"{f.delivered_exit:.1%}"
                 drops = "unknown" if f.queue_full < 0 else f"{f.queue_full:,}"
             name = "**" + LABELS[v] + "**" if v == "ours" else LABELS[v]
-            rounds = f" ({len(ok)} rounds)" if v in ("bare", "ours") else ""
+            plural = "s" if len(ok) != 1 else ""
+            rounds = f" ({len(ok)} round{plural})" if v in ("bare", "ours") else ""
             lines.append(
                 md_row(
                     SERVER_LABEL[fw],
@@ -577,7 +581,8 @@ def verdicts(
             g, f"{SERVER_LABEL[fw]}: ≥ {T_SERVER_FRACTION:.0%} of the bare app's requests/s, "
             f"with ≥ {T_SERVER_DELIVERED:.0%} of the entries at the sink and no queue_full drop",
             f"{fmt(BEFORE['server'][fw])}% (entries: 100%)",
-            f"{fmt(100 * f.fraction)}% of bare; entries at the sink {fmt(100 * f.delivered)}%, "
+            f"{fmt(100 * f.fraction)}% of bare; entries at the sink {fmt(100 * f.delivered)}% "
+            f"within 3 s of the load's end ({fmt(100 * f.delivered_exit)}% after shutdown), "
             f"queue_full {drops}", met, f"`{f.command}` (and `--variant bare`)",
         ))  # fmt: skip
 
@@ -855,8 +860,8 @@ def render(results: dict[str, Any]) -> str:
     out += options_rows(table)
     out += ["## Through a real server (GET, bodies off)", ""]
     out += [
-        f"{meta.get('ours_server_rounds', meta['server_rounds'])} interleaved rounds for the "
-        f"bare app and ours, {meta['server_rounds']} for each peer, of "
+        f"Interleaved rounds: {meta.get('ours_server_rounds', meta['server_rounds'])} for the "
+        f"bare app and ours, {meta['server_rounds']} for each peer; "
         f"{meta['server_duration']:g} s per variant after {meta['server_warmup']:g} s of "
         f"warm-up, {meta['connections']} connections. Delivered: events at the sink over "
         "requests served, within 3 s after the load and after the server was stopped with "
