@@ -29,7 +29,6 @@ from urllib.parse import parse_qsl, urlencode
 
 import jinja2
 from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
@@ -53,7 +52,7 @@ RANGES: Final[dict[str, timedelta | None]] = {
     "30d": timedelta(days=30),
     "all": None,
 }
-DEFAULT_RANGE: Final = "24h"
+DEFAULT_RANGE: Final = "1h"
 #: Chart bucket sizes (seconds); the smallest that keeps a chart under ~_MAX_POINTS points.
 _INTERVALS: Final = (60, 300, 900, 1800, 3600, 10_800, 21_600, 43_200, 86_400)
 _MAX_POINTS: Final = 180
@@ -231,13 +230,14 @@ _TEMPLATES: Final = _environment()
 
 
 def render(request: Request, name: str, context: Mapping[str, Any], status: int = 200) -> Response:
-    html = _TEMPLATES.get_template(name).render(
-        request=request,
-        url_with=_url_builder(request),
-        static=_static_url,
-        logout=auth.read_key_configured(request),
+    values = {
+        "request": request,
+        "url_with": _url_builder(request),
+        "static": _static_url,
+        "logout": auth.read_key_configured(request),
         **context,
-    )
+    }
+    html = _TEMPLATES.get_template(name).render(values)
     return HTMLResponse(html, status_code=status, headers=_SECURITY_HEADERS)
 
 
@@ -312,9 +312,13 @@ def parse_selection(query: Mapping[str, str], now: datetime) -> Selection:
         filters = queries.Filters.from_query(api_params)
     except queries.FilterError as exc:
         raise SelectionError(str(exc)) from None
-    since = _parse_instant(filters.since)
-    until = _parse_instant(filters.until)
+    since = _from_micros(filters.since)
+    until = _from_micros(filters.until)
     return Selection(params, api_params, filters, range_name, since, until)
+
+
+def _from_micros(micros: int | None) -> datetime | None:
+    return None if micros is None else datetime.fromtimestamp(micros / 1e6, timezone.utc)
 
 
 class SelectionError(ValueError):
@@ -335,32 +339,19 @@ def chart_interval(since: datetime | None, until: datetime | None) -> int:
 def chart_data(series: Sequence[Mapping[str, Any]], interval: int) -> dict[str, Any]:
     """Column arrays for the charts: requests per minute (all, 4xx, 5xx) and p50/p95/p99.
 
-    Buckets the query layer left out (no traffic) are drawn as zero requests and as gaps in
-    the latency lines, so a quiet minute shows as quiet instead of being bridged.
+    The query layer answers every bucket of the window, quiet ones with a zero count and no
+    percentiles, so a quiet minute draws as zero requests and as a gap in the latency lines.
+    Counts are scaled to per-minute rates when a bucket is longer than a minute.
     """
-    points: dict[int, Mapping[str, Any]] = {}
-    for point in series:
-        moment = _parse_instant(point.get("t"))
-        if moment is not None:
-            points[int(moment.timestamp())] = point
-    times: list[int] = []
-    if points:
-        first, last = min(points), max(points)
-        times = list(range(first, last + 1, interval))
-        if len(times) > 4 * _MAX_POINTS:  # buckets not on the grid: draw what we have
-            times = sorted(points)
     per_minute = 60 / interval
     columns: dict[str, list[Any]] = {
-        "t": times,
-        "count": [],
-        "client_errors": [],
-        "server_errors": [],
-        "p50": [],
-        "p95": [],
-        "p99": [],
+        key: [] for key in ("t", "count", "client_errors", "server_errors", "p50", "p95", "p99")
     }
-    for moment in times:
-        point = points.get(moment, {})
+    for point in series:
+        moment = _parse_instant(point.get("t"))
+        if moment is None:
+            continue
+        columns["t"].append(int(moment.timestamp()))
         for key in ("count", "client_errors", "server_errors"):
             columns[key].append(round((point.get(key) or 0) * per_minute, 3))
         for key in ("p50", "p95", "p99"):
@@ -447,7 +438,7 @@ def _overview_data(store: Any, selection: Selection, sort: str) -> dict[str, Any
     return {
         "_services": services,
         "stats": stats,
-        "chart": chart_data(stats["series"], interval),
+        "chart": {**chart_data(stats["series"], interval), "total": stats["count"]},
         "status_codes": [(code, count, count / total if total else 0) for code, count in codes],
         "status_classes": sorted(stats["status_classes"].items()),
         "endpoints": endpoints["endpoints"],
@@ -651,5 +642,3 @@ def dashboard_routes() -> list[BaseRoute]:
         Route("/logout", logout, methods=["POST"], name="dashboard:logout"),
         Mount("/static", StaticFiles(directory=STATIC_DIR), name="dashboard:static"),
     ]
-
-

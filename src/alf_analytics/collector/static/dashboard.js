@@ -69,7 +69,7 @@
     });
     charts = [];
     var data = readChartData();
-    if (!data || !window.uPlot || !data.columns.t.length) return;
+    if (!data || !window.uPlot || !data.total || !data.columns.t.length) return;
     var columns = data.columns;
     var grid = cssVar("--grid", "#ddd");
     var text = cssVar("--muted", "#555");

@@ -1,0 +1,411 @@
+"""The dashboard in a real browser: Debian's Chromium driven by Playwright.
+
+One collector (the real app under uvicorn, with a read key) is filled once per module by a
+real agent (AnalyticsWSGIMiddleware around a small WSGI app, driven by httpx), and one
+browser serves every test. Each page a test opens is watched: a console error, an uncaught
+exception or a dialog (an ``alert`` that got through) fails the test that opened it.
+
+Without Chromium or Playwright these tests are skipped with the reason; under CI=true they
+fail instead, because CI must run them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+import alf_analytics
+from alf_analytics.collector import Collector
+from alf_analytics.wsgi import AnalyticsWSGIMiddleware
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+READ_KEY = "browser-read-key-0123456789"
+TOKEN = "browser-service-token"
+ENV = "browser"
+XSS_HEADER = "<script>alert('header')</script>"
+XSS_BODY = {"comment": "<script>alert('body')</script><img src=x onerror=alert('img')>"}
+
+
+def _playwright() -> Any:
+    reason = None
+    if not Path(CHROMIUM).exists():
+        reason = f"{CHROMIUM} is missing (apt-get install chromium)"
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        reason = reason or "playwright is not installed (pip install playwright)"
+        sync_playwright = None
+    if reason is not None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI must run the browser tests: {reason}")
+        pytest.skip(reason)
+    return sync_playwright
+
+
+# -- the app the agent records ----------------------------------------------------------------
+
+
+def shop(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+    """A small JSON API: items, a failing endpoint, a missing one, and an echo."""
+    path = environ["PATH_INFO"]
+    length = int(environ.get("CONTENT_LENGTH") or 0)
+    body = environ["wsgi.input"].read(length) if length else b""
+    json_type = ("Content-Type", "application/json")
+    if path == "/boom":
+        start_response("500 Internal Server Error", [json_type])
+        return [b'{"error": "boom"}']
+    if path.startswith("/items/") and environ["REQUEST_METHOD"] == "GET":
+        item = path.rsplit("/", 1)[1]
+        start_response("200 OK", [json_type])
+        return [json.dumps({"id": item, "name": f"item {item}"}).encode()]
+    if path == "/items" and environ["REQUEST_METHOD"] == "POST":
+        start_response("201 Created", [json_type])
+        return [body]
+    if path == "/xss":
+        start_response("200 OK", [json_type, ("X-Echo", environ.get("HTTP_X_EVIL", ""))])
+        return [body]
+    start_response("404 Not Found", [("Content-Type", "text/plain")])
+    return [b"not found"]
+
+
+def consumer_of(request: Any) -> str | None:
+    user = request.get("HTTP_X_USER")
+    return str(user) if user else None
+
+
+def agent_client(collector: Collector, environment: str) -> httpx.Client:
+    app = AnalyticsWSGIMiddleware(
+        shop,
+        service_token=TOKEN,
+        collector_url=collector.url,
+        environment=environment,
+        log_body=True,
+        identify=consumer_of,
+    )
+    return httpx.Client(transport=httpx.WSGITransport(app=app), base_url="http://shop.test")
+
+
+@dataclass
+class Traffic:
+    """What the module's agent sent: how many of each, and the JSON posted."""
+
+    total: int = 0
+    by_status: dict[int, int] = field(default_factory=dict)
+    by_method: dict[str, int] = field(default_factory=dict)
+    posted: list[dict[str, Any]] = field(default_factory=list)
+
+    def send(self, client: httpx.Client, method: str, path: str, **kwargs: Any) -> None:
+        response = client.request(method, path, **kwargs)
+        self.total += 1
+        self.by_status[response.status_code] = self.by_status.get(response.status_code, 0) + 1
+        self.by_method[method] = self.by_method.get(method, 0) + 1
+
+
+@pytest.fixture(scope="module")
+def filled() -> Iterator[tuple[Collector, Traffic]]:
+    traffic = Traffic()
+    with Collector(read_key=READ_KEY, tokens=[f"web={TOKEN}"]) as collector:
+        with agent_client(collector, ENV) as client:
+            for i in range(40):
+                user = {"X-User": ("alice", "bob")[i % 2]}
+                traffic.send(client, "GET", f"/items/{i}", headers=user)
+            for i in range(12):
+                item = {"name": f"kite {i}", "price": 10 + i, "tags": ["red", "new"]}
+                traffic.posted.append(item)
+                traffic.send(client, "POST", "/items", json=item, headers={"X-User": "carol"})
+            for i in range(8):
+                traffic.send(client, "GET", f"/missing/{i}")
+            for _ in range(5):
+                traffic.send(client, "GET", "/boom")
+            traffic.send(client, "POST", "/xss", json=XSS_BODY, headers={"X-Evil": XSS_HEADER})
+        alf_analytics.flush(10)
+        assert collector.wait_for_entries(traffic.total, 10), collector.count()
+        yield collector, traffic
+    alf_analytics.close(timeout=2.0)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    sync_playwright = _playwright()
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield launched
+        launched.close()
+
+
+@dataclass
+class Watched:
+    """A page with everything that would mean a broken or attacked page recorded."""
+
+    page: Any
+    base: str
+    problems: list[str] = field(default_factory=list)
+
+    def goto(self, path: str) -> Any:
+        return self.page.goto(self.base + path)
+
+
+def watch(page: Any, base: str) -> Watched:
+    watched = Watched(page, base)
+
+    def on_console(message: Any) -> None:
+        if message.type == "error":
+            watched.problems.append(f"console error: {message.text}")
+
+    def on_dialog(dialog: Any) -> None:
+        watched.problems.append(f"dialog: {dialog.message}")
+        dialog.dismiss()
+
+    page.on("console", on_console)
+    page.on("pageerror", lambda error: watched.problems.append(f"page error: {error}"))
+    page.on("dialog", on_dialog)
+    return watched
+
+
+@pytest.fixture(scope="module")
+def signed_in(browser: Any, filled: tuple[Collector, Traffic]) -> Iterator[Any]:
+    """A browser context logged in through the real login form."""
+    collector, _ = filled
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.goto(f"{collector.url}/login")
+    page.fill("input[name=key]", READ_KEY)
+    page.click("button[type=submit]")
+    page.wait_for_url(f"{collector.url}/")
+    page.close()
+    yield context
+    context.close()
+
+
+@pytest.fixture
+def web(signed_in: Any, filled: tuple[Collector, Traffic]) -> Iterator[Watched]:
+    watched = watch(signed_in.new_page(), filled[0].url)
+    yield watched
+    watched.page.close()
+    assert watched.problems == []
+
+
+def rows(page: Any, selector: str = "table.log tbody tr[data-entry-id]") -> list[Any]:
+    return list(page.locator(selector).all())
+
+
+def statuses(page: Any) -> list[str]:
+    return [text.strip() for text in page.locator("table.log tbody .status").all_text_contents()]
+
+
+# -- tests -------------------------------------------------------------------------------------
+
+
+def test_overview_draws_the_charts_and_headline_numbers(
+    web: Watched, filled: tuple[Collector, Traffic]
+) -> None:
+    """The overview loads clean, both charts draw data, and the headline is the stored count."""
+    _, traffic = filled
+    web.goto(f"/?environment={ENV}")
+    assert web.page.locator("[data-figure=count]").text_content() == f"{traffic.total:,}"
+    for name in ("requests", "latency"):
+        chart = web.page.locator(f"[data-chart={name}] canvas")
+        chart.wait_for()
+        assert int(web.page.locator(f"[data-chart={name}] .uplot").get_attribute("data-points"))
+    # The requests chart really painted: some of its canvas pixels are not transparent.
+    painted = web.page.evaluate(
+        """() => {
+            const canvas = document.querySelector('[data-chart=requests] canvas');
+            const pixels = canvas.getContext('2d')
+                .getImageData(0, 0, canvas.width, canvas.height).data;
+            let count = 0;
+            for (let i = 3; i < pixels.length; i += 4) if (pixels[i] > 0) count++;
+            return count;
+        }"""
+    )
+    assert painted > 500
+    # Status classes carry their names, not only a colour.
+    classes = web.page.locator(".classes").text_content() or ""
+    assert "4xx client error: 8" in classes and "5xx server error: 5" in classes
+
+
+def test_clicking_an_endpoint_filters_everything(
+    web: Watched, filled: tuple[Collector, Traffic]
+) -> None:
+    _, traffic = filled
+    web.goto(f"/?environment={ENV}")
+    web.page.click("table.endpoints a:text-is('/boom')")
+    web.page.wait_for_url(re.compile(r"route=%2Fboom"))
+    assert web.page.locator("[data-figure=count]").text_content() == "5"
+    assert web.page.locator("[data-figure=error_rate]").text_content() == "100.0 %"
+    codes = web.page.locator("table.codes tbody td:first-child").all_text_contents()
+    assert [code.strip() for code in codes] == ["500"]
+    assert web.page.locator("table.endpoints tbody tr").count() == 1
+    assert "route: /boom" in (web.page.locator(".chips").text_content() or "")
+
+
+def test_endpoints_table_sorts_by_a_column(web: Watched) -> None:
+    web.goto(f"/?environment={ENV}")
+    web.page.click("table.endpoints thead a[data-sort-key=error_rate]")
+    web.page.wait_for_url(re.compile(r"sort=error_rate"))
+    header = web.page.locator("table.endpoints th[aria-sort=descending]")
+    assert (header.text_content() or "").startswith("Error rate")
+    values = [
+        float(v)
+        for v in web.page.locator("table.endpoints tbody td:nth-child(5)").evaluate_all(
+            "cells => cells.map(c => c.dataset.value)"
+        )
+    ]
+    assert values == sorted(values, reverse=True) and values[0] == 1.0 and values[-1] == 0.0
+
+
+def test_a_filter_narrows_the_log_to_matching_rows_only(
+    web: Watched, filled: tuple[Collector, Traffic]
+) -> None:
+    _, traffic = filled
+    web.goto(f"/requests?environment={ENV}")
+    assert len(rows(web.page)) == 50  # the first page of more than 50
+    web.page.fill("form.filters input[name=status]", "404")
+    web.page.click("form.filters button[type=submit]")
+    web.page.wait_for_url(re.compile(r"status=404"))
+    assert statuses(web.page) == ["404"] * traffic.by_status[404]
+
+    web.page.fill("form.filters input[name=status]", "2xx")
+    web.page.select_option("form.filters select[name=method]", "POST")
+    web.page.click("form.filters button[type=submit]")
+    web.page.wait_for_url(re.compile(r"method=POST"))
+    methods = web.page.locator("table.log tbody .method").all_text_contents()
+    assert methods == ["POST"] * (len(traffic.posted) + 1)  # the items and the /xss echo
+    assert set(statuses(web.page)) == {"200", "201"}
+
+
+def test_the_log_pages_by_cursor_without_overlap(
+    web: Watched, filled: tuple[Collector, Traffic]
+) -> None:
+    _, traffic = filled
+    web.goto(f"/requests?environment={ENV}")
+    first = [row.get_attribute("data-entry-id") for row in rows(web.page)]
+    web.page.click("a[rel=next]")
+    web.page.wait_for_url(re.compile(r"cursor="))
+    second = [row.get_attribute("data-entry-id") for row in rows(web.page)]
+    assert len(first) == 50 and len(second) == traffic.total - 50
+    assert not set(first) & set(second)
+    ids = [int(i) for i in first + second]
+    assert ids == sorted(ids, reverse=True)  # newest first across pages
+    assert web.page.locator("a[rel=next]").count() == 0
+
+
+def test_detail_shows_the_decoded_json_body_and_downloads_har(
+    web: Watched, filled: tuple[Collector, Traffic]
+) -> None:
+    _, traffic = filled
+    web.goto(f"/requests?environment={ENV}&method=POST&path=/items")
+    web.page.locator("table.log tbody td.path a").last.click()  # the oldest: the first POST
+    web.page.wait_for_url(re.compile(r"/requests/\d+$"))
+    bodies = web.page.locator("pre.body.json")
+    request_body = bodies.first.text_content() or ""
+    assert json.loads(request_body) == traffic.posted[0]
+    assert '\n  "name": "kite 0"' in request_body  # pretty-printed, not the wire form
+    assert web.page.locator("svg.timing rect").count() >= 1
+
+    with web.page.expect_download() as info:
+        web.page.click("a:text('Download as HAR')")
+    har = json.loads(Path(info.value.path()).read_text("utf-8"))
+    [entry] = har["log"]["entries"]
+    assert entry["request"]["url"] == "http://shop.test/items"
+    assert har["log"]["version"] == "1.2"
+
+
+def test_script_in_a_header_and_a_body_shows_as_text(web: Watched) -> None:
+    """An attacker's ``<script>`` never runs: no dialog, no console error, shown as text."""
+    web.goto(f"/requests?environment={ENV}&path=/xss")
+    web.page.locator("table.log tbody td.path a").first.click()
+    web.page.wait_for_url(re.compile(r"/requests/\d+$"))
+    header = web.page.locator("table.pairs tr:has(th:text-is('x-evil')) td")
+    assert header.text_content() == XSS_HEADER
+    echoed = web.page.locator("table.pairs tr:has(th:text-is('x-echo')) td")
+    assert echoed.text_content() == XSS_HEADER
+    assert json.loads(web.page.locator("pre.body.json").first.text_content() or "") == XSS_BODY
+    # Only the dashboard's own scripts exist; no <img> came out of the body.
+    sources = web.page.locator("script[src]").evaluate_all("s => s.map(e => e.src)")
+    assert [src.rsplit("/", 1)[1] for src in sources] == ["uPlot.iife.min.js", "dashboard.js"]
+    assert web.page.locator("script:not([src])").count() == 0
+    assert web.page.locator("main img").count() == 0
+    web.page.wait_for_timeout(100)  # give an injected handler the chance to fire
+
+
+def test_the_login_page_holds_without_the_key(
+    browser: Any, filled: tuple[Collector, Traffic]
+) -> None:
+    collector, _ = filled
+    context = browser.new_context()
+    try:
+        web = watch(context.new_page(), collector.url)
+        for path in ("/", "/requests?status=500", "/requests/1"):
+            web.goto(path)
+            assert web.page.url.startswith(f"{collector.url}/login?next=")
+            text = web.page.locator("body").text_content() or ""
+            assert "/items" not in text and "boom" not in text
+        assert web.page.request.get(f"{collector.url}/api/stats").status == 401
+
+        web.page.fill("input[name=key]", "not-the-key")
+        web.page.click("button[type=submit]")
+        assert "not the read key" in (web.page.locator("[role=alert]").text_content() or "")
+        assert web.page.url == f"{collector.url}/login"
+        assert context.cookies() == []
+
+        web.goto("/login?next=/requests/1")
+        web.page.fill("input[name=key]", READ_KEY)
+        web.page.click("button[type=submit]")
+        web.page.wait_for_url(f"{collector.url}/requests/1")
+        [cookie] = context.cookies()
+        assert (cookie["name"], cookie["httpOnly"], cookie["sameSite"]) == (
+            "alf_read",
+            True,
+            "Strict",
+        )
+        assert READ_KEY not in cookie["value"]
+
+        web.page.click("form.logout button")
+        web.page.wait_for_url(re.compile(r"/login$"))
+        assert context.cookies() == []
+        web.goto("/")
+        assert "/login" in web.page.url
+        # The console shows the refused /api request (401) and the wrong key's 401 page.
+        assert all("401" in problem for problem in web.problems), web.problems
+    finally:
+        context.close()
+
+
+def test_live_mode_shows_new_traffic_without_a_reload(
+    web: Watched, filled: tuple[Collector, Traffic]
+) -> None:
+    collector, _ = filled
+    web.page.clock.install()
+    web.goto("/requests?environment=live&live=1")
+    assert web.page.locator("table.log tbody .empty").count() == 1
+    assert web.page.locator("[data-live-toggle]").text_content() == "Live: on"
+    marker = web.page.evaluate("() => { window.__same_document = true; return 1; }")
+
+    before = collector.count()
+    with agent_client(collector, "live") as client:
+        client.get("/items/live-1")
+    alf_analytics.flush(10)
+    assert collector.wait_for_entries(before + 1, 10)
+
+    web.page.clock.run_for(6_000)
+    web.page.locator("table.log tbody tr[data-entry-id]").wait_for()
+    assert web.page.locator("table.log tbody td.path a").all_text_contents() == ["/items/live-1"]
+    assert web.page.evaluate("() => window.__same_document") == marker == 1
