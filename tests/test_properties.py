@@ -20,9 +20,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from alf_analytics import AnalyticsASGIMiddleware, AnalyticsWSGIMiddleware
-from alf_analytics._alf import alf_envelope, build_entry, query_pairs
+from alf_analytics._alf import alf_envelope, build_entry, dumps, query_pairs
 from alf_analytics._config import make_config
-from alf_analytics._net import ip_literal
+from alf_analytics._net import INVALID_HOST, ip_literal
 from alf_analytics._record import Exchange, RequestInfo
 
 from .conftest import assert_valid_alf
@@ -345,3 +345,344 @@ def test_query_pairs_match_parse_qsl(query: str) -> None:
     """The builder's fast query parser gives exactly what urllib's parse_qsl gives."""
     expected = parse_qsl(query, keep_blank_values=True, errors="replace")
     assert [(p["name"], p["value"]) for p in query_pairs(query)] == expected
+
+
+# -- hostile input through each adapter's reader -----------------------------------------------
+# The examples of issue 8 and their siblings, mixed with arbitrary text: every entry must pass
+# the schema WITH format checks (uri, date-time, ipv4/ipv6) and keep its numbers in range.
+
+HOSTILE_HOSTS = [
+    "[1]",
+    "[1.2.3.4]",
+    "[:]",
+    "[::1",
+    "[::1]x",
+    "[::1]:99999",
+    "[fe80::1%25lo]",
+    "[fe80::1%lo]",
+    "[v1.fe]",
+    "::1",
+    "a b",
+    "exa\x00mple.com",
+    "m\xc3\xbcnchen.example",
+    "münchen.example",
+    "\udcff.example",
+    "example.com:0",
+    "example.com:65536",
+    "example.com:-1",
+    "example.com:+80",
+    "example.com:\u0668\u0660",
+    "example.com:80:80",
+    "example.com:",
+    "user:pass@example.com",
+    "@",
+    "%41.example",
+    "a/b",
+    "a?b",
+    "a#b",
+    "..",
+    "-",
+    "a" * 300,
+    "",
+    " ",
+    "EXAMPLE.com.",
+]
+HOSTILE_PATHS = [
+    "/\udcff\ud800",
+    "/a b/%zz/%/%%41",
+    "/\x00\x01\x7f\t\r\n",
+    "//double//slash",
+    "*",
+    "http://evil.example/x",
+    "/#frag?not-query",
+    "/caf\xc3\xa9",
+    "",
+]
+HOSTILE_ADDRESSES = [
+    "fe80::1%lo",
+    "fe80::1%25eth0",
+    "::ffff:10.0.0.1",
+    "[::1]",
+    "[::1]:80",
+    "10.0.0.1:8080",
+    "010.0.0.1",
+    "1.2.3.4.5",
+    "unix:/run/app.sock",
+    "garbage",
+    "",
+    "\udcff",
+]
+HOSTILE_LENGTHS = [
+    "9223372036854775808",
+    "18446744073709551616",
+    "99999999999999999999999999",
+    str(1 << 40),
+    str((1 << 40) + 1),
+    "-1",
+    "1e3",
+    " 12 ",
+    "1_000",
+    "\u0663",
+    "+5",
+    "0x10",
+]
+hostile_hosts = st.one_of(st.sampled_from(HOSTILE_HOSTS), any_text, latin1_text)
+hostile_paths = st.one_of(st.sampled_from(HOSTILE_PATHS), any_text)
+hostile_addresses = st.one_of(st.sampled_from(HOSTILE_ADDRESSES), any_text)
+hostile_values = st.one_of(any_text, st.sampled_from(["\udcff", "a\ud800b", "\x00", "é" * 3]))
+forwarding = st.lists(
+    st.tuples(
+        st.sampled_from(["x-forwarded-for", "forwarded"]),
+        st.one_of(
+            hostile_addresses,
+            st.sampled_from(['for="[fe80::1%25lo]:80"', "for=unknown", "for=_x, for=1.2.3.4"]),
+        ),
+    ),
+    max_size=3,
+)
+
+
+def assert_entry_in_range(entry: dict[str, Any]) -> None:
+    """Numbers a collector stores: integers within 0..2**40 (or counted), finite times."""
+    for side in (entry["request"], entry["response"]):
+        assert 0 <= side["headersSize"] < 1 << 40
+        assert 0 <= side["bodySize"] <= 1 << 40
+    assert 0 <= entry["response"]["status"] <= 999
+    assert entry["time"] >= 0 and entry["time"] == entry["time"]
+    dumps(entry).decode("utf-8")  # encodes, as valid UTF-8
+
+
+def hostile_config(trusted: bool, header: str) -> dict[str, Any]:
+    options: dict[str, Any] = {"log_body": True, "forwarded_header": header}
+    if trusted:
+        options["trusted_proxies"] = ["0.0.0.0/0", "::/0"]
+    return options
+
+
+@PROFILE
+@given(
+    host=hostile_hosts,
+    path=hostile_paths,
+    query=hostile_values,
+    values=st.lists(hostile_values, max_size=4),
+    peer=hostile_addresses,
+    server=hostile_addresses,
+    content_length=st.sampled_from(HOSTILE_LENGTHS),
+    forwarded=forwarding,
+    trusted=st.booleans(),
+    header=st.sampled_from(["x-forwarded-for", "forwarded"]),
+    status=st.sampled_from(["-12 X", "0 X", "1000 X", "abc", "2000000 Y", "200 \udcff", "99 "]),
+)
+def test_wsgi_hostile_request_gives_a_format_valid_entry(
+    host: str,
+    path: str,
+    query: str,
+    values: list[str],
+    peer: str,
+    server: str,
+    content_length: str,
+    forwarded: list[tuple[str, str]],
+    trusted: bool,
+    header: str,
+    status: str,
+) -> None:
+    """Hosts, paths, header values, addresses, lengths, statuses as a WSGI server hands them."""
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        start_response(status, [("X-Echo", v) for v in values])
+        return [b"ok"]
+
+    middleware, recorder = make_middleware(
+        AnalyticsWSGIMiddleware, app, **hostile_config(trusted, header)
+    )
+    environ: dict[str, Any] = {
+        "REQUEST_METHOD": "POST",
+        "PATH_INFO": path,
+        "QUERY_STRING": query,
+        "SERVER_NAME": server,
+        "SERVER_PORT": "8080",
+        "SERVER_ADDR": server,
+        "SERVER_PROTOCOL": "HTTP/1.1",
+        "HTTP_HOST": host,
+        "CONTENT_LENGTH": content_length,
+        "CONTENT_TYPE": "application/json",
+        "wsgi.url_scheme": "http",
+        "wsgi.input": io.BytesIO(b""),
+        "REMOTE_ADDR": peer,
+    }
+    for index, value in enumerate(values):
+        environ[f"HTTP_X_V{index}"] = value
+    for name, value in forwarded:
+        key = "HTTP_" + name.upper().replace("-", "_")
+        environ[key] = environ[key] + "," + value if key in environ else value
+    result = middleware(environ, lambda s, h, e=None: None)
+    list(result)
+    result.close()  # type: ignore[attr-defined]
+    (exchange,) = recorder.exchanges
+    entry = assert_entry_valid(exchange)
+    assert_entry_in_range(entry)
+    if entry["request"]["url"].startswith(f"http://{INVALID_HOST}/"):
+        # The placeholder: the Host header as sent is still there.
+        assert any(pair["name"] == "host" for pair in entry["request"]["headers"]) or not host
+
+
+@PROFILE
+@given(
+    host=st.one_of(hostile_hosts.map(lambda h: h.encode("utf-8", "surrogatepass")), header_bytes),
+    raw_path=st.one_of(
+        hostile_paths.map(lambda p: p.encode("utf-8", "surrogatepass")), header_bytes
+    ),
+    path=hostile_paths,
+    root_path=st.sampled_from(["", "/mount", "/\udcff", "/a b"]),
+    values=st.lists(header_bytes, max_size=4),
+    peer=st.one_of(st.none(), hostile_addresses),
+    server=st.one_of(st.none(), hostile_addresses),
+    port=st.one_of(st.none(), st.integers(-(2**40), 2**40)),
+    content_length=st.sampled_from(HOSTILE_LENGTHS),
+    forwarded=forwarding,
+    trusted=st.booleans(),
+    header=st.sampled_from(["x-forwarded-for", "forwarded"]),
+    status=st.one_of(st.integers(-(2**70), 2**70), st.sampled_from(["200", None, 200.5, True])),
+)
+def test_asgi_hostile_request_gives_a_format_valid_entry(
+    host: bytes,
+    raw_path: bytes,
+    path: str,
+    root_path: str,
+    values: list[bytes],
+    peer: str | None,
+    server: str | None,
+    port: int | None,
+    content_length: str,
+    forwarded: list[tuple[str, str]],
+    trusted: bool,
+    header: str,
+    status: Any,
+) -> None:
+    """The same through an ASGI scope: raw bytes, a text path, odd server and client tuples."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        headers = [(b"x-echo", v) for v in values]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    middleware, recorder = make_middleware(
+        AnalyticsASGIMiddleware, app, **hostile_config(trusted, header)
+    )
+    headers = [(b"host", host), (b"content-length", content_length.encode("utf-8"))]
+    headers += [(b"x-v", v) for v in values]
+    headers += [(n.encode(), v.encode("utf-8", "surrogatepass")) for n, v in forwarded]
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": path,
+        "raw_path": raw_path or None,
+        "query_string": b"a=%zz&b=\xff",
+        "root_path": root_path,
+        "headers": headers,
+        "client": None if peer is None else (peer, 1234),
+        "server": None if server is None else (server, port),
+    }
+    queue = [{"type": "http.request", "body": b"", "more_body": False}]
+
+    async def receive() -> dict[str, Any]:
+        return queue.pop(0) if queue else {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        pass
+
+    asyncio.run(middleware(scope, receive, send))
+    (exchange,) = recorder.exchanges
+    assert_entry_in_range(assert_entry_valid(exchange))
+
+
+@PROFILE
+@given(
+    host=hostile_hosts,
+    path=hostile_paths,
+    values=st.lists(hostile_values, max_size=4),
+    peer=hostile_addresses,
+    content_length=st.sampled_from(HOSTILE_LENGTHS),
+    forwarded=forwarding,
+    trusted=st.booleans(),
+    header=st.sampled_from(["x-forwarded-for", "forwarded"]),
+    over_asgi=st.booleans(),
+)
+def test_django_hostile_request_gives_a_format_valid_entry(
+    host: str,
+    path: str,
+    values: list[str],
+    peer: str,
+    content_length: str,
+    forwarded: list[tuple[str, str]],
+    trusted: bool,
+    header: str,
+    over_asgi: bool,
+) -> None:
+    """The same through Django's middleware, with a WSGIRequest's or an ASGIRequest's META."""
+    from django.core.handlers.asgi import ASGIRequest
+    from django.core.handlers.wsgi import WSGIRequest
+    from django.http import HttpResponse
+    from django.test import override_settings
+
+    from alf_analytics.django import AnalyticsMiddleware
+
+    from .djangoproject import setup
+
+    setup()
+    environ: dict[str, Any] = {
+        "REQUEST_METHOD": "GET",
+        # A WSGI server hands PATH_INFO over as Latin-1 text (Django insists on it).
+        "PATH_INFO": path.encode("utf-8", "surrogatepass").decode("latin-1"),
+        "QUERY_STRING": "",
+        "SERVER_NAME": "testserver",
+        "SERVER_PORT": "80",
+        "SERVER_PROTOCOL": "HTTP/1.1",
+        "HTTP_HOST": host,
+        "CONTENT_LENGTH": content_length,
+        "wsgi.url_scheme": "http",
+        "wsgi.input": io.BytesIO(b""),
+        "REMOTE_ADDR": peer,
+    }
+    for index, value in enumerate(values):
+        environ[f"HTTP_X_V{index}"] = value
+    for name, value in forwarded:
+        environ["HTTP_" + name.upper().replace("-", "_")] = value
+    options = {
+        "service_token": "token-for-properties",
+        "collector_url": COLLECTOR,
+        **hostile_config(trusted, header),
+    }
+    with override_settings(ALF_ANALYTICS=options):
+        middleware = AnalyticsMiddleware(lambda request: HttpResponse(b"ok"))
+    recorder = Recorder()
+    middleware._worker = recorder  # type: ignore[assignment]
+    if over_asgi:
+        scope = {
+            "type": "http",
+            "method": "GET",
+            "path": path,
+            "raw_path": path.encode("utf-8", "surrogatepass"),
+            "root_path": "",
+            "query_string": b"",
+            "scheme": "http",
+            "http_version": "1.1",
+            "headers": [
+                (k[5:].lower().replace("_", "-").encode(), v.encode("utf-8", "surrogatepass"))
+                for k, v in environ.items()
+                if k.startswith("HTTP_")
+            ],
+            "client": (peer, 1234),
+            "server": ("127.0.0.1", 80),
+        }
+        request = ASGIRequest(scope, io.BytesIO(b""))
+    else:
+        request = WSGIRequest(environ)
+    response = middleware(request)
+    response.close()
+    (exchange,) = recorder.exchanges
+    assert_entry_in_range(assert_entry_valid(exchange))
