@@ -2,7 +2,9 @@
 
 What it does, all on 127.0.0.1:
 
-1. starts the reference ALF collector (``alf-analytics collector``, SQLite in ``.demo/``);
+1. starts the ALF collector service (``alf-analytics collector``, SQLite in ``.demo/``), which
+   accepts only the demo's service token and guards its dashboard and read API with a read
+   key made up for this run;
 2. starts the Flask example under gunicorn (2 pre-forked workers), the Starlette example under
    uvicorn, and the Django example under gunicorn (WSGI, threads) and under uvicorn (ASGI), each
    with its own ``ALF_ENVIRONMENT`` so the summary tells them apart;
@@ -11,7 +13,10 @@ What it does, all on 127.0.0.1:
 4. stops the servers with SIGTERM: each flushes its queued entries on the way out (the ASGI
    lifespan shutdown, or the ``atexit`` hook);
 5. checks that the collector holds exactly one entry per request answered, with the same
-   method, path and status, and prints ``alf-analytics summary``.
+   method, path and status, and prints ``alf-analytics summary``;
+6. prints the dashboard's URL and the read key to log in with. Run from a terminal, it keeps
+   the collector running until Ctrl-C so you can look; without one (CI, scripts) it stops it
+   and exits at once.
 
 It exits 0 when every entry arrived and every server stopped cleanly, 1 otherwise.
 Usage: ``python examples/demo.py [--requests N] [--workdir DIR]``.
@@ -24,6 +29,7 @@ import asyncio
 import os
 import random
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -41,6 +47,8 @@ from alf_analytics.collector import summarize
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 TOKEN = "alf-demo-token"
+#: The name the collector shows for the demo's token (``--token demo=...``).
+SERVICE = "demo"
 PYTHON = sys.executable
 CONCURRENCY = 8
 # Servers print the address they bound (we ask each for port 0, so there is no port race).
@@ -339,11 +347,12 @@ def run(requests: int, workdir: Path) -> int:
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
     db = workdir / "alf.sqlite"
+    read_key = secrets.token_urlsafe(18)
     collector = Server(
         "collector",
-        "the reference ALF collector",
+        "the ALF collector service",
         [PYTHON, "-m", "alf_analytics.cli", "collector", "--host", "127.0.0.1"]
-        + ["--port", "0", "--db", str(db)],
+        + ["--port", "0", "--db", str(db), "--token", f"{SERVICE}={TOKEN}"],
     )
     servers = example_servers()
     env = {key: value for key, value in os.environ.items() if not key.startswith("ALF_")}
@@ -352,7 +361,8 @@ def run(requests: int, workdir: Path) -> int:
     problems: list[str] = []
     try:
         say(f"starting {collector.description} (db: {_shown(db)})")
-        collector.start(workdir, env)
+        # The read key goes by the environment: a command line is visible to every user.
+        collector.start(workdir, {**env, "ALF_COLLECTOR_READ_KEY": read_key})
         collector.wait_for_url(time.monotonic() + 15)
         say(f"  collector listening on {collector.url}")
 
@@ -401,9 +411,6 @@ def run(requests: int, workdir: Path) -> int:
 
         say("waiting for the collector to hold every entry ...")
         held = wait_for_entries(db, servers, timeout=15)
-        collector.stop()
-        assert collector.process is not None
-        collector.process.wait(15)
 
         command = [PYTHON, "-m", "alf_analytics.cli", "summary", "--db", str(db)]
         say(f"alf-analytics summary --db {_shown(db)}")
@@ -425,6 +432,9 @@ def run(requests: int, workdir: Path) -> int:
                 problems.append(f"{server.name}: {count} x {' '.join(map(str, key))} missing")
             for key, count in sorted(extra.items()):
                 problems.append(f"{server.name}: {count} x {' '.join(map(str, key))} unexpected")
+        if not problems:
+            say(f"all entries arrived in {time.monotonic() - started:.1f} s")
+            show_dashboard(collector, read_key)
     except Exception as exc:  # report, clean up, exit non-zero
         problems.append(f"{type(exc).__name__}: {exc}")
     finally:
@@ -443,9 +453,27 @@ def run(requests: int, workdir: Path) -> int:
                 print("\n".join(child.log_text().splitlines()[-20:]), flush=True)
         say(f"FAILED after {time.monotonic() - started:.1f} s")
         return 1
-    say(f"all entries arrived; finished in {time.monotonic() - started:.1f} s")
-    say(f"explore them: .venv/bin/alf-analytics summary --db {_shown(db)} --json")
+    say(f"look again later: .venv/bin/alf-analytics summary --db {_shown(db)}, or")
+    say(f"  .venv/bin/alf-analytics collector --db {_shown(db)} and open http://127.0.0.1:8700/")
     return 0
+
+
+def show_dashboard(collector: Server, read_key: str) -> None:
+    """Print where the dashboard is; from a terminal, keep the collector up until Ctrl-C."""
+    say(f"dashboard: {collector.url}/")
+    say(f"read key:  {read_key}")
+    if not sys.stdin.isatty():
+        say("no terminal: stopping the collector (run `make demo` from a terminal to look)")
+        return
+    say("open the dashboard and log in with the read key; Ctrl-C stops the collector")
+    assert collector.process is not None
+    try:
+        code = collector.process.wait()
+    except KeyboardInterrupt:
+        print(flush=True)
+        say("Ctrl-C: stopping the collector")
+        return
+    raise RuntimeError(f"the collector exited with status {code} while the dashboard was up")
 
 
 def main(argv: list[str] | None = None) -> int:

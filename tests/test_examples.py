@@ -7,16 +7,20 @@ import hashlib
 import importlib.util
 import json
 import os
+import pty
+import queue
 import re
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import uuid
 import warnings
 from pathlib import Path
 from types import ModuleType
+from typing import IO
 
 import httpx
 import pytest
@@ -226,10 +230,12 @@ def test_django_asgi_example_flushes_when_uvicorn_gets_sigterm(
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path: Path) -> None:
-    """`make demo` (examples/demo.py) exits 0 and every framework's entries all arrived."""
+    """`make demo` (examples/demo.py) exits 0, every framework's entries all arrived, and
+    without a terminal it prints the dashboard's address and stops at once."""
     result = subprocess.run(
         [sys.executable, str(EXAMPLES / "demo.py"), "--workdir", str(tmp_path / "demo")],
         cwd=ROOT,
+        stdin=subprocess.DEVNULL,  # not the terminal pytest may run in: the demo would wait
         capture_output=True,
         text=True,
         timeout=150,
@@ -242,3 +248,82 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     verdicts = re.findall(r"(\S+) +sent (\d+) requests, collector holds (\d+) entries: OK", output)
     assert {name for name, _, _ in verdicts} == {"flask", "starlette", "django", "django-asgi"}
     assert all(sent == held and int(sent) > 200 for _, sent, held in verdicts), verdicts
+    assert re.search(r"dashboard: http://127\.0\.0\.1:\d+/\n.*read key: +\S{20,}", output)
+    assert "no terminal: stopping the collector" in output
+
+
+class _Lines:
+    """The lines a child process prints, read in a thread so a test can wait for one."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.seen: list[str] = []
+        threading.Thread(target=self._read, args=(stream,), daemon=True).start()
+
+    def _read(self, stream: IO[str]) -> None:
+        for line in stream:
+            self.lines.put(line)
+
+    def wait_for(self, pattern: str, timeout: float) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            self.seen.append(line)
+            match = re.search(pattern, line)
+            if match:
+                return match
+        raise AssertionError(f"no line matching {pattern!r} in:\n{''.join(self.seen)}")
+
+
+@pytest.mark.slow
+def test_demo_in_a_terminal_serves_the_dashboard_until_ctrl_c(tmp_path: Path) -> None:
+    """From a terminal, the demo keeps the collector up with its dashboard behind the printed
+    read key, showing the demo's traffic, until Ctrl-C stops both."""
+    primary, secondary = pty.openpty()
+    command = [sys.executable, str(EXAMPLES / "demo.py"), "--requests", "40"]
+    process = subprocess.Popen(
+        [*command, "--workdir", str(tmp_path / "demo")],
+        cwd=ROOT,
+        stdin=secondary,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    os.close(secondary)
+    try:
+        assert process.stdout is not None
+        output = _Lines(process.stdout)
+        sent = sum(
+            int(match.group(1))
+            for match in (
+                output.wait_for(r"sent (\d+) requests, collector holds \1 entries: OK", 120)
+                for _ in DEMO_ENVIRONMENTS
+            )
+        )
+        url = output.wait_for(r"dashboard: (http://127\.0\.0\.1:\d+)/", 10).group(1)
+        key = output.wait_for(r"read key: +(\S+)", 10).group(1)
+        output.wait_for(r"Ctrl-C stops the collector", 10)
+
+        with httpx.Client(base_url=url, timeout=10) as browser:
+            assert browser.get("/").status_code == 303  # to the login page: no data
+            assert browser.post("/login", data={"key": key}).status_code == 303
+            page = browser.get("/", params={"service": "demo"})
+            assert page.status_code == 200
+            assert f'data-figure="count">{sent:,}<' in page.text
+            for environment in DEMO_ENVIRONMENTS:
+                assert f">{environment}</option>" in page.text
+        stats = httpx.get(f"{url}/api/stats", headers={"Authorization": f"Bearer {key}"})
+        assert stats.json()["count"] == sent
+
+        process.send_signal(signal.SIGINT)
+        assert process.wait(30) == 0
+        output.wait_for(r"Ctrl-C: stopping the collector", 10)
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{url}/health", timeout=5)
+    finally:
+        process.kill()
+        process.wait(10)
+        os.close(primary)
