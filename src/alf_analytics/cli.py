@@ -1,12 +1,14 @@
-"""The ``alf-analytics`` command: run a local ALF collector, and summarise what it stored.
+"""The ``alf-analytics`` command: run the ALF collector service, and summarise what it stored.
 
 Usage::
 
-    alf-analytics collector [--host 127.0.0.1] [--port 8700] [--db alf.sqlite]
-                            [--max-body-bytes N] [--no-validate] [--verbose]
-    alf-analytics summary [--db alf.sqlite] [--json]
+    alf-analytics collector [--host 127.0.0.1] [--port 8700] [--db alf.sqlite | postgresql://...]
+                            [--token [NAME=]TOKEN ...] [--tokens-file FILE] [--read-key KEY]
+                            [--insecure] [--retention 30d] [--max-body-bytes N] [--verbose] ...
+    alf-analytics summary [--db alf.sqlite | postgresql://...] [--json]
 
-Exit codes: 0 success, 1 the collector could not start, 2 bad usage or an unusable database.
+Exit codes: 0 success, 1 the collector could not start, 2 bad usage, unsafe settings or an
+unusable database.
 """
 
 from __future__ import annotations
@@ -14,11 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sqlite3
+import os
+import socket
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
-from .collector import Collector, CollectorError, Summary, summarize
+if TYPE_CHECKING:
+    from .collector import Summary
 
 __all__ = ["main"]
 
@@ -36,13 +41,13 @@ def _port(text: str) -> int:
     return port
 
 
-def _non_negative(text: str) -> int:
+def _positive(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
 
 
@@ -55,23 +60,95 @@ def _build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser(
         "collector",
-        help="run a local ALF collector in the foreground",
+        help="run the ALF collector service in the foreground",
         description="Receive ALF at /1.0.0/{single,batch} and /1.1.0/{single,batch}, validate "
-        "it and store it in SQLite. Stops on Ctrl-C or SIGTERM.",
+        "every entry and store it in SQLite or PostgreSQL; serve the read API (/api/...) and "
+        "the dashboard (/). Stops on Ctrl-C or SIGTERM.",
     )
+    env = os.environ
     run.add_argument("--host", default="127.0.0.1", help="address to listen on (%(default)s)")
     run.add_argument(
         "--port", type=_port, default=8700, help="port, 0 for any free one (%(default)s)"
     )
-    run.add_argument("--db", default=_DEFAULT_DB, help="SQLite file, or :memory: (%(default)s)")
     run.add_argument(
-        "--max-body-bytes",
-        type=_non_negative,
-        default=1_000_000,
-        help="refuse larger request bodies with 413 (%(default)s)",
+        "--db",
+        default=env.get("ALF_COLLECTOR_DB", _DEFAULT_DB),
+        help="SQLite file, :memory:, or a postgresql:// URL (ALF_COLLECTOR_DB; %(default)s)",
     )
     run.add_argument(
-        "--no-validate", action="store_true", help="store ALF without checking the schema"
+        "--token",
+        action="append",
+        default=[],
+        metavar="[NAME=]TOKEN",
+        help="accept ALF with this service token (repeatable; NAME is shown instead of it)",
+    )
+    run.add_argument(
+        "--tokens-file", metavar="FILE", help="accepted service tokens, one [NAME=]TOKEN a line"
+    )
+    run.add_argument(
+        "--read-key",
+        default=env.get("ALF_COLLECTOR_READ_KEY"),
+        metavar="KEY",
+        help="secret for the read API and dashboard (ALF_COLLECTOR_READ_KEY)",
+    )
+    run.add_argument(
+        "--insecure",
+        action="store_true",
+        help="listen on a non-loopback address without service tokens or read key",
+    )
+    run.add_argument(
+        "--retention",
+        default=env.get("ALF_COLLECTOR_RETENTION"),
+        metavar="AGE",
+        help="delete entries older than this (30d, 12h; ALF_COLLECTOR_RETENTION): kept forever",
+    )
+    run.add_argument(
+        "--idempotency-window",
+        default="24h",
+        metavar="AGE",
+        help="how long Idempotency-Key answers are remembered (%(default)s)",
+    )
+    run.add_argument(
+        "--max-body-bytes",
+        type=_positive,
+        default=1_048_576,
+        help="refuse larger request bodies (as sent) with 413 (%(default)s)",
+    )
+    run.add_argument(
+        "--max-decompressed-bytes",
+        type=_positive,
+        default=8 * 1_048_576,
+        help="refuse bodies that inflate to more with 413 (%(default)s)",
+    )
+    run.add_argument(
+        "--max-entries",
+        type=_positive,
+        default=10_000,
+        help="entries per request, over it 413 (%(default)s)",
+    )
+    run.add_argument(
+        "--body-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a client has to send its body, then 408 (%(default)s)",
+    )
+    run.add_argument(
+        "--limit-concurrency",
+        type=_positive,
+        default=100,
+        help="connections and requests at once, beyond it 503 (%(default)s)",
+    )
+    run.add_argument(
+        "--ingest-concurrency",
+        type=_positive,
+        default=2,
+        help="requests decoded and stored at once; others wait (%(default)s)",
+    )
+    run.add_argument(
+        "--workers",
+        type=_positive,
+        default=1,
+        help="processes (PostgreSQL only; SQLite has one writer) (%(default)s)",
     )
     run.add_argument("--verbose", "-v", action="store_true", help="log every request to stderr")
     run.set_defaults(handler=_run_collector)
@@ -82,7 +159,11 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Entries grouped by environment, method, path and status, with count and "
         "p50/p90/p99/max of time (ms, nearest rank).",
     )
-    summary.add_argument("--db", default=_DEFAULT_DB, help="SQLite file (%(default)s)")
+    summary.add_argument(
+        "--db",
+        default=os.environ.get("ALF_COLLECTOR_DB", _DEFAULT_DB),
+        help="SQLite file or postgresql:// URL (ALF_COLLECTOR_DB; %(default)s)",
+    )
     summary.add_argument("--json", action="store_true", help="print JSON instead of a table")
     summary.set_defaults(handler=_run_summary)
     return parser
@@ -99,33 +180,157 @@ def _configure_logging(verbose: bool) -> None:
     package_logger.setLevel(logging.INFO if verbose else logging.WARNING)
 
 
+def _ready_server_class() -> Any:
+    import uvicorn
+
+    class ReadyServer(uvicorn.Server):
+        """uvicorn's server, printing one line once the app has started."""
+
+        def __init__(self, config: uvicorn.Config, ready_line: str) -> None:
+            super().__init__(config)
+            self.ready_line = ready_line
+
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets)
+            if self.started:
+                print(self.ready_line, flush=True)
+
+    return ReadyServer
+
+
+def _unsafe(args: argparse.Namespace, has_tokens: bool) -> str | None:
+    """Why listening where asked would expose the collector, or ``None``."""
+    from .collector.settings import is_loopback
+
+    if args.insecure or is_loopback(args.host):
+        return None
+    missing = []
+    if not has_tokens:
+        missing.append("service tokens (--token, --tokens-file or ALF_COLLECTOR_TOKENS)")
+    if not args.read_key:
+        missing.append("a read key (--read-key or ALF_COLLECTOR_READ_KEY)")
+    if not missing:
+        return None
+    return (
+        f"refusing to listen on {args.host} without {' and '.join(missing)}: anyone who can "
+        "reach it could write under any token or read every entry. Add them, listen on "
+        "127.0.0.1, or pass --insecure."
+    )
+
+
 def _run_collector(args: argparse.Namespace) -> int:
     _configure_logging(args.verbose)
     try:
-        collector = Collector(
-            args.db,
-            host=args.host,
-            port=args.port,
-            max_body_bytes=args.max_body_bytes,
-            validate=not args.no_validate,
-            log_requests=args.verbose,
-        )
+        from .collector.app import create_app
+        from .collector.server import uvicorn_config
+        from .collector.settings import CollectorError, Limits, TokenSet, parse_duration
+        from .collector.storage import is_postgres_url, open_store
     except ImportError as exc:
-        print(f"alf-analytics: {exc}", file=sys.stderr)
+        print(
+            f"alf-analytics: the collector needs its extra: pip install 'alf-analytics[collector]'"
+            f" ({exc})",
+            file=sys.stderr,
+        )
         return 1
-    except (CollectorError, sqlite3.Error) as exc:
+    try:
+        tokens = TokenSet.from_sources(args.token, args.tokens_file)
+        for value in (args.retention, args.idempotency_window):
+            if value:
+                parse_duration(value)
+        limits = Limits(
+            max_body_bytes=args.max_body_bytes,
+            max_decompressed_bytes=args.max_decompressed_bytes,
+            max_entries=args.max_entries,
+            body_timeout=args.body_timeout,
+        )
+    except (CollectorError, ValueError) as exc:
+        print(f"alf-analytics: {exc}", file=sys.stderr)
+        return 2
+    problem = _unsafe(args, bool(tokens))
+    if problem is not None:
+        print(f"alf-analytics: {problem}", file=sys.stderr)
+        return 2
+    if args.workers > 1:
+        return _run_workers(args, tokens, is_postgres_url(args.db))
+    try:
+        store = open_store(args.db, tokens=tokens)
+    except CollectorError as exc:
         print(f"alf-analytics: cannot use database {args.db}: {exc}", file=sys.stderr)
         return 2
-
-    def ready(running: Collector) -> None:
-        print(f"ALF collector listening on {running.url} (db: {args.db})", flush=True)
-
     try:
-        collector.serve_forever(on_ready=ready)
-    except OSError as exc:
-        collector.stop()
-        print(f"alf-analytics: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
-        return 1
+        app = create_app(
+            store,
+            tokens=tokens,
+            read_key=args.read_key or "",
+            limits=limits,
+            retention=args.retention or None,
+            idempotency_window=args.idempotency_window,
+            ingest_concurrency=args.ingest_concurrency,
+        )
+        family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((args.host, args.port))
+        except OSError as exc:
+            sock.close()
+            print(
+                f"alf-analytics: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr
+            )
+            return 1
+        host = f"[{args.host}]" if ":" in args.host else args.host
+        url = f"http://{host}:{sock.getsockname()[1]}"
+        config = uvicorn_config(
+            app,
+            limit_concurrency=args.limit_concurrency,
+            access_log=args.verbose,
+            log_level="info" if args.verbose else "warning",
+        )
+        server = _ready_server_class()(
+            config, f"ALF collector listening on {url} (db: {store.display_name})"
+        )
+        server.run(sockets=[sock])
+        sock.close()
+        return 0 if server.started else 1
+    finally:
+        store.close()
+
+
+def _run_workers(args: argparse.Namespace, tokens: Any, postgres: bool) -> int:
+    """Several uvicorn worker processes, each building the app from ALF_COLLECTOR_* variables."""
+    import uvicorn
+
+    if not postgres:
+        print(
+            "alf-analytics: --workers needs a postgresql:// --db (SQLite has one writer)",
+            file=sys.stderr,
+        )
+        return 2
+    if args.port == 0:
+        print("alf-analytics: --workers needs an explicit --port", file=sys.stderr)
+        return 2
+    os.environ["ALF_COLLECTOR_DB"] = args.db
+    os.environ["ALF_COLLECTOR_TOKENS"] = ",".join(
+        f"{t.name}={t.token}" if t.name else t.token for t in tokens
+    )
+    os.environ["ALF_COLLECTOR_READ_KEY"] = args.read_key or ""
+    os.environ["ALF_COLLECTOR_RETENTION"] = args.retention or ""
+    print(
+        f"ALF collector listening on http://{args.host}:{args.port} ({args.workers} workers)",
+        flush=True,
+    )
+    uvicorn.run(
+        "alf_analytics.collector:create_app",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        limit_concurrency=args.limit_concurrency,
+        log_level="info" if args.verbose else "warning",
+        access_log=args.verbose,
+        server_header=False,
+        timeout_graceful_shutdown=5,
+    )
     return 0
 
 
@@ -174,15 +379,18 @@ def _plural(count: int, singular: str, plural: str | None = None) -> str:
 
 
 def _totals_line(summary: Summary) -> str:
-    rejected = f" ({summary.rejected_requests} rejected)" if summary.rejected_requests else ""
     return (
         f"Total: {_plural(summary.entries, 'entry', 'entries')}, "
-        f"{_plural(summary.requests, 'ALF request')}{rejected}, "
         f"{_plural(summary.service_tokens, 'distinct service token')}"
     )
 
 
 def _run_summary(args: argparse.Namespace) -> int:
+    try:
+        from .collector import CollectorError, summarize
+    except ImportError as exc:
+        print(f"alf-analytics: pip install 'alf-analytics[collector]' ({exc})", file=sys.stderr)
+        return 1
     try:
         summary = summarize(args.db)
     except FileNotFoundError:

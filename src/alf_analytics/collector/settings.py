@@ -1,0 +1,194 @@
+"""What a collector is configured with: accepted service tokens, the read key, and its limits.
+
+Every secret is shown masked (or by the name given to it) wherever the collector prints,
+logs or answers it: :func:`mask` is the one place that decides how.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import os
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Final
+
+__all__ = [
+    "CollectorError",
+    "Limits",
+    "ServiceToken",
+    "TokenSet",
+    "is_loopback",
+    "mask",
+    "parse_duration",
+    "token_id",
+]
+
+SUPPORTED_VERSIONS: Final = ("1.0.0", "1.1.0")
+"""ALF versions the collector accepts, each at ``/<version>/single`` and ``/<version>/batch``."""
+
+
+class CollectorError(Exception):
+    """The collector cannot do what was asked (bad settings, or a database it cannot use)."""
+
+
+def mask(secret: str) -> str:
+    """A token or key as it may be shown: its last four characters at most."""
+    return f"...{secret[-4:]}" if len(secret) >= 12 else "***"
+
+
+def token_id(token: str) -> str:
+    """A stable, non-reversible id for a service token (``svc_`` + 12 hex digits)."""
+    return "svc_" + hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class ServiceToken:
+    """One accepted service token, optionally named (``--token billing=TOKEN``)."""
+
+    token: str
+    name: str | None = None
+
+    @property
+    def id(self) -> str:
+        """What answers and filters use for this token: its name, else :func:`token_id`."""
+        return self.name or token_id(self.token)
+
+    @property
+    def shown(self) -> str:
+        return self.name or mask(self.token)
+
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+class TokenSet:
+    """The service tokens a collector accepts; empty means any token (loopback only)."""
+
+    def __init__(self, tokens: Iterable[ServiceToken] = ()) -> None:
+        self._by_token: dict[str, ServiceToken] = {}
+        names: set[str] = set()
+        for token in tokens:
+            if token.name is not None:
+                if token.name in names:
+                    raise CollectorError(f"service token name {token.name!r} is given twice")
+                names.add(token.name)
+            self._by_token[token.token] = token
+
+    @classmethod
+    def parse(cls, specs: Iterable[str]) -> TokenSet:
+        """Tokens from ``TOKEN`` or ``NAME=TOKEN`` strings (``--token``, files, environment)."""
+        tokens = []
+        for raw in specs:
+            spec = raw.strip()
+            if not spec or spec.startswith("#"):
+                continue
+            name: str | None = None
+            if "=" in spec:
+                candidate, _, rest = spec.partition("=")
+                if _NAME.fullmatch(candidate) and rest:
+                    name, spec = candidate, rest
+            if any(ch.isspace() for ch in spec) or not spec.isprintable():
+                raise CollectorError(
+                    f"service token {mask(spec)} holds whitespace or control characters"
+                )
+            tokens.append(ServiceToken(spec, name))
+        return cls(tokens)
+
+    @classmethod
+    def from_sources(
+        cls,
+        tokens: Iterable[str] = (),
+        tokens_file: str | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> TokenSet:
+        """Tokens from ``--token`` values, a ``--tokens-file`` and ``ALF_COLLECTOR_TOKENS``."""
+        specs = list(tokens)
+        if tokens_file is not None:
+            try:
+                with open(tokens_file, encoding="utf-8") as file:
+                    specs.extend(file.read().splitlines())
+            except OSError as exc:
+                raise CollectorError(f"cannot read tokens file {tokens_file}: {exc}") from exc
+        env = os.environ if environ is None else environ
+        specs.extend(env.get("ALF_COLLECTOR_TOKENS", "").split(","))
+        return cls.parse(specs)
+
+    def __bool__(self) -> bool:
+        return bool(self._by_token)
+
+    def __len__(self) -> int:
+        return len(self._by_token)
+
+    def __iter__(self) -> Iterator[ServiceToken]:
+        return iter(self._by_token.values())
+
+    def accepts(self, token: str) -> bool:
+        """Whether an ALF with this ``serviceToken`` may be stored."""
+        return not self._by_token or token in self._by_token
+
+    def lookup(self, token: str) -> ServiceToken:
+        """The configured token (with its name), or an unnamed one when any token is open."""
+        return self._by_token.get(token) or ServiceToken(token)
+
+    def is_service_token(self, value: str) -> bool:
+        return value in self._by_token
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or ``localhost``) only listens on this machine."""
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+_DURATION = re.compile(r"(\d+)\s*([smhdw]?)")
+_UNITS: Final = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from ``30d``, ``12h``, ``90m``, ``45s``, ``2w`` or plain seconds."""
+    match = _DURATION.fullmatch(text.strip().lower())
+    if match is None or int(match.group(1)) <= 0:
+        raise ValueError(f"invalid duration {text!r} (use e.g. 30d, 12h, 90m)")
+    return float(int(match.group(1)) * _UNITS[match.group(2)])
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may cost; over a limit the request is answered 413 (or 408).
+
+    ``max_body_bytes`` bounds the body as sent (compressed), ``max_decompressed_bytes`` what
+    it inflates to (decompression stops there), ``max_json_values`` the JSON values it may
+    hold (counted cheaply before parsing, so that parsing memory stays a small multiple of
+    the body), ``max_alfs`` and ``max_entries`` the ALF objects and entries per request,
+    ``max_errors`` the error strings in an answer, ``body_timeout`` the seconds a client has
+    to send its whole body.
+    """
+
+    max_body_bytes: int = 1_048_576
+    max_decompressed_bytes: int = 8 * 1_048_576
+    max_json_values: int = 500_000
+    max_alfs: int = 1_000
+    max_entries: int = 10_000
+    max_errors: int = 50
+    body_timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        for name in (
+            "max_body_bytes",
+            "max_decompressed_bytes",
+            "max_json_values",
+            "max_alfs",
+            "max_entries",
+            "max_errors",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise CollectorError(f"{name} must be a positive integer, got {value!r}")
+        if not self.body_timeout > 0:
+            raise CollectorError(f"body_timeout must be > 0, got {self.body_timeout!r}")
