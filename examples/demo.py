@@ -49,6 +49,12 @@ EXAMPLES = ROOT / "examples"
 TOKEN = "alf-demo-token"
 #: The name the collector shows for the demo's token (``--token demo=...``).
 SERVICE = "demo"
+DEMO_BODY_TYPES = ",".join(
+    [
+        *("application/json", "application/*+json", "application/x-www-form-urlencoded"),
+        *("application/xml", "application/*+xml", "text/*", "application/octet-stream"),
+    ]
+)
 PYTHON = sys.executable
 CONCURRENCY = 8
 # Servers print the address they bound (we ask each for port 0, so there is no port race).
@@ -367,6 +373,8 @@ def run(requests: int, workdir: Path) -> int:
         say(f"  collector listening on {collector.url}")
 
         app_env = {**env, "ALF_SERVICE_TOKEN": TOKEN, "ALF_COLLECTOR_URL": collector.url}
+        # The default text-like body types plus raw uploads: the dashboard shows those as sizes.
+        app_env["ALF_LOG_BODY_TYPES"] = DEMO_BODY_TYPES
         for server in servers:
             assert server.environment is not None
             say(f"starting {server.description}, ALF_ENVIRONMENT={server.environment}")

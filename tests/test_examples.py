@@ -99,6 +99,8 @@ def test_starlette_example_flushes_at_lifespan_shutdown(
         from starlette.testclient import TestClient
 
     monkeypatch.setenv("ALF_ENVIRONMENT", "starlette-test")
+    # Binary bodies are kept only when their type is listed (the default list is text-like).
+    monkeypatch.setenv("ALF_LOG_BODY_TYPES", "application/octet-stream,application/json")
     module = load_example(EXAMPLES / "starlette_app" / "app.py", monkeypatch)
     data = bytes(range(256)) * 8
 
