@@ -7,6 +7,7 @@ from ``ALF_COLLECTOR_URL``.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import json
 import os
@@ -247,6 +248,50 @@ def create_uvicorn_app() -> Any:
 def create_uvicorn_raw_app() -> Any:
     """Like :func:`create_uvicorn_app`, around a raw ASGI app that refuses the lifespan scope."""
     return _for_uvicorn(raw_service)
+
+
+def create_uvicorn_raw_app_flushing_at_sigterm() -> Any:
+    """The raw app (no lifespan, so no lifespan flush), with the opt-in SIGTERM flush."""
+    import alf_analytics
+
+    alf_analytics.install_sigterm_flush()
+    return _for_uvicorn(raw_service)
+
+
+class StartupFailed(Exception):
+    """Raised by the lifespan of the apps below."""
+
+
+def _failing_lifespan_starlette() -> Starlette:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        raise StartupFailed("database unreachable")
+        yield  # pragma: no cover
+
+    return Starlette(routes=starlette_routes(), lifespan=lifespan)
+
+
+async def raises_before_taking_startup(scope: Scope, receive: Receive, send: Send) -> None:
+    """A raw app whose lifespan fails before it even takes the startup event."""
+    if scope["type"] == "lifespan":
+        raise StartupFailed("config missing")
+    await raw_service(scope, receive, send)
+
+
+def create_failing_starlette_bare() -> Any:
+    return _failing_lifespan_starlette()
+
+
+def create_failing_starlette_recorded() -> Any:
+    return _for_uvicorn(_failing_lifespan_starlette())
+
+
+def create_raises_before_startup_bare() -> Any:
+    return raises_before_taking_startup
+
+
+def create_raises_before_startup_recorded() -> Any:
+    return _for_uvicorn(raises_before_taking_startup)
 
 
 def _for_uvicorn(app: Any) -> Any:

@@ -31,6 +31,7 @@ from starlette.responses import FileResponse, StreamingResponse
 import alf_analytics
 from alf_analytics import AnalyticsASGIMiddleware
 from alf_analytics._worker import Worker
+from alf_analytics.asgi import FlushOnShutdown
 from alf_analytics.collector import Collector
 
 from .asgi_apps import (
@@ -57,6 +58,8 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
 
 
 def analytics(app: Any, collector: Collector, **options: Any) -> AnalyticsASGIMiddleware:
+    # Every body, so byte-faithfulness shows; the default allow-list has its own tests.
+    options.setdefault("log_body_types", ["*/*", "text/event-stream"])
     return AnalyticsASGIMiddleware(app, service_token=TOKEN, collector_url=collector.url, **options)
 
 
@@ -261,7 +264,11 @@ async def test_body_reading_user_middleware_in_both_orders(
     else:
         app.add_middleware(BodyReadingMiddleware)
         app.add_middleware(
-            AnalyticsASGIMiddleware, service_token=TOKEN, collector_url=collector.url, log_body=True
+            AnalyticsASGIMiddleware,
+            service_token=TOKEN,
+            collector_url=collector.url,
+            log_body=True,
+            log_body_types=["*/*"],
         )
     body = bytes(range(256)) * 400  # 100 KiB, sent in pieces
 
@@ -665,13 +672,35 @@ async def refuses_lifespan_like_django(scope: Any, receive: Any, send: Any) -> N
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("refusing", [refuses_lifespan_with_assert, refuses_lifespan_like_django])
-async def test_app_without_lifespan_support_still_gets_the_shutdown_flush(
+async def test_app_refusing_lifespan_refuses_it_through_us_too(
     anyio_backend: str, collector: Collector, refusing: Any
 ) -> None:
-    """For an app refusing the lifespan scope, we answer its events and flush before shutdown."""
-    app = analytics(refusing, collector, delay=60.0)
+    """An app refusing the lifespan scope raises the same exception with us: nothing answered.
+
+    The server decides what that means (uvicorn: "unsupported" with --lifespan auto, exit 3
+    with --lifespan on), exactly as without the middleware.
+    """
+    errors = []
+    for app in (refusing, analytics(refusing, collector, delay=60.0)):
+        lifespan = LifespanServer()
+        with pytest.raises(Exception) as raised:
+            await app(
+                {"type": "lifespan", "asgi": {"version": "3.0"}}, lifespan.receive, lifespan.send
+            )
+        assert lifespan.sent == []
+        errors.append((type(raised.value), str(raised.value)))
+    assert errors[0] == errors[1]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("refusing", [refuses_lifespan_with_assert, refuses_lifespan_like_django])
+async def test_flush_on_shutdown_runs_lifespan_for_an_app_refusing_it(
+    anyio_backend: str, collector: Collector, refusing: Any
+) -> None:
+    """FlushOnShutdown (for Django) answers the events itself and flushes before shutdown."""
+    recorded = analytics(refusing, collector, delay=60.0)
     server = Server()
-    await app(http_scope("/queued"), server.receive, server.send)
+    await recorded(http_scope("/queued"), server.receive, server.send)
     at_collector_when_forwarded: list[int] = []
 
     def on_send(message: dict[str, Any]) -> None:
@@ -680,7 +709,9 @@ async def test_app_without_lifespan_support_still_gets_the_shutdown_flush(
 
     lifespan = LifespanServer(on_send)
     with anyio.fail_after(10):
-        await app({"type": "lifespan", "asgi": {"version": "3.0"}}, lifespan.receive, lifespan.send)
+        await FlushOnShutdown(refusing)(
+            {"type": "lifespan", "asgi": {"version": "3.0"}}, lifespan.receive, lifespan.send
+        )
     assert lifespan.sent == [
         {"type": "lifespan.startup.complete"},
         {"type": "lifespan.shutdown.complete"},
@@ -1208,7 +1239,14 @@ async def test_concurrent_requests_each_get_their_own_entry(
 
     middleware = analytics(app, collector, log_body=True)
     servers: dict[int, Server] = {}
-    before = threading.active_count()
+
+    def threads() -> tuple[int, int]:
+        """(threads other than senders, sender threads): senders are bounded by max_inflight."""
+        names = [t.name for t in threading.enumerate()]
+        senders = sum(name.startswith("alf-analytics-sender") for name in names)
+        return len(names) - senders, senders
+
+    before = threads()[0]
 
     async def one(ident: int) -> None:
         body = bytes([ident % 256]) * (ident * 7 + 1)
@@ -1220,7 +1258,9 @@ async def test_concurrent_requests_each_get_their_own_entry(
     async with anyio.create_task_group() as tasks:
         for ident in range(count):
             tasks.start_soon(one, ident)
-    assert threading.active_count() <= before + 1  # at most the worker thread, no per-request ones
+    others, senders = threads()
+    assert others <= before + 1  # at most the worker thread, no per-request ones
+    assert senders <= middleware.config.max_inflight
 
     entries = received_entries(collector, count)
     assert len(entries) == count
@@ -1258,17 +1298,10 @@ def wait_until_serving(process: subprocess.Popen[bytes], base_url: str) -> None:
     raise AssertionError("uvicorn did not start serving in time")
 
 
-@pytest.mark.parametrize(
-    "factory",
-    [
-        pytest.param("tests.asgi_apps:create_uvicorn_app", id="starlette"),
-        pytest.param("tests.asgi_apps:create_uvicorn_raw_app", id="raw-asgi-without-lifespan"),
-    ],
-)
-def test_uvicorn_delivers_entries_and_exits_cleanly(collector: Collector, factory: str) -> None:
-    """Under a real uvicorn, requests are logged and SIGTERM's lifespan shutdown flushes them."""
+def run_uvicorn(
+    collector: Collector, factory: str, lifespan: str
+) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
-    base_url = f"http://127.0.0.1:{port}"
     env = {
         **os.environ,
         "ALF_COLLECTOR_URL": collector.url,
@@ -1277,9 +1310,33 @@ def test_uvicorn_delivers_entries_and_exits_cleanly(collector: Collector, factor
     command = [
         sys.executable, "-m", "uvicorn", "--factory", factory,
         "--app-dir", str(TESTS.parent), "--host", "127.0.0.1", "--port", str(port),
-        "--lifespan", "on", "--log-level", "info", "--no-access-log",
+        "--lifespan", lifespan, "--log-level", "info", "--no-access-log",
     ]  # fmt: skip
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return process, f"http://127.0.0.1:{port}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("factory", "lifespan"),
+    [
+        pytest.param("tests.asgi_apps:create_uvicorn_app", "on", id="starlette"),
+        pytest.param(
+            "tests.asgi_apps:create_uvicorn_raw_app_flushing_at_sigterm",
+            "auto",
+            id="raw-asgi-without-lifespan-sigterm-flush",
+        ),
+    ],
+)
+def test_uvicorn_delivers_entries_and_exits_cleanly(
+    collector: Collector, factory: str, lifespan: str
+) -> None:
+    """Under a real uvicorn, requests are logged and SIGTERM's shutdown flushes them.
+
+    With lifespan the lifespan shutdown flushes; an app without lifespan support gets the same
+    from ``install_sigterm_flush()`` (uvicorn re-raises SIGTERM, skipping atexit).
+    """
+    process, base_url = run_uvicorn(collector, factory, lifespan)
     try:
         wait_until_serving(process, base_url)
         with httpx.Client(base_url=base_url, timeout=10.0) as client:
@@ -1298,12 +1355,14 @@ def test_uvicorn_delivers_entries_and_exits_cleanly(collector: Collector, factor
             process.kill()
             process.communicate()
     # uvicorn >= 0.29 re-raises the captured SIGTERM once its graceful shutdown is complete, so
-    # the process ends "killed by SIGTERM" -- after the lifespan, and without atexit handlers:
-    # the entries at the collector were sent by the lifespan shutdown flush.
+    # the process ends "killed by SIGTERM" -- without atexit handlers: the entries at the
+    # collector were sent by the lifespan shutdown flush, or by the SIGTERM flush.
     assert process.returncode in (0, -signal.SIGTERM), stderr
-    assert b"Application shutdown complete." in stderr, stderr
     assert b"Finished server process" in stderr, stderr
     assert b"Traceback" not in stderr and b"ERROR" not in stderr, stderr
+    assert b"alf_analytics" not in stderr, stderr  # no warning: the exit flush is in place
+    if lifespan == "on":
+        assert b"Application shutdown complete." in stderr, stderr
 
     entries = received_entries(collector, 3)
     assert {s.environment for s in collector.entries()} == {"uvicorn"}
@@ -1319,3 +1378,48 @@ def test_uvicorn_delivers_entries_and_exits_cleanly(collector: Collector, factor
     assert stream["response"]["bodySize"] == 100_000
     assert stream["response"]["status"] == 200
     assert by_path[f"{base_url}/health"]["response"]["status"] == 200
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "app",
+    [
+        pytest.param("create_failing_starlette", id="starlette-lifespan-raises"),
+        pytest.param("create_raises_before_startup", id="raw-raises-before-startup"),
+    ],
+)
+def test_uvicorn_startup_failure_exits_as_without_us(collector: Collector, app: str) -> None:
+    """A failing lifespan startup ends uvicorn with code 3, with or without the middleware."""
+    outcomes = []
+    for variant in ("bare", "recorded"):
+        process, _ = run_uvicorn(collector, f"tests.asgi_apps:{app}_{variant}", "on")
+        try:
+            _, stderr = process.communicate(timeout=30)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+        assert b"Application startup failed. Exiting." in stderr, stderr
+        outcomes.append(process.returncode)
+    assert outcomes == [3, 3]
+
+
+@pytest.mark.slow
+def test_uvicorn_without_lifespan_warns_once_that_the_exit_flush_cannot_run(
+    collector: Collector,
+) -> None:
+    """--lifespan off and no SIGTERM flush: one warning, at the first request, with the fix."""
+    process, base_url = run_uvicorn(collector, "tests.asgi_apps:create_uvicorn_app", "off")
+    try:
+        wait_until_serving(process, base_url)
+        with httpx.Client(base_url=base_url, timeout=10.0) as client:
+            for _ in range(3):
+                assert client.get("/health").status_code == 200
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert stderr.count(b"alf_analytics: no ASGI lifespan") == 1, stderr
+    assert b"install_sigterm_flush()" in stderr, stderr

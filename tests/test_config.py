@@ -211,7 +211,11 @@ def test_bad_collector_url_from_environment_names_the_option(
 ) -> None:
     """A bad ALF_COLLECTOR_URL fails like a bad keyword, naming collector_url."""
     monkeypatch.setenv("ALF_COLLECTOR_URL", "gopher://old.example")
-    with pytest.raises(ValueError, match=r"ALF_COLLECTOR_URL='gopher://old\.example' \(the environment variable for option collector_url\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"ALF_COLLECTOR_URL='gopher://old\.example' \(the environment variable for option "
+        r"collector_url\)",
+    ):
         make_config({"service_token": TOKEN})
 
 
@@ -239,7 +243,9 @@ def test_log_body_from_environment(
 def test_log_body_garbage_in_environment_is_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
     """An ALF_LOG_BODY that is neither true nor false raises, naming log_body and the value."""
     monkeypatch.setenv("ALF_LOG_BODY", "maybe")
-    with pytest.raises(ValueError, match=r"ALF_LOG_BODY='maybe' \(the environment variable for option log_body\)"):
+    with pytest.raises(
+        ValueError, match=r"ALF_LOG_BODY='maybe' \(the environment variable for option log_body\)"
+    ):
         make_config({"service_token": TOKEN})
 
 

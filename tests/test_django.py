@@ -26,6 +26,7 @@ from django.http import HttpRequest, HttpResponse
 from django.test import AsyncClient, Client, RequestFactory, override_settings
 
 import alf_analytics
+from alf_analytics._config import ENV_VARS
 from alf_analytics.collector import Collector
 from alf_analytics.django import AnalyticsMiddleware
 
@@ -45,7 +46,7 @@ Configure = Callable[..., None]
 @pytest.fixture
 def configure(collector: Collector, monkeypatch: pytest.MonkeyPatch) -> Iterator[Configure]:
     """The test project's settings, ``ALF_ANALYTICS`` aimed at the collector; call to change."""
-    for name in ("ALF_SERVICE_TOKEN", "ALF_ENVIRONMENT", "ALF_COLLECTOR_URL", "ALF_LOG_BODY"):
+    for name in ENV_VARS.values():
         monkeypatch.delenv(name, raising=False)
     with ExitStack() as stack:
 
@@ -55,6 +56,8 @@ def configure(collector: Collector, monkeypatch: pytest.MonkeyPatch) -> Iterator
                 "environment": "django-tests",
                 "collector_url": collector.url,
                 "log_body": True,
+                # Every body, so byte-faithfulness shows; the default allow-list has its tests.
+                "log_body_types": ["*/*", "text/event-stream"],
                 **options,
             }
             extra = {} if middleware is None else {"MIDDLEWARE": middleware}

@@ -35,6 +35,7 @@ from werkzeug.test import Client, create_environ, run_wsgi_app
 
 import alf_analytics
 from alf_analytics import AnalyticsWSGIMiddleware
+from alf_analytics._net import INVALID_HOST
 from alf_analytics.collector import Collector
 from alf_analytics.wsgi import read_environ
 
@@ -49,6 +50,8 @@ App = Callable[..., Iterable[bytes]]
 
 def middleware(app: App, collector: Collector, **options: Any) -> AnalyticsWSGIMiddleware:
     options.setdefault("log_body", True)
+    # Every body, so byte-faithfulness shows; the default allow-list has its own tests.
+    options.setdefault("log_body_types", ["*/*", "text/event-stream"])
     return AnalyticsWSGIMiddleware(app, service_token=TOKEN, collector_url=collector.url, **options)
 
 
@@ -873,7 +876,8 @@ def test_odd_request_through_wsgi_is_schema_valid(collector: Collector) -> None:
     status, _, _ = run(middleware(wsgi_apps.list_app, collector), environ)
     assert status == "200 OK"
     (entry,) = received_entries(collector, 1)
-    assert entry["request"]["url"].startswith("http://unknown/caf%C3%A9%20menu/")
+    # The builder's documented placeholder for a host it cannot represent.
+    assert entry["request"]["url"].startswith(f"http://{INVALID_HOST}/caf%C3%A9%20menu/")
     assert entry["request"]["httpVersion"] == "unknown"
     assert {"name": "x-bin", "value": "\xff\xfe\x80"} in entry["request"]["headers"]
 
@@ -1035,14 +1039,18 @@ def test_no_thread_per_request(collector: Collector, monkeypatch: pytest.MonkeyP
     client.get("/").close()
     assert alf_analytics.flush(5.0)
 
+    # The collector's threads (its own, and its AnyIO pool), and the worker's senders (at most
+    # max_inflight, started as batches need them, not per request): not a per-request cost.
+    ignored = ("alf-collector", "AnyIO worker thread", "alf-analytics-sender")
+
     def agent_threads() -> set[threading.Thread]:
-        return {t for t in threading.enumerate() if not t.name.startswith("alf-collector")}
+        return {t for t in threading.enumerate() if not t.name.startswith(ignored)}
 
     started: list[str] = []
     real_start = threading.Thread.start
 
     def counting_start(thread: threading.Thread) -> None:
-        if not thread.name.startswith("alf-collector"):
+        if not thread.name.startswith(ignored):
             started.append(thread.name)
         real_start(thread)
 
@@ -1055,6 +1063,8 @@ def test_no_thread_per_request(collector: Collector, monkeypatch: pytest.MonkeyP
     assert agent_threads() <= before  # an earlier test's worker may have ended meanwhile
     name = f"alf-analytics-worker:{collector.url}"
     assert sum(t.name == name for t in agent_threads()) == 1
+    senders = [t for t in threading.enumerate() if t.name.startswith("alf-analytics-sender")]
+    assert len(senders) <= client.application.config.max_inflight  # type: ignore[attr-defined]
     assert len(received_entries(collector, 2001)) == 2001
 
 

@@ -162,6 +162,7 @@ def create_gunicorn_app() -> Any:
         service_token=GUNICORN_TOKEN,
         environment="gunicorn",
         log_body=True,
+        log_body_types=["*/*", "text/event-stream"],
         batch_size=1000,
         delay=300.0,
     )

@@ -34,6 +34,7 @@ __all__ = [
     "REDACTED",
     "Config",
     "make_config",
+    "validate_option",
     "mask_token",
     "mask_url",
 ]
@@ -242,13 +243,12 @@ class Config:
 
     def body_type_allowed(self, content_type: str | bytes | None) -> bool:
         """Whether a body of this ``Content-Type`` may be captured (``log_body_types``)."""
-        if content_type is None:
-            return False
         if isinstance(content_type, bytes):
             content_type = content_type.decode("latin-1")
-        mime = content_type.partition(";")[0].strip().lower()
+        mime = (content_type or "").partition(";")[0].strip().lower()
         if not mime:
-            return False
+            # A body of no declared type: only "*/*" (everything) takes it.
+            return "*/*" in self.log_body_types
         major, _, minor = mime.partition("/")
         for pattern in self.log_body_types:
             if pattern == mime:
@@ -550,6 +550,16 @@ def _largest_entry(values: Mapping[str, Any]) -> int:
     log_body = values["log_body"]
     directions = (log_body in (True, "request")) + (log_body in (True, "response"))
     return directions * body + ENTRY_OVERHEAD
+
+
+def validate_option(name: str, value: object, environ: Mapping[str, str] | None = None) -> Any:
+    """One option's validated value: ``value``, else ``ALF_<NAME>``, else its default."""
+    env = os.environ if environ is None else environ
+    if value is not None:
+        return _VALIDATORS[name](_Source(name, None), value)
+    if name not in _CALLABLE_ONLY and ENV_VARS[name] in env:
+        return _VALIDATORS[name](_Source(name, ENV_VARS[name]), env[ENV_VARS[name]])
+    return _defaults()[name]
 
 
 def make_config(options: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Config:

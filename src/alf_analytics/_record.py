@@ -102,6 +102,23 @@ class Exchange:
         #: Set when the response is passed through unobserved (a file wrapper).
         self.response_content_length: int | None = None
 
+    def decide_request_capture(self, content_type: str | bytes | None) -> None:
+        """Keep no request bytes when ``log_body_types`` does not allow this content type."""
+        if self.request_body is not None and not self.config.body_type_allowed(content_type):
+            self.request_body = None
+
+    def decide_response_capture(self) -> None:
+        """At the response start: keep no response bytes unless its content type is allowed."""
+        if self.response_body is None:
+            return
+        content_type = None
+        for name, value in self.response_headers:
+            if name.lower() in ("content-type", b"content-type"):
+                content_type = value
+                break
+        if not self.config.body_type_allowed(content_type):
+            self.response_body = None
+
     def length_from_headers(self) -> None:
         """Take the response size from Content-Length when the body passes by unobserved."""
         for name, value in self.response_headers:
@@ -206,16 +223,40 @@ class InputTee:
             raise StopIteration
         return line
 
-    def seek(self, *args: Any, **kwargs: Any) -> int:
+    def seek(self, *args: Any, **kwargs: Any) -> Any:
         # A rewind (Django's and Werkzeug's caching streams) must not count bytes twice.
-        position: int = self._stream.seek(*args, **kwargs)
+        position = self._stream.seek(*args, **kwargs)
+        if not isinstance(position, int):
+            # File-like objects may return None from seek(): ask where it is, and give the
+            # app exactly what the stream returned.
+            tell = getattr(self._stream, "tell", None)
+            where: Any = None
+            try:
+                if tell is not None:
+                    where = tell()
+                elif args in ((0,), (0, 0)) and not kwargs:
+                    where = 0
+            except Exception:
+                where = None
+            self._rewound(where if isinstance(where, int) else None)
+            return position
+        self._rewound(position)
+        return position
+
+    def _rewound(self, position: int | None) -> None:
         exchange = self._exchange
+        if position is None:
+            # Unknown position: count from scratch, and claim no complete body.
+            exchange.request_body_size = 0
+            exchange.request_complete = False
+            if exchange.request_body is not None:
+                exchange.request_body = None
+            return
         exchange.request_body_size = position
         exchange.request_complete = False
         body = exchange.request_body
         if body is not None and len(body) > position:
             del body[position:]
-        return position
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)

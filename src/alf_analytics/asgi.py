@@ -8,9 +8,8 @@ Usage::
 Every ``receive`` and ``send`` message is forwarded unchanged and at once; the middleware only
 counts body bytes (capturing up to ``max_body_bytes``) and stamps times. ``websocket`` and any
 unknown scope pass straight through. On ``lifespan.shutdown.complete`` the queued entries are
-flushed, off the event loop and with a bounded wait, before the message is forwarded; for an
-app that does not support lifespan at all, the middleware answers the lifespan events itself so
-that this flush still happens.
+flushed, off the event loop and with a bounded wait, before the message is forwarded. Lifespan
+messages and failures pass through exactly as without the middleware.
 """
 
 from __future__ import annotations
@@ -18,12 +17,21 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from time import perf_counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-from ._config import Config, make_config
+from . import _signals
+from ._config import Config, make_config, validate_option
+from ._consumer import enter, leave
+from ._gate import Gate, is_async_callable, made_with, takes_two_arguments
 from ._record import Exchange, RequestInfo
+from ._signals import check_exit_flush_asgi
 from ._worker import Worker, flush, get_worker, hand_over
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from ._options import Options
 
 __all__ = ["AnalyticsASGIMiddleware", "FlushOnShutdown"]
 
@@ -42,38 +50,87 @@ class AnalyticsASGIMiddleware:
     """Record every HTTP exchange of an ASGI application as an ALF entry.
 
     :param app: the ASGI application to observe.
-    :param service_token: the collector's service token (or ``ALF_SERVICE_TOKEN``).
-    :param options: the other keyword-only options (``environment``, ``collector_url``,
-        ``log_body``, ``batch_size``, ``delay``, ...), see the README's table. Invalid options
-        raise ``ValueError``/``TypeError`` here, never at request time.
+    :param options: every option, keyword-only (:class:`alf_analytics.Options`; the README's
+        table). Invalid options raise ``ValueError``/``TypeError`` here, never at request time.
+
+    Callables among the options (``skip``, ``identify``, a per-request ``service_token`` or
+    ``environment``) receive a ``starlette.requests.Request`` when the app is a Starlette or
+    FastAPI app (or part of one, as ``add_middleware`` passes it), and the ASGI scope
+    otherwise.
     """
 
-    __slots__ = ("app", "config", "_worker")
+    __slots__ = ("app", "config", "_worker", "_gate", "_request_of", "_first")
 
-    def __init__(self, app: ASGIApp, **options: Any) -> None:
+    def __init__(self, app: ASGIApp, **options: Unpack[Options]) -> None:
+        if not is_async_callable(app) and takes_two_arguments(app):
+            raise TypeError(
+                "alf_analytics: AnalyticsASGIMiddleware was given a WSGI app (a callable of "
+                "environ and start_response); wrap WSGI apps (Flask, ...) with "
+                "AnalyticsWSGIMiddleware"
+            )
         self.app = app
         self.config: Config = make_config(options)
-        self._worker: Worker = get_worker(self.config)
+        self._worker: Worker | None = get_worker(self.config) if self.config.active else None
+        self._request_of = _request_maker(app)
+        self._gate = Gate(
+            self.config, method_of=_method, path_of=_path, request_of=self._request_of
+        )
+        self._first = True
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         scope_type = scope["type"]
-        if scope_type == "http":
-            await self._http(scope, receive, send)
-        elif scope_type == "lifespan":
-            await self._lifespan(scope, receive, send)
+        if scope_type == "http" and self._worker is not None:
+            await self._http(scope, receive, send, self._worker)
+        elif scope_type == "lifespan" and self._worker is not None:
+            await _lifespan_with_flush(
+                self.app, scope, receive, send, self._worker.flush, self.config.shutdown_timeout
+            )
         else:
             await self.app(scope, receive, send)
 
-    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def _admit(self, scope: Scope) -> Exchange | None:
+        if self._first:
+            self._first = False
+            check_exit_flush_asgi()
+        gate = self._gate
+        if gate.simple:
+            group = self.config.group
+        else:
+            admitted = gate.admit(scope)
+            if admitted is None:
+                return None  # skipped or sampled out: counted, nothing built
+            group = admitted[0]
         # A copy: routers add keys and rewrite root_path/path in the scope as they dispatch,
         # and some middlewares append to its header list in place.
         source = dict(scope)
         headers = source.get("headers")
         if type(headers) is list:
             source["headers"] = headers.copy()
-        exchange = Exchange(self.config, source, read_scope)
-        worker = self._worker
+        exchange = Exchange(self.config, source, read_scope, group)
+        if exchange.request_body is not None:
+            exchange.decide_request_capture(_header(scope, b"content-type"))
+        return exchange
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send, worker: Worker) -> None:
+        try:
+            exchange = self._admit(scope)
+        except Exception:  # pragma: no cover - defensive: never break the host app
+            logger.exception("alf_analytics: capture failed; request passed through")
+            exchange = None
+        if exchange is None:
+            await self.app(scope, receive, send)
+            return
+        holder, token = enter()
+        gate = self._gate
+        request_of = self._request_of
         done = False
+
+        def finish() -> None:
+            if holder.value is not None:
+                exchange.consumer = holder.value
+            elif gate.config.identify is not None:
+                exchange.consumer = gate.identify(request_of(scope))
+            hand_over(worker, exchange)
 
         async def receive_with_capture() -> Message:
             message = await receive()
@@ -104,37 +161,43 @@ class AnalyticsASGIMiddleware:
                     # The response is complete: background tasks that run after this point
                     # must not count as response time.
                     done = True
-                    hand_over(worker, exchange)
+                    finish()
                 return
             elif message_type == "http.response.start":
                 exchange.t_response = perf_counter()
                 exchange.status = message.get("status", 0)
                 exchange.response_headers = message.get("headers") or ()
+                exchange.decide_response_capture()
             elif message_type == "http.response.pathsend":
                 await send(message)
                 done = True
+                exchange.response_body = None
                 exchange.length_from_headers()
-                hand_over(worker, exchange)
+                finish()
                 return
             await send(message)
 
         try:
-            await self.app(scope, receive_with_capture, send_with_capture)
+            call = self.app(scope, receive_with_capture, send_with_capture)
+            if not hasattr(call, "__await__"):
+                raise TypeError(
+                    "alf_analytics: the app wrapped by AnalyticsASGIMiddleware returned "
+                    f"{type(call).__name__}, not an awaitable: it is not an ASGI app (a WSGI "
+                    "app? wrap it with AnalyticsWSGIMiddleware)"
+                )
+            await call
         except BaseException:
             if not done:
                 done = True
                 if not exchange.t_response:
                     exchange.status = 500
-                hand_over(worker, exchange)
+                finish()
             raise
+        finally:
+            leave(token)
         if not done:
             # The app returned without completing its response (client gone, or a bug).
-            hand_over(worker, exchange)
-
-    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await _lifespan_with_flush(
-            self.app, scope, receive, send, self._worker.flush, self.config.shutdown_timeout
-        )
+            finish()
 
 
 class FlushOnShutdown:
@@ -146,20 +209,51 @@ class FlushOnShutdown:
 
         application = FlushOnShutdown(get_asgi_application())
 
-    HTTP and websocket scopes pass through untouched; nothing is recorded here.
+    The wait is bounded by ``timeout``, by default ``ALF_ANALYTICS["shutdown_timeout"]`` when
+    Django is configured (else ``ALF_SHUTDOWN_TIMEOUT``, else 5 s). HTTP and websocket scopes
+    pass through untouched; nothing is recorded here. When the wrapped app refuses the
+    lifespan protocol (Django does), this wrapper answers the lifespan events itself so the
+    flush still happens.
     """
 
-    __slots__ = ("app", "timeout")
+    __slots__ = ("app", "_timeout")
 
-    def __init__(self, app: ASGIApp, *, timeout: float = 5.0) -> None:
+    def __init__(self, app: ASGIApp, *, timeout: float | None = None) -> None:
         self.app = app
-        self.timeout = timeout
+        if timeout is not None:
+            timeout = validate_option("shutdown_timeout", timeout)
+        self._timeout = timeout
+
+    @property
+    def timeout(self) -> float:
+        """The bound of the flush at shutdown, in seconds."""
+        return self._timeout if self._timeout is not None else _configured_shutdown_timeout()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        _signals.flush_wrapper_seen = True
         if scope["type"] != "lifespan":
             await self.app(scope, receive, send)
             return
-        await _lifespan_with_flush(self.app, scope, receive, send, flush, self.timeout)
+        await _lifespan_with_flush(
+            self.app, scope, receive, send, flush, self.timeout, run_if_refused=True
+        )
+
+
+def _configured_shutdown_timeout() -> float:
+    options: Any = None
+    try:
+        from django.conf import settings
+
+        if settings.configured:
+            options = getattr(settings, "ALF_ANALYTICS", None)
+    except ImportError:
+        pass
+    value = options.get("shutdown_timeout") if isinstance(options, dict) else None
+    try:
+        timeout: float = validate_option("shutdown_timeout", value)
+        return timeout
+    except (TypeError, ValueError):
+        return 5.0  # the Django check reports the bad value; shutdown still flushes
 
 
 async def _lifespan_with_flush(
@@ -169,8 +263,16 @@ async def _lifespan_with_flush(
     send: Send,
     flush_queued: Callable[[float], bool],
     timeout: float,
+    *,
+    run_if_refused: bool = False,
 ) -> None:
-    """Forward the lifespan protocol, flushing before ``lifespan.shutdown.complete`` goes out."""
+    """Forward the lifespan protocol, flushing before ``lifespan.shutdown.complete`` goes out.
+
+    Every message and every exception passes through unchanged, so a failing startup fails
+    exactly as it would without us (uvicorn: "Application startup failed", exit code 3).
+    With ``run_if_refused`` (FlushOnShutdown only), an app that raises before taking any
+    lifespan event, as Django's ASGI handler does, gets the protocol run for it.
+    """
     took_part = False
 
     async def receive_seen() -> Message:
@@ -181,10 +283,16 @@ async def _lifespan_with_flush(
     async def send_with_flush(message: Message) -> None:
         nonlocal took_part
         took_part = True
-        if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+        message_type = message["type"]
+        if message_type == "lifespan.startup.complete":
+            _signals.lifespan_seen = True
+        elif message_type in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
             await _flush_off_loop(flush_queued, timeout)
         await send(message)
 
+    if not run_if_refused:
+        await app(scope, receive_seen, send_with_flush)
+        return
     try:
         await app(scope, receive_seen, send_with_flush)
     except Exception:
@@ -199,6 +307,7 @@ async def _lifespan_with_flush(
     while True:
         message = await receive()
         if message["type"] == "lifespan.startup":
+            _signals.lifespan_seen = True
             await send({"type": "lifespan.startup.complete"})
         elif message["type"] == "lifespan.shutdown":
             await _flush_off_loop(flush_queued, timeout)
@@ -213,6 +322,46 @@ async def _flush_off_loop(flush_queued: Callable[[float], bool], timeout: float)
         await anyio.to_thread.run_sync(flush_queued, timeout)
     except Exception:  # never let our flush break the server's shutdown
         logger.warning("alf_analytics: flush at lifespan shutdown failed", exc_info=True)
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope.get("headers") or ():
+        if key.lower() == name:
+            return bytes(value)
+    return None
+
+
+def _method(scope: Scope) -> str:
+    return str(scope.get("method", "GET"))
+
+
+def _path(scope: Scope) -> str:
+    """The full request path as text (``root_path`` included), for ``skip_paths``."""
+    path = str(scope.get("path") or "")
+    root = str(scope.get("root_path") or "").rstrip("/")
+    if root and not (path == root or path.startswith(root + "/")):
+        path = root + path  # a server that leaves root_path out of path
+    return path
+
+
+def _identity(scope: Scope) -> Any:
+    return scope
+
+
+def _request_maker(app: Any) -> Callable[[Scope], Any]:
+    """What the option callables receive for this app: a Starlette request, or the scope."""
+    if not made_with(app, ("starlette", "fastapi")):
+        return _identity
+    try:
+        from starlette.requests import Request
+    except ImportError:  # pragma: no cover - a Starlette app always has Starlette
+        return _identity
+
+    def make(scope: Scope) -> Any:
+        # No receive: the request cannot consume the body the app is about to read.
+        return Request(scope)
+
+    return make
 
 
 def _latin1(value: Any) -> str:

@@ -13,18 +13,25 @@ exactly once, and an app exception propagates unchanged.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from inspect import iscoroutine
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_to_bytes
 
 from ._config import Config, make_config
+from ._consumer import ConsumerHolder, enter, leave
+from ._gate import Gate, is_async_callable, made_with
 from ._record import Exchange, InputTee, RequestInfo
+from ._signals import check_exit_flush_wsgi
 from ._worker import Worker, get_worker, hand_over
 
 if TYPE_CHECKING:
     from _typeshed import OptExcInfo
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+    from typing_extensions import Unpack
+
+    from ._options import Options
 
 __all__ = ["AnalyticsWSGIMiddleware"]
 
@@ -39,38 +46,61 @@ class AnalyticsWSGIMiddleware:
     """Record every exchange of a WSGI application as an ALF entry.
 
     :param app: the WSGI application to observe.
-    :param service_token: the collector's service token (or ``ALF_SERVICE_TOKEN``).
-    :param options: the other keyword-only options (``environment``, ``collector_url``,
-        ``log_body``, ``batch_size``, ``delay``, ...), see the README's table. Invalid options
-        raise ``ValueError``/``TypeError`` here, never at request time.
+    :param options: every option, keyword-only (:class:`alf_analytics.Options`; the README's
+        table). Invalid options raise ``ValueError``/``TypeError`` here, never at request time.
+
+    Callables among the options (``skip``, ``identify``, a per-request ``service_token`` or
+    ``environment``) receive a Werkzeug ``Request`` when the app is a Flask or Werkzeug app
+    (Flask's own request object once Flask made it), and the WSGI environ otherwise.
     """
 
-    __slots__ = ("app", "config", "_worker")
+    __slots__ = ("app", "config", "_worker", "_gate", "_request_of", "_first")
 
-    def __init__(self, app: WSGIApplication, **options: Any) -> None:
+    def __init__(self, app: WSGIApplication, **options: Unpack[Options]) -> None:
+        if is_async_callable(app):
+            raise TypeError(
+                "alf_analytics: AnalyticsWSGIMiddleware was given an ASGI app (an async "
+                "callable); wrap ASGI apps (Starlette, FastAPI, ...) with AnalyticsASGIMiddleware"
+            )
         self.app = app
         self.config: Config = make_config(options)
-        self._worker: Worker = get_worker(self.config)
+        self._worker: Worker | None = get_worker(self.config) if self.config.active else None
+        self._request_of = _request_maker(app)
+        self._gate = Gate(
+            self.config, method_of=_method, path_of=_path, request_of=self._request_of
+        )
+        self._first = True
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        worker = self._worker
+        if worker is None:
+            return self.app(environ, start_response)
+        responder: _Responder | None = None
         try:
-            snapshot = environ.copy()
-            # The snapshot waits in the worker's queue: it must not keep the request body
-            # stream (a server's buffer of the whole upload) alive after the request.
-            stream = snapshot.pop("wsgi.input", None)
-            exchange = Exchange(self.config, snapshot, read_environ)
-            if stream is not None:
-                environ["wsgi.input"] = InputTee(stream, exchange)
-            responder = _Responder(exchange, start_response, self._worker)
+            if self._first:
+                self._first = False
+                check_exit_flush_wsgi(environ.get("SERVER_SOFTWARE"))
+            responder = self._begin(environ, start_response, worker)
         except Exception:  # pragma: no cover - defensive: never break the host app
             logger.exception("alf_analytics: capture failed; request passed through")
+        if responder is None:
             return self.app(environ, start_response)
 
+        token = responder.enter()
         try:
             result = self.app(environ, responder.start_response)
         except BaseException:
             responder.fail()
             raise
+        finally:
+            leave(token)
+        if type(result) is not list and iscoroutine(result):
+            result.close()
+            responder.fail()
+            raise TypeError(
+                "alf_analytics: the app wrapped by AnalyticsWSGIMiddleware returned a coroutine: "
+                "it is an ASGI app; wrap it with AnalyticsASGIMiddleware"
+            )
         file_wrapper = environ.get("wsgi.file_wrapper")
         if file_wrapper is not None and (
             isinstance(result, file_wrapper)
@@ -89,14 +119,57 @@ class AnalyticsWSGIMiddleware:
             responder.__class__ = _SizedResponder
         return responder
 
+    def _begin(
+        self, environ: WSGIEnvironment, start_response: StartResponse, worker: Worker
+    ) -> _Responder | None:
+        gate = self._gate
+        if gate.simple:
+            group = self.config.group
+        else:
+            admitted = gate.admit(environ)
+            if admitted is None:
+                return None  # skipped or sampled out: counted, nothing built
+            group = admitted[0]
+        snapshot = environ.copy()
+        # The snapshot waits in the worker's queue: it must not keep the request body
+        # stream (a server's buffer of the whole upload) alive after the request.
+        stream = snapshot.pop("wsgi.input", None)
+        exchange = Exchange(self.config, snapshot, read_environ, group)
+        if exchange.request_body is not None:
+            exchange.decide_request_capture(environ.get("CONTENT_TYPE"))
+        if stream is not None:
+            environ["wsgi.input"] = InputTee(stream, exchange)
+        identify = None
+        if self.config.identify is not None:
+            identify = (gate, self._request_of, environ)
+        return _Responder(exchange, start_response, worker, identify)
+
 
 class _Responder:
     """Per-request state: wraps ``start_response``/``write`` and is the returned iterable."""
 
-    __slots__ = ("exchange", "_start_response", "_worker", "_write", "result", "_iterator", "_done")
+    __slots__ = (
+        "exchange",
+        "_start_response",
+        "_worker",
+        "_write",
+        "result",
+        "_iterator",
+        "_done",
+        "_holder",
+        "_identify",
+    )
 
-    def __init__(self, exchange: Exchange, start_response: StartResponse, worker: Worker) -> None:
+    def __init__(
+        self,
+        exchange: Exchange,
+        start_response: StartResponse,
+        worker: Worker,
+        identify: tuple[Gate, Callable[[Any], Any], WSGIEnvironment] | None,
+    ) -> None:
         self.exchange = exchange
+        self._holder: ConsumerHolder | None = None
+        self._identify = identify
         self._start_response = start_response
         self._worker = worker
         self._write: Any = None
@@ -122,13 +195,20 @@ class _Responder:
         except (TypeError, ValueError):
             exchange.status = 0
         exchange.response_headers = headers
+        exchange.decide_response_capture()
         return self.write
+
+    def enter(self) -> Any:
+        """Give the app's code this request's consumer holder (``set_consumer``)."""
+        self._holder, token = enter()
+        return token
 
     def write(self, data: bytes) -> Any:
         exchange = self.exchange
         if not exchange.t_response:
             exchange.t_response = perf_counter()
-        exchange.response_data(data)
+        if isinstance(data, (bytes, bytearray)):
+            exchange.response_data(data)
         return self._write(data)
 
     def __iter__(self) -> Iterator[bytes]:
@@ -146,11 +226,14 @@ class _Responder:
             if not self.exchange.t_response:
                 self._as_500()
             raise
-        if chunk:
-            exchange = self.exchange
-            if not exchange.t_response:
-                exchange.t_response = perf_counter()
-            exchange.response_data(chunk)
+        if chunk.__class__ is bytes or isinstance(chunk, (bytes, bytearray)):
+            # Anything else (str, int: a broken app) goes to the server untouched, which
+            # answers it as it would without us.
+            if chunk:
+                exchange = self.exchange
+                if not exchange.t_response:
+                    exchange.t_response = perf_counter()
+                exchange.response_data(chunk)
         return chunk
 
     def __bool__(self) -> bool:
@@ -190,7 +273,48 @@ class _Responder:
         if self._done:
             return
         self._done = True
-        hand_over(self._worker, self.exchange)
+        exchange = self.exchange
+        holder = self._holder
+        if holder is not None and holder.value is not None:
+            exchange.consumer = holder.value
+        elif self._identify is not None:
+            gate, request_of, environ = self._identify
+            exchange.consumer = gate.identify(request_of(environ))
+        hand_over(self._worker, exchange)
+
+
+def _method(environ: WSGIEnvironment) -> str:
+    return str(environ.get("REQUEST_METHOD", "GET"))
+
+
+def _path(environ: WSGIEnvironment) -> str:
+    """The full request path as text (mount point included), for ``skip_paths``."""
+    path = str(environ.get("SCRIPT_NAME", "")) + str(environ.get("PATH_INFO", ""))
+    if not path.isascii():
+        # PEP 3333 carries the bytes as Latin-1; URLs are UTF-8.
+        path = path.encode("latin-1", "replace").decode("utf-8", "replace")
+    return path
+
+
+def _identity(environ: WSGIEnvironment) -> Any:
+    return environ
+
+
+def _request_maker(app: Any) -> Callable[[WSGIEnvironment], Any]:
+    """What the option callables receive for this app: a Werkzeug request, or the environ."""
+    if not made_with(app, ("flask", "werkzeug")):
+        return _identity
+    try:
+        from werkzeug.wrappers import Request
+    except ImportError:  # pragma: no cover - a Flask app always has Werkzeug
+        return _identity
+
+    def make(environ: WSGIEnvironment) -> Any:
+        # Flask's own request once Flask made it (after the view: with its url_rule, view
+        # args); before that a shallow one, which refuses to read the body.
+        return environ.get("werkzeug.request") or Request(environ, shallow=True)
+
+    return make
 
 
 def _server_ip(environ: WSGIEnvironment) -> str | None:
