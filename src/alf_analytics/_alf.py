@@ -238,13 +238,13 @@ class _Plan:
         if mode == "none" or not info.peer:
             return None
         address = _net.ip_literal(info.peer)
-        if address is not None and self.trusted:
+        if address is None:
+            return None
+        if self.trusted:
             address = _net.client_address(
                 address, info.headers, self.trusted, self.forwarded_header
             )
-        if address is None:
-            return None
-        return _net.anonymized(address) if mode == "anonymized" else str(address)
+        return _net.anonymized(address) if mode == "anonymized" else address
 
     def body(
         self, captured: bytearray | None, size: int, headers: Sequence[RawHeader]
@@ -331,12 +331,10 @@ def build_entry(exchange: Exchange) -> dict[str, Any]:
     request_headers, request_headers_size = plan.pairs(info.headers)
     path = info.path
     query = info.query
+    # The request line: method SP target SP version CRLF, then the CRLF ending the headers.
+    target = f"{method} {path}?{query}" if query else f"{method} {path}"
     request_headers_size += (
-        wire_length(method)
-        + wire_length(path)
-        + (wire_length(query) + 1 if query else 0)
-        + len(version)
-        + 6  # two spaces, CRLF after the request line, CRLF ending the headers
+        (len(target) if target.isascii() else wire_length(target)) + len(version) + 5
     )
     if exchange.consumer:
         request_headers.append({"name": CONSUMER_HEADER, "value": _net.clean(exchange.consumer)})
@@ -371,7 +369,9 @@ def build_entry(exchange: Exchange) -> dict[str, Any]:
     reason = exchange.reason or _PHRASES.get(status, "")
     if not reason.isascii():
         reason = _net.clean(reason)
-    response_headers_size += len(version) + len(str(status)) + wire_length(reason) + 6
+    # The status line: version SP status SP reason CRLF, then the CRLF ending the headers.
+    reason_size = len(reason) if reason.isascii() else wire_length(reason)
+    response_headers_size += len(version) + len(str(status)) + reason_size + 6
     response_size = exchange.response_body_size
     if exchange.response_content_length is not None:
         response_size = max(response_size, _declared(exchange.response_content_length))
@@ -412,7 +412,7 @@ def build_entry(exchange: Exchange) -> dict[str, Any]:
     if info.server_ip:
         server = _net.ip_literal(info.server_ip)
         if server is not None:
-            entry["serverIPAddress"] = str(server)
+            entry["serverIPAddress"] = server
     return entry
 
 

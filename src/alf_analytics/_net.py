@@ -136,13 +136,19 @@ def _ipv6(literal: str) -> str | None:
 
 
 @lru_cache(maxsize=1024)
-def ip_literal(candidate: str) -> IPAddress | None:
-    """The address an IP literal names, or None (cached: peers repeat, and parsing raises).
+def ip_literal(candidate: str) -> str | None:
+    """The normalised text of an IP literal, or None (cached: peers repeat, parsing raises).
 
     Accepts ``[v6]`` and ``[v6]:port`` and ``v4:port`` (as forwarding headers write them);
     drops an IPv6 zone (``fe80::1%lo``: local to this host, and the schema refuses it) and
     writes an IPv4-mapped IPv6 address (``::ffff:10.0.0.1``, from dual-stack sockets) as IPv4.
     """
+    address = ip_address(candidate)
+    return None if address is None else str(address)
+
+
+def ip_address(candidate: str) -> IPAddress | None:
+    """The address an IP literal names (see :func:`ip_literal`), or None."""
     value = candidate.strip(' \t"')
     if value.startswith("["):
         value = value[1:].partition("]")[0]
@@ -159,8 +165,9 @@ def ip_literal(candidate: str) -> IPAddress | None:
 
 
 @lru_cache(maxsize=1024)
-def anonymized(address: IPAddress) -> str:
-    """The address with its host part zeroed: IPv4 to its /24, IPv6 to its /48."""
+def anonymized(literal: str) -> str:
+    """An address (normalised text) with its host part zeroed: IPv4 to /24, IPv6 to /48."""
+    address = ipaddress.ip_address(literal)
     prefix = 24 if address.version == 4 else 48
     return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False).network_address)
 
@@ -198,19 +205,16 @@ def forwarded_hops(headers: Sequence[Any], header: str) -> list[str]:
 
 
 def client_address(
-    peer: IPAddress | None,
-    headers: Sequence[Any],
-    trusted: tuple[IPNetwork, ...],
-    header: str,
-) -> IPAddress | None:
+    peer: str, headers: Sequence[Any], trusted: tuple[IPNetwork, ...], header: str
+) -> str:
     """The socket peer, or, behind trusted proxies, the first untrusted hop from the right.
 
-    The forwarding header is read only when the peer is a trusted proxy, and then walked hop
-    by hop from the right through trusted addresses only: a client cannot forge its address.
-    A hop that is not an IP literal (``unknown``, an obfuscated name) ends the walk at the last
-    trusted proxy.
+    ``peer`` is a normalised IP literal. The forwarding header is read only when the peer is
+    a trusted proxy, and then walked hop by hop from the right through trusted addresses only:
+    a client cannot forge its address. A hop that is not an IP literal (``unknown``, an
+    obfuscated name) ends the walk at the last trusted proxy.
     """
-    if peer is None or not trusted or not _trusted(peer, trusted):
+    if not trusted or not _trusted(peer, trusted):
         return peer
     client = peer
     for hop in reversed(forwarded_hops(headers, header)):
@@ -223,5 +227,9 @@ def client_address(
     return client
 
 
-def _trusted(address: IPAddress, trusted: tuple[IPNetwork, ...]) -> bool:
+@lru_cache(maxsize=1024)
+def _trusted(literal: str, trusted: tuple[IPNetwork, ...]) -> bool:
+    address = ip_address(literal)
+    if address is None:
+        return False
     return any(address.version == network.version and address in network for network in trusted)
