@@ -59,6 +59,15 @@
     },
   };
 
+  function lonePoints(values) {
+    return function (u, seriesIdx) {
+      for (var i = 0; i < values.length; i++) {
+        if (values[i] != null && values[i - 1] == null && values[i + 1] == null) return true;
+      }
+      return values.length < 3;
+    };
+  }
+
   function chartWidth(node) {
     return Math.max(node.clientWidth, 240);
   }
@@ -87,7 +96,8 @@
           dash: s.dash,
           fill: s.fill ? color + "22" : undefined,
           spanGaps: false,
-          points: { show: columns.t.length < 3 },
+          // A lone value between gaps has no line to draw: a point shows it.
+          points: { show: lonePoints(columns[s.key]), size: 5 },
           value: function (u, v) {
             return spec.value(v);
           },
@@ -146,7 +156,8 @@
       var clock = pad(date.getHours()) + ":" + pad(date.getMinutes()) + ":" + pad(date.getSeconds());
       if (!node.title) node.title = node.textContent + " UTC";
       // Today's times show the clock only, in the viewer's time zone; older ones the date too.
-      node.textContent = day === today ? clock : day + " " + clock;
+      var full = node.hasAttribute("data-full") || day !== today;
+      node.textContent = full ? day + " " + clock : clock;
     });
   }
 
@@ -261,7 +272,16 @@
     });
   }
 
+  // On a phone the log's filters fold away unless one is active.
+  function setupCollapse() {
+    if (!window.matchMedia("(max-width: 640px)").matches) return;
+    document.querySelectorAll("details[data-collapse-narrow]").forEach(function (box) {
+      if (!box.hasAttribute("data-active")) box.open = false;
+    });
+  }
+
   function start() {
+    setupCollapse();
     setupTimeInputs();
     setupBack();
     localizeTimes(document);
