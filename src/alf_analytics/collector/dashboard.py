@@ -382,11 +382,11 @@ async def _page(request: Request, template: str, build: PageData) -> Response:
     store = _store(request)
     try:
         selection = parse_selection(request.query_params, datetime.now(timezone.utc))
-    except SelectionError as exc:
+        data = await run_in_threadpool(build, store, selection)
+    except (SelectionError, queries.FilterError) as exc:  # a bad filter, sort or cursor
         services = await run_in_threadpool(_all_services, store)
         context = _frame(request, None, services, error=str(exc))
         return render(request, template, {**context, "failed": True}, status=400)
-    data = await run_in_threadpool(build, store, selection)
     services = data.pop("_services")
     return render(request, template, {**_frame(request, selection, services), **data})
 

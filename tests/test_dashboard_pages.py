@@ -1,0 +1,320 @@
+"""The dashboard's HTTP side without a browser: access, cookies, headers, figures, packaging.
+
+Against a real collector (the app under uvicorn) filled by a real agent, over loopback HTTP.
+The browser tests (test_dashboard.py) cover what needs a page to run.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+import subprocess
+import sys
+import zipfile
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import httpx
+import pytest
+
+import alf_analytics
+from alf_analytics.collector import Collector, dashboard
+from tests.test_dashboard import READ_KEY, TOKEN, Traffic, agent_client
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "src" / "alf_analytics" / "collector"
+
+
+@pytest.fixture(scope="module")
+def filled() -> Iterator[tuple[Collector, Traffic]]:
+    traffic = Traffic()
+    with Collector(read_key=READ_KEY, tokens=[f"web={TOKEN}"]) as collector:
+        with agent_client(collector, "pages") as client:
+            for i in range(6):
+                traffic.send(client, "GET", f"/items/{i}", headers={"X-User": "alice"})
+            for _ in range(3):
+                traffic.send(client, "GET", "/boom")
+            traffic.send(client, "GET", "/missing")
+        alf_analytics.flush(10)
+        assert collector.wait_for_entries(traffic.total, 10)
+        yield collector, traffic
+    alf_analytics.close(timeout=2.0)
+
+
+@pytest.fixture
+def anonymous(filled: tuple[Collector, Traffic]) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=filled[0].url, timeout=10) as client:
+        yield client
+
+
+@pytest.fixture
+def reader(anonymous: httpx.Client) -> httpx.Client:
+    response = anonymous.post("/login", data={"key": READ_KEY, "next": "/"})
+    assert response.status_code == 303
+    return anonymous
+
+
+def figure(page: str, name: str) -> str:
+    match = re.search(rf'data-figure="{name}">([^<]*)<', page)
+    assert match, name
+    return html.unescape(match.group(1))
+
+
+# -- access ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/", "/requests?status=5xx", "/requests/1"])
+def test_no_page_shows_data_without_the_read_key(anonymous: httpx.Client, path: str) -> None:
+    response = anonymous.get(path)
+    assert response.status_code == 303
+    assert response.text == ""
+    location = urlsplit(response.headers["location"])
+    assert location.path == "/login" and parse_qs(location.query)["next"] == [path]
+
+    anonymous.cookies.set("alf_read", "0" * 64)  # a forged cookie is no better
+    assert anonymous.get(path).status_code == 303
+
+
+def test_the_bearer_header_opens_the_pages_too(anonymous: httpx.Client) -> None:
+    response = anonymous.get("/", headers={"Authorization": f"Bearer {READ_KEY}"})
+    assert response.status_code == 200
+    assert "Top endpoints" in response.text
+
+
+def test_login_sets_an_httponly_strict_cookie_that_is_not_the_key(
+    anonymous: httpx.Client,
+) -> None:
+    response = anonymous.post("/login", data={"key": READ_KEY, "next": "/requests?status=500"})
+    assert response.status_code == 303
+    assert response.headers["location"] == "/requests?status=500"
+    cookie = response.headers["set-cookie"]
+    attributes = {part.strip().split("=")[0].lower() for part in cookie.split(";")}
+    assert {"httponly", "path", "max-age", "samesite"} <= attributes
+    assert "samesite=strict" in cookie.lower()
+    assert "secure" not in attributes  # plain http on loopback: a Secure cookie would be lost
+    assert READ_KEY not in cookie
+    assert anonymous.get("/requests?status=500").status_code == 200
+
+
+def test_a_wrong_key_is_refused_with_the_login_page(anonymous: httpx.Client) -> None:
+    response = anonymous.post("/login", data={"key": "guess", "next": "/"})
+    assert response.status_code == 401
+    assert "That is not the read key." in response.text
+    assert "set-cookie" not in response.headers
+    assert anonymous.post("/login", data={"key": ""}).status_code == 401
+
+
+def test_a_login_body_is_bounded(anonymous: httpx.Client) -> None:
+    response = anonymous.post("/login", data={"key": "x" * 10_000})
+    assert response.status_code == 413
+
+
+@pytest.mark.parametrize(
+    "target", ["//evil.example/x", "https://evil.example/", "/\\evil.example", "javascript:x"]
+)
+def test_login_never_redirects_off_site(anonymous: httpx.Client, target: str) -> None:
+    response = anonymous.post("/login", data={"key": READ_KEY, "next": target})
+    assert response.headers["location"] == "/"
+
+
+def test_logout_forgets_the_cookie(reader: httpx.Client) -> None:
+    response = reader.post("/logout")
+    assert response.status_code == 303 and response.headers["location"] == "/login"
+    assert re.search(r'alf_read=(""|);', response.headers["set-cookie"])
+    assert "max-age=0" in response.headers["set-cookie"].lower()
+    assert reader.get("/").status_code == 303
+
+
+def test_a_collector_without_read_key_shows_the_dashboard_at_once() -> None:
+    with Collector() as collector, httpx.Client(base_url=collector.url) as client:
+        page = client.get("/")
+        assert page.status_code == 200
+        assert "Log out" not in page.text
+        assert client.get("/login?next=/requests").headers["location"] == "/requests"
+
+
+# -- what every page carries -------------------------------------------------------------------
+
+
+def test_pages_forbid_inline_script_and_caching(anonymous: httpx.Client) -> None:
+    pages = [anonymous.get("/login")]
+    anonymous.post("/login", data={"key": READ_KEY})
+    pages += [anonymous.get(path) for path in ("/", "/requests", "/requests/1")]
+    for page in pages:
+        assert page.status_code == 200
+        headers = page.headers
+        policy = headers["content-security-policy"]
+        assert "script-src 'self';" in policy and "unsafe-inline" not in policy
+        assert "frame-ancestors 'none'" in policy
+        assert headers["x-content-type-options"] == "nosniff"
+        assert headers["cache-control"] == "no-store"
+
+
+@pytest.mark.parametrize(
+    ("path", "reason"),
+    [
+        ("/?range=2y", "range must be one of"),
+        ("/requests?status=abc", "status"),
+        ("/requests?since=yesterday", "since"),
+        ("/requests?cursor=not-a-cursor", "cursor"),
+    ],
+)
+def test_a_bad_filter_is_a_400_page_that_says_why(
+    reader: httpx.Client, path: str, reason: str
+) -> None:
+    response = reader.get(path)
+    assert response.status_code == 400
+    [alert] = re.findall(r'<p class="error" role="alert">([^<]*)</p>', response.text)
+    assert reason in html.unescape(alert)
+
+
+def test_an_unknown_entry_is_a_404_page(reader: httpx.Client) -> None:
+    response = reader.get("/requests/999999")
+    assert response.status_code == 404
+    assert "There is no entry 999999" in response.text
+
+
+def test_the_vendored_chart_library_is_served_with_its_license(anonymous: httpx.Client) -> None:
+    script = anonymous.get("/static/vendor/uPlot.iife.min.js")
+    assert script.status_code == 200
+    assert "javascript" in script.headers["content-type"]
+    assert script.text.startswith("/*! https://github.com/leeoniya/uPlot")
+    license_text = anonymous.get("/static/vendor/uPlot.LICENSE").text
+    assert "The MIT License" in license_text and "Leon Sorokin" in license_text
+
+
+# -- one source of truth -----------------------------------------------------------------------
+
+
+def test_overview_figures_are_the_query_apis(
+    reader: httpx.Client, filled: tuple[Collector, Traffic]
+) -> None:
+    _, traffic = filled
+    page = reader.get("/", params={"environment": "pages"}).text
+    # The page resolved "last hour" into since=...; ask the API the same.
+    api = reader.get("/api/stats", params={"environment": "pages"}).json()
+    assert api["count"] == traffic.total
+    assert figure(page, "count") == dashboard.fmt_count(api["count"])
+    assert figure(page, "error_rate") == dashboard.fmt_rate(api["error_rate"])
+    rows = re.findall(r'<td class="route"><a href="([^"]+)"[^>]*>([^<]+)</a>', page)
+    endpoints = reader.get("/api/endpoints", params={"environment": "pages"}).json()
+    assert [html.unescape(route) for _, route in rows] == [
+        row["route"] for row in endpoints["endpoints"]
+    ]
+    href = html.unescape(rows[0][0])
+    assert parse_qs(urlsplit(href).query) == {
+        "environment": ["pages"],
+        "method": [endpoints["endpoints"][0]["method"]],
+        "route": [endpoints["endpoints"][0]["route"]],
+    }
+
+
+def test_the_logs_har_download_holds_what_the_log_lists(reader: httpx.Client) -> None:
+    page = reader.get("/requests", params={"environment": "pages", "status": "5xx"}).text
+    [link] = re.findall(r'href="(/api/export\.har\?[^"]*)"', page)
+    link = html.unescape(link)
+    query = parse_qs(urlsplit(link).query)
+    assert query["status"] == ["5xx"] and query["environment"] == ["pages"]
+    since = datetime.fromisoformat(query["since"][0])
+    assert timedelta(minutes=59) < datetime.now(timezone.utc) - since < timedelta(minutes=61)
+    har = reader.get(link).json()
+    statuses = [entry["response"]["status"] for entry in har["log"]["entries"]]
+    assert statuses == [500, 500, 500]
+    assert page.count('class="status s5xx"') == 3
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+def test_formatting() -> None:
+    assert dashboard.fmt_count(1234567) == "1,234,567"
+    assert [dashboard.fmt_ms(v) for v in (0.123, 42.4, 1500, None)] == [
+        "0.12 ms",
+        "42 ms",
+        "1.50 s",
+        "–",
+    ]
+    assert [dashboard.fmt_bytes(v) for v in (512, 2048, 5 * 1024**2, -1)] == [
+        "512 B",
+        "2.0 KiB",
+        "5.0 MiB",
+        "–",
+    ]
+    assert [dashboard.fmt_rate(v) for v in (0, 0.0004, 0.1234, 1)] == [
+        "0 %",
+        "< 0.1 %",
+        "12.3 %",
+        "100.0 %",
+    ]
+    assert dashboard.fmt_time("2026-12-02T07:59:01.123Z") == "2026-12-02 07:59:01"
+    assert dashboard.status_label("4xx") == "4xx client error"
+    assert dashboard.status_class(503) == "5xx" and dashboard.status_class(None) == "other"
+
+
+def test_chart_buckets_keep_charts_under_a_few_hundred_points() -> None:
+    now = datetime(2026, 12, 2, tzinfo=timezone.utc)
+    for span, interval in [
+        (timedelta(minutes=15), 60),
+        (timedelta(hours=1), 60),
+        (timedelta(hours=6), 300),
+        (timedelta(days=1), 900),
+        (timedelta(days=7), 3600),
+        (timedelta(days=30), 21_600),
+    ]:
+        assert dashboard.chart_interval(now - span, now) == interval
+
+
+def test_chart_data_is_per_minute_with_gaps_for_quiet_buckets() -> None:
+    series = [
+        {"t": "2026-12-02T08:00:00Z", "count": 10, "client_errors": 5, "server_errors": 0,
+         "p50": 1.0, "p95": 2.0, "p99": 3.0},
+        {"t": "2026-12-02T08:05:00Z", "count": 0, "client_errors": 0, "server_errors": 0,
+         "p50": None, "p95": None, "p99": None},
+    ]  # fmt: skip
+    columns = dashboard.chart_data(series, 300)["columns"]
+    assert columns["t"] == [1796198400, 1796198700]
+    assert columns["count"] == [2.0, 0.0] and columns["client_errors"] == [1.0, 0.0]
+    assert columns["p95"] == [2.0, None]
+
+
+def test_entry_view_reads_any_stored_shape() -> None:
+    view = dashboard.EntryView(
+        {
+            "entry": {
+                "request": {"headers": [{"name": "a", "value": "1"}, "junk", {"value": 2}]},
+                "timings": {"blocked": -1, "send": 1, "wait": 2, "receive": 1, "ssl": "x"},
+            },
+            "bodies": None,
+        }
+    )
+    assert view.request_headers == [("a", "1"), ("", "2")]
+    assert view.response_headers == [] and view.query == [] and view.status is None
+    assert [(phase, x, width) for phase, _, x, width in view.timing_bar] == [
+        ("send", 0.0, 250.0),
+        ("wait", 250.0, 500.0),
+        ("receive", 750.0, 250.0),
+    ]
+    assert dashboard.EntryView({}).timing_bar == []
+
+
+@pytest.mark.slow
+def test_the_wheel_ships_every_template_and_static_file(tmp_path: Path) -> None:
+    """``pip install`` brings the dashboard: templates, script, styles, uPlot and its license."""
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "-q", "-w", str(tmp_path)],
+        check=True,
+        timeout=120,
+    )
+    [wheel] = tmp_path.glob("alf_analytics-*.whl")
+    shipped = set(zipfile.ZipFile(wheel).namelist())
+    wanted = {
+        "alf_analytics/collector/" + str(path.relative_to(PACKAGE))
+        for folder in ("templates", "static")
+        for path in (PACKAGE / folder).rglob("*")
+        if path.is_file()
+    }
+    assert "alf_analytics/collector/static/vendor/uPlot.LICENSE" in wanted
+    assert "alf_analytics/collector/templates/overview.html" in wanted
+    assert wanted <= shipped, wanted - shipped
