@@ -102,8 +102,16 @@ def wire_length(value: str | bytes) -> int:
 
 def http_version(raw: str) -> str:
     """Map ``1.1``, ``HTTP/1.1``, ``2``... onto the schema's enum (``unknown`` otherwise)."""
-    token = raw[5:] if raw[:5].upper() == "HTTP/" else raw
-    return _HTTP_VERSIONS.get(token, "unknown")
+    known = _VERSIONS_SEEN.get(raw)
+    if known is None:
+        token = raw[5:] if raw[:5].upper() == "HTTP/" else raw
+        known = _HTTP_VERSIONS.get(token, "unknown")
+        if len(_VERSIONS_SEEN) < 64:  # bounded: the server passes on what the client wrote
+            _VERSIONS_SEEN[raw] = known
+    return known
+
+
+_VERSIONS_SEEN: dict[str, str] = {}
 
 
 _last_second: tuple[int, str] = (-1, "")
@@ -116,15 +124,19 @@ def iso_utc(timestamp: float) -> str:
         timestamp = 0.0 if not timestamp > 0 else float(_MAX_TIMESTAMP)
     second = int(timestamp)
     # Round to microseconds first, as datetime does, so 0.123 is not shown as .122.
-    millis = round((timestamp - second) * 1_000_000) // 1000
+    millis = int((timestamp - second) * 1_000_000 + 0.5) // 1000
     if millis >= 1000:
         second, millis = second + 1, 0
+    suffix = _MILLIS[millis]
     cached_second, prefix = _last_second
     if second != cached_second:
         # Entries arrive in bursts within the same second: format the date part once.
         prefix = datetime.fromtimestamp(second, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.")
         _last_second = (second, prefix)
-    return f"{prefix}{millis:03d}Z"
+    return prefix + suffix
+
+
+_MILLIS = [f"{millis:03d}Z" for millis in range(1000)]
 
 
 def query_pairs(query: str) -> list[dict[str, str]]:
@@ -172,6 +184,7 @@ class _Plan:
         "limit",
         "header_pairs",
         "queries",
+        "paths",
     )
 
     def __init__(self, config: Config) -> None:
@@ -186,6 +199,8 @@ class _Plan:
         self.header_pairs: dict[tuple[Any, Any], tuple[dict[str, str] | None, int]] = {}
         #: raw query -> (query for the URL, queryString pairs)
         self.queries: dict[str, tuple[str, list[dict[str, str]]]] = {}
+        #: raw path -> path for the URL
+        self.paths: dict[str, str] = {}
 
     def pairs(self, headers: Sequence[RawHeader]) -> tuple[list[dict[str, str]], int]:
         """Headers as ALF name/value pairs (repeats kept, names lower-cased), and wire size."""
@@ -231,6 +246,18 @@ class _Plan:
         if self.copy_pairs:
             return url_query, [dict(pair) for pair in pairs]
         return url_query, list(pairs)
+
+    def path(self, path: str) -> str:
+        """The path for the URL: escaped as RFC 3986 asks, always starting with ``/``."""
+        known = self.paths.get(path)
+        if known is None:
+            known = _net.escape(path) if path else "/"
+            if not known.startswith("/"):
+                known = "/" + known
+            if len(self.paths) >= _QUERY_CACHE_SIZE:
+                self.paths.clear()
+            self.paths[path] = known
+        return known
 
     def client(self, info: RequestInfo) -> str | None:
         """``clientIPAddress`` as the ``client_ip`` option asks for it (None: left out)."""
@@ -316,8 +343,9 @@ def _declared(value: int | None) -> int:
     return value
 
 
-def _ms(seconds: float) -> float:
-    return round(seconds * 1000.0, 3) if seconds > 0 else 0.0
+def _us(seconds: float) -> int:
+    """Whole microseconds (timings are written in milliseconds with 3 decimals)."""
+    return int(seconds * 1_000_000.0 + 0.5) if seconds > 0 else 0
 
 
 def build_entry(exchange: Exchange) -> dict[str, Any]:
@@ -338,7 +366,7 @@ def build_entry(exchange: Exchange) -> dict[str, Any]:
     )
     if exchange.consumer:
         request_headers.append({"name": CONSUMER_HEADER, "value": _net.clean(exchange.consumer)})
-    url = _net.origin(info.scheme, info.host) + _path(path)
+    url = _net.origin(info.scheme, info.host) + plan.path(path)
     if query:
         url_query, query_string = plan.query(query)
         url += "?" + url_query
@@ -364,7 +392,9 @@ def build_entry(exchange: Exchange) -> dict[str, Any]:
         request["postData"] = post_data
 
     # -- response
-    status = _status(exchange.status) if exchange.status else 500
+    status = exchange.status
+    if type(status) is not int or not 0 < status <= 999:
+        status = _status(status) if status else 500
     response_headers, response_headers_size = plan.pairs(exchange.response_headers)
     reason = exchange.reason or _PHRASES.get(status, "")
     if not reason.isascii():
@@ -397,14 +427,15 @@ def build_entry(exchange: Exchange) -> dict[str, Any]:
     t_start = exchange.t_start
     t_end = exchange.t_end or t_start
     t_response = exchange.t_response or t_end
-    wait = _ms(t_response - t_start)
-    receive = _ms(t_end - t_response)
+    # In whole microseconds first, so that time == send + wait + receive exactly.
+    wait = _us(t_response - t_start)
+    receive = _us(t_end - t_response)
     entry: dict[str, Any] = {
         "startedDateTime": iso_utc(exchange.started_at),
-        "time": round(wait + receive, 3),
+        "time": (wait + receive) / 1000,
         "request": request,
         "response": response,
-        "timings": {"send": 0.0, "wait": wait, "receive": receive},
+        "timings": {"send": 0.0, "wait": wait / 1000, "receive": receive / 1000},
     }
     client = plan.client(info)
     if client is not None:
@@ -414,11 +445,6 @@ def build_entry(exchange: Exchange) -> dict[str, Any]:
         if server is not None:
             entry["serverIPAddress"] = server
     return entry
-
-
-def _path(path: str) -> str:
-    escaped = _net.escape(path) if path else "/"
-    return escaped if escaped.startswith("/") else "/" + escaped
 
 
 def alf_envelope(service_token: str, environment: str | None) -> dict[str, Any]:
