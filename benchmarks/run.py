@@ -77,7 +77,7 @@ class Plan:
 
 
 FULL = Plan(
-    3, 3000, 300, 60, 10, 2, 4.0, 1.0, 8, 60_000, 20_000, 20_000, 5000, 3, 5.0, (None, 8, 1)
+    3, 3000, 300, 60, 10, 1, 4.0, 1.0, 8, 60_000, 20_000, 20_000, 5000, 3, 5.0, (None, 8, 1)
 )
 QUICK = Plan(1, 800, 100, 15, 5, 1, 2.0, 1.0, 8, 10_000, 4_000, 5_000, 1000, 1, 2.0, (None,))
 DELIVERY_LATENCY = 0.05
@@ -186,10 +186,14 @@ def run_servers(
 ) -> list[dict[str, Any]]:
     results: list[dict[str, Any]] = []
     variants = [v for v in variants if v not in OURS_OPTIONS]
+    pair = [v for v in ("bare", "ours") if v in variants]
+    peers = [v for v in variants if v not in pair]
     for rnd in range(max(plan.server_rounds, plan.ours_server_rounds)):
         for fw in frameworks:
-            k = rnd % len(variants)
-            for v in variants[k:] + variants[:k]:
+            # The bare app and ours back to back (order alternating), so that their ratio,
+            # a target, is taken under the same background load; then the peers, rotated.
+            k = rnd % max(len(peers), 1)
+            for v in (pair if rnd % 2 == 0 else pair[::-1]) + peers[k:] + peers[:k]:
                 rounds = plan.ours_server_rounds if v in ("bare", "ours") else plan.server_rounds
                 if rnd >= rounds:
                     continue
