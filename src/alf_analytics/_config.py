@@ -621,14 +621,27 @@ def make_config(options: Mapping[str, Any], environ: Mapping[str, str] | None = 
         DEFAULT_REDACT_HEADER_SUBSTRINGS if default_sets else frozenset()
     )
     config = Config(**values)
-    if not config.enabled:
+    if not config.active:
+        _announce_off(config)
+    return config
+
+
+#: Reasons already logged: "recording is off" is said once per process, not per middleware.
+_announced: set[str] = set()
+
+
+def _announce_off(config: Config) -> None:
+    reason = "disabled" if not config.enabled else "no-token"
+    if reason in _announced:
+        return
+    _announced.add(reason)
+    if reason == "disabled":
         logger.info("alf_analytics: recording is off (enabled=False); requests pass through")
-    elif not config.active:
+    else:
         logger.warning(
             "alf_analytics: recording is off: no service_token (and require_token=False); "
             "requests pass through"
         )
-    return config
 
 
 def _defaults() -> dict[str, Any]:
