@@ -310,9 +310,11 @@ def server_table(rows: list[dict[str, Any]]) -> list[str]:
             dl = "–" if v == "bare" else f"{min(after_load / served, 1):.0%}"
             de = "–" if v == "bare" else f"{min(after_exit / served, 1):.0%}"
             drops = "–"
+            share = f"{fmt(100 * rps / bare_rps, 0)}%"
             if v == "ours":
                 f = server_figures(rows, fw)
                 dl, de = f"{f.delivered:.1%}", f"{f.delivered_exit:.1%}"
+                share = f"{fmt(100 * f.fraction, 0)}% (per round)"
                 drops = "unknown" if f.queue_full < 0 else f"{f.queue_full:,}"
             name = "**" + LABELS[v] + "**" if v == "ours" else LABELS[v]
             plural = "s" if len(ok) != 1 else ""
@@ -322,7 +324,7 @@ def server_table(rows: list[dict[str, Any]]) -> list[str]:
                     SERVER_LABEL[fw],
                     name + rounds,
                     fmt(rps, 0),
-                    f"{fmt(100 * rps / bare_rps, 0)}%",
+                    share,
                     dl,
                     de,
                     drops,
