@@ -20,6 +20,9 @@ The routes (:func:`dashboard_routes`) are mounted by :func:`~alf_analytics.colle
 from __future__ import annotations
 
 import math
+import threading
+import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -415,9 +418,39 @@ def _frame(
     }
 
 
+class _ServicesCache:
+    """The selectors' list of services, reused for a few seconds per store.
+
+    Every page shows the service and environment selectors; the list changes only when a
+    new service or environment starts sending, so a page may show one up to
+    ``SERVICES_TTL`` seconds late instead of asking the store on every page view.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._answers: weakref.WeakKeyDictionary[Any, tuple[float, dict[str, Any]]] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def get(self, store: Any) -> dict[str, Any]:
+        now = time.monotonic()
+        with self._lock:
+            cached = self._answers.get(store)
+        if cached is not None and now - cached[0] < SERVICES_TTL:
+            return cached[1]
+        answer = queries.services(store, queries.Filters())
+        with self._lock:
+            self._answers[store] = (now, answer)
+        return answer
+
+
+SERVICES_TTL: Final = 10.0
+_services_cache: Final = _ServicesCache()
+
+
 def _all_services(store: Any) -> dict[str, Any]:
     """Every service and environment stored, whatever the page's filters (the selectors)."""
-    return queries.services(store, queries.Filters())
+    return _services_cache.get(store)
 
 
 def _overview_data(store: Any, selection: Selection, sort: str) -> dict[str, Any]:
