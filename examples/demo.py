@@ -53,6 +53,7 @@ DEMO_BODY_TYPES = ",".join(
     [
         *("application/json", "application/*+json", "application/x-www-form-urlencoded"),
         *("application/xml", "application/*+xml", "text/*", "application/octet-stream"),
+        "multipart/form-data",
     ]
 )
 PYTHON = sys.executable
@@ -373,7 +374,7 @@ def run(requests: int, workdir: Path) -> int:
         say(f"  collector listening on {collector.url}")
 
         app_env = {**env, "ALF_SERVICE_TOKEN": TOKEN, "ALF_COLLECTOR_URL": collector.url}
-        # The default text-like body types plus raw uploads: the dashboard shows those as sizes.
+        # The default text-like body types plus uploads: the dashboard shows binary ones as sizes.
         app_env["ALF_LOG_BODY_TYPES"] = DEMO_BODY_TYPES
         for server in servers:
             assert server.environment is not None

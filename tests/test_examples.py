@@ -170,6 +170,8 @@ def test_django_example_records_each_kind_of_view(
     is delivered by the middleware's atexit flush when that interpreter exits.
     """
     env = {**os.environ, **example_env, "ALF_ENVIRONMENT": "django-test"}
+    # Uploads are kept only when their type is listed (the default list is text-like).
+    env["ALF_LOG_BODY_TYPES"] = "multipart/form-data,application/json,text/*"
     result = subprocess.run(
         [sys.executable, "-c", _DJANGO_CLIENT_SCRIPT, str(DJANGO_DIR), kind, path],
         env=env,

@@ -27,6 +27,7 @@
 
   function formatMs(value) {
     if (value == null) return "–";
+    if (value === 0) return "0 ms";
     if (value < 10) return value.toFixed(2) + " ms";
     if (value < 1000) return value.toFixed(0) + " ms";
     return (value / 1000).toFixed(2) + " s";
