@@ -408,3 +408,15 @@ def test_live_mode_shows_new_traffic_without_a_reload(
     web.page.locator("table.log tbody tr[data-entry-id]").wait_for()
     assert web.page.locator("table.log tbody td.path a").all_text_contents() == ["/items/live-1"]
     assert web.page.evaluate("() => window.__same_document") == marker == 1
+
+    # The overview's numbers and charts refresh the same way.
+    web.goto("/?environment=live&live=1")
+    assert web.page.locator("[data-figure=count]").text_content() == "1"
+    with agent_client(collector, "live") as client:
+        client.get("/boom")
+    alf_analytics.flush(10)
+    assert collector.wait_for_entries(before + 2, 10)
+    web.page.clock.run_for(6_000)
+    web.page.locator("[data-figure=count]:text-is('2')").wait_for()
+    assert web.page.locator("[data-figure=error_rate]").text_content() == "50.0 %"
+    assert web.page.locator("[data-chart=requests] canvas").count() == 1
