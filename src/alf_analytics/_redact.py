@@ -11,6 +11,7 @@ parsed, or was cut at ``max_body_bytes``, is left out rather than sent half-reda
 from __future__ import annotations
 
 import json
+import re
 import zlib
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Literal
@@ -76,7 +77,8 @@ class Redactor:
         "header_substrings",
         "query_keys",
         "body_keys",
-        "_needles",
+        "_json_keys",
+        "_form_keys",
         "_fold_unsafe",
         "_safe_keys",
     )
@@ -89,7 +91,13 @@ class Redactor:
         self.query_keys = frozenset(normalized(k) for k in config.redact_query)
         self.body_keys = frozenset(normalized(k) for k in config.redact_body_keys)
         # What a body must contain (lower-cased, '-' and '_' removed) to possibly hold a key.
-        self._needles = frozenset(k.encode("utf-8") for k in self.body_keys if k)
+        needles = b"|".join(
+            re.escape(key.encode("utf-8"))
+            for key in sorted(self.body_keys, key=len, reverse=True)
+            if key
+        )
+        self._json_keys = re.compile(b'"(?:' + needles + b')"') if needles else None
+        self._form_keys = re.compile(b"(?:^|&)(?:" + needles + b")=") if needles else None
         # Non-ASCII keys fold differently in bytes: such a config always parses bodies.
         self._fold_unsafe = not all(key.isascii() for key in self.body_keys)
         #: JSON keys seen that are not redacted (bodies repeat their keys; bounded).
@@ -119,24 +127,24 @@ class Redactor:
         """False when no redacted key can appear in ``data`` (a cheap, conservative scan).
 
         Every key of a JSON document is a run between two quotes, and every key of a form
-        between ``&`` and ``=``: once ASCII is folded the way keys are compared, an exact
-        membership test over those runs finds each key that could match, with no parse.
-        Escapes (``\\``, ``%``, ``+``) could spell a key in disguise: then the body is parsed.
+        between ``&`` (or the start) and ``=``: once ASCII is folded the way keys are compared
+        (lower case, ``-`` and ``_`` removed), one regular-expression search over the folded
+        bytes finds each key that could match, with no parse. Escapes (``\\`` in JSON,
+        ``%`` and ``+`` in a form) could spell a key in disguise: then the body is parsed.
         """
-        if not self._needles:
+        if self._json_keys is None or self._form_keys is None:
             return False
         if self._fold_unsafe:
             return True
-        folded = data.translate(_FOLD, b"-_")
         if kind == "json":
             if b"\\" in data:
                 return True
-            runs = folded.split(b'"')
+            pattern = self._json_keys
         else:
             if b"%" in data or b"+" in data:
                 return True
-            runs = folded.replace(b"=", b"&").split(b"&")
-        return not self._needles.isdisjoint(runs)
+            pattern = self._form_keys
+        return pattern.search(data.translate(_FOLD, b"-_")) is not None
 
     def body(self, data: bytes, kind: BodyKind) -> bytes | None:
         """``data`` with redacted keys' values replaced, or None when it cannot be parsed.
