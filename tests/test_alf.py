@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from alf_analytics._alf import alf_envelope, build_entry
+from alf_analytics._alf import alf_envelope, build_entry, dumps
 from alf_analytics._config import REDACTED, Config, make_config
 from alf_analytics._record import Exchange, RequestInfo
 
@@ -580,9 +580,7 @@ def test_client_ip_address(
             "1.2.3.4",
             id="xff-ignored",
         ),
-        pytest.param(
-            [("forwarded", 'for="[fe80::1%25eth0]"')], "fe80::1", id="scoped-ipv6"
-        ),
+        pytest.param([("forwarded", 'for="[fe80::1%25eth0]"')], "fe80::1", id="scoped-ipv6"),
         pytest.param([("forwarded", "proto=https, for=_hidden")], "10.0.0.1", id="obfuscated"),
         pytest.param([("forwarded", "by=10.0.0.9")], "10.0.0.1", id="no-for"),
         pytest.param(
@@ -675,3 +673,13 @@ def test_path_bytes_are_percent_encoded_in_the_url() -> None:
     """A WSGI path holding UTF-8 bytes and spaces becomes a percent-encoded URL."""
     entry = entry_of(exchange(request_info(path="/caf\xc3\xa9 x", query="q=a b")))
     assert entry["request"]["url"] == "http://api.example.com/caf%C3%A9%20x?q=a%20b"
+
+
+def test_envelope_strings_always_encode() -> None:
+    """A per-request token or environment holding a lone surrogate still gives valid UTF-8."""
+    record = exchange()
+    alf = alf_envelope("token-\ud800-0001", "env-\udcff")
+    alf["har"]["log"]["entries"].append(build_entry(record))
+    assert_valid_alf(alf)
+    assert json.loads(dumps(alf)) == alf
+    assert alf["serviceToken"] == "token-\ufffd-0001"

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from alf_analytics._alf import CONSUMER_HEADER, build_entry, dumps
+from alf_analytics._alf import CONSUMER_HEADER, MAX_CONSUMER_LENGTH, build_entry, dumps
 from alf_analytics._config import REDACTED, Config
 from alf_analytics._record import Exchange
 
@@ -387,6 +387,14 @@ def test_consumer_is_a_synthetic_last_request_header_not_counted_in_headers_size
     entry = entry_of(record)
     assert entry["request"]["headers"][-1] == {"name": CONSUMER_HEADER, "value": "user-42"}
     assert entry["request"]["headersSize"] == plain["request"]["headersSize"]
+
+
+def test_a_consumer_id_is_cut_to_a_sane_length_and_encodable() -> None:
+    record = exchange()
+    record.consumer = "\ud800" + "u" * 10_000
+    entry = entry_of(record)
+    (value,) = header(entry["request"]["headers"], CONSUMER_HEADER)
+    assert value == "\ufffd" + "u" * (MAX_CONSUMER_LENGTH - 1)
 
 
 def test_a_client_cannot_pose_as_a_consumer() -> None:

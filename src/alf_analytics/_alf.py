@@ -42,6 +42,7 @@ __all__ = [
     "ALF_VERSION",
     "CONSUMER_HEADER",
     "CREATOR",
+    "MAX_CONSUMER_LENGTH",
     "MAX_DECLARED_SIZE",
     "alf_envelope",
     "build_entry",
@@ -57,6 +58,8 @@ CONSUMER_HEADER = "x-alf-consumer"
 #: A size taken from a ``Content-Length`` header (never from counted bytes) is believed only up
 #: to 1 TiB; above it, the bytes actually seen are recorded instead.
 MAX_DECLARED_SIZE = 1 << 40
+#: A consumer id (from ``identify`` or ``set_consumer``) longer than this is cut to it.
+MAX_CONSUMER_LENGTH = 256
 
 _HTTP_VERSIONS = {
     "1": "HTTP/1",
@@ -364,8 +367,11 @@ def build_entry(exchange: Exchange) -> dict[str, Any]:
     request_headers_size += (
         (len(target) if target.isascii() else wire_length(target)) + len(version) + 5
     )
-    if exchange.consumer:
-        request_headers.append({"name": CONSUMER_HEADER, "value": _net.clean(exchange.consumer)})
+    consumer = exchange.consumer
+    if consumer:
+        if len(consumer) > MAX_CONSUMER_LENGTH:  # a collector indexes it: keep it sane
+            consumer = consumer[:MAX_CONSUMER_LENGTH]
+        request_headers.append({"name": CONSUMER_HEADER, "value": _net.clean(consumer)})
     url = _net.origin(info.scheme, info.host) + plan.path(path)
     if query:
         url_query, query_string = plan.query(query)
@@ -449,9 +455,9 @@ def build_entry(exchange: Exchange) -> dict[str, Any]:
 
 def alf_envelope(service_token: str, environment: str | None) -> dict[str, Any]:
     """The ALF object around a group's entries (``entries`` is filled by the caller)."""
-    alf: dict[str, Any] = {"version": ALF_VERSION, "serviceToken": service_token}
+    alf: dict[str, Any] = {"version": ALF_VERSION, "serviceToken": _net.clean(service_token)}
     if environment is not None:
-        alf["environment"] = environment
+        alf["environment"] = _net.clean(environment)
     alf["har"] = {"log": {"creator": dict(CREATOR), "entries": []}}
     return alf
 
