@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import re
 from typing import Any
 
 import pytest
@@ -307,3 +308,318 @@ def test_redact_headers_and_trusted_proxies_are_normalised() -> None:
         ipaddress.ip_network("::1/128"),
     )
     assert make_config({"service_token": TOKEN}).redact_headers == DEFAULT_REDACT_HEADERS
+
+
+# -- every option, typed once, from the environment ----------------------------------------------
+
+
+def test_options_typeddict_and_validators_name_the_same_options() -> None:
+    """One definition: the typed Options, the validators, the Config fields and ENV_VARS agree."""
+    from dataclasses import fields
+
+    from alf_analytics import Options
+    from alf_analytics._config import OPTION_NAMES, Config
+
+    init_fields = {f.name for f in fields(Config) if f.init}
+    derived = {"redact_header_substrings"}
+    assert set(Options.__annotations__) == OPTION_NAMES == init_fields - derived
+    assert {name: f"ALF_{name.upper()}" for name in OPTION_NAMES} == ENV_VARS
+
+
+ENV_VALUES = [
+    ("ALF_ENABLED", "false", "enabled", False),
+    ("ALF_REQUIRE_TOKEN", "0", "require_token", False),
+    ("ALF_LOG_BODY", "response", "log_body", "response"),
+    (
+        "ALF_LOG_BODY_TYPES",
+        "application/json, text/*",
+        "log_body_types",
+        ("application/json", "text/*"),
+    ),
+    ("ALF_MAX_BODY_BYTES", "1024", "max_body_bytes", 1024),
+    ("ALF_SKIP_PATHS", "/health,/static/*", "skip_paths", ("/health", "/static/*")),
+    ("ALF_SKIP_METHODS", "options, head", "skip_methods", frozenset({"OPTIONS", "HEAD"})),
+    ("ALF_SAMPLE_RATE", "0.25", "sample_rate", 0.25),
+    ("ALF_DEFAULT_REDACTIONS", "no", "default_redactions", False),
+    ("ALF_CLIENT_IP", "anonymized", "client_ip", "anonymized"),
+    ("ALF_TRUSTED_PROXIES", "10.0.0.0/8", "trusted_proxies", (ipaddress.ip_network("10.0.0.0/8"),)),
+    ("ALF_FORWARDED_HEADER", "forwarded", "forwarded_header", "forwarded"),
+    ("ALF_BATCH_SIZE", "7", "batch_size", 7),
+    ("ALF_DELAY", "0.5", "delay", 0.5),
+    ("ALF_MAX_BATCH_BYTES", "2_000_000", "max_batch_bytes", 2_000_000),
+    ("ALF_QUEUE_SIZE", "9", "queue_size", 9),
+    ("ALF_MAX_QUEUE_BYTES", "1048576", "max_queue_bytes", 1_048_576),
+    ("ALF_MAX_INFLIGHT", "2", "max_inflight", 2),
+    ("ALF_TIMEOUT", "3", "timeout", 3.0),
+    ("ALF_RETRIES", "0", "retries", 0),
+    ("ALF_RETRY_BACKOFF", "0", "retry_backoff", 0.0),
+    ("ALF_SHUTDOWN_TIMEOUT", "1.5", "shutdown_timeout", 1.5),
+    ("ALF_DEBUG", "1", "debug", True),
+]
+
+
+@pytest.mark.parametrize(
+    ("variable", "raw", "name", "expected"), ENV_VALUES, ids=[v[0] for v in ENV_VALUES]
+)
+def test_every_option_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, variable: str, raw: str, name: str, expected: Any
+) -> None:
+    monkeypatch.setenv(variable, raw)
+    assert getattr(make_config({"service_token": TOKEN}), name) == expected
+
+
+def test_redaction_lists_from_the_environment_add_to_the_defaults(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("ALF_REDACT_HEADERS", "X-Internal, x-tenant")
+    monkeypatch.setenv("ALF_REDACT_QUERY", "otp")
+    monkeypatch.setenv("ALF_REDACT_BODY_KEYS", "pin")
+    config = make_config({"service_token": TOKEN})
+    assert {"x-internal", "x-tenant", "authorization"} <= config.redact_headers
+    assert {"otp", "api_key"} <= config.redact_query
+    assert {"pin", "password"} <= config.redact_body_keys
+
+
+def test_explicit_argument_beats_every_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    for variable, raw, _, _ in ENV_VALUES:
+        monkeypatch.setenv(variable, raw)
+    config = make_config(
+        {"service_token": TOKEN, "batch_size": 50, "sample_rate": 1, "debug": False}
+    )
+    assert (config.batch_size, config.sample_rate, config.debug) == (50, 1.0, False)
+
+
+@pytest.mark.parametrize(
+    ("variable", "raw"),
+    [
+        ("ALF_BATCH_SIZE", "ten"),
+        ("ALF_BATCH_SIZE", "0"),
+        ("ALF_DELAY", "soon"),
+        ("ALF_SAMPLE_RATE", "1.5"),
+        ("ALF_SAMPLE_RATE", "nan"),
+        ("ALF_ENABLED", "maybe"),
+        ("ALF_CLIENT_IP", "partial"),
+        ("ALF_TRUSTED_PROXIES", "10.0.0.0/8,not-an-ip"),
+        ("ALF_SKIP_PATHS", "health"),
+        ("ALF_LOG_BODY_TYPES", "json"),
+    ],
+)
+def test_bad_environment_value_names_the_variable(
+    monkeypatch: pytest.MonkeyPatch, variable: str, raw: str
+) -> None:
+    monkeypatch.setenv(variable, raw)
+    with pytest.raises(ValueError, match=rf"{variable}=.* \(the environment variable for option"):
+        make_config({"service_token": TOKEN})
+
+
+def test_callable_options_are_never_read_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in ("skip", "identify", "before_send"):
+        monkeypatch.setenv(ENV_VARS[name], "os.system")
+    config = make_config({"service_token": TOKEN})
+    assert (config.skip, config.identify, config.before_send) == (None, None, None)
+
+
+# -- cross-option checks -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        "http://collector.test:8700/1.1.0/batch",
+        "http://collector.test:8700/1.0.0/single/",
+        "http://collector.test:8700/1.1.0/single",
+        "http://collector.test:8700",
+    ],
+)
+def test_collector_url_with_an_endpoint_means_its_base(given: str) -> None:
+    config = make_config({"service_token": TOKEN, "collector_url": given})
+    assert config.collector_url == "http://collector.test:8700"
+
+
+def test_collector_url_keeps_a_base_path() -> None:
+    config = make_config(
+        {"service_token": TOKEN, "collector_url": "https://x.test/alf/1.1.0/batch"}
+    )
+    assert config.collector_url == "https://x.test/alf"
+
+
+def test_default_collector_url_is_the_local_collector() -> None:
+    assert make_config({"service_token": TOKEN}).collector_url == "http://127.0.0.1:8700"
+
+
+def test_credentials_in_collector_url_never_show_in_errors_or_repr() -> None:
+    config = make_config({"service_token": TOKEN, "collector_url": "http://user:pw-s3cret@h.test"})
+    assert "pw-s3cret" not in repr(config)
+    with pytest.raises(ValueError) as raised:
+        make_config({"service_token": TOKEN, "collector_url": "ftp://user:pw-s3cret@h.test"})
+    assert "pw-s3cret" not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("log_body", "max_body_bytes", "refused"),
+    [
+        (True, 400_000, True),  # 2 x 533,336 base64 bytes > 1,000,000
+        ("request", 700_000, False),  # 933,336 + 8,192 fits
+        ("request", 745_000, True),
+        (False, 10_000_000, False),  # bodies off: nothing to fit
+    ],
+)
+def test_max_body_bytes_must_fit_max_batch_bytes_after_base64(
+    log_body: Any, max_body_bytes: int, refused: bool
+) -> None:
+    options = {"service_token": TOKEN, "log_body": log_body, "max_body_bytes": max_body_bytes}
+    if not refused:
+        make_config(options)
+        return
+    with pytest.raises(ValueError) as raised:
+        make_config(options)
+    message = str(raised.value)
+    assert "base64" in message and "max_batch_bytes=1000000" in message
+    assert "raise max_batch_bytes to at least" in message
+
+
+def test_unknown_option_suggests_the_closest_name() -> None:
+    with pytest.raises(TypeError, match=r"skip_path \(did you mean skip_paths\?\)"):
+        make_config({"service_token": TOKEN, "skip_path": ["/health"]})
+
+
+@pytest.mark.parametrize(
+    ("options", "exception", "words"),
+    [
+        ({"log_body": "both"}, ValueError, ["log_body='both'"]),
+        ({"log_body_types": "application/json"}, TypeError, ["log_body_types", "one string"]),
+        ({"log_body_types": ["application/*json"]}, ValueError, ["type/subtype"]),
+        ({"skip_paths": ["health"]}, ValueError, ["skip_paths='health'", 'start with "/"']),
+        ({"skip_paths": ["/a/*/b"]}, ValueError, ["re.compile"]),
+        ({"skip_paths": [re.compile(rb"/x")]}, ValueError, ["str patterns"]),
+        ({"sample_rate": 2}, ValueError, ["sample_rate=2", "between 0 and 1"]),
+        ({"sample_rate": float("nan")}, ValueError, ["sample_rate"]),
+        ({"client_ip": "masked"}, ValueError, ["client_ip='masked'", "'anonymized'"]),
+        ({"forwarded_header": "x-real-ip"}, ValueError, ["forwarded_header"]),
+        ({"identify": "user"}, TypeError, ["identify", "callable"]),
+        ({"skip": 5}, TypeError, ["skip", "callable"]),
+        ({"max_inflight": 0}, ValueError, ["max_inflight=0"]),
+        ({"max_queue_bytes": 10}, ValueError, ["max_queue_bytes=10"]),
+        ({"enabled": "yes"}, TypeError, ["enabled", "bool"]),
+    ],
+)
+def test_new_options_are_validated(
+    options: dict[str, Any], exception: type[Exception], words: list[str]
+) -> None:
+    with pytest.raises(exception) as raised:
+        make_config({"service_token": TOKEN, **options})
+    for word in words:
+        assert word in str(raised.value)
+
+
+def test_async_callables_are_refused() -> None:
+    """Callables run on the request path and are not awaited: a coroutine function is a bug."""
+
+    async def identify(request: Any) -> str:
+        return "never awaited"
+
+    with pytest.raises(ValueError, match="plain function"):
+        make_config({"service_token": TOKEN, "identify": identify})
+
+
+def test_callable_token_is_named_not_shown() -> None:
+    def token_for(request: Any) -> str:
+        return "tenant-token-0123456789"
+
+    config = make_config({"service_token": token_for})
+    assert "token_for" in repr(config) and config.active
+
+
+def test_body_type_allow_list_matching() -> None:
+    config = make_config({"service_token": TOKEN})
+    allowed = config.body_type_allowed
+    assert allowed("application/json; charset=utf-8") and allowed(b"application/vnd.api+json")
+    assert allowed("text/plain") and allowed("application/x-www-form-urlencoded")
+    assert allowed("application/soap+xml") and allowed("APPLICATION/XML")
+    assert not allowed("text/event-stream")  # never by a wildcard
+    assert not allowed("application/octet-stream") and not allowed("image/png")
+    assert not allowed(None) and not allowed("")
+    everything = make_config({"service_token": TOKEN, "log_body_types": ["*/*"]})
+    assert everything.body_type_allowed("image/png") and everything.body_type_allowed(None)
+    assert not everything.body_type_allowed("text/event-stream")
+
+
+def test_skip_rules_match_exact_prefix_and_pattern() -> None:
+    config = make_config(
+        {"service_token": TOKEN, "skip_paths": ["/health", "/static/*", re.compile(r"\.png$")]}
+    )
+    assert config.skips_path("/health") and not config.skips_path("/health/deep")
+    assert config.skips_path("/static/") and config.skips_path("/static/a/b.js")
+    assert config.skips_path("/img/logo.png") and not config.skips_path("/")
+
+
+def test_default_redactions_false_keeps_only_the_given_lists() -> None:
+    config = make_config(
+        {"service_token": TOKEN, "default_redactions": False, "redact_headers": ["x-a"]}
+    )
+    assert config.redact_headers == {"x-a"}
+    assert config.redact_header_substrings == frozenset()
+    assert config.redact_query == frozenset() and config.redact_body_keys == frozenset()
+
+
+# -- the wrong kind of app -----------------------------------------------------------------------
+
+
+def test_wsgi_middleware_refuses_an_asgi_app() -> None:
+    from starlette.applications import Starlette
+
+    async def asgi_app(scope: Any, receive: Any, send: Any) -> None:
+        pass
+
+    for app in (asgi_app, Starlette()):
+        with pytest.raises(TypeError, match="given an ASGI app.*AnalyticsASGIMiddleware"):
+            AnalyticsWSGIMiddleware(app, service_token=TOKEN)  # type: ignore[arg-type]
+
+
+def test_asgi_middleware_refuses_a_wsgi_app() -> None:
+    from flask import Flask
+
+    from alf_analytics import AnalyticsASGIMiddleware
+
+    for app in (hello_app, Flask(__name__), Flask(__name__).wsgi_app):
+        with pytest.raises(TypeError, match="given a WSGI app.*AnalyticsWSGIMiddleware"):
+            AnalyticsASGIMiddleware(app, service_token=TOKEN)  # type: ignore[arg-type]
+
+
+def test_asgi_middleware_says_so_at_the_first_request_for_a_sync_callable() -> None:
+    """A callable it could not tell apart at construction: a clear error at the first request."""
+    import asyncio
+
+    from alf_analytics import AnalyticsASGIMiddleware
+
+    def not_asgi(*args: Any) -> None:
+        return None
+
+    middleware = AnalyticsASGIMiddleware(not_asgi, service_token=TOKEN)  # type: ignore[arg-type]
+    scope = {"type": "http", "method": "GET", "path": "/", "headers": []}
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request"}
+
+    async def send(message: Any) -> None:
+        pass
+
+    with pytest.raises(TypeError, match="not an awaitable: it is not an ASGI app"):
+        asyncio.run(middleware(scope, receive, send))
+
+
+def test_wsgi_middleware_says_so_when_the_app_returns_a_coroutine() -> None:
+    class Sneaky:
+        """Sync __call__ returning a coroutine: only the first request can tell."""
+
+        def __call__(self, *args: Any) -> Any:
+            async def run() -> None:
+                pass
+
+            return run()
+
+    middleware = AnalyticsWSGIMiddleware(Sneaky(), service_token=TOKEN)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="returned a coroutine: it is an ASGI app"):
+        Client(middleware).get("/")

@@ -9,6 +9,7 @@ callables never), and an explicit argument always wins.
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import ipaddress
 import logging
@@ -449,8 +450,11 @@ def _body_types(src: _Source, value: object) -> tuple[str, ...]:
     types = _names("content types")(src, value)
     for item in types:
         major, slash, minor = item.partition("/")
-        if not slash or not major or not minor or ("*" in minor and not minor.startswith("*")):
-            raise src.bad(item, 'content types look like "type/subtype", "type/*" or "*/*"')
+        wildcard_ok = minor == "*" or (minor.startswith("*+") and "*" not in minor[1:])
+        if not slash or not major or not minor or ("*" in minor and not wildcard_ok):
+            raise src.bad(
+                item, 'content types look like "type/subtype", "type/*", "type/*+json" or "*/*"'
+            )
     return types
 
 
@@ -571,8 +575,12 @@ def make_config(options: Mapping[str, Any], environ: Mapping[str, str] | None = 
     env = os.environ if environ is None else environ
     unknown = set(options) - OPTION_NAMES
     if unknown:
+        guesses = []
+        for name in sorted(map(str, unknown)):
+            close = difflib.get_close_matches(name, sorted(OPTION_NAMES), n=1)
+            guesses.append(f"{name} (did you mean {close[0]}?)" if close else name)
         raise TypeError(
-            f"alf_analytics: unknown option(s) {', '.join(sorted(unknown))}; "
+            f"alf_analytics: unknown option(s) {', '.join(guesses)}; "
             f"valid options are {', '.join(sorted(OPTION_NAMES))}"
         )
     values: dict[str, Any] = {}
