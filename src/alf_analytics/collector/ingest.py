@@ -23,10 +23,9 @@ import re
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from functools import cache
+from functools import cache, lru_cache
 from importlib import resources
 from typing import Any, Final, cast
-from urllib.parse import urlsplit
 
 import jsonschema_rs
 import orjson
@@ -237,19 +236,53 @@ _DATETIME: Final = re.compile(
 )
 
 
-def _epoch_us(value: str) -> int:
-    """Microseconds since the epoch of an RFC 3339 date-time (already validated)."""
+@lru_cache(maxsize=4096)
+def _epoch_seconds(value: str) -> int | None:
+    """Seconds since the epoch of ``YYYY-MM-DDTHH:MM:SS`` plus an offset (cached)."""
     match = _DATETIME.fullmatch(value)
     if match is None:
-        raise ValueError(value)
+        return None
     year, month, day, hour, minute, second = (int(g) for g in match.groups()[:6])
-    fraction = match.group(7) or ""
-    micros = int((fraction + "000000")[:6])
     seconds = calendar.timegm((year, month, day, hour, minute, second, 0, 0, 0))
     if match.group(8):
         offset = int(match.group(9)) * 3600 + int(match.group(10)) * 60
         seconds -= offset if match.group(8) == "+" else -offset
-    return seconds * 1_000_000 + micros
+    return seconds
+
+
+def _epoch_us(value: str) -> int:
+    """Microseconds since the epoch of an RFC 3339 date-time (already validated)."""
+    head, dot, rest = value.partition(".")
+    if dot:
+        digits = len(rest) - len(rest.lstrip("0123456789"))
+        fraction, zone = rest[:digits], rest[digits:]
+    else:
+        fraction, zone = "", value[19:]
+        head = value[:19]
+    seconds = _epoch_seconds(head + zone)
+    if seconds is None:
+        raise ValueError(value)
+    return seconds * 1_000_000 + int((fraction + "000000")[:6])
+
+
+def _split_url(url: str) -> tuple[str, str]:
+    """(host[:port], path) of an absolute URI (already validated), without userinfo."""
+    scheme_end = url.find("://")
+    if scheme_end < 0:  # such as urn:... or mailto:...: no authority
+        return "", "/"
+    rest = url[scheme_end + 3 :]
+    end = len(rest)
+    for mark in "/?#":
+        found = rest.find(mark)
+        if 0 <= found < end:
+            end = found
+    host = rest[:end].rpartition("@")[2]
+    path = rest[end:]
+    for mark in "?#":
+        found = path.find(mark)
+        if found >= 0:
+            path = path[:found]
+    return host, path or "/"
 
 
 @dataclass(frozen=True)
@@ -268,7 +301,7 @@ class EntryRow:
     response_bytes: int
     client_ip: str | None
     consumer: str | None
-    entry: bytes  # zlib-compressed JSON of the entry as received
+    entry: bytes  # the JSON of the entry as received (the store compresses it)
 
 
 @dataclass
@@ -340,13 +373,8 @@ def _entry_row(entry: Mapping[str, Any], alf_client_ip: str | None) -> EntryRow 
         started = _epoch_us(entry["startedDateTime"])
     except (ValueError, OverflowError):
         return "$.startedDateTime is not a date-time this collector can store"
-    url = request["url"]
-    try:
-        parts = urlsplit(url)
-        host = parts.netloc.rpartition("@")[2]
-    except ValueError:
-        return "$.request.url cannot be split into host and path"
-    path = (parts.path or "/")[:_MAX_PATH]
+    host, path = _split_url(request["url"])
+    path = path[:_MAX_PATH]
     consumer = None
     for header in request["headers"]:
         if header["name"].lower() == CONSUMER_HEADER:
@@ -365,7 +393,7 @@ def _entry_row(entry: Mapping[str, Any], alf_client_ip: str | None) -> EntryRow 
         response_bytes=max(0, response["bodySize"]),
         client_ip=client_ip[:_MAX_IP] if isinstance(client_ip, str) else None,
         consumer=consumer,
-        entry=zlib.compress(orjson.dumps(entry), 1),
+        entry=orjson.dumps(entry),
     )
 
 

@@ -16,17 +16,15 @@ import binascii
 import json
 import math
 import re
-import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Final
 
-import orjson
-
 from .ingest import bucket_value
 from .settings import mask
 from .storage import Store
+from .storage.base import decode_entry
 
 __all__ = [
     "FilterError",
@@ -474,10 +472,7 @@ def services(store: Store, filters: Filters | None = None) -> dict[str, Any]:
         agg = counts.get((stream_id,))
         if agg is None or not agg.count:
             continue
-        scoped = _entry_where(Filters(), [stream_id], filters.since, filters.until)
-        first, last = store.fetchone(
-            f"SELECT MIN(started), MAX(started) FROM entries{scoped.sql()}", scoped.params
-        ) or (None, None)
+        first, last = _seen(store, stream_id, filters.since, filters.until)
         answer.append(
             {
                 "service": name or mask(token),
@@ -491,6 +486,34 @@ def services(store: Store, filters: Filters | None = None) -> dict[str, Any]:
         )
     answer.sort(key=lambda s: (-s["count"], s["service"], s["environment"] or ""))
     return {"services": answer}
+
+
+def _seen(
+    store: Store, stream_id: int, since: int | None, until: int | None
+) -> tuple[int | None, int | None]:
+    """First and last ``started`` of a stream: the rollups find the minutes, entries refine."""
+    where = _Where()
+    where.add("stream_id = ?", stream_id)
+    if since is not None:
+        where.add("minute >= ?", since // _MINUTE)
+    if until is not None:
+        where.add("minute <= ?", until // _MINUTE)
+    row = store.fetchone(
+        f"SELECT MIN(minute), MAX(minute) FROM agg_minute{where.sql()}", where.params
+    )
+    if row is None or row[0] is None:
+        return None, None
+    result: list[int | None] = []
+    for minute, function in ((int(row[0]), "MIN"), (int(row[1]), "MAX")):
+        low = max(minute * _MINUTE, since) if since is not None else minute * _MINUTE
+        high = min((minute + 1) * _MINUTE, until) if until is not None else (minute + 1) * _MINUTE
+        value = store.scalar(
+            f"SELECT {function}(started) FROM entries WHERE stream_id = ? "
+            "AND started >= ? AND started < ?",
+            [stream_id, low, high],
+        )
+        result.append(int(value) if value is not None else None)
+    return result[0], result[1]
 
 
 def stats(store: Store, filters: Filters | None = None, interval: int = 60) -> dict[str, Any]:
@@ -679,15 +702,15 @@ def entries(
 
 def _load_entry(store: Store, entry_id: int) -> tuple[dict[str, Any], dict[str, Any]] | None:
     row = store.fetchone(
-        f"SELECT {_ROW_COLUMNS}, e.received, e.entry FROM entries e "
-        "JOIN streams s ON s.id = e.stream_id WHERE e.id = ?",
+        f"SELECT {_ROW_COLUMNS}, e.received, d.entry FROM entries e "
+        "JOIN streams s ON s.id = e.stream_id JOIN entry_data d ON d.id = e.id WHERE e.id = ?",
         [entry_id],
     )
     if row is None:
         return None
     summary = _row(row[:16])
     summary["received"] = iso(int(row[16]))
-    entry = orjson.loads(zlib.decompress(bytes(row[17])))
+    entry = decode_entry(row[17])
     return summary, entry
 
 
@@ -836,9 +859,10 @@ def har_export(store: Store, filters: Filters | None = None, limit: int = 1_000)
     streams = _stream_ids(store, filters)
     if streams == []:
         return _har([])
-    where = _entry_where(filters, streams, filters.since, filters.until)
+    where = _entry_where(filters, streams, filters.since, filters.until, alias="e")
     rows = store.fetchall(
-        f"SELECT entry FROM entries{where.sql()} ORDER BY started DESC, id DESC LIMIT ?",
+        f"SELECT d.entry FROM entries e JOIN entry_data d ON d.id = e.id{where.sql()} "
+        "ORDER BY e.started DESC, e.id DESC LIMIT ?",
         [*where.params, limit],
     )
-    return _har([_har_entry(orjson.loads(zlib.decompress(bytes(r[0])))) for r in reversed(rows)])
+    return _har([_har_entry(decode_entry(r[0])) for r in reversed(rows)])

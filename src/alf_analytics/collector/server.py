@@ -19,7 +19,6 @@ import collections
 import socket
 import threading
 import time
-import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -32,6 +31,7 @@ import uvicorn
 from .app import RequestRecord, create_app
 from .settings import SUPPORTED_VERSIONS, CollectorError, Limits, TokenSet
 from .storage import Store, open_store
+from .storage.base import decode_entry
 from .summary import Summary, summarize_store
 
 __all__ = ["Collector", "StoredEntry", "uvicorn_config"]
@@ -263,16 +263,16 @@ class Collector:
         sql = (
             "SELECT e.id, e.received, e.alf_version, s.token, s.environment, c.creator, "
             "e.method, e.path, e.status, e.time_ms, e.request_bytes, e.response_bytes, "
-            "e.client_ip, e.entry, e.route, e.host, e.consumer, e.started, e.ingest_id, "
+            "e.client_ip, d.entry, e.route, e.host, e.consumer, e.started, e.ingest_id, "
             "e.alf_index FROM entries e JOIN streams s ON s.id = e.stream_id "
-            "LEFT JOIN creators c ON c.id = e.creator_id"
+            "JOIN entry_data d ON d.id = e.id LEFT JOIN creators c ON c.id = e.creator_id"
         )
         if where:
             sql += " WHERE " + " AND ".join(where)
         rows = self.store.fetchall(sql + " ORDER BY e.id", params)
         result = []
         for row in rows:
-            entry = orjson.loads(zlib.decompress(bytes(row[13])))
+            entry = decode_entry(row[13])
             result.append(
                 StoredEntry(
                     id=int(row[0]),

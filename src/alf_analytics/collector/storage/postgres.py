@@ -56,6 +56,13 @@ class _PostgresTransaction:
         row = self.cursor.fetchone()
         return tuple(row) if row is not None else None
 
+    def reserve_ids(self, count: int) -> list[int]:
+        self.cursor.execute(
+            "SELECT nextval(pg_get_serial_sequence('entries', 'id')) FROM generate_series(1, %s)",
+            [count],
+        )
+        return sorted(int(row[0]) for row in self.cursor.fetchall())
+
 
 class PostgresStore(Store):
     """A collector database in PostgreSQL (``postgresql://user:pass@host:port/db``)."""

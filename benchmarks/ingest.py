@@ -1,0 +1,397 @@
+"""The collector's ingest rate and dashboard-query time (issue 9).
+
+Ingest: ``alf-analytics collector`` in its own process(es), 4 clients over loopback each
+posting gzip batches of 100 typical entries (what the agent sends: ~10 request and ~6
+response headers, a query string, no bodies; each POST with its own Idempotency-Key),
+validation always on. Entries/s = entries stored (read back from ``/api/stats``) over the
+wall time of the posting. SQLite: one collector process. PostgreSQL: a throw-away server
+(tests/pg.py) and two collector processes, two clients on each.
+
+Query: a million entries over the last 24 hours are written straight into an SQLite store
+(the collector's own write path, rollups included), then a collector serves it and the
+dashboard's queries (``/api/stats``, ``/api/endpoints``, ``/api/services``,
+``/api/consumers``, ``/api/entries``) are timed over HTTP, each the median of 5.
+
+Run on its own: ``python benchmarks/ingest.py [--quick] [--seconds 10]
+[--skip-postgres] [--skip-query] [--entries 1000000]``. The last line of output is the
+JSON that ``benchmarks/run.py`` reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import http.client
+import json
+import os
+import random
+import shlex
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))  # tests/pg.py
+BEFORE = "~2,200 entries/s (http.server + jsonschema, validation on)"
+TARGET_INGEST = 20_000
+READ_KEY = "bench-read-key"
+TOKEN = "bench-service-token"
+
+ROUTES = [
+    ("GET", "/api/items/{}"),
+    ("GET", "/api/items"),
+    ("POST", "/api/items"),
+    ("GET", "/api/users/{}"),
+    ("PUT", "/api/users/{}"),
+    ("GET", "/api/orders/{}/lines"),
+    ("DELETE", "/api/items/{}"),
+    ("GET", "/health"),
+    ("GET", "/api/search"),
+    ("PATCH", "/api/orders/{}"),
+]
+STATUSES = [200] * 80 + [201] * 5 + [204] * 3 + [304] * 2 + [400] * 3 + [404] * 4 + [500] * 3
+
+
+def typical_entry(rng: random.Random, started: datetime) -> dict[str, Any]:
+    method, template = rng.choice(ROUTES)
+    path = template.format(rng.randint(1, 100_000))
+    status = rng.choice(STATUSES)
+    wait = round(rng.lognormvariate(3.0, 0.8), 3)
+    query = [{"name": "page", "value": str(rng.randint(1, 9))}] if method == "GET" else []
+    url = f"https://api.example.com{path}" + (f"?page={query[0]['value']}" if query else "")
+    request_headers = [
+        ("host", "api.example.com"),
+        ("user-agent", "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 Chrome/120.0"),
+        ("accept", "application/json"),
+        ("accept-encoding", "gzip, deflate, br"),
+        ("accept-language", "en-GB,en;q=0.9"),
+        ("authorization", "Bearer [REDACTED]"),
+        ("x-request-id", uuid.UUID(int=rng.getrandbits(128)).hex),
+        ("x-forwarded-for", f"203.0.113.{rng.randint(1, 254)}"),
+        ("connection", "keep-alive"),
+        ("x-alf-consumer", f"customer-{rng.randint(1, 50)}"),
+    ]
+    response_headers = [
+        ("content-type", "application/json"),
+        ("content-length", str(rng.randint(20, 4000))),
+        ("date", started.strftime("%a, %d %b %Y %H:%M:%S GMT")),
+        ("server", "uvicorn"),
+        ("cache-control", "no-store"),
+        ("x-request-id", request_headers[6][1]),
+    ]
+    return {
+        "startedDateTime": started.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "serverIPAddress": "10.0.0.5",
+        "clientIPAddress": f"203.0.113.{rng.randint(1, 254)}",
+        "time": round(wait + 0.2, 3),
+        "request": {
+            "method": method,
+            "url": url,
+            "httpVersion": "HTTP/1.1",
+            "queryString": query,
+            "headers": [{"name": n, "value": v} for n, v in request_headers],
+            "headersSize": 420,
+            "bodyCaptured": False,
+            "bodySize": 0 if method in ("GET", "DELETE") else rng.randint(10, 2000),
+        },
+        "response": {
+            "status": status,
+            "statusText": "OK",
+            "httpVersion": "HTTP/1.1",
+            "headers": [{"name": n, "value": v} for n, v in response_headers],
+            "headersSize": 180,
+            "bodyCaptured": False,
+            "bodySize": int(response_headers[1][1]),
+        },
+        "timings": {"send": 0.1, "wait": wait, "receive": 0.1},
+    }
+
+
+def batch_body(rng: random.Random, size: int = 100) -> bytes:
+    now = datetime.now(timezone.utc)
+    entries = [typical_entry(rng, now - timedelta(seconds=rng.random() * 60)) for _ in range(size)]
+    alf = {
+        "version": "1.1.0",
+        "serviceToken": TOKEN,
+        "environment": "bench",
+        "har": {
+            "log": {"creator": {"name": "alf-analytics", "version": "bench"}, "entries": entries}
+        },
+    }
+    return gzip.compress(json.dumps([alf]).encode(), 6)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_collector(db: str, port: int, log: Any) -> subprocess.Popen[bytes]:
+    command = [
+        sys.executable, "-m", "alf_analytics.cli", "collector", "--host", "127.0.0.1",
+        "--port", str(port), "--db", db, "--token", TOKEN, "--read-key", READ_KEY,
+    ]  # fmt: skip
+    process = subprocess.Popen(command, stdout=log, stderr=log, cwd=ROOT)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"collector exited with {process.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.5).close()
+            return process
+        except OSError:
+            time.sleep(0.05)
+    process.kill()
+    raise RuntimeError("collector did not start listening")
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def get_json(port: int, path: str) -> tuple[Any, float]:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    started = time.perf_counter()
+    connection.request("GET", path, headers={"Authorization": f"Bearer {READ_KEY}"})
+    response = connection.getresponse()
+    data = response.read()
+    elapsed = time.perf_counter() - started
+    connection.close()
+    if response.status != 200:
+        raise RuntimeError(f"GET {path}: {response.status} {data[:200]!r}")
+    return json.loads(data), elapsed
+
+
+def post_for(port: int, bodies: list[bytes], seconds: float, counts: list[int], index: int) -> None:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    deadline = time.monotonic() + seconds
+    sent = 0
+    i = index
+    while time.monotonic() < deadline:
+        body = bodies[i % len(bodies)]
+        i += 1
+        connection.request(
+            "POST",
+            "/1.1.0/batch",
+            body=body,
+            headers={
+                "Content-Type": "application/json",
+                "Content-Encoding": "gzip",
+                "Idempotency-Key": uuid.uuid4().hex,
+            },
+        )
+        response = connection.getresponse()
+        response.read()
+        if response.status != 200:
+            raise RuntimeError(f"POST answered {response.status}")
+        sent += 100
+    connection.close()
+    counts[index] = sent
+
+
+def measure_ingest(ports: list[int], clients: int, seconds: float) -> tuple[float, int]:
+    rng = random.Random(9)
+    bodies = [batch_body(rng) for _ in range(40)]
+    counts = [0] * clients
+    threads = [
+        threading.Thread(target=post_for, args=(ports[i % len(ports)], bodies, seconds, counts, i))
+        for i in range(clients)
+    ]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - started
+    stored = sum(get_json(port, "/api/stats?interval=3600")[0]["count"] for port in ports[:1])
+    if stored != sum(counts):
+        raise RuntimeError(f"posted {sum(counts)} entries, the store holds {stored}")
+    return stored / elapsed, stored
+
+
+def fill(db: str, entries: int) -> float:
+    """Write ``entries`` entries over the last 24 hours straight into the store."""
+    from alf_analytics.collector.ingest import prepare
+    from alf_analytics.collector.settings import Limits, TokenSet
+    from alf_analytics.collector.storage import SaveRequest, open_store
+
+    store = open_store(db)
+    rng = random.Random(10)
+    now = datetime.now(timezone.utc)
+    limits = Limits(max_entries=10_000)
+    started = time.perf_counter()
+    done = 0
+    while done < entries:
+        size = min(1000, entries - done)
+        batch = [
+            typical_entry(rng, now - timedelta(seconds=rng.random() * 86_400)) for _ in range(size)
+        ]
+        body = json.dumps(
+            {
+                "version": "1.1.0",
+                "serviceToken": TOKEN,
+                "environment": "bench",
+                "har": {"log": {"creator": {"name": "bench", "version": "1"}, "entries": batch}},
+            }
+        ).encode()
+        prepared = prepare(body, version="1.1.0", kind="single", tokens=TokenSet(), limits=limits)
+        store.save(SaveRequest(prepared.groups, int(time.time() * 1e6), 200, "{}"))
+        done += size
+    store.close()
+    return time.perf_counter() - started
+
+
+def measure_queries(db: str, log: Any) -> dict[str, float]:
+    port = free_port()
+    process = start_collector(db, port, log)
+    since = (datetime.now(timezone.utc) - timedelta(hours=24)).isoformat()
+    paths = {
+        "stats": f"/api/stats?interval=600&since={since}",
+        "endpoints": f"/api/endpoints?since={since}",
+        "services": "/api/services",
+        "consumers": f"/api/consumers?since={since}",
+        "entries": "/api/entries?limit=50",
+        "entries, 5xx": "/api/entries?limit=50&status=5xx",
+        "slowest": f"/api/entries?limit=10&sort=slowest&since={since}",
+    }
+    timings: dict[str, float] = {}
+    try:
+        for name, path in paths.items():
+            samples = [get_json(port, path)[1] for _ in range(5)]
+            timings[name] = statistics.median(samples) * 1000
+    finally:
+        stop(process)
+    return timings
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="3 s per ingest run, 200k entries")
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--entries", type=int, default=1_000_000)
+    parser.add_argument("--skip-postgres", action="store_true")
+    parser.add_argument("--skip-query", action="store_true")
+    args = parser.parse_args()
+    seconds = 3.0 if args.quick else args.seconds
+    entries = 200_000 if args.quick else args.entries
+    command = "python benchmarks/ingest.py" + (" --quick" if args.quick else "")
+    figures: list[dict[str, Any]] = []
+    notes: list[str] = []
+    workdir = Path(tempfile.mkdtemp(prefix="alf-ingest-"))
+    log = open(workdir / "collector.log", "ab")  # noqa: SIM115 - closed at the end
+
+    def say(text: str) -> None:
+        print(text, flush=True)
+
+    try:
+        port = free_port()
+        process = start_collector(str(workdir / "ingest.sqlite"), port, log)
+        try:
+            rate, stored = measure_ingest([port], args.clients, seconds)
+        finally:
+            stop(process)
+        say(f"SQLite, 1 process, {args.clients} clients: {rate:,.0f} entries/s ({stored} stored)")
+        figures.append(
+            {
+                "name": "ingest into SQLite, one process, validation on",
+                "before": BEFORE,
+                "value": round(rate),
+                "unit": "entries/s",
+                "target": f">= {TARGET_INGEST:,} entries/s",
+                "met": rate >= TARGET_INGEST,
+                "command": command,
+            }
+        )
+        if not args.skip_postgres:
+            try:
+                from tests.pg import PostgresServer, PostgresUnavailable
+            except ImportError as exc:
+                notes.append(f"PostgreSQL part skipped: {exc}")
+            else:
+                try:
+                    with PostgresServer() as pg:
+                        url = pg.fresh_url()
+                        ports = [free_port(), free_port()]
+                        processes = [start_collector(url, p, log) for p in ports]
+                        try:
+                            rate, stored = measure_ingest(ports, args.clients, seconds)
+                        finally:
+                            for p in processes:
+                                stop(p)
+                    say(f"PostgreSQL, 2 processes: {rate:,.0f} entries/s ({stored} stored)")
+                    figures.append(
+                        {
+                            "name": "ingest into PostgreSQL, two processes, validation on",
+                            "before": "no PostgreSQL backend",
+                            "value": round(rate),
+                            "unit": "entries/s",
+                            "target": f">= {TARGET_INGEST:,} entries/s",
+                            "met": rate >= TARGET_INGEST,
+                            "command": command,
+                        }
+                    )
+                except PostgresUnavailable as exc:
+                    notes.append(f"PostgreSQL part skipped: {exc}")
+        if not args.skip_query:
+            db = str(workdir / "query.sqlite")
+            took = fill(db, entries)
+            say(f"filled {entries:,} entries in {took:.1f} s ({entries / took:,.0f}/s in-process)")
+            timings = measure_queries(db, log)
+            for name, ms in timings.items():
+                say(f"  {name}: {ms:.1f} ms")
+            worst = max(timings.values())
+            figures.append(
+                {
+                    "name": f"slowest dashboard query over {entries:,} entries ({max(timings, key=timings.__getitem__)})",
+                    "before": "no query API",
+                    "value": round(worst, 1),
+                    "unit": "ms",
+                    "target": "< 1000 ms",
+                    "met": worst < 1000,
+                    "command": command,
+                }
+            )
+            notes.append(
+                "query medians of 5 (ms): "
+                + ", ".join(f"{name} {ms:.0f}" for name, ms in timings.items())
+            )
+        status = "ok"
+        reason = None
+    except Exception as exc:  # report what was measured, and why the rest was not
+        status = "error"
+        reason = f"{type(exc).__name__}: {exc}"
+        say(f"error: {reason} (collector log: {workdir / 'collector.log'})")
+    finally:
+        log.close()
+    print(
+        json.dumps(
+            {
+                "status": status,
+                "reason": reason,
+                "figures": figures,
+                "notes": notes,
+                "command": shlex.join([command.split()[0], *command.split()[1:]]),
+            }
+        )
+    )
+    return 0 if status == "ok" else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
