@@ -51,7 +51,10 @@ def _key(name: str) -> str:
 def django_terms(message: str) -> str:
     """A config error in Django's terms: ``settings.ALF_ANALYTICS["batch_size"]=0 ...``."""
     message = message.removeprefix("alf_analytics: ")
-    message = re.sub(r"\boption ([a-z_]+)", r'settings.ALF_ANALYTICS["\1"]', message)
+    # "the environment variable for option x" stays: that one is about ALF_X, not the setting.
+    message = re.sub(
+        r"(?<!variable for )\boption ([a-z_]+)", r'settings.ALF_ANALYTICS["\1"]', message
+    )
     return message.replace("unknown option(s)", "unknown key(s) in settings.ALF_ANALYTICS:")
 
 

@@ -272,13 +272,17 @@ class Config:
 class _Source:
     """Where a value came from: an explicit option, or an environment variable (named)."""
 
-    __slots__ = ("name", "variable")
+    __slots__ = ("name", "variable", "raw")
 
-    def __init__(self, name: str, variable: str | None) -> None:
+    def __init__(self, name: str, variable: str | None, raw: str | None = None) -> None:
         self.name = name
         self.variable = variable
+        #: The environment variable's text, shown in errors rather than a parsed form of it.
+        self.raw = raw
 
     def label(self, value: object) -> str:
+        if self.variable and self.raw is not None and self.name != "service_token":
+            value = self.raw
         shown = _shown_token(value) if self.name == "service_token" else repr(value)
         if self.variable:
             return f"{self.variable}={shown} (the environment variable for option {self.name})"
@@ -562,7 +566,9 @@ def validate_option(name: str, value: object, environ: Mapping[str, str] | None 
     if value is not None:
         return _VALIDATORS[name](_Source(name, None), value)
     if name not in _CALLABLE_ONLY and ENV_VARS[name] in env:
-        return _VALIDATORS[name](_Source(name, ENV_VARS[name]), env[ENV_VARS[name]])
+        return _VALIDATORS[name](
+            _Source(name, ENV_VARS[name], env[ENV_VARS[name]]), env[ENV_VARS[name]]
+        )
     return _defaults()[name]
 
 
@@ -589,7 +595,9 @@ def make_config(options: Mapping[str, Any], environ: Mapping[str, str] | None = 
         if value is not None:
             values[name] = validate(_Source(name, None), value)
         elif name not in _CALLABLE_ONLY and ENV_VARS[name] in env:
-            values[name] = validate(_Source(name, ENV_VARS[name]), env[ENV_VARS[name]])
+            values[name] = validate(
+                _Source(name, ENV_VARS[name], env[ENV_VARS[name]]), env[ENV_VARS[name]]
+            )
 
     for name in ("service_token", "environment"):
         # An empty string means "none" (for environment: the ALF leaves the field out).
