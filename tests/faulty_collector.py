@@ -9,6 +9,9 @@ can be switched at runtime between::
     slow(seconds, store=True)        store, then answer 200 after ``seconds``
     fail(status, times=None, ...)    answer ``status`` (with Retry-After, a body) K times
     too_large_above(size)            413 when the decompressed body is larger than ``size``
+    reject_containing(marker)        400 (storing nothing) when the decompressed body holds
+                                     ``marker``, as a validating collector refuses a batch
+                                     with one bad entry
     partial()                        store, answer 207 with per-ALF errors
     not_json()                       store, answer 200 with an HTML body
     cut(times=None)                  read the request, store nothing, close mid-response
@@ -77,6 +80,7 @@ class _Mode:
     seconds: float = 0.0
     store: bool = True
     size: int = 0
+    marker: bytes = b""
 
 
 class FaultyCollector:
@@ -199,6 +203,9 @@ class FaultyCollector:
 
     def too_large_above(self, size: int) -> None:
         self._set(_Mode("too_large", size=size))
+
+    def reject_containing(self, marker: bytes) -> None:
+        self._set(_Mode("reject_containing", marker=marker))
 
     def partial(self) -> None:
         self._set(_Mode("partial"))
@@ -326,6 +333,8 @@ class FaultyCollector:
         if name == "too_large" and len(decoded) > mode.size:
             message = f"body of {len(decoded)} bytes exceeds {mode.size}"
             return self._send_json(sock, request, 413, {"errors": [message]})
+        if name == "reject_containing" and mode.marker in decoded:
+            return self._send_json(sock, request, 400, {"errors": ["invalid entry in batch"]})
         try:
             alfs = self._parse(decoded)
         except ValueError as exc:

@@ -683,3 +683,14 @@ def test_envelope_strings_always_encode() -> None:
     assert_valid_alf(alf)
     assert json.loads(dumps(alf)) == alf
     assert alf["serviceToken"] == "token-\ufffd-0001"
+
+
+def test_malformed_response_header_lists_still_give_a_valid_entry() -> None:
+    """An ASGI app's bad header list (the server refuses it) never stops the entry."""
+    odd: list[Any] = [(b"x-ok", b"1"), (b"x-int", 5), ("x-none", None), (1, 2, 3), "zz"]
+    record = exchange(response_headers=odd)
+    record.response_data(b"body")
+    entry = entry_of(record)
+    assert base64.b64decode(entry["response"]["content"]["text"]) == b"body"
+    pairs = {(p["name"], p["value"]) for p in entry["response"]["headers"]}
+    assert pairs == {("x-ok", "1"), ("x-int", "5"), ("x-none", "None")}

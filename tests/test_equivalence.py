@@ -210,7 +210,8 @@ def test_reference_entry_records_the_exchange(collector: Collector) -> None:
     received_entries(collector, 1)
     entry = normalised(entry_for(collector, "flask"))
     request_headers = [
-        {"name": n, "value": "[REDACTED]" if n == "authorization" else v}
+        # Authorization keeps its scheme; the credentials are redacted.
+        {"name": n, "value": "Bearer [REDACTED]" if n == "authorization" else v}
         for n, v in REQUEST_HEADERS
     ]
     assert entry["request"] == {

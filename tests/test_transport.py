@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import email.utils
 import gzip
 import json
@@ -9,7 +10,6 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 
-import httpx
 import pytest
 
 from alf_analytics import __version__
@@ -76,11 +76,44 @@ def test_timeouts_are_explicit() -> None:
     """The client carries the configured read timeout and a connect timeout of at most 5 s."""
     sender = HTTPTransport("http://127.0.0.1:9", timeout=7.5)
     try:
-        client = sender._get_client()
-        assert client.timeout == httpx.Timeout(7.5, connect=5.0)
-        assert client.follow_redirects is False
+        assert sender.timeouts == {"connect": 5.0, "read": 7.5, "write": 7.5, "pool": 7.5}
     finally:
         sender.close()
+
+
+def test_redirects_are_not_followed(faulty: FaultyCollector, transport: HTTPTransport) -> None:
+    """A 3xx is reported as it is: a batch never travels to a host the URL did not name."""
+    faulty.fail(307, body=b"moved")
+    outcome = transport.send(payload())
+    assert outcome.status == 307
+    assert len(faulty.seen()) == 1
+
+
+def test_idempotency_key_is_sent_as_given(
+    faulty: FaultyCollector, transport: HTTPTransport
+) -> None:
+    """The worker's key for a batch travels in an Idempotency-Key header (none if not given)."""
+    transport.send(payload(), "0123456789abcdef0123456789abcdef")
+    transport.send(payload())
+    first, second = faulty.seen()
+    assert first.headers["idempotency-key"] == "0123456789abcdef0123456789abcdef"
+    assert "idempotency-key" not in second.headers
+
+
+def test_credentials_in_the_url_become_basic_auth(faulty: FaultyCollector) -> None:
+    """user:pass@ in collector_url is sent as Basic auth, never in the request line or Host."""
+    url = faulty.url.replace("http://", "http://ingest%40acme:s3cr%3At@")
+    sender = HTTPTransport(url, timeout=2.0)
+    try:
+        assert sender.send(payload()).status == 200
+    finally:
+        sender.close()
+    (seen,) = faulty.seen()
+    assert seen.path == "/1.1.0/batch"
+    assert seen.headers["host"] == faulty.url.removeprefix("http://")
+    expected = base64.b64encode(b"ingest@acme:s3cr:t").decode()
+    assert seen.headers["authorization"] == f"Basic {expected}"
+    assert "s3cr" not in sender.url
 
 
 def test_refused_connection_is_not_maybe_delivered(faulty: FaultyCollector) -> None:

@@ -70,6 +70,9 @@ def config(**options: Any) -> Config:
     options.setdefault("service_token", TOKEN)
     options.setdefault("collector_url", UNREACHABLE)
     options.setdefault("retry_backoff", 0.001)
+    # One POST at a time, so that scripted answers meet batches in a known order; the tests
+    # of concurrent sends ask for more.
+    options.setdefault("max_inflight", 1)
     return make_config(options)
 
 
@@ -109,15 +112,17 @@ class ScriptedTransport:
         self.script = list(script or [])
         self.default = default
         self.payloads: list[list[dict[str, Any]]] = []
+        self.keys: list[str | None] = []
         self.times: list[float] = []
         self.entered = threading.Event()
         self.release = threading.Event()
         self.release.set()
         self.closed = 0
 
-    def send(self, payload: bytes) -> Outcome:
+    def send(self, payload: bytes, idempotency_key: str | None = None) -> Outcome:
         data = json.loads(payload)
         self.payloads.append(data)
+        self.keys.append(idempotency_key)
         self.times.append(time.monotonic())
         self.entered.set()
         self.release.wait(30)
@@ -192,10 +197,13 @@ def test_worker_thread_starts_lazily_and_only_once(collector: Collector) -> None
         thread.join()
     assert len(agent_threads(collector.url)) == 1
     started = [t for t in threading.enumerate() if t not in before]
-    # The collector serves each connection on a thread of its own; ours is the only other one.
-    assert [t.name for t in started if not t.name.startswith("alf-collector")] == [
-        f"alf-analytics-worker:{collector.url}"
-    ]
+    # The collector serves each connection on a thread of its own; ours are the worker and
+    # the senders it started, at most max_inflight of them.
+    ours = [t.name for t in started if not t.name.startswith("alf-collector")]
+    assert ours.count(f"alf-analytics-worker:{collector.url}") == 1
+    senders = ours.count(f"alf-analytics-sender:{collector.url}")
+    assert 1 <= senders <= middleware.config.max_inflight
+    assert len(ours) == 1 + senders
     entries = received_entries(collector, 200)
     assert sorted(int(e["request"]["url"].rpartition("=")[2]) for e in entries) == list(range(200))
 
@@ -261,17 +269,11 @@ def test_steady_light_traffic_is_not_starved(collector: Collector) -> None:
 def test_batches_never_exceed_max_batch_bytes(collector: Collector) -> None:
     """Every request body is at most max_batch_bytes, decompressed and on the wire."""
     limit = 8192
-    first = wrap(collector.url, log_body=True, max_batch_bytes=limit, batch_size=1000, delay=60.0)
-    second = wrap(
-        collector.url,
-        service_token=OTHER_TOKEN,
-        log_body=True,
-        max_batch_bytes=limit,
-        batch_size=1000,
-        delay=60.0,
-    )
+    options: dict[str, Any] = {"max_batch_bytes": limit, "batch_size": 1000, "delay": 60.0}
+    first = wrap(collector.url, **options)
+    second = wrap(collector.url, service_token=OTHER_TOKEN, **options)
     for i in range(60):
-        call(first if i % 3 else second, f"id={i}", body=bytes([65 + i % 26]) * (200 + 37 * i))
+        call(first if i % 3 else second, f"id={i}&pad=" + chr(65 + i % 26) * (200 + 37 * i))
     received_entries(collector, 60)
     requests = collector.requests()
     assert len(requests) >= 5
@@ -287,9 +289,9 @@ def test_entry_too_large_alone_is_dropped_and_counted(
     collector: Collector, caplog: pytest.LogCaptureFixture
 ) -> None:
     """An entry that cannot fit in max_batch_bytes even alone is dropped as too_large."""
-    middleware = wrap(collector.url, log_body=True, max_batch_bytes=2048, max_body_bytes=8192)
+    middleware = wrap(collector.url, max_batch_bytes=2048)
     call(middleware, "id=0")
-    call(middleware, "id=1", body=b"x" * 3000)
+    call(middleware, "pad=" + "x" * 3000 + "&id=1")
     call(middleware, "id=2")
     entries = received_entries(collector, 2)
     assert [e["request"]["url"].rpartition("=")[2] for e in entries] == ["0", "2"]
@@ -300,9 +302,9 @@ def test_entry_too_large_alone_is_dropped_and_counted(
 
 
 def test_one_connection_carries_many_batches() -> None:
-    """Ten batches reach the collector over a single TCP connection."""
+    """With max_inflight=1, ten batches reach the collector over a single TCP connection."""
     with FaultyCollector() as faulty:
-        middleware = wrap(faulty.url, batch_size=2, delay=60.0)
+        middleware = wrap(faulty.url, batch_size=2, delay=60.0, max_inflight=1)
         for i in range(20):
             call(middleware, f"id={i}")
         assert alf_analytics.flush(5)
@@ -311,24 +313,41 @@ def test_one_connection_carries_many_batches() -> None:
         assert faulty.connections == 1
 
 
+def test_connections_are_bounded_by_max_inflight() -> None:
+    """Fifty slow batches open at most max_inflight connections, each reused."""
+    with FaultyCollector() as faulty:
+        faulty.slow(0.02)
+        middleware = wrap(faulty.url, batch_size=2, delay=60.0, max_inflight=3)
+        for i in range(100):
+            call(middleware, f"id={i}")
+        assert alf_analytics.flush(10)
+        assert faulty.count() == 100
+        assert len(faulty.seen()) == 50
+        assert 1 <= faulty.connections <= 3
+
+
 # -- answers and retries ----------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
-    ("answer", "sent", "reason", "requests"),
+    ("answer", "sent", "reason", "requests", "retried"),
     [
-        pytest.param(Outcome(200), 4, None, 1, id="200"),
-        pytest.param(Outcome(207, b'{"errors":["alf 0: bad"]}'), 4, None, 1, id="207"),
-        pytest.param(Outcome(400, b'{"errors":["malformed"]}'), 0, "rejected", 1, id="400"),
-        pytest.param(Outcome(401), 0, "rejected", 1, id="401"),
-        pytest.param(Outcome(403), 0, "rejected", 1, id="403"),
-        pytest.param(Outcome(404), 0, "rejected", 1, id="404"),
-        pytest.param(Outcome(408), 0, "retries_exhausted", 3, id="408"),
-        pytest.param(Outcome(429), 0, "retries_exhausted", 3, id="429"),
-        pytest.param(Outcome(500), 0, "retries_exhausted", 3, id="500"),
-        pytest.param(Outcome(502), 0, "retries_exhausted", 3, id="502"),
-        pytest.param(Outcome(503), 0, "retries_exhausted", 3, id="503"),
-        pytest.param(Outcome(0, error="ConnectError"), 0, "retries_exhausted", 3, id="network"),
+        pytest.param(Outcome(200), 4, None, 1, 0, id="200"),
+        pytest.param(Outcome(207, b'{"errors":["alf 0: bad"]}'), 4, None, 1, 0, id="207"),
+        # A 400 is bisected: 4 -> 2 + 2 -> 1 + 1 + 1 + 1, each part tried once.
+        pytest.param(Outcome(400, b'{"errors":["bad"]}'), 0, "rejected", 7, 8, id="400"),
+        pytest.param(Outcome(401), 0, "rejected", 1, 0, id="401"),
+        pytest.param(Outcome(403), 0, "rejected", 1, 0, id="403"),
+        pytest.param(Outcome(404), 0, "rejected", 1, 0, id="404"),
+        pytest.param(Outcome(408), 0, "retries_exhausted", 3, 8, id="408"),
+        pytest.param(Outcome(429), 0, "retries_exhausted", 3, 8, id="429"),
+        pytest.param(Outcome(500), 0, "retries_exhausted", 3, 8, id="500"),
+        pytest.param(Outcome(502), 0, "retries_exhausted", 3, 8, id="502"),
+        pytest.param(Outcome(503), 0, "retries_exhausted", 3, 8, id="503"),
+        pytest.param(Outcome(0, error="ConnectError"), 0, "retries_exhausted", 3, 8, id="network"),
+        pytest.param(
+            Outcome(0, error="ReadTimeout", maybe_delivered=True), 0, None, 3, 8, id="unknown"
+        ),
     ],
 )
 def test_answer_decides_sent_rejected_or_retried(
@@ -337,21 +356,30 @@ def test_answer_decides_sent_rejected_or_retried(
     sent: int,
     reason: str | None,
     requests: int,
+    retried: int,
 ) -> None:
-    """2xx is delivered, other 4xx given up at once, 5xx/408/429/network retried `retries` times."""
+    """2xx is delivered, other 4xx given up at once, 5xx/408/429/network retried `retries` times.
+
+    flush() says True only when everything was delivered.
+    """
     worker, transport = workers(config(retries=2), ScriptedTransport(default=answer))
     cfg = config(retries=2)
     for i in range(4):
         worker.submit(exchange(cfg, i))
-    assert worker.flush(10)
+    assert worker.flush(10) is (sent == 4)
     stats = worker.stats()
     assert len(transport.payloads) == requests
     assert stats["sent"] == sent
     assert stats["captured"] == 4
-    assert stats["dropped_total"] == 4 - sent
+    assert stats["queued"] == 0
     if reason is not None:
-        assert stats["dropped"][reason] == 4
-    assert stats["retried"] == 4 * (requests - 1)
+        assert stats["dropped"][reason] == stats["dropped_total"] == 4 - sent
+    if answer.maybe_delivered:
+        # Never answered after the body was sent: maybe stored, so not counted as a loss.
+        assert (stats["unknown"], stats["dropped_total"]) == (4, 0)
+    else:
+        assert stats["unknown"] == 0
+    assert stats["retried"] == retried
 
 
 def test_retries_then_success_delivers_once(
@@ -409,19 +437,44 @@ def test_a_collector_that_keeps_failing_pauses_every_send(
 def test_rejection_is_logged_once(
     workers: Callable[..., tuple[Worker, ScriptedTransport]], caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Three batches refused with 401 produce one warning, which names the status."""
+    """Three batches refused with 404 produce one warning, which names the status."""
     cfg = config(batch_size=1)
     worker, transport = workers(
-        cfg, ScriptedTransport(default=Outcome(401, b'{"errors":["bad token"]}'))
+        cfg, ScriptedTransport(default=Outcome(404, b'{"errors":["no such endpoint"]}'))
     )
     with caplog.at_level(logging.WARNING, logger="alf_analytics"):
         for i in range(3):
             worker.submit(exchange(cfg, i))
-        assert worker.flush(10)
+        assert worker.flush(10) is False
     assert len(transport.payloads) == 3
     warnings = [r for r in caplog.records if r.name == "alf_analytics"]
     assert len(warnings) == 1
-    assert "401" in warnings[0].getMessage() and "bad token" in warnings[0].getMessage()
+    assert "404" in warnings[0].getMessage() and "no such endpoint" in warnings[0].getMessage()
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_refused_credentials_pause_every_send_and_say_why_once(
+    workers: Callable[..., tuple[Worker, ScriptedTransport]],
+    caplog: pytest.LogCaptureFixture,
+    status: int,
+) -> None:
+    """After a 401/403 nothing more is sent for AUTH_PAUSE (PITFALLS #44); close() gives up."""
+    cfg = config(batch_size=1, max_inflight=4)
+    worker, transport = workers(cfg, ScriptedTransport(default=Outcome(status)))
+    with caplog.at_level(logging.WARNING, logger="alf_analytics"):
+        worker.submit(exchange(cfg, 0))
+        assert worker.flush(5) is False
+        for i in range(1, 6):
+            worker.submit(exchange(cfg, i))
+        assert worker.flush(0.3) is False
+        assert len(transport.payloads) == 1
+        assert worker.close(0.2) is False
+    stats = worker.stats()
+    assert stats["dropped"]["rejected"] == 1
+    assert stats["dropped"]["shutdown"] == 5
+    assert stats["queued"] == 0
+    pauses = [r.getMessage() for r in caplog.records if "sends pause" in r.getMessage()]
+    assert len(pauses) == 1 and str(status) in pauses[0]
 
 
 def test_207_errors_are_logged(
@@ -510,7 +563,7 @@ def test_413_for_a_single_entry_drops_it_as_too_large(
     worker, transport = workers(config(), ScriptedTransport(default=Outcome(413)))
     for i in range(4):
         worker.submit(exchange(config(), i))
-    assert worker.flush(10)
+    assert worker.flush(10) is False
     stats = worker.stats()
     assert stats["dropped"]["too_large"] == 4
     assert stats["sent"] == 0
@@ -538,12 +591,14 @@ def test_full_queue_drops_new_entries_without_blocking(
     submitter.start()
     submitter.join(10)
     assert not submitter.is_alive(), "submit blocked on a full queue"
-    assert results == [True] * 20 + [False] * 50
-    assert worker.stats()["dropped"]["queue_full"] == 50
+    # The entry in flight counts against queue_size too.
+    assert results == [True] * 19 + [False] * 51
+    assert worker.stats()["dropped"]["queue_full"] == 51
+    assert worker.stats()["in_flight"] == 1
     transport.release.set()
     assert worker.flush(10)
     stats = worker.stats()
-    assert (stats["captured"], stats["sent"], stats["dropped_total"]) == (71, 21, 50)
+    assert (stats["captured"], stats["sent"], stats["dropped_total"]) == (71, 20, 51)
 
 
 def test_stats_add_up_with_a_collector_that_stays_broken(
@@ -554,7 +609,7 @@ def test_stats_add_up_with_a_collector_that_stays_broken(
     worker, _ = workers(cfg, ScriptedTransport(default=Outcome(503)))
     for i in range(30):
         worker.submit(exchange(cfg, i))
-    assert worker.flush(10)
+    assert worker.flush(10) is False
     stats = worker.stats()
     assert stats["captured"] == 30
     assert stats["sent"] + stats["dropped_total"] == stats["captured"]
@@ -672,7 +727,7 @@ def test_flush_and_close_from_the_worker_thread_return_at_once(
     logging.getLogger("alf_analytics").addHandler(handler)
     try:
         worker.submit(exchange(cfg))
-        assert worker.flush(5)
+        assert worker.flush(5) is False  # the entry was rejected
     finally:
         logging.getLogger("alf_analytics").removeHandler(handler)
     assert results == [False, False]
@@ -700,7 +755,9 @@ def test_worker_killed_by_builder_error_restarts_on_next_entry(
     monkeypatch.setattr(_worker, "build_entry", flaky)
     middleware = wrap(collector.url, delay=0.05)
     assert call(middleware, "id=0") == b"ok"
-    assert alf_analytics.flush(5)  # the flush is not stuck behind the dead thread
+    started = time.monotonic()
+    alf_analytics.flush(5)  # False if the crash came after this call, True if before
+    assert time.monotonic() - started < 4  # not stuck behind the dead thread
     assert call(middleware, "id=1") == b"ok"
     assert call(middleware, "id=2") == b"ok"  # second crash
     assert call(middleware, "id=3") == b"ok"
@@ -724,7 +781,7 @@ def test_worker_killed_in_a_send_counts_the_batch_and_restarts(
     for i in range(5):
         assert worker.submit(exchange(cfg, i))
     assert transport.entered.wait(10)
-    assert worker.flush(5)
+    worker.flush(5)  # False when the crash is reported after this call, True if before
     for i in range(5, 8):
         assert worker.submit(exchange(cfg, i))
     assert worker.flush(5)
@@ -771,16 +828,14 @@ def test_logs_stay_on_the_agent_logger_and_never_show_the_token() -> None:
     try:
         with FaultyCollector() as faulty:
             echo = json.dumps({"errors": [f"unknown serviceToken {TOKEN}"]}).encode()
-            middleware = wrap(
-                faulty.url, batch_size=1, retries=1, log_body=True, max_batch_bytes=2048
-            )
-            faulty.fail(401, times=1, body=echo)
+            middleware = wrap(faulty.url, batch_size=1, retries=1, max_batch_bytes=2048)
+            faulty.fail(404, times=1, body=echo)
             call(middleware, "id=0")
-            assert alf_analytics.flush(5)
+            assert alf_analytics.flush(5) is False
             faulty.fail(503, body=echo)
             call(middleware, "id=1")
-            call(middleware, "id=2", body=b"x" * 4096)
-            assert alf_analytics.flush(5)
+            call(middleware, "pad=" + "x" * 4096 + "&id=2")
+            assert alf_analytics.flush(5) is False
             faulty.healthy()
             faulty.fail(207, times=1, body=echo)
             call(middleware, "id=3")

@@ -207,6 +207,14 @@ class _Plan:
 
     def pairs(self, headers: Sequence[RawHeader]) -> tuple[list[dict[str, str]], int]:
         """Headers as ALF name/value pairs (repeats kept, names lower-cased), and wire size."""
+        try:
+            return self._pairs(headers)
+        except (TypeError, ValueError, AttributeError):
+            # Not (str | bytes, str | bytes) pairs: an ASGI app's malformed header list, which
+            # the server refuses. The well-formed ones are kept, the others shown as text.
+            return self._pairs([_as_text_pair(item) for item in headers if _is_pair(item)])
+
+    def _pairs(self, headers: Sequence[RawHeader]) -> tuple[list[dict[str, str]], int]:
         cache = self.header_pairs
         out = []
         size = 0
@@ -285,13 +293,12 @@ class _Plan:
         complete = len(captured) == size
         if not captured:
             return None, complete  # an empty body: captured, nothing to send
-        content_type = coding = ""
-        for raw_name, raw_value in headers:
-            name = raw_name.lower()
-            if name in ("content-type", b"content-type"):
-                content_type = text(raw_value)
-            elif name in ("content-encoding", b"content-encoding"):
-                coding = text(raw_value)
+        try:
+            content_type, coding = _body_headers(headers)
+        except (TypeError, ValueError, AttributeError):  # a malformed list, as in pairs()
+            content_type, coding = _body_headers(
+                [_as_text_pair(item) for item in headers if _is_pair(item)]
+            )
         data = bytes(captured)
         if coding:
             # Never compressed bytes labelled JSON: decoded (bounded), or left out.
@@ -312,6 +319,30 @@ class _Plan:
             "text": base64.b64encode(data).decode("ascii"),
         }
         return body, complete
+
+
+def _body_headers(headers: Sequence[RawHeader]) -> tuple[str, str]:
+    """The ``Content-Type`` and ``Content-Encoding`` values ("" when absent)."""
+    content_type = coding = ""
+    for raw_name, raw_value in headers:
+        name = raw_name.lower()
+        if name in ("content-type", b"content-type"):
+            content_type = text(raw_value)
+        elif name in ("content-encoding", b"content-encoding"):
+            coding = text(raw_value)
+    return content_type, coding
+
+
+def _is_pair(item: Any) -> bool:
+    return isinstance(item, (tuple, list)) and len(item) == 2
+
+
+def _as_text_pair(item: Sequence[Any]) -> tuple[str | bytes, str | bytes]:
+    name, value = item
+    return (
+        name if isinstance(name, (str, bytes)) else str(name),
+        value if isinstance(value, (str, bytes)) else str(value),
+    )
 
 
 _plans: weakref.WeakKeyDictionary[Config, _Plan] = weakref.WeakKeyDictionary()

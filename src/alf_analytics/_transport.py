@@ -1,28 +1,37 @@
-"""The transport: one long-lived ``httpx.Client`` that POSTs gzip batches to the collector.
+"""The transport: one keep-alive HTTP connection that POSTs gzip batches to the collector.
 
 It only moves bytes and reports what happened; what to do about it (retry, split, give up) is
-the worker's decision.
+the worker's decision. Each sender thread of the worker owns one transport, so several POSTs
+can be in flight at once, one per connection.
+
+It speaks through httpcore (the HTTP layer of httpx) directly: a batch needs none of httpx's
+request and response models, and skipping them halves the client's CPU per POST.
 """
 
 from __future__ import annotations
 
+import base64
 import email.utils
-import gzip
 import re
 import time
+import zlib
 from dataclasses import dataclass
 from datetime import timezone
 from typing import Protocol
+from urllib.parse import unquote, urlsplit
 
-import httpx
+import httpcore
 
 from ._version import __version__
 
 USER_AGENT = f"alf-analytics/{__version__}"
-# Level 1 compresses repetitive ALF JSON ~10:1 at a fraction of level 9's CPU cost.
+#: Level 1 compresses repetitive ALF JSON ~25:1 at a quarter of level 6's CPU (measured for a
+#: batch of 100 small entries: 29 µs and 1,356 bytes at level 1, 112 µs and 1,214 at level 6).
 GZIP_LEVEL = 1
-#: How much of the collector's answer is kept (for log lines).
+#: How much of the collector's answer is kept (for log lines and 207 accounting).
 MAX_ANSWER_BYTES = 65_536
+#: The longest a connection attempt may take, whatever ``timeout`` says.
+MAX_CONNECT_TIMEOUT = 5.0
 
 
 @dataclass(frozen=True)
@@ -33,14 +42,14 @@ class Outcome:
     body: bytes = b""
     retry_after: float | None = None
     error: str | None = None
-    #: True when the request may have reached the collector (a timeout after sending).
+    #: True when the request may have reached the collector (no answer after it was written).
     maybe_delivered: bool = False
 
 
 class Transport(Protocol):
     """Sends one request body (a JSON array of ALF objects) to the collector."""
 
-    def send(self, payload: bytes) -> Outcome: ...
+    def send(self, payload: bytes, idempotency_key: str | None = None) -> Outcome: ...
 
     def close(self) -> None: ...
 
@@ -66,58 +75,104 @@ def parse_retry_after(value: str | None) -> float | None:
 
 _DELTA_SECONDS = re.compile(r"[0-9]{1,12}(?:\.[0-9]{1,6})?")
 
+#: Failures before any byte of the request reached the collector: it cannot have stored it.
+_NOT_SENT = (
+    httpcore.ConnectError,
+    httpcore.ConnectTimeout,
+    httpcore.PoolTimeout,
+    httpcore.WriteError,
+    httpcore.WriteTimeout,
+    httpcore.UnsupportedProtocol,
+    httpcore.LocalProtocolError,
+)
+
+
+def gzip_compress(payload: bytes) -> bytes:
+    """A gzip member (no file name, mtime 0) at :data:`GZIP_LEVEL`; zlib releases the GIL."""
+    compressor = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 31)
+    return compressor.compress(payload) + compressor.flush()
+
 
 class HTTPTransport:
-    """POST ``{collector_url}/1.1.0/batch`` with ``Content-Encoding: gzip``."""
+    """POST ``{collector_url}/1.1.0/batch`` with ``Content-Encoding: gzip``.
+
+    Credentials in the URL (``http://user:pass@host``) are sent as HTTP Basic authentication
+    and never appear in the request line. Proxy settings from the environment are not read:
+    the collector URL is explicit, and a proxy would silently reroute loopback collectors.
+    """
 
     def __init__(self, collector_url: str, *, timeout: float, alf_version: str = "1.1.0") -> None:
-        self.url = f"{collector_url}/{alf_version}/batch"
-        self._timeout = httpx.Timeout(timeout, connect=min(timeout, 5.0))
-        self._client: httpx.Client | None = None
+        parts = urlsplit(collector_url)
+        netloc = parts.netloc.rpartition("@")[2]
+        self.url = f"{parts.scheme}://{netloc}{parts.path}/{alf_version}/batch"
+        self._url = httpcore.URL(self.url)
+        headers = [
+            (b"Host", netloc.encode("idna")),
+            (b"User-Agent", USER_AGENT.encode()),
+            (b"Content-Type", b"application/json"),
+            (b"Content-Encoding", b"gzip"),
+        ]
+        if parts.username is not None or parts.password is not None:
+            credentials = f"{unquote(parts.username or '')}:{unquote(parts.password or '')}"
+            token = base64.b64encode(credentials.encode("utf-8"))
+            headers.append((b"Authorization", b"Basic " + token))
+        self._headers = headers
+        self.timeouts = {
+            "connect": min(timeout, MAX_CONNECT_TIMEOUT),
+            "read": timeout,
+            "write": timeout,
+            "pool": timeout,
+        }
+        self._extensions = {"timeout": self.timeouts}
+        self._pool: httpcore.ConnectionPool | None = None
 
-    def _get_client(self) -> httpx.Client:
-        if self._client is None:
-            self._client = httpx.Client(
-                timeout=self._timeout,
-                headers={
-                    "User-Agent": USER_AGENT,
-                    "Content-Type": "application/json",
-                    "Content-Encoding": "gzip",
-                },
-                # The collector URL is explicit; proxy settings from the environment would
-                # silently reroute loopback collectors.
-                trust_env=False,
-                follow_redirects=False,
-            )
-        return self._client
+    def _get_pool(self) -> httpcore.ConnectionPool:
+        if self._pool is None:
+            # One connection: the worker runs one transport per sender thread.
+            self._pool = httpcore.ConnectionPool(max_connections=1, retries=0)
+        return self._pool
 
-    def send(self, payload: bytes) -> Outcome:
-        body = gzip.compress(payload, compresslevel=GZIP_LEVEL, mtime=0)
-        client = self._get_client()
+    def send(self, payload: bytes, idempotency_key: str | None = None) -> Outcome:
+        body = gzip_compress(payload)
+        headers = [*self._headers, (b"Content-Length", str(len(body)).encode())]
+        if idempotency_key is not None:
+            headers.append((b"Idempotency-Key", idempotency_key.encode("ascii")))
+        request = httpcore.Request(
+            b"POST", self._url, headers=headers, content=[body], extensions=self._extensions
+        )
         try:
-            with client.stream("POST", self.url, content=body) as response:
-                # The answer only feeds log lines: read at most MAX_ANSWER_BYTES of it (a longer
-                # answer costs its connection, which is then not reused).
+            response = self._get_pool().handle_request(request)
+            try:
+                # The answer only feeds log lines and the 207 accounting: read at most
+                # MAX_ANSWER_BYTES of it (a longer answer costs its connection).
                 answer = bytearray()
-                for chunk in response.iter_bytes():
+                for chunk in response.stream:  # type: ignore[union-attr]
                     answer += chunk
                     if len(answer) >= MAX_ANSWER_BYTES:
                         del answer[MAX_ANSWER_BYTES:]
                         break
-        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-            # Nothing was sent: the collector cannot have seen this batch.
-            return Outcome(0, error=f"{type(exc).__name__}: {exc}", maybe_delivered=False)
-        except httpx.HTTPError as exc:
-            # A read timeout, a reset or a connection closed mid-response after the request was
-            # written: the outcome is unknown, the collector may have stored the batch.
-            return Outcome(0, error=f"{type(exc).__name__}: {exc}", maybe_delivered=True)
-        return Outcome(
-            response.status_code,
-            bytes(answer),
-            parse_retry_after(response.headers.get("retry-after")),
-        )
+            finally:
+                response.close()
+        except _NOT_SENT as exc:
+            # Nothing (or not all) of the request was written: the collector cannot have
+            # stored this batch.
+            return Outcome(0, error=_describe(exc), maybe_delivered=False)
+        except (httpcore.TimeoutException, httpcore.NetworkError, httpcore.ProtocolError) as exc:
+            # A read timeout, a reset or a connection closed before the answer, after the
+            # request was written: the outcome is unknown, the collector may have stored it.
+            return Outcome(0, error=_describe(exc), maybe_delivered=True)
+        retry_after = None
+        for name, value in response.headers:
+            if name.lower() == b"retry-after":
+                retry_after = parse_retry_after(value.decode("latin-1"))
+        return Outcome(response.status, bytes(answer), retry_after)
 
     def close(self) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            client.close()
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close()
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

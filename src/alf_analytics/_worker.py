@@ -1,74 +1,135 @@
-"""The worker: a bounded queue, batching per (service token, environment), retries.
+"""The worker: a bounded queue, batching per (service token, environment), concurrent sends.
 
 One :class:`Worker` serves every middleware that sends to the same collector in this process.
 Its daemon thread starts lazily on the first entry, so it also starts in each child of a
 pre-forking server. The request path only calls :meth:`Worker.submit`, which never blocks: when
-the queue is full the entry is dropped and counted. Everything else, building the ALF entry
-included, happens on the worker thread.
+the queue is full (in entries or in bytes) the entry is dropped and counted.
+
+Everything else happens off the request path. The worker thread owns all the state: it builds
+each ALF entry, runs ``before_send``, cuts batches and decides what each answer means (retry,
+split, give up). Up to ``max_inflight`` sender threads, started as needed, each own one
+keep-alive connection: a sender compresses and POSTs one batch and hands the outcome back to
+the worker thread through its queue, so several POSTs are in flight at once while the worker
+goes on building.
 """
 
 from __future__ import annotations
 
 import atexit
+import collections
 import itertools
 import json
 import logging
 import os
 import random
+import re
 import threading
 import time
+import uuid
+import weakref
 from collections.abc import Callable
 from queue import Empty, SimpleQueue
 from typing import Any
 
 from ._alf import alf_envelope, build_entry
 from ._alf import dumps as _dumps
-from ._config import Config, mask_token
+from ._config import Config, mask_token, mask_url
 from ._record import Exchange
 from ._transport import HTTPTransport, Outcome, Transport
 
 logger = logging.getLogger("alf_analytics")
 
-#: Drop reasons reported by :func:`stats`.
+#: Drop reasons reported by :func:`stats` (``unknown`` outcomes are counted apart).
 DROP_REASONS = (
-    "queue_full",  # the bounded queue was full when the request finished
+    "queue_full",  # the queue was full (queue_size entries or max_queue_bytes) at submit
     "too_large",  # one entry alone exceeds max_batch_bytes (or the collector said 413)
-    "rejected",  # the collector answered a 4xx other than 408/413/429
+    "rejected",  # the collector refused it: a 4xx other than 408/413/429, or a 207's errors
     "retries_exhausted",  # 5xx, 429 or network errors outlasted `retries`
     "shutdown",  # still queued when the shutdown bound ran out
     "error",  # an entry could not be built (a bug of ours, logged)
+    "hook",  # before_send raised (logged once)
+    "filtered",  # before_send returned None: left out on purpose, not a loss
 )
+#: Settled entries that were neither delivered nor lost for sure (see :meth:`Worker.stats`).
+_NOT_LOSSES = frozenset({"filtered"})
 MAX_BACKOFF = 30.0
 MAX_RETRY_AFTER = 120.0
-#: Entries taken off the queue before due batches are checked again.
-_DRAIN_CHUNK = 512
+#: After a 401 or 403 nothing is sent for this long; then one batch probes the collector.
+AUTH_PAUSE = 60.0
+#: A 400 splits the batch to find the entries the collector objects to, unless this many
+#: requests in a row were answered 400: then the collector refuses everything, and a 400
+#: drops the whole batch until a request is accepted again.
+MAX_400_STREAK = 16
+#: Entries taken off the queue before due batches and answers are looked at again.
+_DRAIN_SLICE = 64
 _LOG_INTERVAL = 60.0
 #: How often a waiting flush() checks that the worker thread is still alive.
 _REVIVE_INTERVAL = 0.05
+#: Estimated bytes of a queued raw record besides its captured bodies (the request snapshot:
+#: a WSGI environ copy or an ASGI scope, the Exchange, its header lists), and per response
+#: header pair. Measured with tracemalloc for the WSGI adapter: about 2.3 KiB per request.
+RAW_RECORD_BYTES = 3072
+RAW_HEADER_BYTES = 120
+#: Bytes a built entry costs besides its JSON (the bytes object and its list slot).
+ENTRY_OVERHEAD_BYTES = 48
+#: Worker options that one worker shares between every middleware of its collector.
+SHARED_OPTIONS = (
+    "queue_size",
+    "max_queue_bytes",
+    "max_inflight",
+    "timeout",
+    "retries",
+    "retry_backoff",
+    "shutdown_timeout",
+)
 
 
 class _Flush:
-    __slots__ = ("done", "target")
+    __slots__ = ("done", "target", "lost_before", "ok")
 
-    def __init__(self) -> None:
+    def __init__(self, lost_before: int) -> None:
         self.done = threading.Event()
         #: The last batch cut when the worker took this marker: done once it is settled.
         self.target = 0
+        #: The worker's loss counter when flush() was called, and whether all was delivered.
+        self.lost_before = lost_before
+        self.ok = True
 
 
 class _Batch:
-    """One request body's worth of entries, until it is settled (sent or dropped)."""
+    """One request body's worth of entries, until it is settled (delivered, dropped, unknown)."""
 
-    __slots__ = ("parts", "count", "seq", "attempt", "due")
+    __slots__ = ("parts", "count", "size", "seq", "attempt", "due", "key", "maybe", "started")
 
     def __init__(self, parts: list[tuple[bytes, list[bytes]]], seq: int, attempt: int = 0) -> None:
         self.parts = parts
         self.count = sum(len(items) for _, items in parts)
+        #: Bytes held for it (entries' JSON plus overhead), counted against max_queue_bytes.
+        self.size = sum(len(item) + ENTRY_OVERHEAD_BYTES for _, items in parts for item in items)
+        #: Flush order: split halves keep the number of the batch they came from.
         self.seq = seq
         #: Failed attempts so far.
         self.attempt = attempt
         #: When it may be tried again (monotonic seconds).
         self.due = 0.0
+        #: The Idempotency-Key of every attempt of this body.
+        self.key = uuid.uuid4().hex
+        #: True once an attempt ended without an answer after the body was written.
+        self.maybe = False
+        self.started = 0.0
+
+
+class _Done:
+    """A sender's report: the outcome of one attempt (``None``: the sender itself crashed)."""
+
+    __slots__ = ("batch", "outcome", "crash")
+
+    def __init__(
+        self, batch: _Batch, outcome: Outcome | None, crash: BaseException | None = None
+    ) -> None:
+        self.batch = batch
+        self.outcome = outcome
+        self.crash = crash
 
 
 class _Stop:
@@ -85,9 +146,9 @@ class _Group:
 
     __slots__ = ("config", "prefix", "entries", "size", "oldest")
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, key: tuple[str, str | None]) -> None:
         self.config = config
-        envelope = _dumps(alf_envelope(*config.group))
+        envelope = _dumps(alf_envelope(*key))
         tail = b'"entries":[]}}}'
         assert envelope.endswith(tail)
         self.prefix = envelope[: -len(b"]}}}")]
@@ -108,6 +169,18 @@ def _body(batch: list[tuple[bytes, list[bytes]]]) -> bytes:
     return b"[" + b",".join(prefix + b",".join(items) + _SUFFIX for prefix, items in batch) + b"]"
 
 
+def raw_size(exchange: Exchange) -> int:
+    """What a queued exchange costs in memory, estimated cheaply (no walk over its headers)."""
+    size = RAW_RECORD_BYTES + RAW_HEADER_BYTES * len(exchange.response_headers)
+    body = exchange.request_body
+    if body is not None:
+        size += len(body)
+    body = exchange.response_body
+    if body is not None:
+        size += len(body)
+    return size
+
+
 class Worker:
     """Batches and sends the entries of every middleware that uses one collector."""
 
@@ -115,47 +188,77 @@ class Worker:
         self, config: Config, transport_factory: Callable[[], Transport] | None = None
     ) -> None:
         self.collector_url = config.collector_url
+        #: The URL as logs and thread names show it: credentials masked.
+        self.shown_url = mask_url(config.collector_url)
+        self.config = config
         self.retries = config.retries
         self.retry_backoff = config.retry_backoff
         self.shutdown_timeout = config.shutdown_timeout
         self.queue_size = config.queue_size
+        self.max_queue_bytes = config.max_queue_bytes
+        self.max_inflight = config.max_inflight
+        #: Log each batch, answer and drop (any middleware of this collector with debug=True).
+        self.debug = config.debug
         self._transport_factory = transport_factory or (
             lambda: HTTPTransport(config.collector_url, timeout=config.timeout)
         )
+        self._configs_seen: weakref.WeakSet[Config] = weakref.WeakSet()
+        self._conflicts_warned: set[str] = set()
         self._reset()
 
     def _reset(self) -> None:
         """Fresh state: at construction, and in a forked child (the parent keeps its queue)."""
         self._pid = os.getpid()
         self._lock = threading.Lock()
+        #: Guards the request path's two counters (request threads race only each other).
+        self._admit = threading.Lock()
         self._queue: SimpleQueue[Any] = SimpleQueue()
         self._thread: threading.Thread | None = None
         self._running = False
-        self._transport: Transport | None = None
         self._groups: dict[tuple[str, str | None], _Group] = {}
-        #: Set by close(): retries that would end after it give up (counted "shutdown").
+        #: Set by close(): sends that cannot happen before it give up (counted "shutdown").
         self._deadline: float | None = None
-        #: Wakes the worker from a backoff pause (close() sets it after setting the deadline).
-        self._wake = threading.Event()
+        self._stopping = False
         #: Flush markers taken off the queue and not answered yet (re-queued after a crash).
         self._flushes: list[_Flush] = []
-        #: Entries taken off the queue that are neither pending in a group nor settled yet:
-        #: a crash counts them as dropped ("error"), so sent + dropped stays equal to captured.
-        self._inflight = 0
-        #: Batches waiting for a retry (or for a collector that failed twice in a row); their
-        #: entries count against queue_size, so memory stays bounded while it is down.
+        # What the queue holds: request threads add (under _admit), the worker subtracts.
+        self._put_count = 0
+        self._put_bytes = 0
+        self._taken_count = 0
+        self._taken_bytes = 0
+        #: Entries (and bytes) taken off the queue and not settled yet: pending in a group,
+        #: waiting for a sender or a retry, or in flight. They count against the bounds.
+        self._held_count = 0
+        self._held_bytes = 0
+        #: An entry taken off the queue and not placed yet: a crash counts it as "error".
+        self._loose = 0
+        #: Batches ready to go, oldest first; batches waiting for their retry time.
+        self._ready: collections.deque[_Batch] = collections.deque()
         self._retry: list[_Batch] = []
-        self._held = 0
+        self._flying: list[_Batch] = []
+        self._jobs: SimpleQueue[_Batch | None] = SimpleQueue()
+        self._senders = 0
+        #: The transport of sends made on the worker thread itself (no sender could start).
+        self._inline: list[Transport] = []
         self._seq = 0
         #: Consecutive failed requests, and the time before which nothing is sent.
         self._failures = 0
         self._blocked_until = 0.0
-        # Drops on the request path use itertools counters: next() is atomic under the GIL.
+        #: After a pause, one batch at a time until one is accepted.
+        self._probing = False
+        self._streak_400 = 0
+        #: True while the "unreachable" warning stands (a recovery is then logged once).
+        self._outage = False
+        # Counters on the request path are itertools counters: next() is atomic under the GIL.
         self._captured = itertools.count()
         self._queue_full = itertools.count()
         self._refused = itertools.count()
-        self._counts = dict.fromkeys(("sent", "retried", "batches", "requests"), 0)
+        self._skipped = itertools.count()
+        self._sampled_out = itertools.count()
+        self._counts = dict.fromkeys(("sent", "retried", "batches", "requests", "unknown"), 0)
         self._drops = dict.fromkeys(DROP_REASONS, 0)
+        #: Entries settled without being delivered (for flush()'s answer).
+        self._lost = 0
         self._logged: dict[str, float] = {}
         self._crashes = 0
 
@@ -169,10 +272,21 @@ class Worker:
         if not self._running and not self._start():
             next(self._refused)
             return False
-        if self._queue.qsize() + self._held >= self.queue_size:
+        size = raw_size(exchange)
+        with self._admit:
+            count = self._put_count - self._taken_count + self._held_count
+            held = self._put_bytes - self._taken_bytes + self._held_bytes
+            full = count >= self.queue_size or held + size > self.max_queue_bytes
+            if not full:
+                self._put_count += 1
+                self._put_bytes += size
+        if full:
             next(self._queue_full)
             self._warn(
-                "queue_full", "queue full (%d entries): dropping new entries", self.queue_size
+                "queue_full",
+                "queue full (queue_size=%d entries, max_queue_bytes=%d): dropping new entries",
+                self.queue_size,
+                self.max_queue_bytes,
             )
             return False
         self._queue.put(exchange)
@@ -190,7 +304,7 @@ class Worker:
             if _finalizing:
                 return False
             thread = threading.Thread(
-                target=self._run, name=f"alf-analytics-worker:{self.collector_url}", daemon=True
+                target=self._run, name=f"alf-analytics-worker:{self.shown_url}", daemon=True
             )
             # Set before start(): a thread that dies at once must be able to clear it.
             self._thread = thread
@@ -207,7 +321,12 @@ class Worker:
     # -- public control ---------------------------------------------------------------------
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Send everything queued so far; True when done within ``timeout`` seconds."""
+        """Send everything queued so far. True when all of it was delivered within ``timeout``.
+
+        False when the time ran out, or when an entry queued before the call was dropped or
+        ended with an unknown outcome meanwhile (entries ``before_send`` filtered out on
+        purpose do not count as lost).
+        """
         if self._pid != os.getpid():
             self._reset()
         if self._thread is threading.current_thread():
@@ -215,11 +334,11 @@ class Worker:
             # our own marker could only time out.
             return False
         if not self._running:
-            if self._queue.empty() and not self._pending() and not self._retry:
+            if self._queue.empty() and not self._held_count:
                 return True
             if not self._start():
                 return False
-        marker = _Flush()
+        marker = _Flush(self._lost)
         self._queue.put(marker)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -227,25 +346,25 @@ class Worker:
             if deadline is not None:
                 remaining = min(remaining, deadline - time.monotonic())
                 if remaining <= 0:
-                    return marker.done.is_set()
+                    return marker.done.is_set() and marker.ok
             if marker.done.wait(remaining):
-                return True
+                return marker.ok
             # A thread that died meanwhile left the marker queued: start a fresh one.
             if not self._running and not self._start():
                 return False
 
     def close(self, timeout: float | None = None) -> bool:
-        """Flush within ``timeout``, then stop the thread. Idempotent; a later entry restarts it.
+        """Flush within ``timeout``, then stop the threads. Idempotent; a later entry restarts.
 
-        Retries still waiting when the bound runs out give up (counted ``shutdown``); a send in
-        progress is bounded by the transport's own timeout, and this call does not wait for it.
+        Batches still waiting when the bound runs out give up (counted ``shutdown``, or
+        ``unknown`` when an earlier attempt may have reached the collector); a send in progress
+        is bounded by the transport's own timeout, and this call does not wait for it.
         """
         bound = self.shutdown_timeout if timeout is None else timeout
         deadline = time.monotonic() + bound
         previous = self._deadline
         if previous is None or deadline < previous:
             self._deadline = deadline
-        self._wake.set()
         try:
             done = self.flush(bound)
             thread = self._thread
@@ -264,8 +383,10 @@ class Worker:
     def stats(self) -> dict[str, Any]:
         """Counters since start (or since the fork that made this process).
 
-        ``captured`` counts every entry handed over, so ``sent + dropped_total + queued ==
-        captured``, where ``queued`` is what is waiting, batched or being sent right now.
+        ``sent + dropped_total + unknown + queued == captured``: ``captured`` counts every entry
+        handed over; ``queued`` is what is waiting, batched, waiting for a retry or in flight
+        right now; ``unknown`` what was given up on after an attempt that may have reached the
+        collector (a timeout after the body was sent): possibly delivered, possibly not.
         """
         captured = _value(self._captured)
         drops = dict(self._drops)
@@ -273,20 +394,43 @@ class Worker:
         drops["shutdown"] += _value(self._refused)
         dropped = sum(drops.values())
         sent = self._counts["sent"]
+        unknown = self._counts["unknown"]
         return {
             "captured": captured,
             "sent": sent,
             "dropped": drops,
             "dropped_total": dropped,
+            "unknown": unknown,
             "retried": self._counts["retried"],
             "batches": self._counts["batches"],
             "requests": self._counts["requests"],
-            "queued": max(0, captured - sent - dropped),
+            "queued": max(0, captured - sent - dropped - unknown),
+            "in_flight": sum(batch.count for batch in list(self._flying)),
+            "skipped": _value(self._skipped),
+            "sampled_out": _value(self._sampled_out),
             "worker_restarts": self._crashes,
         }
 
-    def _pending(self) -> int:
-        return sum(len(group.entries) for group in list(self._groups.values()))
+    def adopt(self, config: Config) -> None:
+        """A middleware joins this worker: warn once per shared option it asks differently."""
+        if config in self._configs_seen:
+            return
+        self._configs_seen.add(config)
+        if config.debug:
+            self.debug = True
+        for name in SHARED_OPTIONS:
+            asked, used = getattr(config, name), getattr(self.config, name)
+            if asked != used and name not in self._conflicts_warned:
+                self._conflicts_warned.add(name)
+                logger.warning(
+                    "alf_analytics: %s=%r is ignored for %s: every middleware that sends to one "
+                    "collector shares its worker, and %s=%r (from the first one) is in force",
+                    name,
+                    asked,
+                    self.shown_url,
+                    name,
+                    used,
+                )
 
     # -- worker thread ----------------------------------------------------------------------
 
@@ -294,36 +438,35 @@ class Worker:
         try:
             self._loop()
         except BaseException as exc:  # never let the thread die silently
-            self._crashes += 1
-            lost, self._inflight = self._inflight, 0
-            self._drops["error"] += lost
-            if self._crashes == 1:
-                logger.error(
-                    "alf_analytics worker crashed (%d entries lost); it restarts on the next "
-                    "entry: %r",
-                    lost,
-                    exc,
-                )
+            lost, self._loose = self._loose, 0
+            self._crashed(exc, lost)
         finally:
-            transport, self._transport = self._transport, None
-            if transport is not None:
-                try:
-                    transport.close()
-                except Exception:  # closing is best effort
-                    pass
             # Flushes this thread took but did not answer go back to the queue; their flush()
             # calls start a fresh thread (so does the next entry).
             flushes, self._flushes = self._flushes, []
             for marker in flushes:
                 self._queue.put(marker)
+            self._stopping = False
             self._running = False
+
+    def _crashed(self, exc: BaseException, lost: int) -> None:
+        self._crashes += 1
+        if lost:
+            self._drops["error"] += lost
+            self._lost += lost
+            for marker in self._flushes:
+                marker.ok = False
+        if self._crashes == 1:
+            logger.error(
+                "alf_analytics worker crashed (%d entries lost); it restarts on the next entry: %r",
+                lost,
+                exc,
+            )
 
     def _loop(self) -> None:
         queue = self._queue
-        me = threading.current_thread()
-        flushes = self._flushes
         while True:
-            wait = self._next_due()
+            wait = self._next_wake()
             try:
                 if wait is None:
                     item = queue.get()
@@ -333,86 +476,131 @@ class Worker:
                     item = queue.get_nowait()
             except Empty:
                 item = None
-            stop = False
             taken = 0
             while item is not None:
-                kind = type(item)
-                if kind is _Flush:
-                    # Everything queued before the marker is in a group now: cut it all.
-                    self._send(list(self._groups.values()))
-                    item.target = self._seq
-                    flushes.append(item)
-                elif kind is _Stop:
-                    stop = stop or item.thread is me
-                else:
-                    self._add(item)
+                self._take(item)
                 taken += 1
-                if taken >= _DRAIN_CHUNK and not stop:
+                if taken >= _DRAIN_SLICE:
                     break
                 try:
                     item = queue.get_nowait()
                 except Empty:
                     break
-            if stop:
-                self._stop()
+            if self._tick():
                 return
-            now = time.monotonic()
+
+    def _take(self, item: Any) -> None:
+        kind = type(item)
+        if kind is _Done:
+            self._on_done(item)
+        elif kind is _Flush:
+            # Everything queued before the marker is in a group now: cut it all.
+            self._cut(list(self._groups.values()))
+            item.target = self._seq
+            if self._lost != item.lost_before:
+                item.ok = False
+            self._flushes.append(item)
+        elif kind is _Stop:
+            if item.thread is threading.current_thread():
+                self._stopping = True
+        else:
+            self._add(item)
+
+    def _tick(self) -> bool:
+        """Cut due batches, start due retries and sends, answer flushes. True: stop now."""
+        now = time.monotonic()
+        if self._stopping:
+            self._cut(list(self._groups.values()))
+        else:
             due = [
                 g for g in self._groups.values() if g.entries and now - g.oldest >= g.config.delay
             ]
             if due:
-                self._send(due)
-            self._retry_due()
-            if flushes:
-                self._answer_flushes()
+                self._cut(due)
+        self._retry_due(now)
+        deadline = self._deadline
+        if deadline is not None:
+            self._give_up_late(deadline, now)
+        self._pump()
+        if self._flushes:
+            self._answer_flushes()
+        if self._stopping and (
+            not (self._ready or self._retry or self._flying)
+            or (deadline is not None and now >= deadline)
+        ):
+            self._answer_flushes()
+            self._stop_senders()
+            _close(self._inline)
+            return True
+        return False
+
+    def _next_wake(self) -> float | None:
+        pending = [g.oldest + g.config.delay for g in self._groups.values() if g.entries]
+        if self._retry:
+            pending.append(min(b.due for b in self._retry))
+        if self._ready and len(self._flying) < self._limit():
+            pending.append(self._blocked_until)
+        if self._deadline is not None and (self._ready or self._retry or self._stopping):
+            pending.append(self._deadline)
+        if not pending:
+            return None
+        return min(pending) - time.monotonic()
 
     def _answer_flushes(self) -> None:
-        """Answer every flush whose batches are all settled (sent or dropped)."""
-        oldest = min((batch.seq for batch in self._retry), default=None)
+        """Answer every flush whose batches are all settled (delivered, dropped, unknown)."""
+        unsettled = [batch.seq for batch in (*self._ready, *self._retry, *self._flying)]
+        oldest = min(unsettled, default=None)
         for marker in list(self._flushes):
             if oldest is None or oldest > marker.target:
                 self._flushes.remove(marker)
                 marker.done.set()
 
-    def _stop(self) -> None:
-        """Send what is left, retrying within close()'s bound; give up on the rest."""
-        self._send(list(self._groups.values()))
-        while self._retry:
-            now = time.monotonic()
-            wait = max(min(batch.due for batch in self._retry), self._blocked_until) - now
-            if wait > 0 and not self._pause(wait):
-                break
-            self._retry_due()
-        self._give_up(list(self._retry))
-        self._answer_flushes()
-
-    def _next_due(self) -> float | None:
-        pending = [g.oldest + g.config.delay for g in self._groups.values() if g.entries]
-        if self._retry:
-            pending.append(max(min(b.due for b in self._retry), self._blocked_until))
-        if not pending:
-            return None
-        return min(pending) - time.monotonic()
+    # -- building and batching --------------------------------------------------------------
 
     def _add(self, exchange: Exchange) -> None:
-        self._inflight += 1
-        try:
-            data = _dumps(build_entry(exchange))
-        except Exception as exc:
-            self._inflight -= 1
-            self._drops["error"] += 1
-            self._warn("error", "could not build an ALF entry (%r); entry dropped", exc)
-            return
+        raw = raw_size(exchange)
+        self._loose = 1
+        self._taken_count += 1
+        self._taken_bytes += raw
         config = exchange.config
-        group = self._groups.get(config.group)
+        try:
+            entry: Any = build_entry(exchange)
+        except Exception as exc:
+            self._lose_entry("error", "could not build an ALF entry (%r); entry dropped", exc)
+            return
+        hook = config.before_send
+        if hook is not None:
+            try:
+                entry = hook(entry)
+            except Exception as exc:
+                self._lose_entry(
+                    "hook", "before_send raised %r; entry dropped (counted as 'hook')", exc
+                )
+                return
+            if entry is None:
+                self._loose = 0
+                self._drops["filtered"] += 1
+                return
+            if not isinstance(entry, dict):
+                self._lose_entry(
+                    "hook",
+                    "before_send returned a %s, not a dict or None; entry dropped",
+                    type(entry).__name__,
+                )
+                return
+        try:
+            data = _dumps(entry)
+        except Exception as exc:  # only a before_send edit can make an entry unencodable
+            self._lose_entry("hook", "entry cannot be encoded as JSON (%r); dropped", exc)
+            return
+        key = exchange.group
+        group = self._groups.get(key)
         if group is None:
-            group = self._groups[config.group] = _Group(config)
+            group = self._groups[key] = _Group(config, key)
         group.config = config
         limit = config.max_batch_bytes
         if group.overhead() + len(data) > limit:
-            self._inflight -= 1
-            self._drops["too_large"] += 1
-            self._warn(
+            self._lose_entry(
                 "too_large",
                 "an entry of %d bytes exceeds max_batch_bytes=%d; entry dropped",
                 len(data),
@@ -420,19 +608,32 @@ class Worker:
             )
             return
         if group.entries and group.overhead() + group.size + 1 + len(data) > limit:
-            self._send([group])
+            self._cut([group])
         if not group.entries:
             group.oldest = time.monotonic()
             group.size = len(data)
         else:
             group.size += 1 + len(data)
         group.entries.append(data)
-        self._inflight -= 1
+        self._held_count += 1
+        self._held_bytes += len(data) + ENTRY_OVERHEAD_BYTES
+        self._loose = 0
         if len(group.entries) >= config.batch_size:
-            self._send([group])
+            self._cut([group])
 
-    def _send(self, groups: list[_Group]) -> None:
-        """Send the pending entries of ``groups``, packing several groups per request."""
+    def _lose_entry(self, reason: str, message: str, *args: Any) -> None:
+        self._loose = 0
+        self._drops[reason] += 1
+        self._lost += 1
+        if reason == "hook":
+            # The user's own code failed: say it once, with what it raised.
+            self._warn("hook", message, *args)
+        else:
+            self._warn(reason, message, *args)
+        self._debug("dropped 1 entry (%s)", reason)
+
+    def _cut(self, groups: list[_Group]) -> None:
+        """Turn the pending entries of ``groups`` into batches, packing several groups each."""
         parts: list[tuple[bytes, list[bytes]]] = []
         size = 2
         limit = min((g.config.max_batch_bytes for g in groups), default=0)
@@ -441,171 +642,299 @@ class Worker:
                 continue
             part = len(group.prefix) + 4 + group.size
             if parts and size + 1 + part > limit:
-                self._dispatch(parts)
+                self._enqueue(parts)
                 parts, size = [], 2
             parts.append((group.prefix, group.entries))
             size += part + (1 if len(parts) > 1 else 0)
-            self._inflight += len(group.entries)
             group.entries = []
             group.size = 0
         if parts:
-            self._dispatch(parts)
+            self._enqueue(parts)
 
-    def _dispatch(self, parts: list[tuple[bytes, list[bytes]]]) -> None:
+    def _enqueue(self, parts: list[tuple[bytes, list[bytes]]]) -> None:
         self._seq += 1
-        batch = _Batch(parts, self._seq)
-        if time.monotonic() < self._blocked_until:
-            # The collector is failing: wait with the batches already waiting.
-            batch.due = self._blocked_until
-            self._hold(batch)
-        else:
-            self._attempt(batch)
+        self._ready.append(_Batch(parts, self._seq))
 
-    def _retry_due(self) -> None:
-        """Try the batches whose retry time has come, oldest due first."""
-        deadline = self._deadline
-        if deadline is not None:
-            # close() is under way: a retry that cannot happen before its bound never will.
-            late = [
-                batch for batch in self._retry if max(batch.due, self._blocked_until) > deadline
-            ]
-            self._give_up(late)
-        while self._retry:
-            now = time.monotonic()
-            if now < self._blocked_until:
+    # -- sending ----------------------------------------------------------------------------
+
+    def _limit(self) -> int:
+        return 1 if self._probing else self.max_inflight
+
+    def _pump(self) -> None:
+        """Start sends for ready batches, up to the in-flight limit, unless sends are paused."""
+        ready = self._ready
+        if not ready or time.monotonic() < self._blocked_until:
+            return
+        while ready and len(self._flying) < self._limit():
+            batch = ready.popleft()
+            self._flying.append(batch)
+            self._counts["requests"] += 1
+            batch.started = time.monotonic()
+            if self._senders < len(self._flying) and not self._start_sender():
+                # No thread can start (interpreter shutdown): send from this thread.
+                self._on_done(_Done(batch, self._post(self._inline, batch)))
+                continue
+            self._jobs.put(batch)
+
+    def _start_sender(self) -> bool:
+        thread = threading.Thread(
+            target=self._send_loop, name=f"alf-analytics-sender:{self.shown_url}", daemon=True
+        )
+        try:
+            thread.start()
+        except RuntimeError:  # "can't create new thread at interpreter shutdown"
+            return False
+        self._senders += 1
+        return True
+
+    def _stop_senders(self) -> None:
+        for _ in range(self._senders):
+            self._jobs.put(None)
+        self._senders = 0
+
+    def _send_loop(self) -> None:
+        """A sender thread: POST each batch handed to it, report each outcome to the worker."""
+        jobs, queue = self._jobs, self._queue
+        line: list[Transport] = []
+        batch: _Batch | None = None
+        try:
+            while True:
+                batch = jobs.get()
+                if batch is None:
+                    return
+                queue.put(_Done(batch, self._post(line, batch)))
+                batch = None
+        except BaseException as exc:  # the worker thread counts the batch and logs it
+            if batch is not None:
+                queue.put(_Done(batch, None, exc))
+        finally:
+            _close(line)
+
+    def _post(self, line: list[Transport], batch: _Batch) -> Outcome:
+        """One attempt for ``batch`` on the transport in ``line`` (made on first use)."""
+        try:
+            if not line:
+                line.append(self._transport_factory())
+            return line[0].send(_body(batch.parts), batch.key)
+        except Exception as exc:  # a transport must not kill its sender
+            return Outcome(0, error=repr(exc))
+
+    def _on_done(self, done: _Done) -> None:
+        batch = done.batch
+        try:
+            self._flying.remove(batch)
+        except ValueError:  # settled already (given up at the shutdown bound)
+            return
+        outcome = done.outcome
+        if outcome is None:
+            # A sender died of a BaseException in the middle of this batch.
+            self._senders = max(0, self._senders - 1)
+            self._release(batch)
+            self._crashed(done.crash or RuntimeError("sender crashed"), batch.count)
+            return
+        if self.debug:
+            self._debug(
+                "batch %s: %d entries, %d bytes -> %s in %.0f ms %s",
+                batch.key[:8],
+                batch.count,
+                sum(len(item) for _, items in batch.parts for item in items),
+                outcome.status or outcome.error,
+                (time.monotonic() - batch.started) * 1000,
+                self._errors(outcome),
+            )
+        status = outcome.status
+        if status in (200, 201, 202, 204, 207):
+            self._delivered(batch, outcome)
+            return
+        self._streak_400 = self._streak_400 + 1 if status == 400 else 0
+        if status == 413 or (status == 400 and self._streak_400 < MAX_400_STREAK):
+            if batch.count > 1:
+                # Halve it (keeping each entry with its group) and try each half once: a 413
+                # until they fit, a 400 until only the entries the collector objects to remain.
+                self._counts["retried"] += batch.count
+                self._release(batch)
+                halves = [_Batch(half, batch.seq, batch.attempt) for half in _split(batch.parts)]
+                for half in reversed(halves):
+                    self._hold(half)
+                    self._ready.appendleft(half)
                 return
-            batch = min(self._retry, key=lambda b: (b.due, b.seq))
-            if batch.due > now:
+            if status == 413:
+                self._settle(batch, "too_large")
+                self._warn("413", "collector refused an entry as too large (413); dropped")
                 return
-            self._retry.remove(batch)
-            self._held -= batch.count
-            self._inflight += batch.count
-            self._attempt(batch)
+        if 400 <= status < 500 and status not in (408, 429):
+            self._settle(batch, "rejected")
+            self._warn(
+                f"http{status}",
+                "collector rejected a batch of %d entries with %d %s; dropped",
+                batch.count,
+                status,
+                self._errors(outcome),
+            )
+            if status in (401, 403):
+                # The token (or the credentials) will not work any better in a second: stop
+                # sending for a while, then let one batch find out (PITFALLS #44).
+                self._blocked_until = max(self._blocked_until, time.monotonic() + AUTH_PAUSE)
+                self._probing = True
+                self._warn(
+                    "auth",
+                    "collector refused our credentials (%d): sends pause for %.0f s",
+                    status,
+                    AUTH_PAUSE,
+                )
+            return
+        self._failed(batch, outcome)
 
-    def _give_up(self, batches: list[_Batch]) -> None:
-        """Drop held batches that close()'s bound leaves no time to retry."""
-        count = sum(batch.count for batch in batches)
-        for batch in batches:
-            self._retry.remove(batch)
-            self._held -= batch.count
-        if count:
-            self._drops["shutdown"] += count
-            self._warn("shutdown", "shutdown bound reached: %d queued entries dropped", count)
+    def _delivered(self, batch: _Batch, outcome: Outcome) -> None:
+        refused = _refused_entries(batch, outcome) if outcome.status == 207 else 0
+        self._counts["sent"] += batch.count - refused
+        self._counts["batches"] += 1
+        self._release(batch)
+        if refused:
+            self._drops["rejected"] += refused
+            self._note_loss(batch, refused)
+            self._warn(
+                "207",
+                "collector refused %d of %d entries (207): %s",
+                refused,
+                batch.count,
+                self._errors(outcome),
+            )
+        elif outcome.status == 207:
+            self._warn("207", "collector accepted part of a batch: %s", self._errors(outcome))
+        self._failures = 0
+        self._streak_400 = 0
+        self._blocked_until = 0.0
+        self._probing = False
+        if self._outage:
+            self._outage = False
+            logger.warning("alf_analytics (%s): delivery recovered", self.shown_url)
 
-    def _hold(self, batch: _Batch) -> None:
-        self._inflight = max(0, self._inflight - batch.count)
-        self._retry.append(batch)
-        self._held += batch.count
-
-    def _attempt(self, batch: _Batch) -> None:
-        """One request for ``batch``; a retryable failure holds it for later, never here.
+    def _failed(self, batch: _Batch, outcome: Outcome) -> None:
+        """A retryable failure: hold the batch for a later attempt, never retry here.
 
         Other batches keep going out meanwhile, so an isolated 5xx costs no throughput. Two
         failures in a row mean the collector is down (or a 429 asked us to wait): then every
         send pauses, with backoff, and the next attempt is a probe.
         """
-        count = batch.count
-        outcome = self._post(_body(batch.parts))
+        if outcome.maybe_delivered:
+            batch.maybe = True
         status = outcome.status
-        if status in (200, 201, 202, 204, 207):
-            self._settle(count)
-            self._counts["sent"] += count
-            self._counts["batches"] += 1
-            self._failures = 0
-            self._blocked_until = 0.0
-            if status == 207:
-                self._warn("207", "collector accepted part of a batch: %s", self._errors(outcome))
-            return
-        if status == 413:
-            if count > 1:
-                self._counts["retried"] += count
-                for half in _split(batch.parts):
-                    self._attempt(_Batch(half, batch.seq, batch.attempt))
-                return
-            self._drop("too_large", 1)
-            self._warn("413", "collector refused an entry as too large (413); dropped")
-            return
-        if 400 <= status < 500 and status not in (408, 429):
-            self._drop("rejected", count)
-            self._warn(
-                f"http{status}",
-                "collector rejected a batch of %d entries with %d %s; dropped",
-                count,
-                status,
-                self._errors(outcome),
+        self._failures += 1
+        if self._failures == 1 and (status == 0 or status >= 500):
+            self._outage = (
+                self._warn(
+                    "down",
+                    "collector unreachable or failing (%s); retrying with backoff, entries wait "
+                    "(bounded by queue_size and max_queue_bytes)",
+                    outcome.error or f"HTTP {status}",
+                )
+                or self._outage
             )
-            return
         batch.attempt += 1
         if batch.attempt > self.retries:
-            self._drop("retries_exhausted", count)
+            reason = self._settle(batch, "retries_exhausted")
             self._warn(
                 "retries_exhausted",
-                "gave up on %d entries after %d attempts (%s)",
-                count,
+                "gave up on %d entries after %d attempts (%s)%s",
+                batch.count,
                 batch.attempt,
                 outcome.error or f"HTTP {status}",
+                "; they may have been delivered (counted as unknown)"
+                if reason == "unknown"
+                else "",
             )
             return
         now = time.monotonic()
-        self._failures += 1
         batch.due = now + backoff(batch.attempt, self.retry_backoff, outcome.retry_after)
         if self._failures >= 2 or outcome.retry_after is not None:
             pause = backoff(self._failures, self.retry_backoff, outcome.retry_after)
             self._blocked_until = max(self._blocked_until, now + pause)
+            self._probing = True
             batch.due = max(batch.due, self._blocked_until)
-        deadline = self._deadline
-        if deadline is not None and batch.due > deadline:
-            self._drop("shutdown", count)
-            self._warn("shutdown", "shutdown bound reached: %d queued entries dropped", count)
+        self._counts["retried"] += batch.count
+        self._retry.append(batch)
+
+    def _retry_due(self, now: float) -> None:
+        """Batches whose retry time has come go first in line, oldest first."""
+        if not self._retry:
             return
-        self._counts["retried"] += count
-        self._hold(batch)
+        due = [batch for batch in self._retry if batch.due <= now]
+        if due:
+            for batch in due:
+                self._retry.remove(batch)
+            due.sort(key=lambda b: b.seq)
+            self._ready.extendleft(reversed(due))
 
-    def _settle(self, count: int) -> None:
-        self._inflight = max(0, self._inflight - count)
+    def _give_up_late(self, deadline: float, now: float) -> None:
+        """close() is under way: a batch that cannot be sent before its bound never will."""
+        late = [
+            batch
+            for batch in self._retry
+            if now >= deadline or max(batch.due, self._blocked_until) > deadline
+        ]
+        if now >= deadline or self._blocked_until > deadline:
+            late += self._ready
+            self._ready.clear()
+        for batch in late:
+            if batch in self._retry:
+                self._retry.remove(batch)
+        count = 0
+        for batch in late:
+            self._settle(batch, "shutdown")
+            count += batch.count
+        if count:
+            self._warn("shutdown", "shutdown bound reached: %d queued entries dropped", count)
 
-    def _drop(self, reason: str, count: int) -> None:
-        self._settle(count)
-        self._drops[reason] += count
+    # -- accounting -------------------------------------------------------------------------
 
-    def _pause(self, seconds: float) -> bool:
-        """Wait before a retry; False when close()'s deadline comes first."""
-        end = time.monotonic() + seconds
-        while True:
-            deadline = self._deadline
-            if deadline is not None and end > deadline:
-                return False
-            remaining = end - time.monotonic()
-            if remaining <= 0:
-                return True
-            self._wake.wait(remaining)
-            self._wake.clear()
+    def _hold(self, batch: _Batch) -> None:
+        self._held_count += batch.count
+        self._held_bytes += batch.size
 
-    def _post(self, body: bytes) -> Outcome:
-        self._counts["requests"] += 1
-        try:
-            if self._transport is None:
-                self._transport = self._transport_factory()
-            return self._transport.send(body)
-        except Exception as exc:  # a transport must not kill the worker
-            return Outcome(0, error=repr(exc))
+    def _release(self, batch: _Batch) -> None:
+        self._held_count -= batch.count
+        self._held_bytes -= batch.size
+
+    def _settle(self, batch: _Batch, reason: str) -> str:
+        """Give up on ``batch`` for ``reason`` (``unknown`` instead if it may have arrived)."""
+        self._release(batch)
+        if batch.maybe and reason in ("retries_exhausted", "shutdown"):
+            reason = "unknown"
+            self._counts["unknown"] += batch.count
+        else:
+            self._drops[reason] += batch.count
+        self._note_loss(batch, batch.count)
+        self._debug("dropped %d entries (%s)", batch.count, reason)
+        return reason
+
+    def _note_loss(self, batch: _Batch, count: int) -> None:
+        self._lost += count
+        for marker in self._flushes:
+            if batch.seq <= marker.target:
+                marker.ok = False
 
     def _errors(self, outcome: Outcome) -> str:
         """The collector's error messages for a log line, with every service token masked."""
         text = _errors(outcome)
         for token, _ in list(self._groups):
-            if token in text:
+            if token and token in text:
                 text = text.replace(token, mask_token(token))
         return text
 
-    def _warn(self, key: str, message: str, *args: Any) -> None:
+    def _debug(self, message: str, *args: Any) -> None:
+        if self.debug:
+            logger.debug("alf_analytics (%s): " + message, self.shown_url, *args)
+
+    def _warn(self, key: str, message: str, *args: Any) -> bool:
         """Log a problem once, then at most once a minute per kind, never the token."""
         now = time.monotonic()
         last = self._logged.get(key)
         if last is not None and now - last < _LOG_INTERVAL:
-            return
+            return False
         self._logged[key] = now
-        logger.warning("alf_analytics (%s): " + message, self.collector_url, *args)
+        logger.warning("alf_analytics (%s): " + message, self.shown_url, *args)
+        return True
 
 
 def hand_over(worker: Any, exchange: Exchange) -> None:
@@ -631,20 +960,31 @@ def backoff(attempt: int, base: float, retry_after: float | None = None) -> floa
     return pause
 
 
+def _close(line: list[Transport]) -> None:
+    for transport in line:
+        try:
+            transport.close()
+        except Exception:  # closing is best effort
+            pass
+    line.clear()
+
+
 def _value(counter: itertools.count[int]) -> int:
     """The next value of an itertools.count without advancing it."""
     return int(counter.__reduce__()[1][0])
 
 
+def _answer(outcome: Outcome) -> Any:
+    try:
+        return json.loads(outcome.body)
+    except Exception:  # not JSON, not UTF-8, too deep
+        return None
+
+
 def _errors(outcome: Outcome) -> str:
     """The ``errors`` of a collector answer (or the start of its body) as one line."""
-    errors: Any = None
-    try:
-        data = json.loads(outcome.body)
-        if isinstance(data, dict):
-            errors = data.get("errors")
-    except Exception:  # not JSON, not UTF-8, too deep: fall back to the raw text
-        errors = None
+    data = _answer(outcome)
+    errors = data.get("errors") if isinstance(data, dict) else None
     if isinstance(errors, list) and errors:
         return "; ".join(str(e)[:200] for e in errors[:5])
     if isinstance(errors, str) and errors:
@@ -652,8 +992,46 @@ def _errors(outcome: Outcome) -> str:
     return outcome.body[:200].decode("utf-8", "replace") or outcome.error or ""
 
 
+_ALF_INDEX = re.compile(r"^\s*ALF\[(\d+)\](?:\s*entry\[(\d+)\])?", re.IGNORECASE)
+
+
+def _refused_entries(batch: _Batch, outcome: Outcome) -> int:
+    """How many entries of ``batch`` a 207 answer says were not stored, per ALF object.
+
+    Read from ``"rejected": [n per ALF object]`` when the collector gives it, else from its
+    ``errors``: ``"ALF[i] entry[j] ..."`` is one entry of ALF object ``i``, ``"ALF[i] ..."``
+    all of them. Errors that name no ALF object cannot be placed and count nothing: the rest
+    of the batch was stored, so it counts as sent.
+    """
+    sizes = [len(items) for _, items in batch.parts]
+    data = _answer(outcome)
+    if not isinstance(data, dict):
+        return 0
+    rejected = data.get("rejected")
+    if isinstance(rejected, list) and len(rejected) == len(sizes):
+        if all(isinstance(n, int) and not isinstance(n, bool) for n in rejected):
+            return sum(max(0, min(n, size)) for n, size in zip(rejected, sizes, strict=True))
+    errors = data.get("errors")
+    if not isinstance(errors, list):
+        return 0
+    whole: set[int] = set()
+    entries: set[tuple[int, int]] = set()
+    for error in errors:
+        match = _ALF_INDEX.match(error) if isinstance(error, str) else None
+        if match is None:
+            continue
+        index = int(match.group(1))
+        if index >= len(sizes):
+            continue
+        if match.group(2) is None:
+            whole.add(index)
+        elif int(match.group(2)) < sizes[index]:
+            entries.add((index, int(match.group(2))))
+    return sum(sizes[i] for i in whole) + sum(1 for i, _ in entries if i not in whole)
+
+
 def _split(batch: list[tuple[bytes, list[bytes]]]) -> list[list[tuple[bytes, list[bytes]]]]:
-    """Halve a request by entries (for a 413), keeping each entry with its group's prefix."""
+    """Halve a request by entries, keeping each entry with its group's prefix."""
     flat = [(prefix, item) for prefix, items in batch for item in items]
     middle = len(flat) // 2
     halves = []
@@ -686,14 +1064,27 @@ def get_worker(config: Config) -> Worker:
             # Logged outside the lock: a handler that builds a middleware must not deadlock.
             logger.debug(
                 "alf_analytics: worker for %s (token %s)",
-                config.collector_url,
+                worker.shown_url,
                 mask_token(config.service_token),
             )
+    worker.adopt(config)
     return worker
 
 
+def count_skipped(config: Config) -> None:
+    """Count a request that ``skip_paths``/``skip_methods``/``skip`` left out (no entry)."""
+    worker = _workers.get(config.collector_url) or get_worker(config)
+    next(worker._skipped)
+
+
+def count_sampled_out(config: Config) -> None:
+    """Count a request that ``sample_rate`` left out (no entry)."""
+    worker = _workers.get(config.collector_url) or get_worker(config)
+    next(worker._sampled_out)
+
+
 def flush(timeout: float | None = 5.0) -> bool:
-    """Send everything queued in this process. True when all of it finished within ``timeout``."""
+    """Send everything queued in this process. True when all of it was delivered in time."""
     deadline = None if timeout is None else time.monotonic() + timeout
     ok = True
     for worker in list(_workers.values()):
@@ -714,19 +1105,26 @@ def close(timeout: float | None = None) -> bool:
     return ok
 
 
+_SUMMED = (
+    "captured",
+    "sent",
+    "dropped_total",
+    "unknown",
+    "retried",
+    "batches",
+    "requests",
+    "queued",
+    "in_flight",
+    "skipped",
+    "sampled_out",
+    "worker_restarts",
+)
+
+
 def stats() -> dict[str, Any]:
     """Counters summed over every collector this process sends to."""
-    total: dict[str, Any] = {
-        "captured": 0,
-        "sent": 0,
-        "dropped": dict.fromkeys(DROP_REASONS, 0),
-        "dropped_total": 0,
-        "retried": 0,
-        "batches": 0,
-        "requests": 0,
-        "queued": 0,
-        "worker_restarts": 0,
-    }
+    total: dict[str, Any] = dict.fromkeys(_SUMMED, 0)
+    total["dropped"] = dict.fromkeys(DROP_REASONS, 0)
     for worker in list(_workers.values()):
         for key, value in worker.stats().items():
             if key == "dropped":

@@ -382,7 +382,13 @@ def _wire_path(scope: Scope) -> str:
         path = _latin1(raw_path).partition("?")[0]
     else:
         # ``path`` is decoded text: back to its UTF-8 bytes, the form the client sent.
-        path = str(scope.get("path") or "").encode("utf-8", "surrogateescape").decode("latin-1")
+        # A lone surrogate that is not an escaped byte ("/\ud800") is kept as its UTF-8 form.
+        text = str(scope.get("path") or "")
+        try:
+            encoded = text.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:
+            encoded = text.encode("utf-8", "surrogatepass")
+        path = encoded.decode("latin-1")
     root = str(scope.get("root_path") or "").rstrip("/")
     if root:
         root = root.encode("utf-8", "surrogateescape").decode("latin-1")
