@@ -6,6 +6,8 @@ import subprocess
 import sys
 import types
 
+import pytest
+
 import alf_analytics
 
 
@@ -40,3 +42,44 @@ def test_importing_the_package_leaves_the_root_logger_alone() -> None:
         "assert (root.level, list(root.handlers)) == before, (root.level, root.handlers)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_cli_prints_the_version() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "alf_analytics.cli", "--version"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.strip() == f"alf-analytics {alf_analytics.__version__}"
+
+
+def test_extras_and_classifiers_match_tox() -> None:
+    """Each framework has an extra with its supported range; tox tests the listed Pythons."""
+    import configparser
+    import re
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    root = Path(__file__).parent.parent
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    for extra in ("flask", "django", "starlette", "fastapi", "collector"):
+        assert extra in extras, extra
+    for extra in ("flask", "django", "starlette", "fastapi"):
+        assert all(">=" in req and "<" in req for req in extras[extra]), extras[extra]
+    tox = configparser.ConfigParser()
+    tox.read(root / "tox.ini")
+    envs = tox["tox"]["env_list"]
+    tested = {
+        f"3.{minor}"
+        for group in re.findall(r"py\{([\d,]+)\}", envs)
+        for minor in (v[1:] for v in group.split(","))
+    }
+    classified = {
+        c.rpartition(" :: ")[2]
+        for c in project["classifiers"]
+        if re.fullmatch(r"Programming Language :: Python :: 3\.\d+", c)
+    }
+    assert classified == tested

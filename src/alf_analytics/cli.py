@@ -22,6 +22,8 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from ._version import __version__
+
 if TYPE_CHECKING:
     from .collector import Summary
 
@@ -56,6 +58,7 @@ def _build_parser() -> argparse.ArgumentParser:
         prog="alf-analytics",
         description="Tools for ALF (API Log Format) analytics.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     run = commands.add_parser(
