@@ -623,3 +623,26 @@ def test_wsgi_middleware_says_so_when_the_app_returns_a_coroutine() -> None:
     middleware = AnalyticsWSGIMiddleware(Sneaky(), service_token=TOKEN)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="returned a coroutine: it is an ASGI app"):
         Client(middleware).get("/")
+
+
+def test_readme_options_table_states_every_option_its_default_and_variable() -> None:
+    """The README's one table: a row per option, with its ALF_ variable (callables: none)."""
+    from pathlib import Path
+
+    from alf_analytics._config import OPTION_NAMES
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    table = readme.split("## Options", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in table.splitlines():
+        # Split on the cell borders only ("\|" inside a cell is an escaped pipe).
+        cells = [c.strip() for c in re.split(r"(?<!\\)\|", line.strip().strip("|"))]
+        if len(cells) == 4 and cells[0].startswith("`"):
+            rows[cells[0].strip("`")] = cells
+    assert set(rows) == OPTION_NAMES
+    for name, (_, _, variable, _) in rows.items():
+        expected = "" if name in {"skip", "identify", "before_send"} else f"`{ENV_VARS[name]}`"
+        assert variable == expected, name
+    defaults = make_config({"service_token": TOKEN})
+    for name in ("batch_size", "queue_size", "max_inflight", "retries", "max_body_bytes"):
+        assert rows[name][1].strip("`").replace("_", "") == str(getattr(defaults, name)), name
