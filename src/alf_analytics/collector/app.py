@@ -429,6 +429,9 @@ def create_app(
         lifespan=lifespan,
         exception_handlers={HTTPException: _http_error},
     )
+    # No redirect from "/1.1.0/single/" to "/1.1.0/single": an agent must be told its
+    # endpoint is wrong (404), not be sent a 307 it may not follow with the body.
+    app.router.redirect_slashes = False
     app.state.store = store
     app.state.tokens = token_set
     app.state.limits = limits

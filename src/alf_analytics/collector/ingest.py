@@ -211,8 +211,29 @@ def _first_error(validator: jsonschema_rs.Validator, instance: object) -> str | 
         path = "$" + "".join(
             f"[{part}]" if isinstance(part, int) else f".{part}" for part in error.instance_path
         )
-        return f"{path}: {error.message}"
+        return f"{path}: {_without_instance(error.message, error.instance, path)}"
     return "$: invalid"  # pragma: no cover - is_valid and iter_errors disagree
+
+
+_MAX_QUOTED: Final = 32
+
+
+def _without_instance(message: str, instance: object, path: str) -> str:
+    """``message`` with the offending value left out when it may be large or secret.
+
+    The validator starts its messages with the value as JSON: an object, an array, a long
+    string or a service token would repeat (part of) the document in the answer.
+    """
+    secret = path.endswith(".serviceToken")
+    if isinstance(instance, (dict, list)) or (
+        isinstance(instance, str) and (secret or len(instance) > _MAX_QUOTED)
+    ):
+        rendered = json.dumps(instance, ensure_ascii=False, separators=(",", ":"))
+        if message.startswith(rendered):
+            return f"the {_json_type(instance)}{message[len(rendered) :]}"
+        if secret or len(message) > _MAX_MESSAGE // 2:
+            return f"the {_json_type(instance)} is invalid"
+    return message
 
 
 def _json_type(value: object) -> str:

@@ -315,7 +315,12 @@ class Collector:
                 alf = {"version": stored.alf_version, "serviceToken": stored.service_token}
                 if stored.environment is not None:
                     alf["environment"] = stored.environment
-                if stored.alf_version == "1.0.0" and stored.client_ip_address:
+                if (
+                    stored.alf_version == "1.0.0"
+                    and stored.client_ip_address
+                    and "clientIPAddress" not in stored.entry
+                ):
+                    # The column came from the ALF root (the entry has no address of its own).
                     alf["clientIPAddress"] = stored.client_ip_address
                 log: dict[str, Any] = {"entries": []}
                 if stored.creator is not None:

@@ -106,11 +106,15 @@ class SQLiteStore(Store):
             )
         except sqlite3.Error as exc:
             raise CollectorError(f"cannot open {self.path}: {exc}") from exc
-        db.execute("PRAGMA busy_timeout=10000")
-        db.execute(f"PRAGMA cache_size=-{_CACHE_KIB}")
-        if not self.memory:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
+        try:
+            db.execute("PRAGMA busy_timeout=10000")
+            db.execute(f"PRAGMA cache_size=-{_CACHE_KIB}")
+            if not self.memory:
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=NORMAL")
+        except sqlite3.DatabaseError as exc:
+            db.close()
+            raise CollectorError(f"{self.path} is not an SQLite database: {exc}") from exc
         return db
 
     # -- schema -------------------------------------------------------------------------
