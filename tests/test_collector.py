@@ -473,8 +473,8 @@ def test_bodies_of_refused_requests_are_drained(collector: Collector) -> None:
     payload = json.dumps(load("1.1.0", "minimal.json")).encode()
     with socket.create_connection(("127.0.0.1", collector.port), timeout=5) as sock:
         for path in ("/nowhere", "/1.1.0/single"):
-            head = f"POST {path} HTTP/1.1\r\nHost: c\r\nContent-Length: {len(payload)}\r\n\r\n"
-            sock.sendall(head.encode() + payload)
+            request = f"POST {path} HTTP/1.1\r\nHost: c\r\nContent-Length: {len(payload)}\r\n\r\n"
+            sock.sendall(request.encode() + payload)
             head, _ = _read_response(sock)
             assert head.split(b" ")[1] == (b"404" if path == "/nowhere" else b"200")
             assert b"connection: close" not in head.lower()
