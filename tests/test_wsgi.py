@@ -13,6 +13,7 @@ import gc
 import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -1229,3 +1230,47 @@ def test_gunicorn_send_file_goes_through_the_file_wrapper(gunicorn_run: dict[str
     assert response["bodySize"] == len(wsgi_apps.FILE_BYTES)
     assert response["bodyCaptured"] is False
     assert "content" not in response
+
+
+def _raw_exchange(port: int, request: bytes) -> bytes:
+    """The bytes a client gets for one request (until the server closes), Date header removed."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10.0) as sock:
+        sock.sendall(request)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    return re.sub(rb"(?im)^date: [^\r\n]*\r\n", b"", received)
+
+
+@pytest.mark.slow
+def test_broken_apps_under_gunicorn_answer_as_without_us(collector: Collector) -> None:
+    """str and int chunks, a seek() returning None: the client gets what gunicorn gives bare."""
+    requests = [
+        b"GET /str HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        b"GET /int HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        b"POST /seek HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 5\r\n\r\nhello",
+    ]
+    answers = []
+    for variant in ("bare", "recorded"):
+        port = _free_port()
+        env = {**os.environ, "ALF_COLLECTOR_URL": collector.url}
+        command = [
+            str(GUNICORN), "--workers=1", "--worker-class=sync", f"--bind=127.0.0.1:{port}",
+            *(["--no-control-socket"] if gunicorn_version >= (27,) else []),
+            f"tests.wsgi_apps:create_broken_{variant}()",
+        ]  # fmt: skip
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.PIPE)
+        try:
+            _wait_until_listening(process, port, timeout=30.0)
+            answers.append([_raw_exchange(port, request) for request in requests])
+            process.send_signal(signal.SIGTERM)
+            _, stderr = process.communicate(timeout=30)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+        assert b"alf_analytics" not in stderr, stderr  # no error raised inside our code
+    bare, recorded = answers
+    assert recorded == bare
+    assert b"5\r\nhello\r\n5\r\nhello\r\n" in bare[2]  # the rewind worked for the app
+    assert collector.wait_for_entries(3, 10.0)

@@ -167,3 +167,58 @@ def create_gunicorn_app() -> Any:
         delay=300.0,
     )
     return app
+
+
+class _SeekReturnsNone:
+    """A wsgi.input whose seek() returns None, as file-like objects may."""
+
+    def __init__(self, stream: Any) -> None:
+        self._data = stream.read()
+        self._position = 0
+
+    def read(self, size: int = -1) -> bytes:
+        end = len(self._data) if size is None or size < 0 else self._position + size
+        chunk = self._data[self._position : end]
+        self._position += len(chunk)
+        return chunk
+
+    def seek(self, offset: int, whence: int = 0) -> None:
+        self._position = offset
+
+    def tell(self) -> int:
+        return self._position
+
+
+def broken_app(environ: Environ, start_response: StartResponse) -> Iterable[Any]:
+    """What PEP 3333 forbids or allows at its edges: str or int chunks, a seek() giving None."""
+    path = environ["PATH_INFO"]
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    if path == "/str":
+        return ["text, not bytes"]
+    if path == "/int":
+        return [b"ok", 42]  # type: ignore[list-item]
+    stream = environ["wsgi.input"]
+    first = stream.read()
+    stream.seek(0)
+    return [first, stream.read()]
+
+
+def _seek_none_input(app: Any) -> Any:
+    def wrapper(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        environ["wsgi.input"] = _SeekReturnsNone(environ["wsgi.input"])
+        result: Iterable[bytes] = app(environ, start_response)
+        return result
+
+    return wrapper
+
+
+def create_broken_bare() -> Any:
+    return _seek_none_input(broken_app)
+
+
+def create_broken_recorded() -> Any:
+    from alf_analytics import AnalyticsWSGIMiddleware
+
+    return _seek_none_input(
+        AnalyticsWSGIMiddleware(broken_app, service_token=GUNICORN_TOKEN, log_body=True)
+    )
