@@ -799,6 +799,30 @@ def configs_section(table: dict[tuple[str, str], dict[str, Cell]]) -> list[str]:
     return lines + [""]
 
 
+def headline_for_readme(results: dict[str, Any]) -> str:
+    """The targets as a short table (target, before, now, met) for the README."""
+    table = aggregate(results["inprocess"])
+    vs = verdicts(
+        table, results["servers"], results["worker"], results.get("delivery"),
+        results.get("ingest"),
+    )  # fmt: skip
+    meta = results["meta"]
+    lines = [
+        f"Run of {meta['date']}, commit {meta.get('revision', 'unknown')}, "
+        f"`{meta['command']}`" + (" (quick)" if meta["quick"] else ""),
+        "",
+        *summary(vs),
+        *table_head("target", "before", "now", "met", left=3),
+    ]
+    for v in vs:
+        if v.reported:
+            met = "reported" if v.met is not None else "n/a"
+        else:
+            met = "n/a" if v.met is None else ("yes" if v.met else "**no**")
+        lines.append(md_row(v.target, v.before, v.measured, met))
+    return "\n".join(lines) + "\n"
+
+
 def render(results: dict[str, Any]) -> str:
     meta = results["meta"]
     table = aggregate(results["inprocess"])

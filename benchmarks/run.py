@@ -580,7 +580,11 @@ def run() -> int:
     with open(out, "w") as f:
         f.write(text)
     print(text)
+    headline = os.path.join(RESULTS, f"headline-{tag}.md")
+    with open(headline, "w") as f:
+        f.write(report.headline_for_readme(results))
     say(f"wrote {os.path.relpath(out, ROOT)} in {duration / 60:.1f} min")
+    say(f"the README's headline table: {os.path.relpath(headline, ROOT)}")
     return 0
 
 
