@@ -19,7 +19,6 @@ import glob
 import itertools
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -27,6 +26,8 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
+
+from .servers import free_port
 
 __all__ = ["PostgresServer", "PostgresUnavailable", "pg_server", "pg_url"]
 
@@ -52,12 +53,6 @@ def _binaries() -> Path:
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 class PostgresServer:
     """A throw-away PostgreSQL cluster (fsync off: for tests and benchmarks only)."""
 
@@ -65,7 +60,7 @@ class PostgresServer:
         self.bin = _binaries()
         self.root = Path(tempfile.mkdtemp(prefix="alf-pg-"))
         self.data = self.root / "data"
-        self.port = _free_port()
+        self.port = free_port()
         self._as_root = os.geteuid() == 0
         self._schemas = itertools.count(1)
 

@@ -44,6 +44,7 @@ from .asgi_apps import (
     starlette_routes,
 )
 from .conftest import received_entries
+from .servers import free_port, reaped, sigterm
 
 TOKEN = "asgi-test-token"
 TESTS = Path(__file__).resolve().parent
@@ -1279,12 +1280,6 @@ async def test_concurrent_requests_each_get_their_own_entry(
 # -- a real uvicorn ---------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def wait_until_serving(process: subprocess.Popen[bytes], base_url: str) -> None:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -1337,7 +1332,7 @@ def test_uvicorn_delivers_entries_and_exits_cleanly(
     from ``install_sigterm_flush()`` (uvicorn re-raises SIGTERM, skipping atexit).
     """
     process, base_url = run_uvicorn(collector, factory, lifespan)
-    try:
+    with reaped(process):
         wait_until_serving(process, base_url)
         with httpx.Client(base_url=base_url, timeout=10.0) as client:
             posted = client.post("/json", json={"hello": "uvicorn"})
@@ -1348,12 +1343,7 @@ def test_uvicorn_delivers_entries_and_exits_cleanly(
         assert posted.status_code == 201
         assert b"".join(chunks) == b"".join(bytes([65 + i]) * 5000 for i in range(20))
         assert collector.count() == 0  # queued (delay=60) until the shutdown flush
-        process.send_signal(signal.SIGTERM)
-        _, stderr = process.communicate(timeout=30)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
+        stderr = sigterm(process)
     # uvicorn >= 0.29 re-raises the captured SIGTERM once its graceful shutdown is complete, so
     # the process ends "killed by SIGTERM" -- without atexit handlers: the entries at the
     # collector were sent by the lifespan shutdown flush, or by the SIGTERM flush.
@@ -1393,12 +1383,8 @@ def test_uvicorn_startup_failure_exits_as_without_us(collector: Collector, app: 
     outcomes = []
     for variant in ("bare", "recorded"):
         process, _ = run_uvicorn(collector, f"tests.asgi_apps:{app}_{variant}", "on")
-        try:
+        with reaped(process):
             _, stderr = process.communicate(timeout=30)
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.communicate()
         assert b"Application startup failed. Exiting." in stderr, stderr
         outcomes.append(process.returncode)
     assert outcomes == [3, 3]
@@ -1410,16 +1396,11 @@ def test_uvicorn_without_lifespan_warns_once_that_the_exit_flush_cannot_run(
 ) -> None:
     """--lifespan off and no SIGTERM flush: one warning, at the first request, with the fix."""
     process, base_url = run_uvicorn(collector, "tests.asgi_apps:create_uvicorn_app", "off")
-    try:
+    with reaped(process):
         wait_until_serving(process, base_url)
         with httpx.Client(base_url=base_url, timeout=10.0) as client:
             for _ in range(3):
                 assert client.get("/health").status_code == 200
-        process.send_signal(signal.SIGTERM)
-        _, stderr = process.communicate(timeout=30)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
+        stderr = sigterm(process)
     assert stderr.count(b"alf_analytics: no ASGI lifespan") == 1, stderr
     assert b"install_sigterm_flush()" in stderr, stderr

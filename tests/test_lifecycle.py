@@ -39,6 +39,7 @@ from alf_analytics.collector import Collector
 
 from .conftest import received_entries
 from .lifecycle_apps import build_flask
+from .servers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = ROOT / "tests"
@@ -53,12 +54,6 @@ READY_TIMEOUT = 30.0
 
 
 # -- helpers ------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @contextmanager

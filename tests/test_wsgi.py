@@ -42,6 +42,7 @@ from alf_analytics.wsgi import read_environ
 
 from . import wsgi_apps
 from .conftest import assert_valid_alf, received_entries
+from .servers import free_port, reaped, sigterm
 
 TOKEN = "wsgi-adapter-token-0001"
 BODY = b"line one\nline two\r\n\x00\xff binary tail without newline"
@@ -1075,13 +1076,6 @@ ROOT = Path(__file__).resolve().parent.parent
 GUNICORN = Path(sys.executable).with_name("gunicorn")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def _wait_until_listening(process: subprocess.Popen[bytes], port: int, timeout: float) -> None:
     """Wait for gunicorn's socket (a bare connect: no request, so no entry is recorded)."""
     deadline = time.monotonic() + timeout
@@ -1101,7 +1095,7 @@ def _wait_until_listening(process: subprocess.Popen[bytes], port: int, timeout: 
 def gunicorn_run() -> Iterator[dict[str, Any]]:
     """Serve the Flask app under gunicorn (sync worker), send real requests, then SIGTERM."""
     with Collector() as collector:
-        port = _free_port()
+        port = free_port()
         url = f"http://127.0.0.1:{port}"
         env = {
             **os.environ,
@@ -1252,7 +1246,7 @@ def test_broken_apps_under_gunicorn_answer_as_without_us(collector: Collector) -
     ]
     answers = []
     for variant in ("bare", "recorded"):
-        port = _free_port()
+        port = free_port()
         env = {**os.environ, "ALF_COLLECTOR_URL": collector.url}
         command = [
             str(GUNICORN), "--workers=1", "--worker-class=sync", f"--bind=127.0.0.1:{port}",
@@ -1260,15 +1254,10 @@ def test_broken_apps_under_gunicorn_answer_as_without_us(collector: Collector) -
             f"tests.wsgi_apps:create_broken_{variant}()",
         ]  # fmt: skip
         process = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.PIPE)
-        try:
+        with reaped(process):
             _wait_until_listening(process, port, timeout=30.0)
             answers.append([_raw_exchange(port, request) for request in requests])
-            process.send_signal(signal.SIGTERM)
-            _, stderr = process.communicate(timeout=30)
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.communicate()
+            stderr = sigterm(process)
         assert b"alf_analytics" not in stderr, stderr  # no error raised inside our code
     bare, recorded = answers
     assert recorded == bare
