@@ -10,7 +10,9 @@ Fixtures (import them into a test module: ``from tests.pg import pg_server, pg_u
 - ``pg_server``: one server per test session; skipped with the reason when no PostgreSQL
   can be started, but failing when ``CI=true`` (CI must run these tests);
 - ``pg_url``: a ``postgresql://`` URL whose ``search_path`` is a fresh schema, so each
-  test starts from an empty database.
+  test starts from an empty database;
+- ``collector_db``: parametrized over both backends: ``:memory:`` (SQLite) and a fresh
+  ``pg_url`` (PostgreSQL), for tests that must hold on either store.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import pytest
 
 from .servers import free_port
 
-__all__ = ["PostgresServer", "PostgresUnavailable", "pg_server", "pg_url"]
+__all__ = ["PostgresServer", "PostgresUnavailable", "collector_db", "pg_server", "pg_url"]
 
 
 class PostgresUnavailable(RuntimeError):
@@ -140,3 +142,13 @@ def pg_server() -> Iterator[PostgresServer]:
 def pg_url(pg_server: PostgresServer) -> str:
     """A fresh, empty schema on the session's server."""
     return pg_server.fresh_url()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def collector_db(request: pytest.FixtureRequest) -> str:
+    """The ``db`` of a collector, once per backend: in-memory SQLite, then a fresh schema on
+    the session's PostgreSQL (that one skipped or failing as ``pg_server`` says)."""
+    if request.param == "sqlite":
+        return ":memory:"
+    server: PostgresServer = request.getfixturevalue("pg_server")
+    return server.fresh_url()
