@@ -31,6 +31,7 @@ import pytest
 from alf_analytics.cli import main
 from alf_analytics.collector import Collector, CollectorError, Limits
 from tests.pg import collector_db, pg_server
+from tests.servers import reaped
 
 __all__ = ["collector_db", "pg_server"]  # fixtures, imported for pytest
 
@@ -725,25 +726,64 @@ def test_summary_of_empty_and_missing_databases(
 def _read_line(stream: Any, timeout: float) -> str:
     ready, _, _ = select.select([stream], [], [], timeout)
     assert ready, "the collector printed nothing"
-    return str(stream.readline())
+    line = stream.readline()
+    return line.decode() if isinstance(line, bytes) else str(line)
 
 
-def test_collector_command_in_a_subprocess(
-    tmp_path: Path, client: httpx.Client, capsys: pytest.CaptureFixture[str]
-) -> None:
-    db = tmp_path / "cli.sqlite"
+_CLI = Path(sys.executable).with_name("alf-analytics")
+
+
+def cli_command(*args: str) -> list[str]:
+    """``alf-analytics ARGS`` as installed (the console script), else ``python -m``."""
+    if _CLI.exists():
+        return [str(_CLI), *args]
+    return [sys.executable, "-m", "alf_analytics.cli", *args]
+
+
+def start_cli_collector(*args: str, cwd: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """``alf-analytics collector ARGS`` in a process; returns it and the URL it printed.
+
+    Its stdout is read up to the ready line only; stderr is collected by whoever stops it
+    (:func:`tests.servers.sigterm` or ``communicate``).
+    """
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]))
-    command = [sys.executable, "-m", "alf_analytics.cli", "collector", "--port", "0"]
-    command += ["--db", str(db), "--max-body-bytes", "50000"]
     proc = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path
+        cli_command("collector", *args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        cwd=cwd,
     )
     try:
-        line = _read_line(proc.stdout, timeout=10.0)
+        line = _read_line(proc.stdout, timeout=60.0)
         match = re.search(r"http://127\.0\.0\.1:(\d+)", line)
-        assert match, line
-        assert int(match.group(1)) != 0
-        url = match.group(0)
+        assert match, (
+            f"unexpected first line {line!r}: {proc.stderr.read1() if proc.stderr else ''!r}"
+        )
+    except BaseException:
+        proc.kill()
+        proc.communicate()
+        raise
+    return proc, match.group(0)
+
+
+def _stored(db: str, capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
+    capsys.readouterr()
+    assert main(["summary", "--db", db, "--json"]) == 0
+    report: dict[str, Any] = json.loads(capsys.readouterr().out)
+    return report
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_collector_command_in_a_subprocess(
+    tmp_path: Path, client: httpx.Client, capsys: pytest.CaptureFixture[str], stop: int
+) -> None:
+    db = tmp_path / "cli.sqlite"
+    proc, url = start_cli_collector(
+        "--port", "0", "--db", str(db), "--max-body-bytes", "50000", cwd=tmp_path
+    )
+    with reaped(proc):
+        assert not url.endswith(":0")
         assert post(client, url + "/1.1.0/single", load("1.1.0", "full.json")).status_code == 200
         assert (
             post(
@@ -752,23 +792,69 @@ def test_collector_command_in_a_subprocess(
             == 200
         )
         assert client.post(url + "/1.1.0/single", content=b"x" * 60_000).status_code == 413
-        proc.send_signal(signal.SIGTERM)
-        # uvicorn shuts down gracefully, then re-raises the signal it caught.
-        assert proc.wait(timeout=10) in (0, -signal.SIGTERM)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        stderr = proc.stderr.read() if proc.stderr else ""
-        if proc.stdout:
-            proc.stdout.close()
-        if proc.stderr:
-            proc.stderr.close()
+        proc.send_signal(stop)
+        stderr = proc.communicate(timeout=30)[1].decode(errors="replace")
+        # A graceful stop is a success: uvicorn's re-raise of the signal is undone.
+        assert proc.returncode == 0, stderr
     assert "Traceback" not in stderr, stderr
-    assert main(["summary", "--db", str(db), "--json"]) == 0
-    report = json.loads(capsys.readouterr().out)
+    report = _stored(str(db), capsys)
     assert report["totals"]["entries"] == 3
     assert {(r["environment"], r["count"]) for r in report["rows"]} == {
         ("PRODUCTION", 1),
         (None, 2),
     }
+
+
+def _refused(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            return False
+    except ConnectionRefusedError:
+        return True
+
+
+def test_sigterm_answers_the_request_in_flight_commits_and_exits_0(
+    summary_db: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    proc, url = start_cli_collector("--port", "0", "--db", summary_db, cwd=tmp_path)
+    port = int(url.rsplit(":", 1)[1])
+    body = json.dumps([make_alf([("GET", f"http://api.test/{i}", 200, 1) for i in range(50)])])
+    half = len(body) // 2
+    first_sent, release = threading.Event(), threading.Event()
+    answers: list[httpx.Response | BaseException] = []
+
+    def chunks() -> Iterator[bytes]:
+        yield body[:half].encode()
+        first_sent.set()  # asked for more: the first half is on the wire
+        assert release.wait(60)
+        yield body[half:].encode()
+
+    def send() -> None:
+        try:
+            with httpx.Client(trust_env=False, timeout=60.0) as own:
+                answers.append(own.post(url + "/1.1.0/batch", content=chunks()))
+        except BaseException as exc:  # reported by the assertion below
+            answers.append(exc)
+
+    with reaped(proc):
+        with httpx.Client(trust_env=False, timeout=10.0) as http:
+            earlier = make_alf([("GET", "http://api.test/before", 200, 1)])
+            assert post(http, url + "/1.1.0/single", earlier).status_code == 200
+        sender = threading.Thread(target=send)
+        sender.start()
+        assert first_sent.wait(30)
+        proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while not _refused(port):  # shutting down: the listening socket is closed
+            assert time.monotonic() < deadline, "the collector kept accepting after SIGTERM"
+            time.sleep(0.01)
+        release.set()
+        sender.join(60)
+        stderr = proc.communicate(timeout=60)[1].decode(errors="replace")
+    [answer] = answers
+    assert isinstance(answer, httpx.Response), answer
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["saved"] == 1
+    assert proc.returncode == 0, stderr
+    assert "Traceback" not in stderr, stderr
+    assert _stored(summary_db, capsys)["totals"]["entries"] == 51
