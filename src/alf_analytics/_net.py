@@ -35,6 +35,8 @@ _QUERY_OK = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/?]|%[0-9A-Fa-f]{2})*")
 _PATH_SAFE = "/:@!$&'()*+,;=-._~%"
 _QUERY_SAFE = _PATH_SAFE + "?"
 _LONE_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+#: The ``scheme://authority`` in front of an absolute-form request target's path.
+_ABSOLUTE_FORM = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://[^/?#]*")
 _SURROGATES = re.compile("[\ud800-\udfff]")
 
 
@@ -62,7 +64,14 @@ def to_bytes(value: str) -> bytes:
 
 
 def escape(value: str, query: bool = False) -> str:
-    """A path (or query) as RFC 3986 allows it: valid ``%XX`` kept, everything else escaped."""
+    """A path (or query) as RFC 3986 allows it: valid ``%XX`` kept, everything else escaped.
+
+    A path in absolute form (``http://user:pass@host/p``: a request target a client may send,
+    RFC 9112 3.2.2, which uvicorn's h11 protocol passes on as the path) is reduced to its
+    path (``/p``), so userinfo in it never reaches an entry.
+    """
+    if not query and value[:1] != "/" and "://" in value:
+        value = _ABSOLUTE_FORM.sub("", value, count=1)
     if (_QUERY_OK if query else _PATH_OK).fullmatch(value):
         return value
     escaped = quote(to_bytes(value), safe=_QUERY_SAFE if query else _PATH_SAFE)

@@ -48,6 +48,14 @@ AUTH_SCHEMES = frozenset(
     }
 )
 _AUTH_HEADERS = frozenset({"authorization", "proxy-authorization"})
+#: Headers whose value is a URL that may carry the same secrets as the request's own URL (an
+#: OAuth callback's ``?code=`` in ``Location``, a page's ``?token=`` in ``Referer``).
+_URL_HEADERS = frozenset(
+    {"referer", "location", "content-location", "x-original-url", "x-forwarded-uri"}
+)
+#: ``scheme://user:password@`` at the start of a URL: up to the authority's last ``@`` (a
+#: password may hold a raw one), the authority ending at ``/``, ``?`` or ``#``.
+_USERINFO = re.compile(r"^(\s*[A-Za-z][A-Za-z0-9+.\-]*://)[^/?#]*@")
 _REDACTED_IN_URL = "%5BREDACTED%5D"  # '[' and ']' may not appear unescaped in a query
 _REDACTED_BYTES = _REDACTED_IN_URL.encode("ascii")
 
@@ -108,12 +116,38 @@ class Redactor:
     def header(self, name: str, value: str) -> str:
         """The value to record for a header (``name`` lower-cased)."""
         if name not in self.header_names and not any(s in name for s in self.header_substrings):
+            if name in _URL_HEADERS:
+                return self.url(value)
+            if name == "host" and "@" in value:
+                # Userinfo has no place in a Host header, but a client may send it anyway.
+                return _REDACTED_IN_URL + "@" + value.rpartition("@")[2]
             return value
         if name in _AUTH_HEADERS:
             scheme, space, _ = value.strip().partition(" ")
             if space and scheme.lower() in AUTH_SCHEMES:
                 return f"{scheme} {REDACTED}"
         return REDACTED
+
+    def url(self, value: str) -> str:
+        """A URL-valued header (``Referer``, ``Location``...) with its secrets replaced.
+
+        Userinfo (``user:password@``) always; query parameter values as ``redact_query``
+        says, as in ``request.url``. Anything else, fragment included, is kept as it was.
+        """
+        if "?" not in value and "@" not in value:
+            return value
+        value = _USERINFO.sub(r"\1" + _REDACTED_IN_URL + "@", value, count=1)
+        base, question, rest = value.partition("?")
+        if not question:
+            return value
+        query, hash_, fragment = rest.partition("#")
+        marks = []
+        for index, part in enumerate(query.split("&")):
+            name = part.partition("=")[0]
+            if "%" in name or "+" in name:
+                name = unquote_plus(name, errors="replace")
+            marks.append((index, self.query_key(name)))
+        return base + "?" + redacted_query(query, marks) + hash_ + fragment
 
     # -- query string --------------------------------------------------------------------------
 
