@@ -58,7 +58,9 @@ from starlette.routing import Route
 
 import alf_analytics
 from alf_analytics import AnalyticsASGIMiddleware, AnalyticsWSGIMiddleware
-from alf_analytics._config import ENV_VARS, REDACTED
+from alf_analytics._config import ENV_VARS, REDACTED, make_config
+from alf_analytics._net import escape
+from alf_analytics._redact import Redactor
 from alf_analytics.collector import Collector
 
 from .conftest import assert_valid_batch
@@ -206,6 +208,10 @@ def make_plan() -> Plan:
             f"access_token={s.new('query-access_token')}",
             f"sig={s.new('query-sig')}",
             f"API-KEY={s.new('query-api-key-spelling')}",
+            f"refresh_token={s.new('query-refresh_token')}",
+            f"client_secret={s.new('query-client_secret')}",
+            f"X-Amz-Signature={s.new('query-x-amz-signature')}",
+            f"X-Amz-Security-Token={s.new('query-x-amz-security-token')}",
             "page=2",
             "q=visible-query-value",
         ]
@@ -800,3 +806,54 @@ def test_forms_cover_every_encoding() -> None:
         text = base64.b64encode(b"x" * pad + b"user:" + value.encode() + b"!" * pad)
         assert found(value, text), pad
     assert not found(value, b"SeCrEtxyz012345 and nothing else")
+
+
+# -- the rules behind the fixes, one value at a time --------------------------------------------
+
+_IN_URL = "%5BREDACTED%5D"
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "recorded"),
+    [
+        pytest.param(
+            "referer",
+            "https://u:p@ss@app.test/x?token=a&tab=1#frag",
+            f"https://{_IN_URL}@app.test/x?token={_IN_URL}&tab=1#frag",
+            id="userinfo-with-a-raw-at-query-and-fragment",
+        ),
+        pytest.param(
+            "location",
+            "/callback?code=abc&state=s&code=def",
+            f"/callback?code={_IN_URL}&state=s&code={_IN_URL}",
+            id="relative-redirect-repeats",
+        ),
+        pytest.param(
+            "location", "/cb?Refresh%5FToken=abc", f"/cb?Refresh%5FToken={_IN_URL}", id="escaped"
+        ),
+        pytest.param("referer", "https://app.test/page?tab=1", None, id="nothing-to-redact"),
+        pytest.param("referer", "https://app.test/a@b", None, id="at-in-the-path"),
+        pytest.param("content-location", "mailto:someone@app.test", None, id="no-authority"),
+        pytest.param("host", "u:p@api.test:8080", f"{_IN_URL}@api.test:8080", id="host"),
+        pytest.param("host", "api.test:8080", None, id="plain-host"),
+        pytest.param("x-forwarded-uri", "/p?api_key=k", f"/p?api_key={_IN_URL}", id="proxy-uri"),
+        pytest.param("x-other", "https://u:p@app.test/?token=a", None, id="other-headers-kept"),
+    ],
+)
+def test_url_valued_headers(name: str, value: str, recorded: str | None) -> None:
+    redactor = Redactor(make_config({"service_token": TOKEN}, environ={}))
+    assert redactor.header(name, value) == (value if recorded is None else recorded)
+
+
+@pytest.mark.parametrize(
+    ("path", "written"),
+    [
+        ("http://user:pw@api.test/a/b", "/a/b"),
+        ("HTTPS://api.test", ""),
+        ("http://api.test:8080/a%20b", "/a%20b"),
+        ("/a/http://x@y/", "/a/http://x@y/"),
+        ("*", "*"),
+    ],
+)
+def test_absolute_form_targets_keep_only_their_path(path: str, written: str) -> None:
+    assert escape(path) == written

@@ -52,21 +52,6 @@ DEFAULT_REDACT_HEADERS = frozenset(
 DEFAULT_REDACT_HEADER_SUBSTRINGS = frozenset(
     {"token", "secret", "password", "passwd", "api-key", "apikey", "session"}
 )
-DEFAULT_REDACT_QUERY = frozenset(
-    {
-        "token",
-        "access_token",
-        "api_key",
-        "apikey",
-        "key",
-        "password",
-        "secret",
-        "signature",
-        "sig",
-        "code",
-        "session",
-    }
-)
 DEFAULT_REDACT_BODY_KEYS = frozenset(
     {
         "password",
@@ -86,6 +71,24 @@ DEFAULT_REDACT_BODY_KEYS = frozenset(
         "cvv",
         "cvc",
         "ssn",
+    }
+)
+#: Every body key is a secret in a query string too (``?client_secret=``, ``?refresh_token=``),
+#: plus the signed-URL parameters of S3 and GCS and a few more that only URLs carry.
+DEFAULT_REDACT_QUERY = DEFAULT_REDACT_BODY_KEYS | frozenset(
+    {
+        "key",
+        "signature",
+        "sig",
+        "code",
+        "session",
+        "auth",
+        "jwt",
+        "x-amz-signature",
+        "x-amz-security-token",
+        "x-amz-credential",
+        "x-goog-signature",
+        "x-goog-credential",
     }
 )
 #: Bodies of these content types are captured when ``log_body`` asks for them. ``type/*`` and
