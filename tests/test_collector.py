@@ -756,14 +756,15 @@ def start_cli_collector(*args: str, cwd: Path) -> tuple[subprocess.Popen[bytes],
     )
     try:
         line = _read_line(proc.stdout, timeout=60.0)
-        match = re.search(r"http://127\.0\.0\.1:(\d+)", line)
-        assert match, (
-            f"unexpected first line {line!r}: {proc.stderr.read1() if proc.stderr else ''!r}"
-        )
     except BaseException:
         proc.kill()
         proc.communicate()
         raise
+    match = re.search(r"http://127\.0\.0\.1:(\d+)", line)
+    if match is None:
+        proc.kill()
+        stderr = proc.communicate()[1].decode(errors="replace")
+        pytest.fail(f"the collector printed {line!r}, not its URL; stderr: {stderr}")
     return proc, match.group(0)
 
 
