@@ -532,15 +532,16 @@ class RawCapture:
             message = await receive()
             if message["type"] == "http.request":
                 chunks.append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    # Recorded before the app answers: once the agent has its answer, the
+                    # request is in the list.
+                    with self._lock:
+                        self.received.append(
+                            RawRequest(scope["path"], list(scope["headers"]), b"".join(chunks))
+                        )
             return message
 
-        try:
-            await self.app(scope, recording, send)
-        finally:
-            with self._lock:
-                self.received.append(
-                    RawRequest(scope["path"], list(scope["headers"]), b"".join(chunks))
-                )
+        await self.app(scope, recording, send)
 
 
 @pytest.fixture
