@@ -642,7 +642,35 @@ def make_config(options: Mapping[str, Any], environ: Mapping[str, str] | None = 
     config = Config(**values)
     if not config.active:
         _announce_off(config)
+    elif config.debug:
+        show_debug_lines()
     return config
+
+
+class _DebugToStderr(logging.StreamHandler):  # type: ignore[type-arg]
+    """debug=True in an app that configured no logging: our lines go to stderr.
+
+    Once the app configures logging (a handler on the root logger), its handlers show them
+    instead (the ``alf_analytics`` logger propagates), so nothing is printed twice.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not logging.getLogger().handlers:
+            super().emit(record)
+
+
+def show_debug_lines() -> None:
+    """Make ``debug=True`` visible without any logging setup (Python shows only warnings).
+
+    The ``alf_analytics`` logger gets level DEBUG unless the app chose a level for it, and a
+    stderr handler when no handler would receive its records.
+    """
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.DEBUG)
+    if not logger.hasHandlers():
+        handler = _DebugToStderr()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logger.addHandler(handler)
 
 
 #: Reasons already logged: "recording is off" is said once per process, not per middleware.
