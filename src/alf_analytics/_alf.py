@@ -198,8 +198,8 @@ class _Plan:
         self.trusted = config.trusted_proxies
         self.forwarded_header = config.forwarded_header
         self.limit = config.max_body_bytes
-        #: (raw name, raw value) -> (ALF pair or None when left out, wire size)
-        self.header_pairs: dict[tuple[Any, Any], tuple[dict[str, str] | None, int]] = {}
+        #: (raw name, raw value) -> (ALF pair, wire size); headers left out are not cached
+        self.header_pairs: dict[Any, tuple[dict[str, str], int]] = {}
         #: raw query -> (query for the URL, queryString pairs)
         self.queries: dict[str, tuple[str, list[dict[str, str]]]] = {}
         #: raw path -> path for the URL
@@ -207,6 +207,20 @@ class _Plan:
 
     def pairs(self, headers: Sequence[RawHeader]) -> tuple[list[dict[str, str]], int]:
         """Headers as ALF name/value pairs (repeats kept, names lower-cased), and wire size."""
+        if not headers:
+            return [], 0
+        try:
+            # The common case, all in C: every header seen before (servers and apps send
+            # the same few headers again and again), each looked up as the tuple it is.
+            # A header not cached yet (None), one left out, or an unhashable item (a list
+            # pair) makes zip() or the lookup raise: then the loop below.
+            found, sizes = zip(*map(self.header_pairs.get, headers), strict=True)
+        except (TypeError, ValueError):
+            pass
+        else:
+            if self.copy_pairs:
+                return [dict(pair) for pair in found], sum(sizes)
+            return list(found), sum(sizes)
         try:
             return self._pairs(headers)
         except (TypeError, ValueError, AttributeError):
@@ -222,13 +236,16 @@ class _Plan:
             key = (raw_name, raw_value)
             known = cache.get(key)
             if known is None:
-                known = self._pair(raw_name, raw_value)
+                pair, length = self._pair(raw_name, raw_value)
+                if pair is None:
+                    size += length  # left out (not cached, so the fast path never skips)
+                    continue
+                known = (pair, length)
                 if len(cache) >= _CACHE_SIZE:
                     cache.clear()
                 cache[key] = known
             pair, length = known
-            if pair is not None:
-                out.append(pair)
+            out.append(pair)
             size += length
         if self.copy_pairs:
             out = [dict(pair) for pair in out]
@@ -384,12 +401,17 @@ def _us(seconds: float) -> int:
 
 def build_entry(exchange: Exchange) -> dict[str, Any]:
     """The ALF 1.1.0 entry for one exchange. Never raises for anything a request carried."""
+    # The worker's hot loop: the plan's caches and helpers are used inline, and the common
+    # case (ASCII text, cached headers, no body) takes the fewest steps.
     plan = _plan(exchange.config)
     info = exchange.reader(exchange.source)
-    version = http_version(info.http_version)
+    raw_version = info.http_version
+    version = _VERSIONS_SEEN.get(raw_version) or http_version(raw_version)
 
     # -- request
-    method = info.method if info.method.isascii() else _net.clean(info.method)
+    method = info.method
+    if not method.isascii():
+        method = _net.clean(method)
     request_headers, request_headers_size = plan.pairs(info.headers)
     path = info.path
     query = info.query
@@ -403,18 +425,26 @@ def build_entry(exchange: Exchange) -> dict[str, Any]:
         if len(consumer) > MAX_CONSUMER_LENGTH:  # a collector indexes it: keep it sane
             consumer = consumer[:MAX_CONSUMER_LENGTH]
         request_headers.append({"name": CONSUMER_HEADER, "value": _net.clean(consumer)})
-    url = _net.origin(info.scheme, info.host) + plan.path(path)
+    url_path = plan.paths.get(path)
+    if url_path is None:
+        url_path = plan.path(path)
+    url = _net.origin(info.scheme, info.host) + url_path
     if query:
-        url_query, query_string = plan.query(query)
-        url += "?" + url_query
+        known = plan.queries.get(query)
+        if known is None or plan.copy_pairs:
+            url_query, query_string = plan.query(query)
+        else:
+            url_query, query_string = known[0], list(known[1])
+        url = f"{url}?{url_query}"
     else:
         query_string = []
     # Body sizes: the bytes we counted, unless the app stopped reading early and the client
     # declared more (ALF.md 1.6: measure; else Content-Length, within bounds; else 0).
     request_size = exchange.request_body_size
     if not exchange.request_complete:
-        request_size = max(request_size, _declared(info.content_length))
-    post_data, request_captured = plan.body(exchange.request_body, request_size, info.headers)
+        declared = info.content_length
+        if declared is not None:
+            request_size = max(request_size, _declared(declared))
     request: dict[str, Any] = {
         "method": method,
         "url": url,
@@ -422,11 +452,15 @@ def build_entry(exchange: Exchange) -> dict[str, Any]:
         "queryString": query_string,
         "headers": request_headers,
         "headersSize": request_headers_size,
-        "bodyCaptured": request_captured,
+        "bodyCaptured": False,
         "bodySize": request_size,
     }
-    if post_data is not None:
-        request["postData"] = post_data
+    if exchange.request_body is not None:
+        post_data, request["bodyCaptured"] = plan.body(
+            exchange.request_body, request_size, info.headers
+        )
+        if post_data is not None:
+            request["postData"] = post_data
 
     # -- response
     status = exchange.status
@@ -434,11 +468,12 @@ def build_entry(exchange: Exchange) -> dict[str, Any]:
         status = _status(status) if status else 500
     response_headers, response_headers_size = plan.pairs(exchange.response_headers)
     reason = exchange.reason or _PHRASES.get(status, "")
-    if not reason.isascii():
-        reason = _net.clean(reason)
     # The status line: version SP status SP reason CRLF, then the CRLF ending the headers.
-    reason_size = len(reason) if reason.isascii() else wire_length(reason)
-    response_headers_size += len(version) + len(str(status)) + reason_size + 6
+    if reason.isascii():
+        response_headers_size += len(version) + len(str(status)) + len(reason) + 6
+    else:
+        reason = _net.clean(reason)
+        response_headers_size += len(version) + len(str(status)) + wire_length(reason) + 6
     response_size = exchange.response_body_size
     if exchange.response_content_length is not None:
         response_size = max(response_size, _declared(exchange.response_content_length))
@@ -447,26 +482,31 @@ def build_entry(exchange: Exchange) -> dict[str, Any]:
         # The server sends no body for these, whatever the app produced (RFC 9110 6.4.1).
         response_size = 0
         response_body = None if response_body is None else bytearray()
-    content, response_captured = plan.body(response_body, response_size, exchange.response_headers)
     response: dict[str, Any] = {
         "status": status,
         "statusText": reason,
         "httpVersion": version,
         "headers": response_headers,
         "headersSize": response_headers_size,
-        "bodyCaptured": response_captured,
+        "bodyCaptured": False,
         "bodySize": response_size,
     }
-    if content is not None:
-        response["content"] = content
+    if response_body is not None:
+        content, response["bodyCaptured"] = plan.body(
+            response_body, response_size, exchange.response_headers
+        )
+        if content is not None:
+            response["content"] = content
 
     # -- timings
     t_start = exchange.t_start
     t_end = exchange.t_end or t_start
     t_response = exchange.t_response or t_end
     # In whole microseconds first, so that time == send + wait + receive exactly.
-    wait = _us(t_response - t_start)
-    receive = _us(t_end - t_response)
+    wait = t_response - t_start
+    wait = int(wait * 1_000_000.0 + 0.5) if wait > 0 else 0
+    receive = t_end - t_response
+    receive = int(receive * 1_000_000.0 + 0.5) if receive > 0 else 0
     entry: dict[str, Any] = {
         "startedDateTime": iso_utc(exchange.started_at),
         "time": (wait + receive) / 1000,
@@ -474,9 +514,11 @@ def build_entry(exchange: Exchange) -> dict[str, Any]:
         "response": response,
         "timings": {"send": 0.0, "wait": wait / 1000, "receive": receive / 1000},
     }
-    client = plan.client(info)
-    if client is not None:
-        entry["clientIPAddress"] = client
+    peer = info.peer
+    if peer and plan.client_ip != "none":
+        client = plan.client(info)
+        if client is not None:
+            entry["clientIPAddress"] = client
     if info.server_ip:
         server = _net.ip_literal(info.server_ip)
         if server is not None:

@@ -400,8 +400,75 @@ def _wire_path(scope: Scope) -> str:
 
 def read_scope(scope: Scope) -> RequestInfo:
     """Request facts from an ASGI ``http`` scope snapshot (runs on the worker thread)."""
-    scheme = str(scope.get("scheme") or "http")
-    headers = scope.get("headers") or []
+    get = scope.get
+    scheme = get("scheme") or "http"
+    if type(scheme) is not str:
+        scheme = str(scheme)
+    headers = get("headers") or []
+    host, content_length = _host_and_length(headers)
+    server = get("server")
+    server_ip = None
+    if server:
+        server_ip = str(server[0])
+        if not host:
+            name = f"[{server_ip}]" if ":" in server_ip else server_ip
+            port = server[1] if len(server) > 1 else None
+            host = name if port in (None, _DEFAULT_PORTS.get(scheme)) else f"{name}:{port}"
+    raw_path = get("raw_path")
+    root_path = get("root_path")
+    if raw_path and type(raw_path) is bytes and (root_path is None or type(root_path) is str):
+        # With raw_path, the path depends on nothing else: cached (paths repeat).
+        key = (raw_path, root_path)
+        path = _PATHS.get(key)
+        if path is None:
+            path = _wire_path(scope)
+            if len(_PATHS) >= 512:  # bounded: clients choose paths
+                _PATHS.clear()
+            _PATHS[key] = path
+    else:
+        path = _wire_path(scope)
+    client = get("client")
+    query = get("query_string", b"")
+    method = get("method", "GET")
+    version = get("http_version", "1.1")
+    return RequestInfo(
+        method if type(method) is str else str(method),
+        _SCHEMES.get(scheme, scheme),
+        host,
+        path,
+        query.decode("latin-1") if type(query) is bytes else _latin1(query),
+        version if type(version) is str else str(version),
+        headers,
+        str(client[0]) if client else None,
+        server_ip,
+        content_length if content_length is None or content_length >= 0 else None,
+    )
+
+
+_SCHEMES = {"ws": "http", "wss": "https"}
+#: (raw_path, root_path) -> the path as the client sent it (see _wire_path).
+_PATHS: dict[tuple[Any, Any], str] = {}
+
+
+def _host_and_length(headers: Any) -> tuple[str, int | None]:
+    """The first ``Host`` header (as Latin-1 text) and ``Content-Length`` (None: none)."""
+    try:
+        # The common case in C: lower-case names (servers send them so), no repeats.
+        found = dict(headers)
+        names = b"".join(found)
+    except (TypeError, ValueError):
+        pass
+    else:
+        if len(found) == len(headers) and names.lower() == names:
+            raw_host = found.get(b"host")
+            host = _latin1(raw_host) if raw_host else ""
+            raw_length = found.get(b"content-length")
+            if raw_length is None:
+                return host, None
+            try:
+                return host, int(raw_length)
+            except ValueError:
+                return host, None
     host = ""
     content_length: int | None = None
     for name, value in headers:
@@ -413,25 +480,4 @@ def read_scope(scope: Scope) -> RequestInfo:
                 content_length = int(value)
             except ValueError:
                 content_length = None
-    server = scope.get("server")
-    server_ip = None
-    if server:
-        server_ip = str(server[0])
-        if not host:
-            name = f"[{server_ip}]" if ":" in server_ip else server_ip
-            port = server[1] if len(server) > 1 else None
-            host = name if port in (None, _DEFAULT_PORTS.get(scheme)) else f"{name}:{port}"
-    path = _wire_path(scope)
-    client = scope.get("client")
-    return RequestInfo(
-        method=str(scope.get("method", "GET")),
-        scheme={"ws": "http", "wss": "https"}.get(scheme, scheme),
-        host=host,
-        path=path,
-        query=_latin1(scope.get("query_string", b"")),
-        http_version=str(scope.get("http_version", "1.1")),
-        headers=headers,
-        peer=str(client[0]) if client else None,
-        server_ip=server_ip,
-        content_length=content_length if content_length is None or content_length >= 0 else None,
-    )
+    return host, content_length

@@ -38,8 +38,10 @@ __all__ = ["AnalyticsWSGIMiddleware"]
 logger = logging.getLogger("alf_analytics")
 
 _DEFAULT_PORTS = {"http": "80", "https": "443"}
-#: ``HTTP_X_REQUEST_ID`` -> ``x-request-id``, for the header names seen so far.
-_HEADER_NAMES: dict[str, str] = {}
+#: ``HTTP_X_REQUEST_ID`` -> ``x-request-id`` for the environ keys seen so far (None for the
+#: keys that are not request headers).
+_HEADER_NAMES: dict[str, str | None] = {}
+_UNSEEN = "<unseen>"
 
 
 class AnalyticsWSGIMiddleware:
@@ -365,13 +367,15 @@ def read_environ(environ: WSGIEnvironment) -> RequestInfo:
         ):
             path = raw_path
     headers: list[tuple[str, str]] = []
+    names = _HEADER_NAMES
     for key, value in environ.items():
-        if key.startswith("HTTP_") and isinstance(value, str):
-            name = _HEADER_NAMES.get(key)
-            if name is None:
-                name = key[5:].replace("_", "-").lower()
-                if len(_HEADER_NAMES) < 1024:  # bounded: clients choose header names
-                    _HEADER_NAMES[key] = name
+        # One lookup per key: the header name, or None for the keys that are not headers.
+        name = names.get(key, _UNSEEN)
+        if name is _UNSEEN:
+            name = key[5:].replace("_", "-").lower() if key.startswith("HTTP_") else None
+            if len(names) < 1024:  # bounded: clients choose header names
+                names[key] = name
+        if name is not None and isinstance(value, str):
             headers.append((name, value))
     for key, name in (("CONTENT_TYPE", "content-type"), ("CONTENT_LENGTH", "content-length")):
         value = get(key)
