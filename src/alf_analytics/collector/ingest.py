@@ -57,6 +57,11 @@ _MAX_HOST: Final = 255
 _MAX_PATH: Final = 2048
 _MAX_CONSUMER: Final = 256
 _MAX_IP: Final = 64
+# har.log.creator is stored once per distinct value under a UNIQUE index, and PostgreSQL's
+# index entries hold at most 2,704 bytes: a longer creator keeps its name and version, each
+# cut to this many characters (at most 6 bytes each in JSON). The entries are unchanged.
+_MAX_CREATOR_BYTES: Final = 1024
+_MAX_CREATOR_FIELD: Final = 128
 
 
 class IngestError(Exception):
@@ -406,7 +411,7 @@ def _entry_row(entry: Mapping[str, Any], alf_client_ip: str | None) -> EntryRow 
         method=request["method"][:_MAX_METHOD],
         host=host[:_MAX_HOST],
         path=path,
-        route=fold_route(path),
+        route=fold_route(path)[:_MAX_PATH],  # folding can lengthen it ("/1" -> "/{id}")
         status=status,
         time_ms=time_ms,
         bucket=bucket_of(time_ms),
@@ -416,6 +421,19 @@ def _entry_row(entry: Mapping[str, Any], alf_client_ip: str | None) -> EntryRow 
         consumer=consumer,
         entry=orjson.dumps(entry),
     )
+
+
+def _creator_json(creator: object) -> bytes | None:
+    """The canonical JSON of ``har.log.creator``, bounded (see ``_MAX_CREATOR_BYTES``)."""
+    if not isinstance(creator, dict):
+        return None
+    data = orjson.dumps(creator, option=orjson.OPT_SORT_KEYS)
+    if len(data) <= _MAX_CREATOR_BYTES:
+        return data
+    bounded = {
+        key: str(creator[key])[:_MAX_CREATOR_FIELD] for key in ("name", "version") if key in creator
+    }
+    return orjson.dumps(bounded, option=orjson.OPT_SORT_KEYS)
 
 
 def prepare(body: bytes, *, version: str, kind: str, tokens: TokenSet, limits: Limits) -> Prepared:
@@ -484,9 +502,7 @@ def prepare(body: bytes, *, version: str, kind: str, tokens: TokenSet, limits: L
             version=version,
             token=token,
             environment=alf.get("environment"),
-            creator=orjson.dumps(creator, option=orjson.OPT_SORT_KEYS)
-            if isinstance(creator, dict)
-            else None,
+            creator=_creator_json(creator),
         )
         alf_ip = alf.get("clientIPAddress")
         for position, entry in enumerate(log["entries"]):
