@@ -6,30 +6,36 @@ in-memory SQLite and on a fresh schema of a real PostgreSQL server, the app unde
 
 from __future__ import annotations
 
+import base64
 import copy
 import gzip
 import json
 import logging
 import os
+import random
 import re
 import select
 import signal
 import socket
 import sqlite3
+import string
 import subprocess
 import sys
 import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
 
 from alf_analytics.cli import main
 from alf_analytics.collector import Collector, CollectorError, Limits
+from alf_analytics.collector.storage import hash_key
 from tests.pg import collector_db, pg_server
 from tests.servers import reaped
 
@@ -859,3 +865,592 @@ def test_sigterm_answers_the_request_in_flight_commits_and_exits_0(
     assert proc.returncode == 0, stderr
     assert "Traceback" not in stderr, stderr
     assert _stored(summary_db, capsys)["totals"]["entries"] == 51
+
+
+# --- access control, idempotency, retention, query API (both backends) -----------------------
+
+WRITE_TOKEN = "write-token-0123456789abcdef"
+OTHER_WRITE_TOKEN = "other-write-token-fedcba9876"
+READ_KEY = "read-key-abcdef0123456789"
+
+
+def entry_at(
+    method: str,
+    url: str,
+    status: int,
+    time_ms: float,
+    started: datetime,
+    *,
+    consumer: str | None = None,
+    body: tuple[str, str] | None = None,
+) -> dict[str, Any]:
+    """One valid ALF 1.1.0 entry (from the minimal fixture) with these values."""
+    entry: dict[str, Any] = copy.deepcopy(load("1.1.0", "minimal.json")["har"]["log"]["entries"][0])
+    entry["startedDateTime"] = started.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    entry["request"]["method"] = method
+    entry["request"]["url"] = url
+    entry["response"]["status"] = status
+    entry["time"] = time_ms
+    if consumer is not None:
+        entry["request"]["headers"].append({"name": "x-alf-consumer", "value": consumer})
+    if body is not None:
+        mime_type, text = body
+        entry["response"]["content"] = {
+            "mimeType": mime_type,
+            "encoding": "base64",
+            "text": base64.b64encode(text.encode()).decode(),
+        }
+    return entry
+
+
+def alf_of(
+    entries: list[dict[str, Any]], *, token: str = WRITE_TOKEN, environment: str | None = None
+) -> dict[str, Any]:
+    alf = make_alf([], token=token, environment=environment)
+    alf["har"]["log"]["entries"] = entries
+    return alf
+
+
+def reader(key: str = READ_KEY) -> httpx.Client:
+    return httpx.Client(trust_env=False, timeout=30.0, headers={"Authorization": f"Bearer {key}"})
+
+
+API_PATHS = [
+    "/api/services",
+    "/api/stats",
+    "/api/endpoints",
+    "/api/consumers",
+    "/api/entries",
+    "/api/entries/1",
+    "/api/entries/1.har",
+    "/api/export.har",
+]
+
+
+def test_only_listed_service_tokens_are_stored(collector_db: str, client: httpx.Client) -> None:
+    now = datetime.now(timezone.utc)
+    with Collector(collector_db, tokens=[f"prod={WRITE_TOKEN}", OTHER_WRITE_TOKEN]) as guarded:
+        url = guarded.endpoint("1.1.0", "batch")
+        good = alf_of([entry_at("GET", "http://api.test/ok", 200, 1, now)])
+        other = alf_of(
+            [entry_at("GET", "http://api.test/other", 200, 1, now)], token=OTHER_WRITE_TOKEN
+        )
+        stranger = alf_of(
+            [entry_at("GET", "http://api.test/no", 200, 1, now)], token="unknown-token-000111"
+        )
+
+        mixed = post(client, url, [good, stranger, other])
+        assert mixed.status_code == 207, mixed.text
+        assert mixed.json() == {
+            "errors": ["ALF[1] service token ...0111 is not accepted by this collector"],
+            "sent": 3,
+            "saved": 2,
+            "refused": 1,
+        }
+        refused = post(client, url, [stranger, stranger])
+        assert refused.status_code == 401
+        assert refused.json()["saved"] == 0 and len(refused.json()["errors"]) == 2
+        single = post(client, guarded.endpoint("1.1.0", "single"), stranger)
+        assert single.status_code == 401
+        assert "unknown-token-000111" not in single.text
+
+        assert [(e.service_token, e.path) for e in guarded.entries()] == [
+            (WRITE_TOKEN, "/ok"),
+            (OTHER_WRITE_TOKEN, "/other"),
+        ]
+        services = client.get(guarded.url + "/api/services").json()["services"]
+        assert {s["service"] for s in services} == {"prod", "...9876"}  # a name, or masked
+        listing = client.get(guarded.url + "/api/entries").text
+        assert WRITE_TOKEN not in listing and OTHER_WRITE_TOKEN not in listing
+
+
+@pytest.mark.parametrize("path", API_PATHS)
+def test_the_read_key_guards_every_api_endpoint(collector_db: str, path: str) -> None:
+    now = datetime.now(timezone.utc)
+    with Collector(collector_db, tokens=[WRITE_TOKEN], read_key=READ_KEY) as guarded:
+        with httpx.Client(trust_env=False, timeout=30.0) as anonymous:
+            stored = post(
+                anonymous,
+                guarded.endpoint("1.1.0", "single"),
+                alf_of([entry_at("GET", "http://api.test/secret-path", 200, 1, now)]),
+            )
+            assert stored.status_code == 200  # the write side needs no read key
+            for headers, status in [
+                ({}, 401),
+                ({"Authorization": "Bearer wrong-key-000000000000"}, 401),
+                ({"Authorization": f"Basic {READ_KEY}"}, 401),
+                ({"Authorization": f"Bearer {WRITE_TOKEN}"}, 403),  # a token never reads
+            ]:
+                answer = anonymous.get(guarded.url + path, headers=headers)
+                assert answer.status_code == status, (headers, answer.text)
+                assert list(answer.json()) == ["errors"]
+                assert "secret-path" not in answer.text and READ_KEY not in answer.text
+                if status == 401:
+                    assert answer.headers["www-authenticate"].startswith("Bearer")
+        with reader() as allowed:
+            answer = allowed.get(guarded.url + path)
+            assert answer.status_code == 200, answer.text
+            assert answer.headers["cache-control"] == "no-store"
+
+
+def test_the_read_key_never_writes(collector_db: str, client: httpx.Client) -> None:
+    now = datetime.now(timezone.utc)
+    with Collector(collector_db, tokens=[WRITE_TOKEN], read_key=READ_KEY) as guarded:
+        alf = alf_of([entry_at("GET", "http://api.test/", 200, 1, now)], token=READ_KEY)
+        answer = post(
+            client,
+            guarded.endpoint("1.1.0", "single"),
+            alf,
+            headers={"Authorization": f"Bearer {READ_KEY}"},
+        )
+        assert answer.status_code == 401
+        assert READ_KEY not in answer.text
+        assert guarded.count() == 0
+
+
+@pytest.mark.parametrize(
+    ("extra", "missing"),
+    [
+        ([], ["service tokens", "a read key"]),
+        (["--token", WRITE_TOKEN], ["a read key"]),
+        (["--read-key", READ_KEY], ["service tokens"]),
+    ],
+)
+def test_cli_refuses_an_open_non_loopback_address(
+    extra: list[str],
+    missing: list[str],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("ALF_COLLECTOR_TOKENS", raising=False)
+    monkeypatch.delenv("ALF_COLLECTOR_READ_KEY", raising=False)
+    assert main(["collector", "--host", "0.0.0.0", "--port", "0", "--db", ":memory:", *extra]) == 2
+    err = capsys.readouterr().err
+    assert "refusing to listen on 0.0.0.0" in err and "--insecure" in err
+    for what in missing:
+        assert what in err
+    assert WRITE_TOKEN not in err and READ_KEY not in err
+
+
+def test_an_idempotency_key_replays_the_first_answer(
+    collector: Collector, client: httpx.Client
+) -> None:
+    now = datetime.now(timezone.utc)
+    url = collector.endpoint("1.1.0", "batch")
+    good = alf_of([entry_at("GET", "http://api.test/a", 200, 1, now)])
+    bad_entry = entry_at("GET", "not a url", 200, 1, now)
+    partial = alf_of([entry_at("GET", "http://api.test/b", 201, 1, now), bad_entry])
+    key = {"Idempotency-Key": "batch-0001"}
+
+    first = post(client, url, [good, partial], headers=key)
+    assert first.status_code == 207, first.text
+    assert "idempotent-replayed" not in first.headers
+    for _ in range(3):
+        again = post(client, url, [good, partial], headers=key)
+        assert again.status_code == 207
+        assert again.headers["idempotent-replayed"] == "true"
+        assert again.json() == first.json()
+    assert [e.path for e in collector.entries()] == ["/a", "/b"]  # once
+
+    reused = post(client, url, [good], headers=key)
+    assert reused.status_code == 422
+    assert "different request body" in reused.json()["errors"][0]
+    # Without a key a client still works, at least once.
+    assert post(client, url, [good]).status_code == 200
+    assert post(client, url, [good]).status_code == 200
+    assert [e.path for e in collector.entries()] == ["/a", "/b", "/a", "/a"]
+    # Another key is another batch.
+    assert post(client, url, [good], headers={"Idempotency-Key": "batch-0002"}).status_code == 200
+    assert collector.count() == 5
+    # A refused request stores no key: sent again once fixed, it is stored.
+    assert (
+        post(client, url, [alf_of([bad_entry])], headers={"Idempotency-Key": "b3"}).status_code
+        == 400
+    )
+
+
+@pytest.mark.parametrize(
+    "key", ["", "k" * 256, "clé", "tab\there"], ids=["empty", "long", "non-ascii", "control"]
+)
+def test_a_bad_idempotency_key_is_a_400(
+    collector: Collector, client: httpx.Client, key: str
+) -> None:
+    body = json.dumps(load("1.1.0", "minimal.json")).encode()
+    response = client.post(
+        collector.endpoint("1.1.0", "single"),
+        content=body,
+        headers=[(b"Idempotency-Key", key.encode("utf-8"))],
+    )
+    assert response.status_code == 400, response.text
+    assert "Idempotency-Key must be 1 to 255 printable ASCII characters" in response.text
+    assert collector.count() == 0
+
+
+def test_idempotency_keys_outlive_the_collector(summary_db: str, client: httpx.Client) -> None:
+    body = [alf_of([entry_at("GET", "http://api.test/once", 200, 1, datetime.now(timezone.utc))])]
+    key = {"Idempotency-Key": "kept-across-restarts"}
+    with Collector(summary_db) as first:
+        answered = post(client, first.endpoint("1.1.0", "batch"), body, headers=key)
+        assert answered.status_code == 200
+    with Collector(summary_db) as second:
+        again = post(client, second.endpoint("1.1.0", "batch"), body, headers=key)
+        assert again.status_code == 200 and again.headers["idempotent-replayed"] == "true"
+        assert again.json() == answered.json()
+        assert [e.path for e in second.entries()] == ["/once"]
+
+
+def test_concurrent_repeats_of_one_key_store_once(collector: Collector) -> None:
+    now = datetime.now(timezone.utc)
+    body = [alf_of([entry_at("GET", f"http://api.test/{i}", 200, 1, now) for i in range(20)])]
+    url = collector.endpoint("1.1.0", "batch")
+    barrier = threading.Barrier(8)
+    answers: list[httpx.Response] = []
+
+    def send() -> None:
+        with httpx.Client(trust_env=False, timeout=30.0) as own:
+            barrier.wait(30)
+            answers.append(post(own, url, body, headers={"Idempotency-Key": "raced"}))
+
+    threads = [threading.Thread(target=send) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert [a.status_code for a in answers] == [200] * 8
+    assert {a.content for a in answers} == {answers[0].content}
+    assert sum(1 for a in answers if "idempotent-replayed" not in a.headers) == 1
+    assert collector.count() == 20
+
+
+def test_idempotency_keys_are_forgotten_after_their_window(
+    collector_db: str, client: httpx.Client
+) -> None:
+    body = [alf_of([entry_at("GET", "http://api.test/w", 200, 1, datetime.now(timezone.utc))])]
+    key = {"Idempotency-Key": "short-lived"}
+    with Collector(collector_db, idempotency_window=0.001) as brief:
+        url = brief.endpoint("1.1.0", "batch")
+        assert post(client, url, body, headers=key).status_code == 200
+        assert post(client, url, body, headers=key).headers["idempotent-replayed"] == "true"
+        housekeeping = brief.app.state.housekeeping
+        deadline = time.monotonic() + 30
+        while brief.store.find_answer(hash_key("short-lived")) is not None:
+            assert time.monotonic() < deadline, "the key was never forgotten"
+            housekeeping.run_once()
+        again = post(client, url, body, headers=key)
+        assert again.status_code == 200 and "idempotent-replayed" not in again.headers
+        assert brief.count() == 2
+
+
+def test_retention_deletes_old_entries_in_the_background(
+    collector_db: str, client: httpx.Client
+) -> None:
+    now = datetime.now(timezone.utc)
+    old = [
+        entry_at("GET", f"http://api.test/old/{i}", 500, 5, now - timedelta(days=40, minutes=i * 7))
+        for i in range(30)
+    ]
+    recent = [entry_at("GET", f"http://api.test/new/{i}", 200, 1, now) for i in range(3)]
+    with Collector(collector_db, retention="30d", housekeeping_interval=0.05) as kept:
+        answer = post(client, kept.endpoint("1.1.0", "batch"), [alf_of(old + recent)])
+        assert answer.status_code == 200, answer.text
+        assert kept.wait_for_entries(33, timeout=30)  # stored, then expired
+        deadline = time.monotonic() + 60
+
+        def counted() -> int:
+            return int(client.get(kept.url + "/api/stats").json()["count"])
+
+        # Entries go first, then their rollups an hour of them per transaction.
+        while kept.count() > 3 or counted() > 3:
+            assert time.monotonic() < deadline, f"still {kept.count()}, {counted()} entries"
+            time.sleep(0.05)
+        assert sorted(e.path for e in kept.entries()) == ["/new/0", "/new/1", "/new/2"]
+        stats = client.get(kept.url + "/api/stats").json()
+        assert (stats["count"], stats["errors"], stats["status_codes"]) == (3, 0, {"200": 3})
+    # Each pass deletes a bounded chunk, so ingest is never held for long.
+    with Collector(collector_db) as plain:
+        base = plain.count()  # the PostgreSQL schema still holds the 3 recent entries
+        expired = [
+            entry_at("GET", f"http://api.test/old/{i}", 200, 1, now - timedelta(days=60))
+            for i in range(5)
+        ]
+        assert post(client, plain.endpoint("1.1.0", "batch"), [alf_of(expired)]).status_code == 200
+        before = int((now - timedelta(days=30)).timestamp() * 1_000_000)
+        left = []
+        while plain.store.purge(before, chunk=2):
+            left.append(plain.count() - base)
+        assert left[:3] == [3, 1, 0]
+        assert plain.count() == base
+
+
+@pytest.fixture
+def filled(collector_db: str) -> Iterator[tuple[Collector, datetime]]:
+    """A guarded collector holding a known traffic mix of the last ten minutes."""
+    base = datetime.now(timezone.utc).replace(second=0, microsecond=0) - timedelta(minutes=10)
+    prod = [
+        entry_at("GET", f"http://api.test/users/{i}", 200, 10 + i, base + timedelta(seconds=i))
+        for i in range(10)
+    ]
+    prod += [
+        entry_at(
+            "POST", "http://api.test/users", 201, 30, base + timedelta(minutes=1), consumer="c1"
+        ),
+        entry_at(
+            "GET",
+            "http://api.test/users/7/orders",
+            404,
+            2,
+            base + timedelta(minutes=2),
+            consumer="c1",
+        ),
+        entry_at(
+            "GET",
+            "http://api.test/boom?x=1",
+            503,
+            900,
+            base + timedelta(minutes=3),
+            consumer="c2",
+            body=("application/json", '{"error":"down","retry":true}'),
+        ),
+    ]
+    staging = [
+        entry_at("DELETE", "http://staging.test/users/1", 500, 50, base + timedelta(minutes=4))
+    ]
+    with Collector(
+        collector_db, tokens=[f"shop={WRITE_TOKEN}", OTHER_WRITE_TOKEN], read_key=READ_KEY
+    ) as running:
+        with httpx.Client(trust_env=False, timeout=30.0) as http:
+            answer = post(
+                http,
+                running.endpoint("1.1.0", "batch"),
+                [
+                    alf_of(prod, environment="prod"),
+                    alf_of(staging, token=OTHER_WRITE_TOKEN, environment="staging"),
+                ],
+            )
+            assert answer.status_code == 200, answer.text
+        yield running, base
+
+
+def test_api_services_stats_endpoints_and_consumers(filled: tuple[Collector, datetime]) -> None:
+    collector, base = filled
+    with reader() as api:
+
+        def get(where: str, **params: str) -> httpx.Response:
+            return api.get(collector.url + where, params=params)
+
+        services = get("/api/services").json()["services"]
+        assert [(s["service"], s["environment"], s["count"], s["errors"]) for s in services] == [
+            ("shop", "prod", 13, 2),
+            ("...9876", "staging", 1, 1),
+        ]
+        assert services[0]["first_seen"].startswith(base.strftime("%Y-%m-%dT%H:%M:00"))
+        assert services[0]["last_seen"].startswith(
+            (base + timedelta(minutes=3)).strftime("%Y-%m-%dT%H:%M")
+        )
+
+        stats = get("/api/stats").json()
+        assert (stats["count"], stats["errors"]) == (14, 3)
+        assert stats["error_rate"] == pytest.approx(3 / 14, abs=1e-6)
+        assert stats["status_classes"] == {"2xx": 11, "4xx": 1, "5xx": 2}
+        assert stats["status_codes"] == {"200": 10, "201": 1, "404": 1, "500": 1, "503": 1}
+        assert stats["p50"] is not None and stats["p50"] <= stats["p95"] <= stats["p99"]
+        assert stats["p99"] == pytest.approx(900, rel=0.06)
+        assert [p["count"] for p in stats["series"]] == [10, 1, 1, 1, 1]
+        prod = get("/api/stats", service="shop", environment="prod").json()
+        assert (prod["count"], prod["errors"]) == (13, 2)
+        # since/until: ISO 8601 or epoch seconds, since inclusive, until exclusive.
+        since = (base + timedelta(minutes=1)).isoformat()
+        until = str((base + timedelta(minutes=3)).timestamp())
+        assert get("/api/stats", since=since, until=until).json()["count"] == 2
+        five = get("/api/stats", interval="300").json()
+        assert five["interval"] == 300 and sum(p["count"] for p in five["series"]) == 14
+        assert get("/api/stats", status="5xx").json()["count"] == 2
+
+        endpoints = get("/api/endpoints").json()["endpoints"]
+        assert [(e["method"], e["route"], e["count"], e["errors"]) for e in endpoints] == [
+            ("GET", "/users/{id}", 10, 0),  # by count, then route and method
+            ("GET", "/boom", 1, 1),
+            ("POST", "/users", 1, 0),
+            ("DELETE", "/users/{id}", 1, 1),
+            ("GET", "/users/{id}/orders", 1, 1),
+        ]
+        slowest = get("/api/endpoints", sort="p95", limit="1").json()["endpoints"]
+        assert [(e["route"], e["p95"]) for e in slowest] == [
+            ("/boom", pytest.approx(900, rel=0.06))
+        ]
+
+        consumers = get("/api/consumers").json()["consumers"]
+        assert [(c["consumer"], c["count"], c["errors"]) for c in consumers] == [
+            ("c1", 2, 1),
+            ("c2", 1, 1),
+        ]
+        for path, params in [
+            ("/api/stats", {"interval": "61"}),
+            ("/api/stats", {"since": "yesterday"}),
+            ("/api/entries", {"status": "6xx"}),
+            ("/api/entries", {"limit": "0"}),
+            ("/api/entries", {"cursor": "not-a-cursor"}),
+            ("/api/endpoints", {"sort": "name"}),
+        ]:
+            refused = get(path, **params)
+            assert refused.status_code == 400, (path, params, refused.text)
+            assert list(refused.json()) == ["errors"]
+
+
+def test_api_entries_filters_pages_and_details(filled: tuple[Collector, datetime]) -> None:
+    collector, _ = filled
+    with reader() as api:
+
+        def get(where: str, **params: str) -> httpx.Response:
+            return api.get(collector.url + where, params=params)
+
+        listed = get("/api/entries").json()
+        assert listed["next_cursor"] is None
+        paths = [e["path"] for e in listed["entries"]]
+        assert paths[:4] == ["/users/1", "/boom", "/users/7/orders", "/users"]  # newest first
+        assert len(paths) == 14
+        assert {e["service"] for e in listed["entries"]} == {"shop", "...9876"}
+
+        def paths_of(**params: str) -> list[str]:
+            return [e["path"] for e in get("/api/entries", **params).json()["entries"]]
+
+        assert paths_of(status="5xx") == ["/users/1", "/boom"]
+        assert paths_of(status="404") == ["/users/7/orders"]
+        assert paths_of(method="post") == ["/users"]
+        assert paths_of(path="/users/7") == ["/users/7/orders", "/users/7"]
+        assert paths_of(route="/users/{id}", environment="prod") == [
+            f"/users/{i}" for i in range(9, -1, -1)
+        ]
+        assert paths_of(consumer="c1") == ["/users/7/orders", "/users"]
+        assert paths_of(service=OTHER_WRITE_TOKEN) == ["/users/1"]  # the token itself works too
+
+        pages: list[int] = []
+        cursor: str | None = None
+        while True:
+            params = {"limit": "4", **({"cursor": cursor} if cursor else {})}
+            page = get("/api/entries", **params).json()
+            pages += [e["id"] for e in page["entries"]]
+            cursor = page["next_cursor"]
+            if cursor is None:
+                break
+        assert pages == [e["id"] for e in listed["entries"]]  # no overlap, nothing missed
+
+        [boom] = get("/api/entries", path="/boom").json()["entries"]
+        detail = get(f"/api/entries/{boom['id']}").json()
+        assert (detail["service"], detail["environment"]) == ("shop", "prod")
+        assert detail["entry"]["request"]["url"] == "http://api.test/boom?x=1"
+        assert detail["bodies"]["response"]["kind"] == "json"
+        assert json.loads(detail["bodies"]["response"]["text"]) == {"error": "down", "retry": True}
+        assert detail["received"] is not None
+        assert get("/api/entries/999999").status_code == 404
+
+        one = get(f"/api/entries/{boom['id']}.har")
+        assert (
+            one.headers["content-disposition"] == f'attachment; filename="entry-{boom["id"]}.har"'
+        )
+        har = one.json()["log"]
+        assert har["version"] == "1.2" and [e["request"]["url"] for e in har["entries"]] == [
+            "http://api.test/boom?x=1"
+        ]
+        export = get("/api/export.har", route="/users/{id}")
+        assert export.headers["content-disposition"] == 'attachment; filename="alf-export.har"'
+        exported = export.json()["log"]["entries"]
+        assert len(exported) == 11 and all("/users/" in e["request"]["url"] for e in exported)
+
+    document = httpx.get(collector.url + "/openapi.json", trust_env=False).json()
+    assert set(document["paths"]) >= {
+        "/api/services",
+        "/api/stats",
+        "/api/endpoints",
+        "/api/entries",
+        "/api/consumers",
+        "/api/entries/{entry_id}",
+        "/api/entries/{entry_id}.har",
+        "/api/export.har",
+    }
+
+
+# --- long values (PostgreSQL's index keys hold at most 2,704 bytes) ---------------------------
+
+
+def _random(alphabet: str, n: int, seed: int) -> str:
+    rnd = random.Random(seed)
+    return "".join(rnd.choice(alphabet) for _ in range(n))
+
+
+LONG_PATHS = {
+    # Random letters: not folded, so the route is as long as the (capped) path.
+    "letters": "".join("/" + _random(string.ascii_lowercase, 15, i) for i in range(200)),
+    # Each "/1/ab" grows to "/{id}/ab" in the route: the route outgrows the path.
+    "route-grows": "".join(
+        f"/{i % 10}/{_random(string.ascii_lowercase, 2, i)}" for i in range(700)
+    ),
+    # Percent-encoded UTF-8 (CJK): what an agent sends for a non-ASCII path.
+    "percent-encoded": "/"
+    + "/".join(quote(_random("".join(map(chr, range(0x4E00, 0x4E80))), 12, i)) for i in range(40)),
+    "one-segment": "/" + _random(string.ascii_letters + string.digits, 5_000, 7),
+}
+
+
+@pytest.mark.parametrize("name", list(LONG_PATHS))
+def test_long_paths_are_stored_and_queried_back(
+    collector_db: str, client: httpx.Client, name: str
+) -> None:
+    path = LONG_PATHS[name]
+    assert len(path.encode()) > 2_700
+    url = f"http://api.test{path}?q=1"
+    with Collector(collector_db) as long_ok:
+        entry = entry_at("GET", url, 200, 1, datetime.now(timezone.utc))
+        answer = post(client, long_ok.endpoint("1.1.0", "batch"), [alf_of([entry])])
+        assert answer.status_code == 200, answer.text
+        [stored] = long_ok.entries()
+        assert stored.url == url and path.startswith(stored.path)  # the column may be capped
+        [listed] = client.get(long_ok.url + "/api/entries", params={"path": path[:2048]}).json()[
+            "entries"
+        ]
+        detail = client.get(f"{long_ok.url}/api/entries/{listed['id']}").json()
+        assert detail["entry"]["request"]["url"] == url
+        [endpoint] = client.get(long_ok.url + "/api/endpoints").json()["endpoints"]
+        by_route = client.get(long_ok.url + "/api/entries", params={"route": endpoint["route"]})
+        assert [e["id"] for e in by_route.json()["entries"]] == [listed["id"]]
+
+
+def test_long_consumers_hosts_creators_tokens_and_environments_are_stored(
+    collector_db: str, client: httpx.Client
+) -> None:
+    cjk = "".join(map(chr, range(0x4E00, 0x9FFF)))
+    consumer = _random(cjk, 3_000, 1)  # 9 KB of UTF-8
+    host = _random(string.ascii_lowercase, 3_000, 2) + ".test"
+    token = _random(string.ascii_letters, 4_000, 3)
+    environment = _random(cjk, 2_000, 4)
+    now = datetime.now(timezone.utc)
+    alf = alf_of(
+        [
+            entry_at("GET", f"http://{host}/x", 200, 1, now),
+            entry_at("GET", "http://api.test/who", 200, 1, now, consumer=consumer),
+            entry_at(_random(string.ascii_uppercase, 500, 5), "http://api.test/m", 200, 1, now),
+        ],
+        token=token,
+        environment=environment,
+    )
+    creator = {"name": _random(string.printable, 4_000, 6), "version": _random(cjk, 2_000, 7)}
+    alf["har"]["log"]["creator"] = creator
+    with Collector(collector_db) as long_ok:
+        answer = post(client, long_ok.endpoint("1.1.0", "single"), alf)
+        assert answer.status_code == 200, answer.text
+        first, second, third = long_ok.entries()
+        assert (first.service_token, first.environment) == (token, environment)
+        assert host.startswith(first.host) and second.consumer is not None
+        assert consumer.startswith(second.consumer)
+        assert [e["request"]["method"] for e in (first.entry, second.entry, third.entry)][2] == alf[
+            "har"
+        ]["log"]["entries"][2]["request"]["method"]
+        found = client.get(
+            long_ok.url + "/api/entries", params={"consumer": second.consumer}
+        ).json()["entries"]
+        assert [e["id"] for e in found] == [second.id]
+        [service] = client.get(long_ok.url + "/api/services").json()["services"]
+        assert service["count"] == 3 and service["environment"] == environment
+        assert token not in answer.text
+        # The creator is kept once per distinct value: a huge one is cut (the entry is not).
+        assert first.creator == {"name": creator["name"][:128], "version": creator["version"][:128]}
