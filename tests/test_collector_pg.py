@@ -6,7 +6,9 @@ The server comes from :mod:`tests.pg` (skipped when PostgreSQL cannot start, fai
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -14,7 +16,8 @@ import pytest
 from alf_analytics.collector import Collector
 from alf_analytics.collector.storage.postgres import PostgresStore
 from tests.pg import pg_server, pg_url
-from tests.test_collector import make_alf
+from tests.servers import free_port, reaped, sigterm
+from tests.test_collector import make_alf, start_cli_collector
 
 __all__ = ["pg_server", "pg_url"]  # fixtures, imported for pytest
 
@@ -79,3 +82,42 @@ def test_data_outlives_the_collector(pg_url: str, client: httpx.Client) -> None:
         assert response.status_code == 200, response.text
     with Collector(pg_url) as second:
         assert [(e.path, e.status) for e in second.entries()] == [("/health", 204)]
+
+
+def test_workers_share_the_cli_options_and_stop_with_exit_0(
+    pg_url: str, client: httpx.Client, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    port = free_port()
+    proc, url = start_cli_collector(
+        "--db", pg_url, "--port", str(port), "--workers", "2", "--token", "mp=token-workers",
+        "--max-body-bytes", "4000", "--max-entries", "3", "--idempotency-window", "1h",
+        cwd=tmp_path,
+    )  # fmt: skip
+    with reaped(proc):
+        deadline = time.monotonic() + 60
+        while True:  # the workers start after the supervisor's line
+            try:
+                if client.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "no worker answered"
+            time.sleep(0.05)
+        endpoint = url + "/1.1.0/batch"
+        small = make_alf([("GET", "http://api.test/w", 200, 1)], token="token-workers")
+        stored = client.post(endpoint, json=[small], headers={"Idempotency-Key": "w-1"})
+        assert stored.status_code == 200, stored.text
+        again = client.post(endpoint, json=[small], headers={"Idempotency-Key": "w-1"})
+        assert again.headers["idempotent-replayed"] == "true"
+        many = make_alf([("GET", f"http://api.test/{i}", 200, 1) for i in range(4)])
+        assert client.post(endpoint, json=[many]).status_code == 413  # --max-entries 3
+        big = make_alf([("GET", f"http://api.test/{i}", 200, 1) for i in range(3)])
+        big["har"]["log"]["entries"][0]["request"]["url"] += "?" + "x" * 5_000
+        assert client.post(endpoint, json=[big]).status_code == 413  # --max-body-bytes 4000
+        stranger = make_alf([("GET", "http://api.test/s", 200, 1)], token="token-stranger")
+        assert client.post(endpoint, json=[stranger]).status_code == 401
+        stderr = sigterm(proc, timeout=60).decode(errors="replace")
+        assert proc.returncode == 0, stderr
+    assert "Traceback" not in stderr, stderr
+    with Collector(pg_url) as reading:
+        assert [(e.path, e.service_token) for e in reading.entries()] == [("/w", "token-workers")]

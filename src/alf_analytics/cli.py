@@ -155,7 +155,12 @@ def _build_parser() -> argparse.ArgumentParser:
         default=1,
         help="processes (PostgreSQL only; SQLite has one writer) (%(default)s)",
     )
-    run.add_argument("--verbose", "-v", action="store_true", help="log every request to stderr")
+    run.add_argument(
+        "--verbose",
+        "-v",
+        action="store_true",
+        help="log every request (uvicorn's access log, on stdout) and more to stderr",
+    )
     run.set_defaults(handler=_run_collector)
 
     summary = commands.add_parser(
@@ -266,7 +271,7 @@ def _run_collector(args: argparse.Namespace) -> int:
         print(f"alf-analytics: {problem}", file=sys.stderr)
         return 2
     if args.workers > 1:
-        return _run_workers(args, tokens, is_postgres_url(args.db))
+        return _run_workers(args, tokens, limits, is_postgres_url(args.db))
     try:
         store = open_store(args.db, tokens=tokens)
     except CollectorError as exc:
@@ -311,9 +316,30 @@ def _run_collector(args: argparse.Namespace) -> int:
         store.close()
 
 
-def _run_workers(args: argparse.Namespace, tokens: Any, postgres: bool) -> int:
+_WORKER_OPTIONS = "ALF_COLLECTOR_CLI_OPTIONS"
+
+
+def worker_app() -> Any:
+    """The app of one ``--workers`` process: ``ALF_COLLECTOR_*`` variables plus the CLI's
+    other options, handed over by the supervisor in ``ALF_COLLECTOR_CLI_OPTIONS`` (JSON)."""
+    from .collector.app import create_app
+    from .collector.settings import Limits
+
+    options = json.loads(os.environ.get(_WORKER_OPTIONS) or "{}")
+    return create_app(
+        limits=Limits(**options.get("limits", {})),
+        idempotency_window=options.get("idempotency_window", "24h"),
+        ingest_concurrency=int(options.get("ingest_concurrency", 2)),
+    )
+
+
+def _run_workers(args: argparse.Namespace, tokens: Any, limits: Any, postgres: bool) -> int:
     """Several uvicorn worker processes, each building the app from ALF_COLLECTOR_* variables."""
+    import dataclasses
+
     import uvicorn
+
+    from .collector.server import UVICORN_SETTINGS
 
     if not postgres:
         print(
@@ -330,21 +356,31 @@ def _run_workers(args: argparse.Namespace, tokens: Any, postgres: bool) -> int:
     )
     os.environ["ALF_COLLECTOR_READ_KEY"] = args.read_key or ""
     os.environ["ALF_COLLECTOR_RETENTION"] = args.retention or ""
+    os.environ[_WORKER_OPTIONS] = json.dumps(
+        {
+            "limits": dataclasses.asdict(limits),
+            "idempotency_window": args.idempotency_window,
+            "ingest_concurrency": args.ingest_concurrency,
+        }
+    )
+    host = f"[{args.host}]" if ":" in args.host else args.host
     print(
-        f"ALF collector listening on http://{args.host}:{args.port} ({args.workers} workers)",
+        f"ALF collector listening on http://{host}:{args.port} ({args.workers} workers)",
         flush=True,
     )
+    settings = {
+        **UVICORN_SETTINGS,
+        "limit_concurrency": args.limit_concurrency,
+        "log_level": "info" if args.verbose else "warning",
+        "access_log": args.verbose,
+    }
     uvicorn.run(
-        "alf_analytics.collector:create_app",
+        "alf_analytics.cli:worker_app",
         factory=True,
         host=args.host,
         port=args.port,
         workers=args.workers,
-        limit_concurrency=args.limit_concurrency,
-        log_level="info" if args.verbose else "warning",
-        access_log=args.verbose,
-        server_header=False,
-        timeout_graceful_shutdown=5,
+        **settings,
     )
     return 0
 

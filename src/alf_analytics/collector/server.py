@@ -34,7 +34,7 @@ from .storage import Store, open_store
 from .storage.base import decode_entry
 from .summary import Summary, summarize_store
 
-__all__ = ["Collector", "StoredEntry", "uvicorn_config"]
+__all__ = ["UVICORN_SETTINGS", "Collector", "StoredEntry", "uvicorn_config"]
 
 _START_TIMEOUT: Final = 15.0
 _POLL: Final = 0.05
@@ -72,22 +72,24 @@ class StoredEntry:
     alf_index: int = 0
 
 
+UVICORN_SETTINGS: Final[dict[str, Any]] = {
+    "lifespan": "on",
+    "log_level": "warning",
+    "access_log": False,
+    "limit_concurrency": 100,
+    "backlog": 256,
+    "timeout_keep_alive": 15,
+    "timeout_graceful_shutdown": 5,
+    "h11_max_incomplete_event_size": 64 * 1024,
+    "server_header": False,
+    "proxy_headers": False,
+}
+"""The hardened uvicorn settings the collector runs with (one process or ``--workers``)."""
+
+
 def uvicorn_config(app: Any, **options: Any) -> uvicorn.Config:
     """The uvicorn settings the collector runs with (hardened defaults, overridable)."""
-    settings: dict[str, Any] = {
-        "lifespan": "on",
-        "log_level": "warning",
-        "access_log": False,
-        "limit_concurrency": 100,
-        "backlog": 256,
-        "timeout_keep_alive": 15,
-        "timeout_graceful_shutdown": 5,
-        "h11_max_incomplete_event_size": 64 * 1024,
-        "server_header": False,
-        "proxy_headers": False,
-    }
-    settings.update(options)
-    return uvicorn.Config(app, **settings)
+    return uvicorn.Config(app, **{**UVICORN_SETTINGS, **options})
 
 
 def _utc(micros: int) -> datetime:
