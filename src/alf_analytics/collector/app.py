@@ -13,11 +13,12 @@ in Python with explicit arguments. ``alf-analytics collector`` does the latter u
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -265,6 +266,28 @@ class _Ingest:
         )
 
 
+_GC_THRESHOLD: Final = 50_000
+
+
+@contextlib.contextmanager
+def _fewer_gc_passes() -> Iterator[None]:
+    """Fewer cyclic garbage collections while serving (a measured ~10% of ingest's CPU).
+
+    A batch parses into thousands of dicts and lists, freed by reference counting (they
+    hold no cycles); with the default threshold (700 allocations) each batch set off
+    several collections, now and then a full one over everything the process holds. The
+    threshold in force before is restored when the app stops.
+    """
+    before = gc.get_threshold()
+    if before[0] < _GC_THRESHOLD:
+        gc.set_threshold(_GC_THRESHOLD, *before[1:])
+    try:
+        yield
+    finally:
+        if gc.get_threshold()[0] == _GC_THRESHOLD:
+            gc.set_threshold(*before)
+
+
 def _alf_routes(ingest: _Ingest) -> list[BaseRoute]:
     result: list[BaseRoute] = []
     methods = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
@@ -317,6 +340,8 @@ class _Housekeeping:
         before = int((now - self.idempotency_window) * 1_000_000)
         while self.store.forget_keys(before):
             pass
+        # Past hours of per-minute rollups summed into hourly rows (what long ranges read).
+        self.store.compact()
         return deleted
 
     async def loop(self) -> None:
@@ -403,12 +428,13 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with anyio.create_task_group() as group:
-            group.start_soon(housekeeping.loop)
-            try:
-                yield
-            finally:
-                group.cancel_scope.cancel()
+        with _fewer_gc_passes():
+            async with anyio.create_task_group() as group:
+                group.start_soon(housekeeping.loop)
+                try:
+                    yield
+                finally:
+                    group.cancel_scope.cancel()
         if owns_store:
             store.close()
 

@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Final, Protocol
 
 import orjson
@@ -41,8 +43,9 @@ __all__ = [
     "schema_statements",
 ]
 
-SCHEMA_VERSION: Final = 2
-"""Version 1 was the old ``http.server`` collector's (requests/alfs/entries tables)."""
+SCHEMA_VERSION: Final = 3
+"""Version 1 was the old ``http.server`` collector's (requests/alfs/entries tables); 2 had
+the per-minute rollups only; 3 adds the hourly ones (``agg_hour``, ``agg_consumer_hour``)."""
 
 _TABLES: Final = {
     "streams": [
@@ -111,6 +114,13 @@ _TABLES: Final = {
         "PRIMARY KEY (minute, stream_id, consumer, status, bucket)",
     ],
 }
+# The hourly rollups: the same columns, ``minute`` being the first minute of the hour.
+_TABLES["agg_hour"] = _TABLES["agg_minute"]
+_TABLES["agg_consumer_hour"] = _TABLES["agg_consumer"]
+_TABLES["agg_hours"] = ["minute BIGINT PRIMARY KEY", "compacted BIGINT NOT NULL"]
+ROLLUP_TABLES: Final = ("agg_minute", "agg_consumer", "agg_hour", "agg_consumer_hour")
+HOURLY: Final = {"agg_minute": "agg_hour", "agg_consumer": "agg_consumer_hour"}
+"""Per minute, then per hour (``minute`` is the first minute of the hour there)."""
 # One index on entries (random-order indexes cost more at ingest than they save in queries:
 # aggregates read the rollups; listings walk `started` newest first and filter as they go).
 _INDEXES: Final = (
@@ -130,13 +140,32 @@ def schema_statements(*, pk: str, real: str, blob: str, suffix: dict[str, str]) 
     return statements
 
 
-_INSERT_ENTRY: Final = (
-    "INSERT INTO entries (id, stream_id, ingest_id, alf_index, alf_version, creator_id, "
-    "received, started, method, host, path, route, status, time_ms, bucket, request_bytes, "
-    "response_bytes, client_ip, consumer) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-)
-_INSERT_DATA: Final = "INSERT INTO entry_data (id, entry) VALUES (?, ?)"
+ENTRY_COLUMNS: Final = (
+    "id", "stream_id", "ingest_id", "alf_index", "alf_version", "creator_id", "received",
+    "started", "method", "host", "path", "route", "status", "time_ms", "bucket",
+    "request_bytes", "response_bytes", "client_ip", "consumer",
+)  # fmt: skip
+ROLLUPS: Final = {
+    "agg_minute": ("minute", "stream_id", "method", "route", "status", "bucket"),
+    "agg_consumer": ("minute", "stream_id", "consumer", "status", "bucket"),
+    "agg_hour": ("minute", "stream_id", "method", "route", "status", "bucket"),
+    "agg_consumer_hour": ("minute", "stream_id", "consumer", "status", "bucket"),
+}
+"""Each rollup table's key columns; every one also sums ``SUM_COLUMNS``."""
+SUM_COLUMNS: Final = ("n", "time_sum", "bytes_in", "bytes_out")
+COLUMN_TYPES: Final = {
+    "minute": "bigint", "stream_id": "bigint", "method": "text", "route": "text",
+    "consumer": "text", "status": "integer", "bucket": "integer", "n": "bigint",
+    "time_sum": "double precision", "bytes_in": "bigint", "bytes_out": "bigint",
+}  # fmt: skip
+"""PostgreSQL types of the rollup columns (for its array-based upsert)."""
+
+
+@lru_cache(maxsize=64)
+def upsert_clause(table: str, keys: tuple[str, ...]) -> str:
+    """What makes an INSERT of rollup rows (keys, then sums) add into existing rows."""
+    sums = ", ".join(f"{c} = {table}.{c} + excluded.{c}" for c in SUM_COLUMNS)
+    return f" ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {sums}"
 
 
 def decode_entry(blob: bytes | memoryview) -> dict[str, Any]:
@@ -155,22 +184,98 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return decompressor
 
 
-_UPSERT_MINUTE: Final = (
-    "INSERT INTO agg_minute (minute, stream_id, method, route, status, bucket, n, time_sum, "
-    "bytes_in, bytes_out) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-    "ON CONFLICT (minute, stream_id, method, route, status, bucket) DO UPDATE SET "
-    "n = agg_minute.n + excluded.n, time_sum = agg_minute.time_sum + excluded.time_sum, "
-    "bytes_in = agg_minute.bytes_in + excluded.bytes_in, "
-    "bytes_out = agg_minute.bytes_out + excluded.bytes_out"
-)
-_UPSERT_CONSUMER: Final = (
-    "INSERT INTO agg_consumer (minute, stream_id, consumer, status, bucket, n, time_sum, "
-    "bytes_in, bytes_out) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
-    "ON CONFLICT (minute, stream_id, consumer, status, bucket) DO UPDATE SET "
-    "n = agg_consumer.n + excluded.n, time_sum = agg_consumer.time_sum + excluded.time_sum, "
-    "bytes_in = agg_consumer.bytes_in + excluded.bytes_in, "
-    "bytes_out = agg_consumer.bytes_out + excluded.bytes_out"
-)
+def _compressor() -> zstandard.ZstdCompressor:
+    compressor: zstandard.ZstdCompressor | None = getattr(_local, "compressor", None)
+    if compressor is None:
+        compressor = _local.compressor = zstandard.ZstdCompressor(level=1)
+    return compressor
+
+
+_MINUTE_US: Final = 60_000_000
+COMPACT_AFTER_MINUTES: Final = 5
+"""How long after an hour's end its minutes are summed into an hourly row."""
+
+
+@dataclass
+class _SaveWork:
+    """What a save writes, computed before its transaction (group indexes for stream ids)."""
+
+    columns: list[list[tuple[Any, ...]]]  # per group: entry columns from ``started`` on
+    blobs: list[bytes]  # the compressed entries, in order
+    rollups: dict[str, dict[tuple[Any, ...], list[float]]]
+
+    @classmethod
+    def build(cls, request: SaveRequest) -> _SaveWork:
+        compressor = _compressor()
+        columns: list[list[tuple[Any, ...]]] = []
+        blobs: list[bytes] = []
+        minutes: dict[tuple[Any, ...], list[float]] = {}
+        consumers: dict[tuple[Any, ...], list[float]] = {}
+        for index, group in enumerate(request.groups):
+            rows: list[tuple[Any, ...]] = []
+            for r in group.rows:
+                rows.append(
+                    (r.started, r.method, r.host, r.path, r.route, r.status, r.time_ms,
+                     r.bucket, r.request_bytes, r.response_bytes, r.client_ip, r.consumer)
+                )  # fmt: skip
+                blobs.append(r.entry)
+                minute = r.started // _MINUTE_US
+                key: tuple[Any, ...] = (minute, index, r.method, r.route, r.status, r.bucket)
+                _add(minutes, key, r.time_ms, r.request_bytes, r.response_bytes)
+                if r.consumer is not None:
+                    key = (minute, index, r.consumer, r.status, r.bucket)
+                    _add(consumers, key, r.time_ms, r.request_bytes, r.response_bytes)
+            columns.append(rows)
+        if len(blobs) > 1:
+            # One call for all the entries, in native threads without the GIL.
+            inputs: list[bytes | bytearray | memoryview] = list(blobs)
+            compressed = compressor.multi_compress_to_buffer(inputs, threads=2)
+            blobs = [compressed[i].tobytes() for i in range(len(compressed))]
+        else:
+            blobs = [compressor.compress(blob) for blob in blobs]
+        rollups = {"agg_minute": minutes}
+        if consumers:
+            rollups["agg_consumer"] = consumers
+        return cls(columns, blobs, rollups)
+
+
+def _rollup_rows(
+    sums: dict[tuple[Any, ...], list[float]], streams: list[int]
+) -> list[tuple[Any, ...]]:
+    """Rows to upsert: group indexes replaced by stream ids, keys met twice added, sorted.
+
+    Sorted: concurrent writers (PostgreSQL) lock rollup rows in one order (no deadlock).
+    """
+    if len(streams) == 1:
+        stream = streams[0]
+        rows = [(k[0], stream, *k[2:], *_ints(v)) for k, v in sums.items()]
+    else:  # two ALF objects of one stream: one row per key
+        merged = _merged({}, sums, streams)
+        rows = [(*key, *_ints(value)) for key, value in merged.items()]
+    rows.sort()
+    return rows
+
+
+def _compacted(tx: Transaction, hours: set[int]) -> set[int]:
+    """Which of ``hours`` (first minutes) are already summed into the hourly rollups."""
+    found = set()
+    for hour in sorted(hours):  # one or two: a batch spans seconds
+        if tx.fetchone("SELECT 1 FROM agg_hours WHERE minute = ?", [hour]) is not None:
+            found.add(hour)
+    return found
+
+
+def _by_hour(minutes: dict[tuple[Any, ...], list[float]]) -> dict[tuple[Any, ...], list[float]]:
+    hours: dict[tuple[Any, ...], list[float]] = {}
+    for key, value in minutes.items():
+        hour_key = (key[0] - key[0] % 60, *key[1:])
+        item = hours.get(hour_key)
+        if item is None:
+            hours[hour_key] = list(value)
+        else:
+            for i in range(4):
+                item[i] += value[i]
+    return hours
 
 
 @dataclass(frozen=True)
@@ -219,6 +324,14 @@ class Transaction(Protocol):
 
     def reserve_ids(self, count: int) -> list[int]:
         """``count`` new, increasing entry ids (unique across processes)."""
+
+    def bulk_insert(
+        self, table: str, columns: tuple[str, ...], rows: Sequence[Sequence[Any]]
+    ) -> None:
+        """Insert ``rows`` (values in ``columns`` order)."""
+
+    def bulk_upsert(self, table: str, keys: tuple[str, ...], rows: Sequence[Sequence[Any]]) -> None:
+        """Add rollup ``rows`` (keys, then ``SUM_COLUMNS``; no key twice) into ``table``."""
 
 
 class Store(ABC):
@@ -274,7 +387,12 @@ class Store(ABC):
         return SaveResult(int(row[0]), str(row[1]), row[2], replayed=True)
 
     def save(self, request: SaveRequest) -> SaveResult:
-        """Store the groups' entries and rollups and the request's answer, atomically."""
+        """Store the groups' entries and rollups and the request's answer, atomically.
+
+        Everything that needs no id (compression, column tuples, rollup sums) is done before
+        the write transaction starts, so that the one writer holds the lock only to write.
+        """
+        work = _SaveWork.build(request)
         new_streams: dict[str, int] = {}
         new_creators: dict[bytes, int] = {}
         with self.transaction() as tx:
@@ -297,81 +415,33 @@ class Store(ABC):
                 if row is None:  # pragma: no cover - the conflicting row was purged meanwhile
                     raise RuntimeError("idempotency key conflict without a stored answer")
                 return SaveResult(int(row[0]), str(row[1]), row[2], replayed=True)
-            entries: list[tuple[Any, ...]] = []
-            blobs: list[bytes] = []
-            minutes: dict[tuple[Any, ...], list[float]] = {}
-            consumers: dict[tuple[Any, ...], list[float]] = {}
-            for group in request.groups:
-                stream_id = self._stream_id(tx, group.token, group.environment, new_streams)
-                creator_id = self._creator_id(tx, group.creator, new_creators)
-                for entry_row in group.rows:
-                    entries.append(
-                        (
-                            stream_id,
-                            ingest_id,
-                            group.index,
-                            group.version,
-                            creator_id,
-                            request.received,
-                            entry_row.started,
-                            entry_row.method,
-                            entry_row.host,
-                            entry_row.path,
-                            entry_row.route,
-                            entry_row.status,
-                            entry_row.time_ms,
-                            entry_row.bucket,
-                            entry_row.request_bytes,
-                            entry_row.response_bytes,
-                            entry_row.client_ip,
-                            entry_row.consumer,
-                        )
-                    )
-                    blobs.append(entry_row.entry)
-                    minute = entry_row.started // 60_000_000
-                    key = (
-                        minute,
-                        stream_id,
-                        entry_row.method,
-                        entry_row.route,
-                        entry_row.status,
-                        entry_row.bucket,
-                    )
-                    _add(
-                        minutes,
-                        key,
-                        entry_row.time_ms,
-                        entry_row.request_bytes,
-                        entry_row.response_bytes,
-                    )
-                    if entry_row.consumer is not None:
-                        consumer_key = (
-                            minute,
-                            stream_id,
-                            entry_row.consumer,
-                            entry_row.status,
-                            entry_row.bucket,
-                        )
-                        _add(
-                            consumers,
-                            consumer_key,
-                            entry_row.time_ms,
-                            entry_row.request_bytes,
-                            entry_row.response_bytes,
-                        )
-            ids = tx.reserve_ids(len(entries))
-            compressor = zstandard.ZstdCompressor(level=1)
-            tx.executemany(_INSERT_ENTRY, [(i, *row) for i, row in zip(ids, entries, strict=True)])
-            tx.executemany(
-                _INSERT_DATA,
-                [(i, compressor.compress(data)) for i, data in zip(ids, blobs, strict=True)],
-            )
-            # Sorted keys: concurrent writers (PostgreSQL) lock rollup rows in the same order.
-            tx.executemany(_UPSERT_MINUTE, [(*k, *_ints(v)) for k, v in sorted(minutes.items())])
-            if consumers:
-                tx.executemany(
-                    _UPSERT_CONSUMER, [(*k, *_ints(v)) for k, v in sorted(consumers.items())]
-                )
+            streams = [
+                self._stream_id(tx, group.token, group.environment, new_streams)
+                for group in request.groups
+            ]
+            creators = [
+                self._creator_id(tx, group.creator, new_creators) for group in request.groups
+            ]
+            ids = tx.reserve_ids(len(work.blobs))
+            entry_rows: list[tuple[Any, ...]] = []
+            position = 0
+            for index, group in enumerate(request.groups):
+                head = (streams[index], ingest_id, group.index, group.version, creators[index])
+                for columns in work.columns[index]:
+                    entry_rows.append((ids[position], *head, request.received, *columns))
+                    position += 1
+            tx.bulk_insert("entries", ENTRY_COLUMNS, entry_rows)
+            tx.bulk_insert("entry_data", ("id", "entry"), list(zip(ids, work.blobs, strict=True)))
+            # The minute rollups first: on PostgreSQL this takes the lock that compact()
+            # waits for, so the check of compacted hours below cannot miss a compaction.
+            for table, sums in work.rollups.items():
+                tx.bulk_upsert(table, ROLLUPS[table], _rollup_rows(sums, streams))
+            hours = {key[0] - key[0] % 60 for key in work.rollups["agg_minute"]}
+            compacted = _compacted(tx, hours)
+            if compacted:  # late entries for an hour already summed: add them there too
+                for table, sums in work.rollups.items():
+                    late = {k: v for k, v in _by_hour(sums).items() if k[0] in compacted}
+                    tx.bulk_upsert(HOURLY[table], ROLLUPS[table], _rollup_rows(late, streams))
         with self._ids_lock:
             self._stream_ids.update(new_streams)
             self._creator_ids.update(new_creators)
@@ -419,6 +489,55 @@ class Store(ABC):
 
     # -- housekeeping -------------------------------------------------------------------
 
+    def _lock_for_compaction(self, tx: Transaction) -> None:
+        """Make writers of the minute rollups wait until this transaction ends (PostgreSQL)."""
+        del tx  # SQLite: its one writer at a time is enough
+
+    def compact(self, now: int | None = None, *, max_hours: int = 48) -> int:
+        """Sum whole past hours of the minute rollups into the hourly ones.
+
+        An hour is summed once, ``COMPACT_AFTER_MINUTES`` after its end, and marked in
+        ``agg_hours``; entries of a marked hour that arrive later are added to both (see
+        :meth:`save`), so the hourly rows always equal the sum of their minutes. Queries
+        read a marked hour's row instead of its 60 minutes. Each hour is one short
+        transaction; returns how many hours were summed (at most ``max_hours``).
+        """
+        now_minute = (now if now is not None else int(time.time() * 1_000_000)) // _MINUTE_US
+        end = now_minute - COMPACT_AFTER_MINUTES  # hours ending at or before this
+        done = 0
+        while done < max_hours:
+            last = self.scalar("SELECT MAX(minute) FROM agg_hours")
+            low = int(last) + 60 if last is not None else None
+            first = self.scalar(
+                "SELECT MIN(minute) FROM agg_minute"
+                + (" WHERE minute >= ?" if low is not None else ""),
+                [low] if low is not None else [],
+            )
+            if first is None:
+                return done
+            hour = int(first) - int(first) % 60
+            if hour + 60 > end:
+                return done
+            with self.transaction() as tx:
+                self._lock_for_compaction(tx)
+                if tx.fetchone("SELECT 1 FROM agg_hours WHERE minute = ?", [hour]) is None:
+                    for minute_table, hour_table in HOURLY.items():
+                        keys = ROLLUPS[minute_table]
+                        rest = ", ".join(keys[1:])
+                        sums = ", ".join(f"SUM({c})" for c in SUM_COLUMNS)
+                        tx.execute(
+                            f"INSERT INTO {hour_table} ({', '.join((*keys, *SUM_COLUMNS))}) "
+                            f"SELECT ?, {rest}, {sums} FROM {minute_table} "
+                            f"WHERE minute >= ? AND minute < ? GROUP BY {rest}",
+                            [hour, hour, hour + 60],
+                        )
+                    tx.execute(
+                        "INSERT INTO agg_hours (minute, compacted) VALUES (?, ?)",
+                        [hour, int(time.time() * 1_000_000)],
+                    )
+            done += 1
+        return done
+
     def purge(self, before: int, *, chunk: int = 5_000) -> int:
         """Delete up to ``chunk`` entries started before ``before`` (µs), and old rollups.
 
@@ -439,12 +558,18 @@ class Store(ABC):
                 tx.execute(f"DELETE FROM entry_data WHERE id IN ({listed})")
                 tx.execute(f"DELETE FROM entries WHERE id IN ({listed})")
                 deleted = self._changes(tx)
-            for table in ("agg_minute", "agg_consumer"):
+            for table in (*ROLLUP_TABLES, "agg_hours"):
+                # Hourly rows go once their whole hour is before ``before``.
+                hourly = table.endswith(("_hour", "_hours"))
+                cutoff = minute - minute % 60 if hourly else minute
+                step = 24 * 60 if hourly else 60
                 row = tx.fetchone(f"SELECT MIN(minute) FROM {table}")
                 oldest = row[0] if row else None
-                if oldest is not None and oldest < minute:
-                    # An hour of rollups per call: a few thousand rows at most.
-                    tx.execute(f"DELETE FROM {table} WHERE minute < ?", [min(minute, oldest + 60)])
+                if oldest is not None and oldest < cutoff:
+                    # An hour of minute rows (a day of hourly ones) per call: bounded.
+                    tx.execute(
+                        f"DELETE FROM {table} WHERE minute < ?", [min(cutoff, oldest + step)]
+                    )
                     deleted += self._changes(tx)
         return deleted
 
@@ -490,6 +615,23 @@ def _add(
         item[1] += time_ms
         item[2] += bytes_in
         item[3] += bytes_out
+
+
+def _merged(
+    into: dict[tuple[Any, ...], list[float]],
+    sums: dict[tuple[Any, ...], list[float]],
+    streams: list[int],
+) -> dict[tuple[Any, ...], list[float]]:
+    """``sums`` keyed by stream id instead of group index (keys that meet are added)."""
+    for key, value in sums.items():
+        final = (key[0], streams[key[1]], *key[2:])
+        item = into.get(final)
+        if item is None:
+            into[final] = list(value)
+        else:
+            for i in range(4):
+                item[i] += value[i]
+    return into
 
 
 def _ints(values: list[float]) -> tuple[int, float, int, int]:

@@ -19,7 +19,15 @@ import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from ..settings import CollectorError, TokenSet
-from .base import SCHEMA_VERSION, Store, Transaction, masked_url, schema_statements
+from .base import (
+    COLUMN_TYPES,
+    SCHEMA_VERSION,
+    SUM_COLUMNS,
+    Store,
+    Transaction,
+    masked_url,
+    schema_statements,
+)
 
 __all__ = ["PostgresStore"]
 
@@ -30,6 +38,18 @@ _MIGRATION_LOCK: Final = 0x414C4601  # pg_advisory_xact_lock key ("ALF" 1)
 def _sql(sql: str) -> str:
     """``?`` placeholders to psycopg's ``%s`` (literal ``%`` escaped)."""
     return sql.replace("%", "%%").replace("?", "%s")
+
+
+@lru_cache(maxsize=16)
+def _upsert(table: str, keys: tuple[str, ...]) -> str:
+    """One statement for all of a request's rollup rows: arrays unnested into rows."""
+    columns = (*keys, *SUM_COLUMNS)
+    arrays = ", ".join(f"%s::{COLUMN_TYPES[c]}[]" for c in columns)
+    sums = ", ".join(f"{c} = {table}.{c} + excluded.{c}" for c in SUM_COLUMNS)
+    return (
+        f"INSERT INTO {table} ({', '.join(columns)}) SELECT * FROM unnest({arrays}) "
+        f"ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {sums}"
+    )
 
 
 class _PostgresTransaction:
@@ -62,6 +82,23 @@ class _PostgresTransaction:
             [count],
         )
         return sorted(int(row[0]) for row in self.cursor.fetchall())
+
+    def bulk_insert(
+        self, table: str, columns: tuple[str, ...], rows: Sequence[Sequence[Any]]
+    ) -> None:
+        if not rows:
+            return
+        # COPY: one round trip and no per-row statement for the server to run.
+        with self.cursor.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)
+
+    def bulk_upsert(self, table: str, keys: tuple[str, ...], rows: Sequence[Sequence[Any]]) -> None:
+        if not rows:
+            return
+        self.cursor.execute(
+            _upsert(table, keys), [list(column) for column in zip(*rows, strict=True)]
+        )
 
 
 class PostgresStore(Store):
@@ -126,6 +163,11 @@ class PostgresStore(Store):
     def transaction(self) -> Iterator[Transaction]:
         with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cursor:
             yield _PostgresTransaction(cursor)
+
+    def _lock_for_compaction(self, tx: Transaction) -> None:
+        # SHARE conflicts with the ROW EXCLUSIVE lock of every writer of these tables: wait
+        # for those in flight, hold new ones back until the hour's sums are committed.
+        tx.execute("LOCK TABLE agg_minute, agg_consumer IN SHARE MODE")
 
     def _changes(self, tx: Transaction) -> int:
         assert isinstance(tx, _PostgresTransaction)

@@ -19,19 +19,30 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from functools import lru_cache
 from typing import Any, Final
 
 import orjson
 
 from ..ingest import _entry_row, _first_error, _validators
 from ..settings import CollectorError, TokenSet
-from .base import SCHEMA_VERSION, Store, Transaction, schema_statements
+from .base import (
+    ROLLUP_TABLES,
+    SCHEMA_VERSION,
+    SUM_COLUMNS,
+    Store,
+    Transaction,
+    iter_chunks,
+    schema_statements,
+    upsert_clause,
+)
 
 __all__ = ["SQLiteStore", "open_readonly"]
 
 logger = logging.getLogger("alf_analytics.collector")
 
 _CACHE_KIB: Final = 32_768  # page cache per connection
+_SUFFIX: Final = {table: " WITHOUT ROWID" for table in ROLLUP_TABLES}
 
 
 def _is_memory(path: str) -> bool:
@@ -64,6 +75,38 @@ class _SQLiteTransaction:
         # BEGIN IMMEDIATE holds the database's write lock: no other writer can take these.
         last = int(self.db.execute("SELECT COALESCE(MAX(id), 0) FROM entries").fetchone()[0])
         return list(range(last + 1, last + 1 + count))
+
+    def bulk_insert(
+        self, table: str, columns: tuple[str, ...], rows: Sequence[Sequence[Any]]
+    ) -> None:
+        self._many(table, columns, rows, "")
+
+    def bulk_upsert(self, table: str, keys: tuple[str, ...], rows: Sequence[Sequence[Any]]) -> None:
+        self._many(table, (*keys, *SUM_COLUMNS), rows, upsert_clause(table, keys))
+
+    def _many(
+        self, table: str, columns: tuple[str, ...], rows: Sequence[Sequence[Any]], tail: str
+    ) -> None:
+        # Many rows per statement: executemany would release and retake the GIL for each
+        # row, and under load (another thread parsing the next request) each retake waits.
+        per_statement = max(1, min(_MAX_ROWS, _max_variables(self.db) // len(columns)))
+        for chunk in iter_chunks(rows, per_statement):
+            sql = _multi_insert(table, columns, len(chunk)) + tail
+            self.changes = self.db.execute(sql, [v for row in chunk for v in row]).rowcount
+
+
+_MAX_ROWS: Final = 500
+
+
+def _max_variables(db: sqlite3.Connection) -> int:
+    getlimit = getattr(db, "getlimit", None)  # Python 3.11+
+    return int(getlimit(getattr(sqlite3, "SQLITE_LIMIT_VARIABLE_NUMBER", 9))) if getlimit else 999
+
+
+@lru_cache(maxsize=256)
+def _multi_insert(table: str, columns: tuple[str, ...], count: int) -> str:
+    row = "(" + ", ".join("?" * len(columns)) + ")"
+    return f"INSERT INTO {table} ({', '.join(columns)}) VALUES " + ", ".join([row] * count)
 
 
 class SQLiteStore(Store):
@@ -134,6 +177,20 @@ class SQLiteStore(Store):
         if version == 1 and {"requests", "alfs", "entries"} <= tables:
             self._migrate_from_v1()
             return
+        if version == 2 and {"entries", "agg_minute", "agg_consumer"} <= tables:
+            logger.warning("migrating %s from schema version 2 to %d", self.path, SCHEMA_VERSION)
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in schema_statements(
+                    pk="INTEGER PRIMARY KEY", real="REAL", blob="BLOB", suffix=_SUFFIX
+                ):
+                    db.execute(statement)
+                db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            return
         if tables and version != SCHEMA_VERSION:
             raise CollectorError(
                 f"{self.path} is not an alf-analytics collector database "
@@ -146,7 +203,7 @@ class SQLiteStore(Store):
             pk="INTEGER PRIMARY KEY",
             real="REAL",
             blob="BLOB",
-            suffix={"agg_minute": " WITHOUT ROWID", "agg_consumer": " WITHOUT ROWID"},
+            suffix=_SUFFIX,
         )
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -169,7 +226,7 @@ class SQLiteStore(Store):
                 pk="INTEGER PRIMARY KEY",
                 real="REAL",
                 blob="BLOB",
-                suffix={"agg_minute": " WITHOUT ROWID", "agg_consumer": " WITHOUT ROWID"},
+                suffix=_SUFFIX,
             ):
                 db.execute(statement)
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
