@@ -207,46 +207,35 @@ class _Plan:
 
     def pairs(self, headers: Sequence[RawHeader]) -> tuple[list[dict[str, str]], int]:
         """Headers as ALF name/value pairs (repeats kept, names lower-cased), and wire size."""
-        if not headers:
-            return [], 0
-        try:
-            # The common case, all in C: every header seen before (servers and apps send
-            # the same few headers again and again), each looked up as the tuple it is.
-            # A header not cached yet (None), one left out, or an unhashable item (a list
-            # pair) makes zip() or the lookup raise: then the loop below.
-            found, sizes = zip(*map(self.header_pairs.get, headers), strict=True)
-        except (TypeError, ValueError):
-            pass
-        else:
-            if self.copy_pairs:
-                return [dict(pair) for pair in found], sum(sizes)
-            return list(found), sum(sizes)
         try:
             return self._pairs(headers)
         except (TypeError, ValueError, AttributeError):
-            # Not (str | bytes, str | bytes) pairs: an ASGI app's malformed header list, which
-            # the server refuses. The well-formed ones are kept, the others shown as text.
+            # Not (str | bytes, str | bytes) tuples: an ASGI app's malformed header list, which
+            # the server refuses, or list pairs. The well-formed ones are kept (as tuples),
+            # the others shown as text.
             return self._pairs([_as_text_pair(item) for item in headers if _is_pair(item)])
 
     def _pairs(self, headers: Sequence[RawHeader]) -> tuple[list[dict[str, str]], int]:
         cache = self.header_pairs
+        get = cache.get
         out = []
+        append = out.append
         size = 0
-        for raw_name, raw_value in headers:
-            key = (raw_name, raw_value)
-            known = cache.get(key)
+        for item in headers:
+            # Servers and apps give each header as a tuple: it is its own cache key.
+            known = get(item)
             if known is None:
+                raw_name, raw_value = item
                 pair, length = self._pair(raw_name, raw_value)
                 if pair is None:
-                    size += length  # left out (not cached, so the fast path never skips)
+                    size += length  # left out, and not cached
                     continue
                 known = (pair, length)
                 if len(cache) >= _CACHE_SIZE:
                     cache.clear()
-                cache[key] = known
-            pair, length = known
-            out.append(pair)
-            size += length
+                cache[item] = known
+            append(known[0])
+            size += known[1]
         if self.copy_pairs:
             out = [dict(pair) for pair in out]
         return out, size
