@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Final
 
-from .ingest import bucket_value
+from .ingest import MAX_BUCKET, bucket_of, bucket_value
 from .settings import mask
 from .storage import Store
-from .storage.base import decode_entry
+from .storage.base import HOURLY, decode_entry
 
 __all__ = [
     "FilterError",
@@ -367,7 +367,14 @@ def _aggregate(
             raw_ranges.append((since, until))
         else:
             table = "agg_consumer" if by_consumer else "agg_minute"
-            _rollup(store, table, filters, streams, dims, period_minutes, low, high, results)
+            hourly = "period" not in dims or period_minutes % 60 == 0
+            hours, minutes = _tiers(store, low, high) if hourly else ([], [(low, high)])
+            for low_m, high_m in hours:
+                _rollup(store, HOURLY[table], filters, streams, dims, period_minutes, low_m,
+                        high_m, results)  # fmt: skip
+            for low_m, high_m in minutes:
+                _rollup(store, table, filters, streams, dims, period_minutes, low_m, high_m,
+                        results)  # fmt: skip
             if since is not None and low is not None and since < low * _MINUTE:
                 raw_ranges.append((since, low * _MINUTE))
             if until is not None and high is not None and high * _MINUTE < until:
@@ -375,6 +382,39 @@ def _aggregate(
     for low_us, high_us in raw_ranges:
         _raw(store, filters, streams, dims, period_minutes, low_us, high_us, results)
     return results
+
+
+Span = tuple[int | None, int | None]
+
+
+def _tiers(store: Store, low: int | None, high: int | None) -> tuple[list[Span], list[Span]]:
+    """The whole minutes ``[low, high)`` as runs of summed hours, and the minutes between.
+
+    An hour is read from the hourly rollups once :meth:`~.storage.Store.compact` has
+    summed it (``agg_hours``), else from its minutes; both give the same answer.
+    """
+    where = _Where()
+    if low is not None:
+        where.add("minute >= ?", low)
+    if high is not None:
+        where.add("minute <= ?", high - 60)
+    hours = [int(r[0]) for r in store.fetchall(f"SELECT minute FROM agg_hours{where.sql()}"
+                                               " ORDER BY minute", where.params)]  # fmt: skip
+    runs: list[list[int]] = []
+    for hour in hours:
+        if runs and runs[-1][1] == hour:
+            runs[-1][1] = hour + 60
+        else:
+            runs.append([hour, hour + 60])
+    minutes: list[Span] = []
+    start: int | None = low
+    for first, end in runs:
+        if start is None or start < first:
+            minutes.append((start, first))
+        start = end
+    if start is None or high is None or start < high:
+        minutes.append((start, high))
+    return [(first, end) for first, end in runs], minutes
 
 
 def _dim_sql(dim: str, period_minutes: int, raw: bool) -> str:
@@ -683,21 +723,63 @@ def entries(
             where.add("(e.started < ? OR (e.started = ? AND e.id < ?))", started, started, entry_id)
         order = "e.started DESC, e.id DESC"
     else:
+        time_ms = None
         if cursor:
             time_ms, entry_id = _decode_cursor(cursor, (float, int))
             where.add("(e.time_ms < ? OR (e.time_ms = ? AND e.id < ?))", time_ms, time_ms, entry_id)
         order = "e.time_ms DESC, e.id DESC"
+        threshold = _slow_threshold(store, filters, limit + 1, time_ms)
+        if threshold:
+            fast = _Where(list(where.clauses), list(where.params))
+            fast.add("e.bucket >= ?", threshold)
+            # "+e.started": walk the bucket index (a few rows), not the range of times.
+            sql = fast.sql().replace("e.started", "+e.started")
+            rows = store.fetchall(
+                f"SELECT {_ROW_COLUMNS} FROM entries e JOIN streams s ON s.id = e.stream_id"
+                f"{sql} ORDER BY {order} LIMIT ?",
+                [*fast.params, limit + 1],
+            )
+            if len(rows) > limit:  # else entries went meanwhile (retention): ask them all
+                return _page(rows, limit, sort)
     rows = store.fetchall(
         f"SELECT {_ROW_COLUMNS} FROM entries e JOIN streams s ON s.id = e.stream_id"
         f"{where.sql()} ORDER BY {order} LIMIT ?",
         [*where.params, limit + 1],
     )
+    return _page(rows, limit, sort)
+
+
+def _page(rows: list[tuple[Any, ...]], limit: int, sort: str) -> dict[str, Any]:
     page = [_row(r) for r in rows[:limit]]
     next_cursor = None
     if len(rows) > limit:
         last = rows[limit - 1]
         next_cursor = _encode_cursor(last[1] if sort == "newest" else repr(float(last[7])), last[0])
     return {"entries": page, "next_cursor": next_cursor}
+
+
+def _slow_threshold(store: Store, filters: Filters, wanted: int, below: float | None) -> int:
+    """A latency bucket that holds, with those above it, the ``wanted`` slowest entries.
+
+    From the rollups' histogram for the same filters (0: no useful bound, or the filters
+    need the entries themselves anyway). With ``below`` (a cursor's time), only entries
+    faster than it count: the buckets under its own bucket must hold ``wanted``.
+    """
+    by_endpoint = filters.method is not None or filters.route is not None
+    if filters.path is not None or (filters.consumer is not None and by_endpoint):
+        return 0
+    totals = _aggregate(store, filters, []).get(())
+    if totals is None:
+        return 0
+    top = bucket_of(below) - 1 if below is not None else MAX_BUCKET
+    seen = 0
+    for bucket in sorted(totals.histogram, reverse=True):
+        if bucket > top:
+            continue
+        seen += totals.histogram[bucket]
+        if seen >= wanted:
+            return bucket
+    return 0
 
 
 def _load_entry(store: Store, entry_id: int) -> tuple[dict[str, Any], dict[str, Any]] | None:
