@@ -850,7 +850,11 @@ def render(results: dict[str, Any]) -> str:
         f"- In-process: {meta['rounds']} interleaved rounds, one process per variant per round; "
         f"{meta['requests']:,} timed requests per process "
         f"({meta['stream_requests']:,} for the stream) "
-        f"after {meta['warmup']:,} warm-up requests",
+        f"after {meta['warmup']:,} warm-up requests; the bare app and our variants "
+        f"{meta.get('ours_rounds', meta['rounds'])} rounds of "
+        f"{meta.get('ours_requests', meta['requests']):,} "
+        f"({meta.get('ours_stream_requests', meta['stream_requests']):,} for the stream), "
+        "since their differences of a few µs are targets",
         "",
         "Versions:",
         "",
