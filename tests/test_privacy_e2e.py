@@ -212,6 +212,8 @@ def make_plan() -> Plan:
             f"client_secret={s.new('query-client_secret')}",
             f"X-Amz-Signature={s.new('query-x-amz-signature')}",
             f"X-Amz-Security-Token={s.new('query-x-amz-security-token')}",
+            f"user%5Bpassword%5D={s.new('query-bracketed-password')}",
+            f"api_key[]={s.new('query-bracketed-list')}",
             "page=2",
             "q=visible-query-value",
         ]
@@ -261,6 +263,7 @@ def make_plan() -> Plan:
             "headers": [("content-type", "application/x-www-form-urlencoded")],
             "body": (
                 f"user=visible-form-user&password={quote_plus(form_password)}&remember=1"
+                f"&user[token]={s.new('form-bracketed-token')}"
             ).encode(),
         },
         {
@@ -753,7 +756,7 @@ def test_no_secret_leaves_the_process(
 
     form = entry_for(seen, "/form")["request"]
     assert body_of(form, "postData") == (
-        b"user=visible-form-user&password=%5BREDACTED%5D&remember=1"
+        b"user=visible-form-user&password=%5BREDACTED%5D&remember=1&user[token]=%5BREDACTED%5D"
     )
 
     for path in ("/big", "/broken"):
@@ -858,3 +861,22 @@ def test_url_valued_headers(name: str, value: str, recorded: str | None) -> None
 )
 def test_absolute_form_targets_keep_only_their_path(path: str, written: str) -> None:
     assert escape(path) == written
+
+
+@pytest.mark.parametrize(
+    ("name", "redacted"),
+    [
+        ("user[password]", True),
+        ("password[]", True),
+        ("a[b][Access-Token]", True),
+        ("user[name]", False),
+        ("[]", False),
+        ("tokens", False),
+    ],
+)
+def test_bracketed_query_and_form_names(name: str, redacted: bool) -> None:
+    redactor = Redactor(make_config({"service_token": TOKEN}, environ={}))
+    assert redactor.query_key(name) is redacted
+    form = f"a=1&{name}=v&b=2".encode()
+    expected = f"a=1&{name}=%5BREDACTED%5D&b=2".encode() if redacted else form
+    assert redactor.body(form, "form") == expected

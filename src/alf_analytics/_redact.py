@@ -153,7 +153,7 @@ class Redactor:
 
     def query_key(self, name: str) -> bool:
         """Whether a (decoded) query parameter name is redacted."""
-        return normalized(name) in self.query_keys
+        return _key_in(name, self.query_keys)
 
     # -- bodies --------------------------------------------------------------------------------
 
@@ -164,7 +164,8 @@ class Redactor:
         between ``&`` (or the start) and ``=``: once ASCII is folded the way keys are compared
         (lower case, ``-`` and ``_`` removed), one regular-expression search over the folded
         bytes finds each key that could match, with no parse. Escapes (``\\`` in JSON,
-        ``%`` and ``+`` in a form) could spell a key in disguise: then the body is parsed.
+        ``%`` and ``+`` in a form) could spell a key in disguise, and a form name may nest one
+        in brackets (``user[password]``): then the body is parsed.
         """
         if self._json_keys is None or self._form_keys is None:
             return False
@@ -175,7 +176,7 @@ class Redactor:
                 return True
             pattern = self._json_keys
         else:
-            if b"%" in data or b"+" in data:
+            if b"%" in data or b"+" in data or b"[" in data:
                 return True
             pattern = self._form_keys
         return pattern.search(data.translate(_FOLD, b"-_")) is not None
@@ -229,10 +230,26 @@ class Redactor:
             if not equals:
                 continue
             decoded = unquote_plus(name.decode("latin-1"), encoding="utf-8", errors="replace")
-            if normalized(decoded) in self.body_keys:
+            if _key_in(decoded, self.body_keys):
                 parts[index] = name + b"=" + _REDACTED_BYTES
                 changed = True
         return b"&".join(parts) if changed else data
+
+
+_BRACKETS = re.compile(r"[\[\]]+")
+
+
+def _key_in(name: str, keys: frozenset[str]) -> bool:
+    """Whether a query or form name is one of ``keys`` (normalised), or holds one in brackets.
+
+    PHP, Rails and jQuery's ``$.param`` write nested fields as ``user[password]`` and lists as
+    ``token[]``: any bracketed part that matches redacts the value.
+    """
+    if normalized(name) in keys:
+        return True
+    if "[" in name:
+        return any(normalized(part) in keys for part in _BRACKETS.split(name) if part)
+    return False
 
 
 def redacted_query(query: str, names: Iterable[tuple[int, bool]]) -> str:
