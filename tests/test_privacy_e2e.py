@@ -362,7 +362,10 @@ def _django_view(request: HttpRequest, rest: str = "") -> HttpResponse:
     status, headers, body = answer(request.path)
     response = HttpResponse(body, status=status)
     for name, value in headers:
-        response[name] = value
+        if name == "Set-Cookie":
+            response.cookies.load(value)  # as set_cookie() does: sent from response.cookies
+        else:
+            response[name] = value
     return response
 
 
