@@ -741,3 +741,21 @@ def test_by_default_entries_go_to_a_local_collector_only() -> None:
         assert middleware.config.collector_url == DEFAULT_COLLECTOR_URL
         call_wsgi(middleware, environ_of("GET", "/", "", [], b"", PEER))
         assert len(received_entries(local, 1)) == 1
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        ("text/plain", b"password=not-rewritten"),
+        ("application/xml", b"<login><password>not-rewritten</password></login>"),
+    ],
+)
+def test_with_log_body_text_and_xml_bodies_are_sent_as_they_are(
+    build: Build, collector: Collector, content_type: str, body: bytes
+) -> None:
+    """log_body=True captures text and XML (allowed by default) without rewriting them: only
+    JSON and form bodies are redacted (README, "What an entry holds")."""
+    build(log_body=True).send("POST", "/echo", headers=[("content-type", content_type)], body=body)
+    (entry,) = received_entries(collector, 1)
+    assert body_of(entry["request"], "postData") == body
+    assert body_of(entry["response"], "content") == body
