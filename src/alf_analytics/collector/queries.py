@@ -457,7 +457,7 @@ def _rollup(
         where.add("minute >= ?", low)
     if high is not None:
         where.add("minute < ?", high)
-    if table == "agg_minute":
+    if table in ("agg_minute", "agg_hour"):
         if filters.method is not None:
             where.add("method = ?", filters.method)
         if filters.route is not None:
@@ -531,27 +531,44 @@ def services(store: Store, filters: Filters | None = None) -> dict[str, Any]:
 def _seen(
     store: Store, stream_id: int, since: int | None, until: int | None
 ) -> tuple[int | None, int | None]:
-    """First and last ``started`` of a stream: the rollups find the minutes, entries refine."""
-    where = _Where()
-    where.add("stream_id = ?", stream_id)
-    if since is not None:
-        where.add("minute >= ?", since // _MINUTE)
-    if until is not None:
-        where.add("minute <= ?", until // _MINUTE)
-    row = store.fetchone(
-        f"SELECT MIN(minute), MAX(minute) FROM agg_minute{where.sql()}", where.params
-    )
-    if row is None or row[0] is None:
-        return None, None
+    """First and last ``started`` of a stream: the rollups find the minutes, entries refine.
+
+    Only a minute cut by ``since`` or ``until`` can hold no entry inside the range: then
+    the next minute (the one before, for the last) with entries is the one.
+    """
+    low_minute = since // _MINUTE if since is not None else None
+    high_minute = until // _MINUTE if until is not None else None
     result: list[int | None] = []
-    for minute, function in ((int(row[0]), "MIN"), (int(row[1]), "MAX")):
-        low = max(minute * _MINUTE, since) if since is not None else minute * _MINUTE
-        high = min((minute + 1) * _MINUTE, until) if until is not None else (minute + 1) * _MINUTE
-        value = store.scalar(
-            f"SELECT {function}(started) FROM entries WHERE stream_id = ? "
-            "AND started >= ? AND started < ?",
-            [stream_id, low, high],
-        )
+    for function in ("MIN", "MAX"):
+        low, high = low_minute, high_minute
+        value = None
+        for _ in range(2):
+            where = _Where()
+            where.add("stream_id = ?", stream_id)
+            if low is not None:
+                where.add("minute >= ?", low)
+            if high is not None:
+                where.add("minute <= ?", high)
+            minute = store.scalar(f"SELECT {function}(minute) FROM agg_minute{where.sql()}",
+                                  where.params)  # fmt: skip
+            if minute is None:
+                break
+            minute = int(minute)
+            start = max(minute * _MINUTE, since) if since is not None else minute * _MINUTE
+            end = (
+                min((minute + 1) * _MINUTE, until) if until is not None else (minute + 1) * _MINUTE
+            )
+            value = store.scalar(
+                f"SELECT {function}(started) FROM entries WHERE stream_id = ? "
+                "AND started >= ? AND started < ?",
+                [stream_id, start, end],
+            )
+            if value is not None:
+                break
+            if function == "MIN":
+                low = minute + 1
+            else:
+                high = minute - 1
         result.append(int(value) if value is not None else None)
     return result[0], result[1]
 
