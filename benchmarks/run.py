@@ -346,10 +346,32 @@ INGEST = os.path.join(HERE, "ingest.py")
 
 
 def run_ingest(r: Runner, plan: Plan, quick: bool) -> dict[str, Any]:
-    """The collector's figures (benchmarks/ingest.py, written with the collector)."""
+    """The collector's figures (benchmarks/ingest.py, written with the collector).
+
+    Run with the project's .venv interpreter when there is one: the PostgreSQL part starts
+    its server with tests/pg.py, which imports pytest (not in the benchmark venv).
+    """
     if not os.path.exists(INGEST):
         return {"status": "n/a", "reason": "benchmarks/ingest.py does not exist yet"}
-    res = r.child("ingest.py", ["--quick"] if quick else [], timeout=150 if quick else 420)
+    project_python = os.path.join(ROOT, ".venv", "bin", "python")
+    python = project_python if os.path.exists(project_python) else sys.executable
+    args = ["--quick"] if quick else []
+    cmd = [python, INGEST, *args]
+    with open(r.log_path, "a") as log:
+        log.write(f"\n$ {shlex.join(cmd)}\n")
+        log.flush()
+        try:
+            proc = subprocess.run(
+                cmd, stdout=subprocess.PIPE, stderr=log, text=True,
+                timeout=200 if quick else 600, env=r.env, cwd=ROOT,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired:
+            return {"status": "error", "reason": "benchmarks/ingest.py timed out"}
+    lines = proc.stdout.strip().splitlines()
+    try:
+        res: dict[str, Any] = json.loads(lines[-1])
+    except (IndexError, json.JSONDecodeError):
+        res = {"status": "error", "reason": f"exit {proc.returncode}, see {r.log_path}"}
     for f in res.get("figures", []):
         say(f"  {f.get('name')}: {f.get('value')} {f.get('unit', '')}")
     if res.get("status") != "ok":
