@@ -218,7 +218,7 @@ class _Plan:
     def _pairs(self, headers: Sequence[RawHeader]) -> tuple[list[dict[str, str]], int]:
         cache = self.header_pairs
         get = cache.get
-        out = []
+        out: list[dict[str, str]] = []
         append = out.append
         size = 0
         for item in headers:
