@@ -47,6 +47,7 @@ __all__ = [
 
 CONSUMER_HEADER: Final = "x-alf-consumer"
 """The synthetic request header the agent adds for the consumer id (stored in a column)."""
+_CONSUMER_LENGTH: Final = len(CONSUMER_HEADER)
 
 _MAX_MESSAGE: Final = 300
 _MAX_INT: Final = 2**53
@@ -194,11 +195,12 @@ def _load_schema(version: str) -> dict[str, Any]:
 class _Validators:
     alf: jsonschema_rs.Validator
     entry: jsonschema_rs.Validator
+    full: jsonschema_rs.Validator
 
 
 @cache
 def _validators(version: str) -> _Validators:
-    """The envelope (entries not looked into) and the entry validator of an ALF version."""
+    """The envelope (entries not looked into), entry and whole-ALF validators of a version."""
     schema = _load_schema(version)
     envelope = copy.deepcopy(schema)
     entries = envelope["properties"]["har"]["properties"]["log"]["properties"]["entries"]
@@ -206,6 +208,7 @@ def _validators(version: str) -> _Validators:
     return _Validators(
         alf=jsonschema_rs.Draft4Validator(envelope, validate_formats=True),
         entry=jsonschema_rs.Draft4Validator(item, validate_formats=True),
+        full=jsonschema_rs.Draft4Validator(schema, validate_formats=True),
     )
 
 
@@ -311,7 +314,7 @@ def _split_url(url: str) -> tuple[str, str]:
     return host, path or "/"
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class EntryRow:
     """One valid entry with its indexed columns and its compressed JSON."""
 
@@ -387,11 +390,19 @@ def _entry_row(entry: Mapping[str, Any], alf_client_ip: str | None) -> EntryRow 
     status = response["status"]
     if status > _MAX_STATUS:
         return f"$.response.status {status} is out of range (0..{_MAX_STATUS})"
-    for where, part in (("request", request), ("response", response)):
-        for key in ("bodySize", "headersSize"):
-            value = part.get(key)
-            if isinstance(value, int) and not -1 <= value < _MAX_INT:
-                return f"$.{where}.{key} is out of range (-1..2^53)"
+    request_bytes = request["bodySize"]
+    response_bytes = response["bodySize"]
+    if not (
+        -1 <= request_bytes < _MAX_INT
+        and -1 <= response_bytes < _MAX_INT
+        and -1 <= request.get("headersSize", 0) < _MAX_INT
+        and -1 <= response.get("headersSize", 0) < _MAX_INT
+    ):  # the slow path names the value
+        for where, part in (("request", request), ("response", response)):
+            for key in ("bodySize", "headersSize"):
+                value = part.get(key)
+                if isinstance(value, int) and not -1 <= value < _MAX_INT:
+                    return f"$.{where}.{key} is out of range (-1..2^53)"
     time_ms = float(entry["time"])
     if not -1.0 <= time_ms < 1e12:
         return "$.time is out of range"
@@ -403,23 +414,24 @@ def _entry_row(entry: Mapping[str, Any], alf_client_ip: str | None) -> EntryRow 
     path = path[:_MAX_PATH]
     consumer = None
     for header in request["headers"]:
-        if header["name"].lower() == CONSUMER_HEADER:
+        name = header["name"]
+        if len(name) == _CONSUMER_LENGTH and name.lower() == CONSUMER_HEADER:
             consumer = header["value"][:_MAX_CONSUMER] or None
     client_ip = entry.get("clientIPAddress") or alf_client_ip
     return EntryRow(
-        started=started,
-        method=request["method"][:_MAX_METHOD],
-        host=host[:_MAX_HOST],
-        path=path,
-        route=fold_route(path)[:_MAX_PATH],  # folding can lengthen it ("/1" -> "/{id}")
-        status=status,
-        time_ms=time_ms,
-        bucket=bucket_of(time_ms),
-        request_bytes=max(0, request["bodySize"]),
-        response_bytes=max(0, response["bodySize"]),
-        client_ip=client_ip[:_MAX_IP] if isinstance(client_ip, str) else None,
-        consumer=consumer,
-        entry=orjson.dumps(entry),
+        started,
+        request["method"][:_MAX_METHOD],
+        host[:_MAX_HOST],
+        path,
+        fold_route(path)[:_MAX_PATH],  # folding can lengthen it ("/1" -> "/{id}")
+        status,
+        time_ms,
+        bucket_of(time_ms),
+        request_bytes if request_bytes > 0 else 0,
+        response_bytes if response_bytes > 0 else 0,
+        client_ip[:_MAX_IP] if isinstance(client_ip, str) else None,
+        consumer,
+        orjson.dumps(entry),
     )
 
 
@@ -479,7 +491,10 @@ def prepare(body: bytes, *, version: str, kind: str, tokens: TokenSet, limits: L
             refused_alfs += 1
             refused_entries += count
             continue
-        problem = _first_error(validators.alf, alf)
+        # One call for the whole object, entries included; only when it fails are the
+        # envelope and each entry validated apart (to store the good ones, name the bad).
+        all_valid = validators.full.is_valid(alf)
+        problem = None if all_valid else _first_error(validators.alf, alf)
         if problem is not None:
             token = alf.get("serviceToken")
             if isinstance(token, str) and len(token) >= 4:
@@ -506,7 +521,7 @@ def prepare(body: bytes, *, version: str, kind: str, tokens: TokenSet, limits: L
         )
         alf_ip = alf.get("clientIPAddress")
         for position, entry in enumerate(log["entries"]):
-            problem = _first_error(validators.entry, entry)
+            problem = None if all_valid else _first_error(validators.entry, entry)
             if problem is not None:
                 errors.add(f"{prefix} entry[{position}] {problem}")
                 refused_entries += 1
