@@ -186,7 +186,9 @@ def make_plan() -> Plan:
                     "Location",
                     "https://app.example.test/callback?code="
                     + s.new("location-code")
-                    + "&state=visible-state",
+                    + "&state=visible-state#access_token="
+                    + s.new("location-fragment-token")
+                    + "&token_type=visible-bearer",
                 ),
                 ("Content-Type", "text/plain"),
             ],
@@ -771,7 +773,9 @@ def test_no_secret_leaves_the_process(
     redirect = entry_for(seen, "/redirect")["response"]
     (location,) = header_values(redirect, "location")
     assert location.startswith("https://app.example.test/callback?code=")
-    assert location.endswith("&state=visible-state")
+    assert location.endswith(
+        "&state=visible-state#access_token=%5BREDACTED%5D&token_type=visible-bearer"
+    )
 
     gzipped = entry_for(seen, "/gzip")["response"]
     assert json.loads(body_of(gzipped, "content")) == {"password": REDACTED, "kept": "visible-gz"}
@@ -837,6 +841,16 @@ _IN_URL = "%5BREDACTED%5D"
         ),
         pytest.param(
             "location", "/cb?Refresh%5FToken=abc", f"/cb?Refresh%5FToken={_IN_URL}", id="escaped"
+        ),
+        pytest.param(
+            "location",
+            "https://app.test/cb#access_token=abc&token_type=bearer&state=s",
+            f"https://app.test/cb#access_token={_IN_URL}&token_type=bearer&state=s",
+            id="implicit-grant-fragment",
+        ),
+        pytest.param("referer", "https://app.test/docs#section-2", None, id="plain-fragment"),
+        pytest.param(
+            "referer", "https://app.test/p?x=1#token=a", f"https://app.test/p?x=1#token={_IN_URL}"
         ),
         pytest.param("referer", "https://app.test/page?tab=1", None, id="nothing-to-redact"),
         pytest.param("referer", "https://app.test/a@b", None, id="at-in-the-path"),

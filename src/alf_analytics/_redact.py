@@ -132,22 +132,29 @@ class Redactor:
         """A URL-valued header (``Referer``, ``Location``...) with its secrets replaced.
 
         Userinfo (``user:password@``) always; query parameter values as ``redact_query``
-        says, as in ``request.url``. Anything else, fragment included, is kept as it was.
+        says, as in ``request.url``, and so in a fragment of ``name=value`` pairs (an OAuth
+        implicit grant redirects to ``...#access_token=...``). The rest is kept as it was.
         """
-        if "?" not in value and "@" not in value:
+        if "@" in value:
+            value = _USERINFO.sub(r"\1" + _REDACTED_IN_URL + "@", value, count=1)
+        if "?" not in value and "=" not in value:
             return value
-        value = _USERINFO.sub(r"\1" + _REDACTED_IN_URL + "@", value, count=1)
-        base, question, rest = value.partition("?")
-        if not question:
-            return value
-        query, hash_, fragment = rest.partition("#")
+        base, hash_, fragment = value.partition("#")
+        base, question, query = base.partition("?")
+        if question:
+            base += "?" + self._params(query)
+        if hash_:
+            base += "#" + (self._params(fragment) if "=" in fragment else fragment)
+        return base
+
+    def _params(self, query: str) -> str:
         marks = []
         for index, part in enumerate(query.split("&")):
             name = part.partition("=")[0]
             if "%" in name or "+" in name:
                 name = unquote_plus(name, errors="replace")
             marks.append((index, self.query_key(name)))
-        return base + "?" + redacted_query(query, marks) + hash_ + fragment
+        return redacted_query(query, marks)
 
     # -- query string --------------------------------------------------------------------------
 
