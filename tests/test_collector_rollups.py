@@ -139,7 +139,7 @@ def _compare(store: Store, rng: random.Random) -> int:
         ):
             fast = queries.Filters.create(since=since, until=until, **extra)
             raw = queries.Filters.create(since=since, until=until, path="/", **extra)
-            for interval in (60, 300, 3600, 7200):
+            for interval in (60, 300, 900, 1800, 3600, 7200):
                 assert queries.stats(store, fast, interval) == queries.stats(store, raw, interval)
             if "consumer" not in extra:
                 assert queries.endpoints(store, fast) == queries.endpoints(store, raw)
@@ -197,20 +197,19 @@ def test_rollups_equal_entries_before_and_after_hours_are_summed(store: Store) -
     hours = [int(r[0]) for r in store.fetchall("SELECT minute FROM agg_hours ORDER BY minute")]
     first = int(_BASE.timestamp()) // 60
     assert hours == [first + 60 * i for i in range(6)]
-    for minute_table, hour_table in (
-        ("agg_minute", "agg_hour"),
-        ("agg_consumer", "agg_consumer_hour"),
-    ):
-        assert store.scalar(f"SELECT SUM(n) FROM {hour_table}") == store.scalar(
-            f"SELECT SUM(n) FROM {minute_table}"
+    for summed in ("agg_hour", "agg_quarter", "agg_consumer_hour", "agg_consumer_quarter"):
+        minutes = "agg_consumer" if "consumer" in summed else "agg_minute"
+        assert store.scalar(f"SELECT SUM(n) FROM {summed}") == store.scalar(
+            f"SELECT SUM(n) FROM {minutes}"
         )
     _compare(store, rng)
 
     # Late entries for summed hours (an agent that was offline) go into both tiers.
     _save(store, rng, _random_times(rng, 300, hours=2))
-    assert store.scalar("SELECT SUM(n) FROM agg_hour") == store.scalar(
-        "SELECT COUNT(*) FROM entries"
-    )
+    for summed in ("agg_hour", "agg_quarter"):
+        assert store.scalar(f"SELECT SUM(n) FROM {summed}") == store.scalar(
+            "SELECT COUNT(*) FROM entries"
+        )
     _compare(store, rng)
 
 
@@ -255,7 +254,8 @@ def test_schema_2_is_migrated_on_open(tmp_path: Path) -> None:
     store.close()
     # What version 2 had: no hourly tables, no bucket index.
     db = sqlite3.connect(path)
-    for table in ("agg_hour", "agg_consumer_hour", "agg_hours"):
+    for table in ("agg_hour", "agg_consumer_hour", "agg_quarter", "agg_consumer_quarter",
+                  "agg_hours"):  # fmt: skip
         db.execute(f"DROP TABLE {table}")
     db.execute("DROP INDEX entries_bucket")
     db.execute("PRAGMA user_version=2")

@@ -24,7 +24,7 @@ from typing import Any, Final
 from .ingest import MAX_BUCKET, bucket_of, bucket_value
 from .settings import mask
 from .storage import Store
-from .storage.base import HOURLY, decode_entry
+from .storage.base import TIERS, decode_entry
 
 __all__ = [
     "FilterError",
@@ -367,11 +367,13 @@ def _aggregate(
             raw_ranges.append((since, until))
         else:
             table = "agg_consumer" if by_consumer else "agg_minute"
-            hourly = "period" not in dims or period_minutes % 60 == 0
-            hours, minutes = _tiers(store, low, high) if hourly else ([], [(low, high)])
+            # Summed hours are read per hour, or per quarter when the interval is shorter.
+            size = next((n for n in TIERS if "period" not in dims or period_minutes % n == 0), None)
+            hours, minutes = _tiers(store, low, high) if size else ([], [(low, high)])
             for low_m, high_m in hours:
-                _rollup(store, HOURLY[table], filters, streams, dims, period_minutes, low_m,
-                        high_m, results)  # fmt: skip
+                assert size is not None
+                _rollup(store, TIERS[size][table], filters, streams, dims, period_minutes,
+                        low_m, high_m, results)  # fmt: skip
             for low_m, high_m in minutes:
                 _rollup(store, table, filters, streams, dims, period_minutes, low_m, high_m,
                         results)  # fmt: skip
@@ -457,7 +459,7 @@ def _rollup(
         where.add("minute >= ?", low)
     if high is not None:
         where.add("minute < ?", high)
-    if table in ("agg_minute", "agg_hour"):
+    if table in ("agg_minute", "agg_hour", "agg_quarter"):
         if filters.method is not None:
             where.add("method = ?", filters.method)
         if filters.route is not None:

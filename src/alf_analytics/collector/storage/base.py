@@ -45,7 +45,8 @@ __all__ = [
 
 SCHEMA_VERSION: Final = 3
 """Version 1 was the old ``http.server`` collector's (requests/alfs/entries tables); 2 had
-the per-minute rollups only; 3 adds the hourly ones (``agg_hour``, ``agg_consumer_hour``)."""
+the per-minute rollups only; 3 adds the hourly and quarter-hourly ones (``agg_hour``,
+``agg_consumer_hour``, ``agg_quarter``, ``agg_consumer_quarter``, filled by ``compact``)."""
 
 _TABLES: Final = {
     "streams": [
@@ -117,9 +118,19 @@ _TABLES: Final = {
 # The hourly rollups: the same columns, ``minute`` being the first minute of the hour.
 _TABLES["agg_hour"] = _TABLES["agg_minute"]
 _TABLES["agg_consumer_hour"] = _TABLES["agg_consumer"]
+# And per quarter hour (what a day's chart, in 15-minute points, reads).
+_TABLES["agg_quarter"] = _TABLES["agg_minute"]
+_TABLES["agg_consumer_quarter"] = _TABLES["agg_consumer"]
 _TABLES["agg_hours"] = ["minute BIGINT PRIMARY KEY", "compacted BIGINT NOT NULL"]
-ROLLUP_TABLES: Final = ("agg_minute", "agg_consumer", "agg_hour", "agg_consumer_hour")
-HOURLY: Final = {"agg_minute": "agg_hour", "agg_consumer": "agg_consumer_hour"}
+ROLLUP_TABLES: Final = (
+    "agg_minute", "agg_consumer", "agg_hour", "agg_consumer_hour", "agg_quarter",
+    "agg_consumer_quarter",
+)  # fmt: skip
+TIERS: Final = {
+    60: {"agg_minute": "agg_hour", "agg_consumer": "agg_consumer_hour"},
+    15: {"agg_minute": "agg_quarter", "agg_consumer": "agg_consumer_quarter"},
+}
+"""Minutes per row -> the summed table of each per-minute rollup (rows from compact())."""
 """Per minute, then per hour (``minute`` is the first minute of the hour there)."""
 # Two indexes on entries (random-order ones cost more at ingest than they save in queries:
 # aggregates read the rollups; listings walk `started` newest first and filter as they go).
@@ -154,6 +165,8 @@ ROLLUPS: Final = {
     "agg_consumer": ("minute", "stream_id", "consumer", "status", "bucket"),
     "agg_hour": ("minute", "stream_id", "method", "route", "status", "bucket"),
     "agg_consumer_hour": ("minute", "stream_id", "consumer", "status", "bucket"),
+    "agg_quarter": ("minute", "stream_id", "method", "route", "status", "bucket"),
+    "agg_consumer_quarter": ("minute", "stream_id", "consumer", "status", "bucket"),
 }
 """Each rollup table's key columns; every one also sums ``SUM_COLUMNS``."""
 SUM_COLUMNS: Final = ("n", "time_sum", "bytes_in", "bytes_out")
@@ -269,10 +282,13 @@ def _compacted(tx: Transaction, hours: set[int]) -> set[int]:
     return found
 
 
-def _by_hour(minutes: dict[tuple[Any, ...], list[float]]) -> dict[tuple[Any, ...], list[float]]:
+def _by_hour(
+    minutes: dict[tuple[Any, ...], list[float]], size: int = 60
+) -> dict[tuple[Any, ...], list[float]]:
+    """Per-minute sums added up per ``size`` minutes (an hour, a quarter)."""
     hours: dict[tuple[Any, ...], list[float]] = {}
     for key, value in minutes.items():
-        hour_key = (key[0] - key[0] % 60, *key[1:])
+        hour_key = (key[0] - key[0] % size, *key[1:])
         item = hours.get(hour_key)
         if item is None:
             hours[hour_key] = list(value)
@@ -444,8 +460,10 @@ class Store(ABC):
             compacted = _compacted(tx, hours)
             if compacted:  # late entries for an hour already summed: add them there too
                 for table, sums in work.rollups.items():
-                    late = {k: v for k, v in _by_hour(sums).items() if k[0] in compacted}
-                    tx.bulk_upsert(HOURLY[table], ROLLUPS[table], _rollup_rows(late, streams))
+                    late_minutes = {k: v for k, v in sums.items() if k[0] - k[0] % 60 in compacted}
+                    for size, tables in TIERS.items():
+                        late = _by_hour(late_minutes, size)
+                        tx.bulk_upsert(tables[table], ROLLUPS[table], _rollup_rows(late, streams))
         with self._ids_lock:
             self._stream_ids.update(new_streams)
             self._creator_ids.update(new_creators)
@@ -525,16 +543,19 @@ class Store(ABC):
             with self.transaction() as tx:
                 self._lock_for_compaction(tx)
                 if tx.fetchone("SELECT 1 FROM agg_hours WHERE minute = ?", [hour]) is None:
-                    for minute_table, hour_table in HOURLY.items():
-                        keys = ROLLUPS[minute_table]
-                        rest = ", ".join(keys[1:])
-                        sums = ", ".join(f"SUM({c})" for c in SUM_COLUMNS)
-                        tx.execute(
-                            f"INSERT INTO {hour_table} ({', '.join((*keys, *SUM_COLUMNS))}) "
-                            f"SELECT ?, {rest}, {sums} FROM {minute_table} "
-                            f"WHERE minute >= ? AND minute < ? GROUP BY {rest}",
-                            [hour, hour, hour + 60],
-                        )
+                    for size, tables in TIERS.items():
+                        for minute_table, summed_table in tables.items():
+                            keys = ROLLUPS[minute_table]
+                            rest = ", ".join(keys[1:])
+                            sums = ", ".join(f"SUM({c})" for c in SUM_COLUMNS)
+                            period = f"(minute - minute % {size})"
+                            tx.execute(
+                                f"INSERT INTO {summed_table} "
+                                f"({', '.join((*keys, *SUM_COLUMNS))}) "
+                                f"SELECT {period}, {rest}, {sums} FROM {minute_table} "
+                                f"WHERE minute >= ? AND minute < ? GROUP BY {period}, {rest}",
+                                [hour, hour + 60],
+                            )
                     tx.execute(
                         "INSERT INTO agg_hours (minute, compacted) VALUES (?, ?)",
                         [hour, int(time.time() * 1_000_000)],
@@ -564,7 +585,7 @@ class Store(ABC):
                 deleted = self._changes(tx)
             for table in (*ROLLUP_TABLES, "agg_hours"):
                 # Hourly rows go once their whole hour is before ``before``.
-                hourly = table.endswith(("_hour", "_hours"))
+                hourly = table.endswith(("_hour", "_hours", "_quarter"))
                 cutoff = minute - minute % 60 if hourly else minute
                 step = 24 * 60 if hourly else 60
                 row = tx.fetchone(f"SELECT MIN(minute) FROM {table}")
