@@ -104,7 +104,7 @@ class Exchange:
 
     def decide_request_capture(self, content_type: str | bytes | None) -> None:
         """Keep no request bytes when ``log_body_types`` does not allow this content type."""
-        if self.request_body is not None and not self.config.body_type_allowed(content_type):
+        if self.request_body is not None and not _type_allowed(self.config, content_type):
             self.request_body = None
 
     def decide_response_capture(self) -> None:
@@ -116,7 +116,7 @@ class Exchange:
             if name.lower() in ("content-type", b"content-type"):
                 content_type = value
                 break
-        if not self.config.body_type_allowed(content_type):
+        if not _type_allowed(self.config, content_type):
             self.response_body = None
 
     def length_from_headers(self) -> None:
@@ -146,6 +146,25 @@ class Exchange:
             room = self.config.max_body_bytes - len(body)
             if room > 0:
                 body += chunk[:room]
+
+
+#: (log_body_types, content type) -> allowed: a service answers with few content types, and
+#: matching one against the patterns is a loop on the request path.
+_ALLOWED: dict[tuple[tuple[str, ...], Any], bool] = {}
+
+
+def _type_allowed(config: Config, content_type: str | bytes | None) -> bool:
+    key = (config.log_body_types, content_type)
+    try:
+        allowed = _ALLOWED.get(key)
+    except TypeError:  # an unhashable value where a header value belongs
+        return config.body_type_allowed(content_type)
+    if allowed is None:
+        allowed = config.body_type_allowed(content_type)
+        if len(_ALLOWED) >= 1024:  # bounded: clients choose content types
+            _ALLOWED.clear()
+        _ALLOWED[key] = allowed
+    return allowed
 
 
 class InputTee:
