@@ -818,6 +818,8 @@ def _refused(port: int) -> bool:
             return False
     except ConnectionRefusedError:
         return True
+    except OSError:  # a timeout or reset while it closes: ask again
+        return False
 
 
 def test_sigterm_answers_the_request_in_flight_commits_and_exits_0(
@@ -859,8 +861,8 @@ def test_sigterm_answers_the_request_in_flight_commits_and_exits_0(
         sender.join(60)
         stderr = proc.communicate(timeout=60)[1].decode(errors="replace")
     [answer] = answers
-    assert isinstance(answer, httpx.Response), answer
-    assert answer.status_code == 200, answer.text
+    assert isinstance(answer, httpx.Response), (answer, stderr)
+    assert answer.status_code == 200, (answer.text, stderr)
     assert answer.json()["saved"] == 1
     assert proc.returncode == 0, stderr
     assert "Traceback" not in stderr, stderr
@@ -1153,7 +1155,7 @@ def test_retention_deletes_old_entries_in_the_background(
     with Collector(collector_db, retention="30d", housekeeping_interval=0.05) as kept:
         answer = post(client, kept.endpoint("1.1.0", "batch"), [alf_of(old + recent)])
         assert answer.status_code == 200, answer.text
-        assert kept.wait_for_entries(33, timeout=30)  # stored, then expired
+        assert answer.json()["saved"] == 1  # all 33 stored; the old ones then expire
         deadline = time.monotonic() + 60
 
         def counted() -> int:
