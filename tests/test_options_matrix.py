@@ -628,8 +628,10 @@ def test_debug_logs_each_batch_and_its_answer(
 
 
 _DEBUG_SCRIPT = """
-import io, sys
+import io, logging, sys
 import alf_analytics
+if sys.argv[3] == "configured":
+    logging.basicConfig(level=logging.WARNING)
 from alf_analytics import AnalyticsWSGIMiddleware
 
 def app(environ, start_response):
@@ -652,22 +654,34 @@ assert alf_analytics.flush(10.0)
 @pytest.mark.parametrize("debug", ["1", "0"])
 def test_debug_lines_show_without_any_logging_setup(collector: Collector, debug: str) -> None:
     """A fresh process that configured no logging: debug=True prints its lines on stderr."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ALF_")}
-    done = subprocess.run(
-        [sys.executable, "-c", _DEBUG_SCRIPT, collector.url, debug],
-        capture_output=True,
-        cwd=REPO_ROOT,
-        env=env,
-        timeout=60,
-        check=True,
-    )
-    stderr = done.stderr.decode()
+    stderr = _run_debug_script(collector, debug, "plain")
     shown = [line for line in stderr.splitlines() if "DEBUG" in line and "batch " in line]
     if debug == "1":
         assert len(shown) == 1 and "-> 200" in shown[0], stderr
         assert "debug-token-0123456789" not in stderr
     else:
         assert stderr == ""
+
+
+def test_debug_with_logging_configured_keeps_the_apps_levels(collector: Collector) -> None:
+    """basicConfig(level=WARNING): no debug line, but one warning saying how to see them."""
+    stderr = _run_debug_script(collector, "1", "configured")
+    assert "batch " not in stderr
+    hints = [line for line in stderr.splitlines() if "set it to DEBUG" in line]
+    assert len(hints) == 1 and "WARNING" in hints[0], stderr
+
+
+def _run_debug_script(collector: Collector, debug: str, logging_setup: str) -> str:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ALF_")}
+    done = subprocess.run(
+        [sys.executable, "-c", _DEBUG_SCRIPT, collector.url, debug, logging_setup],
+        capture_output=True,
+        cwd=REPO_ROOT,
+        env=env,
+        timeout=60,
+        check=True,
+    )
+    return done.stderr.decode()
 
 
 # -- "What leaves your process by default" (README), claim by claim -------------------------------

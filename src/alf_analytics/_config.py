@@ -660,17 +660,30 @@ class _DebugToStderr(logging.StreamHandler):  # type: ignore[type-arg]
 
 
 def show_debug_lines() -> None:
-    """Make ``debug=True`` visible without any logging setup (Python shows only warnings).
+    """Make ``debug=True`` visible in an app that configured no logging (Python would show
+    only warnings): the ``alf_analytics`` logger gets a stderr handler and level DEBUG.
 
-    The ``alf_analytics`` logger gets level DEBUG unless the app chose a level for it, and a
-    stderr handler when no handler would receive its records.
+    An app that configured logging keeps its levels; when they hide our debug lines, one
+    warning says how to see them.
     """
-    if logger.level == logging.NOTSET:
-        logger.setLevel(logging.DEBUG)
+    global _debug_hint_given
     if not logger.hasHandlers():
         handler = _DebugToStderr()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         logger.addHandler(handler)
+        if logger.level == logging.NOTSET:
+            logger.setLevel(logging.DEBUG)
+    elif not logger.isEnabledFor(logging.DEBUG) and not _debug_hint_given:
+        _debug_hint_given = True
+        logger.warning(
+            "alf_analytics: debug=True, but logging is configured and the alf_analytics logger "
+            "is at %s: set it to DEBUG to see the debug lines "
+            '(logging.getLogger("alf_analytics").setLevel(logging.DEBUG))',
+            logging.getLevelName(logger.getEffectiveLevel()),
+        )
+
+
+_debug_hint_given = False
 
 
 #: Reasons already logged: "recording is off" is said once per process, not per middleware.
