@@ -124,6 +124,7 @@ def processes() -> Iterator[list[Any]]:
     """The collector processes a test starts, killed on the way out whatever happened."""
     started: list[Any] = []
     yield started
+    alf_analytics.close(timeout=30)  # the agents first: their connections close with them
     for proc in started:
         with reaped(proc):
             if proc.poll() is None:
