@@ -195,6 +195,8 @@ def test_worker_thread_starts_lazily_and_only_once(collector: Collector) -> None
         thread.start()
     for thread in threads:
         thread.join()
+    # Everything delivered first: senders start when the worker cuts its first batch.
+    entries = received_entries(collector, 200)
     assert len(agent_threads(collector.url)) == 1
     started = [t for t in threading.enumerate() if t not in before]
     # The collector serves each connection on a thread of its own; ours are the worker and
@@ -204,7 +206,6 @@ def test_worker_thread_starts_lazily_and_only_once(collector: Collector) -> None
     senders = ours.count(f"alf-analytics-sender:{collector.url}")
     assert 1 <= senders <= middleware.config.max_inflight
     assert len(ours) == 1 + senders
-    entries = received_entries(collector, 200)
     assert sorted(int(e["request"]["url"].rpartition("=")[2]) for e in entries) == list(range(200))
 
 
