@@ -25,6 +25,7 @@ import random
 import re
 import threading
 import time
+import traceback
 import uuid
 import weakref
 from collections.abc import Callable
@@ -282,6 +283,7 @@ class Worker:
                 self._put_bytes += size
         if full:
             next(self._queue_full)
+            self._debug("dropped 1 entry (queue_full)")
             self._warn(
                 "queue_full",
                 "queue full (queue_size=%d entries, max_queue_bytes=%d): dropping new entries",
@@ -573,13 +575,21 @@ class Worker:
             try:
                 entry = hook(entry)
             except Exception as exc:
+                # Its type and where it was raised, not its message: the message may quote the
+                # entry (a header value, a body), and no request secret is logged.
+                where = traceback.extract_tb(exc.__traceback__)[-1:]
+                place = f" at {where[0].filename}:{where[0].lineno}" if where else ""
                 self._lose_entry(
-                    "hook", "before_send raised %r; entry dropped (counted as 'hook')", exc
+                    "hook",
+                    "before_send raised %s%s; entry dropped (counted as 'hook')",
+                    type(exc).__name__,
+                    place,
                 )
                 return
             if entry is None:
                 self._loose = 0
                 self._drops["filtered"] += 1
+                self._debug("left 1 entry out (before_send returned None)")
                 return
             if not isinstance(entry, dict):
                 self._lose_entry(
