@@ -40,7 +40,7 @@ demo: $(STAMP)
 	$(BIN)/python examples/demo.py
 
 # make bench BENCH_ARGS=--quick for a ~2-minute smoke run (written under benchmarks/results/).
-bench:
+bench: system-deps
 	PYTHON=$(PYTHON) bash benchmarks/setup.sh
 	benchmarks/.venv/bin/python benchmarks/run.py $(BENCH_ARGS)
 
