@@ -14,6 +14,7 @@ import json
 import re
 import zlib
 from collections.abc import Callable, Iterable
+from itertools import chain
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import unquote_plus
 
@@ -85,7 +86,6 @@ class Redactor:
         "header_substrings",
         "query_keys",
         "body_keys",
-        "_json_keys",
         "_form_keys",
         "_fold_unsafe",
         "_safe_keys",
@@ -99,15 +99,13 @@ class Redactor:
         self.query_keys = frozenset(normalized(k) for k in config.redact_query)
         self.body_keys = frozenset(normalized(k) for k in config.redact_body_keys)
         # What a body must contain (lower-cased, '-' and '_' removed) to possibly hold a key.
-        needles = b"|".join(
-            re.escape(key.encode("utf-8"))
-            for key in sorted(self.body_keys, key=len, reverse=True)
-            if key
+        needles = _alternation(sorted({key.encode("utf-8") for key in self.body_keys if key}))
+        self._form_keys = re.compile(b"(?:^|&)" + needles + b"=") if needles else None
+        # Non-ASCII keys fold differently in bytes, and a key with punctuation could match
+        # across JSON's structure: such a config always parses and walks bodies in full.
+        self._fold_unsafe = not all(
+            key.isascii() and key.isalnum() for key in self.body_keys if key
         )
-        self._json_keys = re.compile(b'"(?:' + needles + b')"') if needles else None
-        self._form_keys = re.compile(b"(?:^|&)(?:" + needles + b")=") if needles else None
-        # Non-ASCII keys fold differently in bytes: such a config always parses bodies.
-        self._fold_unsafe = not all(key.isascii() for key in self.body_keys)
         #: JSON keys seen that are not redacted (bodies repeat their keys; bounded).
         self._safe_keys: set[str] = set()
 
@@ -164,45 +162,40 @@ class Redactor:
 
     # -- bodies --------------------------------------------------------------------------------
 
-    def may_hold_key(self, data: bytes, kind: BodyKind) -> bool:
-        """False when no redacted key can appear in ``data`` (a cheap, conservative scan).
+    def may_hold_key(self, data: bytes) -> bool:
+        """False when no redacted key can appear in the form body ``data`` (a cheap scan).
 
-        Every key of a JSON document is a run between two quotes, and every key of a form
-        between ``&`` (or the start) and ``=``: once ASCII is folded the way keys are compared
-        (lower case, ``-`` and ``_`` removed), one regular-expression search over the folded
-        bytes finds each key that could match, with no parse. Escapes (``\\`` in JSON,
-        ``%`` and ``+`` in a form) could spell a key in disguise, and a form name may nest one
-        in brackets (``user[password]``): then the body is parsed.
+        Every key of a form is a run between ``&`` (or the start) and ``=``: once ASCII is
+        folded the way keys are compared (lower case, ``-`` and ``_`` removed), one search
+        over the folded bytes finds each key that could match, with no parse. Escapes (``%``
+        and ``+``) could spell a key in disguise, a name may nest one in brackets
+        (``user[password]``), and the Kelvin sign lower-cases to ``k``: then it is parsed. So
+        are all bodies when a configured key holds anything but ASCII letters and digits.
         """
-        if self._json_keys is None or self._form_keys is None:
+        if self._form_keys is None:
             return False
-        if self._fold_unsafe:
+        if self._fold_unsafe or _KELVIN in data:
             return True
-        if kind == "json":
-            if b"\\" in data:
-                return True
-            pattern = self._json_keys
-        else:
-            if b"%" in data or b"+" in data or b"[" in data:
-                return True
-            pattern = self._form_keys
-        return pattern.search(data.translate(_FOLD, b"-_")) is not None
+        if b"%" in data or b"+" in data or b"[" in data:
+            return True
+        return self._form_keys.search(_folded(data)) is not None
 
     def body(self, data: bytes, kind: BodyKind) -> bytes | None:
         """``data`` with redacted keys' values replaced, or None when it cannot be parsed.
 
         A JSON body is always parsed (a body labelled JSON that is not JSON is left out, since
-        its secrets could be anywhere), but walked only when a key may match.
+        its secrets could be anywhere) and walked (cheaper than a scan of its bytes for keys,
+        and blind to escapes); it is re-encoded only when a value was replaced.
         """
         if kind == "other":
             return data
         if kind == "form":
-            return self._form(data) if self.may_hold_key(data, kind) else data
+            return self._form(data) if self.may_hold_key(data) else data
         try:
             document = _loads(data)
         except (ValueError, RecursionError):
             return None
-        if not self.may_hold_key(data, kind) or not self._scrub(document):
+        if not self._scrub(document):
             return data
         try:
             return _dumps(document)
@@ -210,23 +203,44 @@ class Redactor:
             return None
 
     def _scrub(self, document: Any) -> bool:
-        """Replace redacted keys' values in place, at any depth; True if any was."""
+        """Replace redacted keys' values in place, at any depth; True if any was.
+
+        Bodies are mostly lists of records that repeat their keys: a list whose items are all
+        dicts with keys already seen and found safe is taken in one step (its keys checked,
+        and its records' values searched for containers, by C-level iteration), and a node
+        holding no container is not looked into further.
+        """
+        if type(document) is not dict and type(document) is not list:
+            return False
         changed = False
         stack = [document]
         safe = self._safe_keys
         while stack:
             node = stack.pop()
+            values: Iterable[Any]
             if type(node) is dict:
-                if not safe.issuperset(node):  # records repeat their keys: one C-level check
-                    for key in list(node):
-                        if normalized(key) in self.body_keys:
-                            node[key] = REDACTED
-                            changed = True
-                        elif len(safe) < 4096:
-                            safe.add(key)
-                stack.extend([v for v in node.values() if type(v) is dict or type(v) is list])
-            elif type(node) is list:
-                stack.extend([v for v in node if type(v) is dict or type(v) is list])
+                if not safe.issuperset(node):
+                    changed = self._scrub_keys(node) or changed
+                values = node.values()
+            elif _ONLY_DICTS == set(map(type, node)) and safe.issuperset(chain.from_iterable(node)):
+                if _CONTAINERS.isdisjoint(map(type, chain.from_iterable(map(dict.values, node)))):
+                    continue
+                values = list(chain.from_iterable(map(dict.values, node)))
+            else:
+                values = node
+            if not _CONTAINERS.isdisjoint(map(type, values)):
+                stack.extend([v for v in values if type(v) is dict or type(v) is list])
+        return changed
+
+    def _scrub_keys(self, node: dict[str, Any]) -> bool:
+        changed = False
+        safe = self._safe_keys
+        for key in node:
+            if normalized(key) in self.body_keys:
+                node[key] = REDACTED  # an existing key: the dict keeps its size
+                changed = True
+            elif len(safe) < 4096:
+                safe.add(key)
         return changed
 
     def _form(self, data: bytes) -> bytes:
@@ -236,7 +250,9 @@ class Redactor:
             name, equals, _ = part.partition(b"=")
             if not equals:
                 continue
-            decoded = unquote_plus(name.decode("latin-1"), encoding="utf-8", errors="replace")
+            decoded = unquote_plus(
+                name.decode("utf-8", "replace"), encoding="utf-8", errors="replace"
+            )
             if _key_in(decoded, self.body_keys):
                 parts[index] = name + b"=" + _REDACTED_BYTES
                 changed = True
@@ -297,7 +313,46 @@ try:  # orjson: strict RFC 8259 parsing (no NaN, no lone surrogates), ~5x faster
 except ImportError:  # pragma: no cover - interpreters without orjson
     _loads, _dumps = _std_loads, _std_dumps
 
-_FOLD = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ", b"abcdefghijklmnopqrstuvwxyz")
+#: U+212A KELVIN SIGN in UTF-8: ``str.lower()`` makes it an ASCII ``k`` (the only character
+#: besides ASCII whose lower case is ASCII, with U+0130 giving ``i`` and a combining dot).
+_ONLY_DICTS = {dict}
+_CONTAINERS = frozenset({dict, list})
+_KELVIN = "\u212a".encode()
+
+
+def _folded(data: bytes) -> bytes:
+    """``data`` with ASCII lower-cased and ``-`` and ``_`` removed, as :func:`normalized`."""
+    data = data.lower()
+    if b"-" in data:
+        data = data.replace(b"-", b"")
+    if b"_" in data:
+        data = data.replace(b"_", b"")
+    return data
+
+
+def _alternation(words: list[bytes]) -> bytes:
+    """A regular expression matching exactly ``words``, factored by common prefixes.
+
+    Python's engine tries the branches of ``a|b|c`` one by one at each place; a trie tries
+    one branch per byte, which makes the scan of a body several times faster.
+    """
+    if not words:
+        return b""
+    branches: dict[int, list[bytes]] = {}
+    ends = False
+    for word in words:
+        if word:
+            branches.setdefault(word[0], []).append(word[1:])
+        else:
+            ends = True
+    parts = [
+        re.escape(bytes([first])) + _alternation(rest) for first, rest in sorted(branches.items())
+    ]
+    if not parts:
+        return b""
+    if len(parts) == 1 and not ends:
+        return parts[0]
+    return b"(?:" + b"|".join(parts) + b")" + (b"?" if ends else b"")
 
 
 # -- Content-Encoding ------------------------------------------------------------------------
