@@ -195,7 +195,7 @@ class Redactor:
             document = _loads(data)
         except (ValueError, RecursionError):
             return None
-        if not self._scrub(document):
+        if not self.body_keys or not self._scrub(document):
             return data
         try:
             return _dumps(document)
