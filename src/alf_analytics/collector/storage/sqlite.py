@@ -179,17 +179,9 @@ class SQLiteStore(Store):
             return
         if version == 2 and {"entries", "agg_minute", "agg_consumer"} <= tables:
             logger.warning("migrating %s from schema version 2 to %d", self.path, SCHEMA_VERSION)
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                for statement in schema_statements(
-                    pk="INTEGER PRIMARY KEY", real="REAL", blob="BLOB", suffix=_SUFFIX
-                ):
-                    db.execute(statement)
-                db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
+            # Version 3 only adds tables and an index: the CREATE ... IF NOT EXISTS of today's
+            # schema leave the version 2 tables and their rows as they are.
+            self._create_schema(db)
             return
         if tables and version != SCHEMA_VERSION:
             raise CollectorError(
