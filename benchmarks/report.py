@@ -46,8 +46,10 @@ NOISE_RATIO = 1.2
 NOISE_WORKER = 0.95
 
 BEFORE_SOURCE = (
-    "BENCHMARKS.md of commit 17be1eb (full make bench, 2026-11-24) and the figures quoted "
-    "in issue 12"
+    "BENCHMARKS.md of commit 17be1eb (full make bench, 2026-11-24, on a 2-core Intel Xeon "
+    "where the bare apps ran 1.5 to 2 times faster than on the AMD EPYC machines of later "
+    "runs: compare the bare app's figures before reading a before/after difference as ours) "
+    "and the figures quoted in issue 12"
 )
 # Figures before issue 12's work, for the before/after columns.
 BEFORE: dict[str, Any] = {
