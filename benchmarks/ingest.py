@@ -185,7 +185,8 @@ def stop(process: subprocess.Popen[bytes]) -> None:
         process.wait()
 
 
-def get_json(port: int, path: str) -> tuple[Any, float]:
+def _timed_get(port: int, path: str) -> tuple[int, bytes, float]:
+    """(status, body, seconds) of one GET with the read key as a bearer token."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
     started = time.perf_counter()
     connection.request("GET", path, headers={"Authorization": f"Bearer {READ_KEY}"})
@@ -193,8 +194,13 @@ def get_json(port: int, path: str) -> tuple[Any, float]:
     data = response.read()
     elapsed = time.perf_counter() - started
     connection.close()
-    if response.status != 200:
-        raise RuntimeError(f"GET {path}: {response.status} {data[:200]!r}")
+    return response.status, data, elapsed
+
+
+def get_json(port: int, path: str) -> tuple[Any, float]:
+    status, data, elapsed = _timed_get(port, path)
+    if status != 200:
+        raise RuntimeError(f"GET {path}: {status} {data[:200]!r}")
     return json.loads(data), elapsed
 
 
@@ -296,15 +302,9 @@ RANGES = ("1h", "6h", "24h", "7d")
 
 def get_page(port: int, path: str) -> float:
     """Seconds for one dashboard page (HTML, the read key as a bearer token)."""
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-    started = time.perf_counter()
-    connection.request("GET", path, headers={"Authorization": f"Bearer {READ_KEY}"})
-    response = connection.getresponse()
-    data = response.read()
-    elapsed = time.perf_counter() - started
-    connection.close()
-    if response.status != 200 or b"<html" not in data[:400].lower():
-        raise RuntimeError(f"GET {path}: {response.status} {data[:200]!r}")
+    status, data, elapsed = _timed_get(port, path)
+    if status != 200 or b"<html" not in data[:400].lower():
+        raise RuntimeError(f"GET {path}: {status} {data[:200]!r}")
     return elapsed
 
 
