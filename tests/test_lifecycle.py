@@ -125,13 +125,18 @@ def echo_body(rid: str) -> bytes:
     return f"request-{rid};".encode() * (1 + sum(map(ord, rid)) % 7)
 
 
-def drive(url: str, ids: list[str], concurrency: int) -> dict[str, Got]:
-    """POST ``/echo?id=...`` for every id from ``concurrency`` threads, one client each."""
+def drive(url: str, ids: list[str], concurrency: int, keepalive: bool = True) -> dict[str, Got]:
+    """POST ``/echo?id=...`` for every id from ``concurrency`` threads, one client each.
+
+    Without ``keepalive`` every request opens its own connection, so a multi-process server
+    spreads them over its workers instead of keeping each client on the worker it met first.
+    """
     chunks = [ids[i::concurrency] for i in range(concurrency)]
+    limits = httpx.Limits(max_keepalive_connections=None if keepalive else 0)
 
     def run(chunk: list[str]) -> dict[str, Got]:
         out = {}
-        with httpx.Client(timeout=60) as client:
+        with httpx.Client(timeout=60, limits=limits) as client:
             for rid in chunk:
                 r = client.post(f"{url}/echo", params={"id": rid}, content=echo_body(rid))
                 out[rid] = Got(r.status_code, r.content, r.headers["x-pid"])
@@ -264,16 +269,25 @@ def serving(
     server = Server(proc, f"http://127.0.0.1:{port}", log)
     try:
         deadline = time.monotonic() + READY_TIMEOUT
+        seen: set[int] = set()
         while True:
             if proc.poll() is not None:
                 pytest.fail(f"{kind} exited with {proc.returncode}:\n{server.output()}")
             try:
-                if httpx.get(f"{server.url}/_alf_stats", timeout=2).status_code == 200:
-                    break
+                # A fresh connection each time: the kernel hands it to any idle worker, so
+                # every worker process has answered once they are all up.
+                answered = httpx.get(f"{server.url}/_alf_stats", timeout=2)
+                if answered.status_code == 200:
+                    seen.add(answered.json()["pid"])
+                    if len(seen) >= workers:
+                        break
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
-                pytest.fail(f"{kind} not ready after {READY_TIMEOUT}s:\n{server.output()}")
+                pytest.fail(
+                    f"{kind} not ready after {READY_TIMEOUT}s ({len(seen)} of {workers}"
+                    f" workers answered):\n{server.output()}"
+                )
             time.sleep(0.05)
         yield server
     finally:
@@ -410,7 +424,7 @@ def test_every_worker_process_sends_its_entries_exactly_once(
     """N requests over HTTP to several workers, then SIGTERM: every entry arrives exactly once."""
     ids = [f"{kind}-{i}" for i in range(240)]
     with serving(kind, tmp_path, collector.url, {"log_body": True}, workers=workers) as server:
-        got = drive(server.url, ids, concurrency=16)
+        got = drive(server.url, ids, concurrency=16, keepalive=False)
         server.terminate()
     entries = received_entries(collector, len(ids))
     assert mismatches(entries, got) == []
