@@ -14,6 +14,7 @@ import gc
 import io
 import logging
 import statistics
+import threading
 import time
 import tracemalloc
 from collections import Counter
@@ -27,6 +28,7 @@ import pytest
 
 import alf_analytics
 from alf_analytics import AnalyticsWSGIMiddleware
+from alf_analytics._transport import HTTPTransport
 
 from .faulty_collector import FaultyCollector
 
@@ -127,14 +129,35 @@ TRANSIENT = [
 
 
 def assert_latency_unchanged(healthy: list[float], faulty: list[float]) -> None:
-    """The median request under the fault is within 3x the healthy median (+20 us of noise)."""
+    """The median request under the fault is within 3x the healthy median, plus 1 ms.
+
+    A request that waited on the collector would take at least a loopback round trip, and the
+    slow and black-holed faults hold theirs for 300 ms or more: the slack is there so a noisy
+    machine never fails this, while a request path that waited still would.
+    """
     healthy_median = statistics.median(healthy)
     faulty_median = statistics.median(faulty)
-    assert faulty_median < 3 * healthy_median + 20e-6, (healthy_median, faulty_median)
+    assert faulty_median < 3 * healthy_median + 1e-3, (healthy_median, faulty_median)
+
+
+@pytest.fixture
+def sending_threads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The name of the thread of every HTTP send the agent makes (the request path makes none)."""
+    names: list[str] = []
+    send = HTTPTransport.send
+
+    def recording(self: HTTPTransport, payload: bytes, idempotency_key: str | None = None) -> Any:
+        names.append(threading.current_thread().name)
+        return send(self, payload, idempotency_key)
+
+    monkeypatch.setattr(HTTPTransport, "send", recording)
+    return names
 
 
 @pytest.mark.parametrize("fault", TRANSIENT)
-def test_fault_then_recovery_delivers_everything(faulty: FaultyCollector, fault: Fault) -> None:
+def test_fault_then_recovery_delivers_everything(
+    faulty: FaultyCollector, fault: Fault, sending_threads: list[str]
+) -> None:
     """Latency unchanged, every entry arrives after recovery, duplicates only if unknown."""
     middleware = AnalyticsWSGIMiddleware(
         app,
@@ -173,6 +196,10 @@ def test_fault_then_recovery_delivers_everything(faulty: FaultyCollector, fault:
         0,
     )
     assert (stats["retried"] > 0) is fault.retries
+    # Every send, the failing ones included, happened on the agent's own threads.
+    assert sending_threads
+    assert threading.current_thread().name not in sending_threads
+    assert all(name.startswith("alf-analytics") for name in sending_threads), set(sending_threads)
 
 
 def test_latency_unchanged_with_a_full_queue(faulty: FaultyCollector) -> None:
