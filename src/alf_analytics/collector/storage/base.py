@@ -22,7 +22,7 @@ import hashlib
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from functools import lru_cache
@@ -286,16 +286,7 @@ def _by_hour(
     minutes: dict[tuple[Any, ...], list[float]], size: int = 60
 ) -> dict[tuple[Any, ...], list[float]]:
     """Per-minute sums added up per ``size`` minutes (an hour, a quarter)."""
-    hours: dict[tuple[Any, ...], list[float]] = {}
-    for key, value in minutes.items():
-        hour_key = (key[0] - key[0] % size, *key[1:])
-        item = hours.get(hour_key)
-        if item is None:
-            hours[hour_key] = list(value)
-        else:
-            for i in range(4):
-                item[i] += value[i]
-    return hours
+    return _rekeyed({}, minutes, lambda key: (key[0] - key[0] % size, *key[1:]))
 
 
 @dataclass(frozen=True)
@@ -648,8 +639,17 @@ def _merged(
     streams: list[int],
 ) -> dict[tuple[Any, ...], list[float]]:
     """``sums`` keyed by stream id instead of group index (keys that meet are added)."""
+    return _rekeyed(into, sums, lambda key: (key[0], streams[key[1]], *key[2:]))
+
+
+def _rekeyed(
+    into: dict[tuple[Any, ...], list[float]],
+    sums: dict[tuple[Any, ...], list[float]],
+    key_of: Callable[[tuple[Any, ...]], tuple[Any, ...]],
+) -> dict[tuple[Any, ...], list[float]]:
+    """``sums`` added into ``into`` under ``key_of(key)``: keys that meet there are summed."""
     for key, value in sums.items():
-        final = (key[0], streams[key[1]], *key[2:])
+        final = key_of(key)
         item = into.get(final)
         if item is None:
             into[final] = list(value)
