@@ -44,6 +44,7 @@ from .asgi_apps import (
     starlette_routes,
 )
 from .conftest import received_entries
+from .raw import asgi_scope
 from .servers import free_port, reaped, sigterm
 
 TOKEN = "asgi-test-token"
@@ -66,20 +67,7 @@ def analytics(app: Any, collector: Collector, **options: Any) -> AnalyticsASGIMi
 
 def http_scope(path: str = "/", *, method: str = "GET", **overrides: Any) -> dict[str, Any]:
     """An ``http`` scope as uvicorn builds it (``overrides`` replace or add keys)."""
-    scope: dict[str, Any] = {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.3"},
-        "http_version": "1.1",
-        "method": method,
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"host", b"testserver")],
-        "client": ("127.0.0.1", 50000),
-        "server": ("127.0.0.1", 8000),
-    }
+    scope = asgi_scope(method, path, host="testserver", client=("127.0.0.1", 50000))
     scope.update(overrides)
     return scope
 

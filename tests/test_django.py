@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
@@ -34,6 +33,7 @@ from .conftest import received_entries
 from .djangoproject import project_settings, setup, views
 from .djangoproject.harness import Server, call_asgi, call_wsgi, server_env
 from .djangoproject.middleware import AsyncOnlyMiddleware
+from .raw import asgi_scope, wsgi_environ
 
 setup()
 
@@ -98,51 +98,6 @@ def our_instance(handler: Any) -> AnalyticsMiddleware:
         else:
             link = None
     raise AssertionError("AnalyticsMiddleware not in the chain")
-
-
-def wsgi_environ(method: str, path: str, body: bytes = b"", **extra: Any) -> dict[str, Any]:
-    """A WSGI environ as a server builds it, with ``wsgi.file_wrapper`` offered."""
-    environ = {
-        "REQUEST_METHOD": method,
-        "SCRIPT_NAME": "",
-        "PATH_INFO": path,
-        "QUERY_STRING": "",
-        "SERVER_NAME": "127.0.0.1",
-        "SERVER_PORT": "8000",
-        "SERVER_PROTOCOL": "HTTP/1.1",
-        "REMOTE_ADDR": "127.0.0.1",
-        "HTTP_HOST": "example.test",
-        "wsgi.version": (1, 0),
-        "wsgi.url_scheme": "http",
-        "wsgi.input": io.BytesIO(body),
-        "wsgi.errors": io.StringIO(),
-        "wsgi.multithread": False,
-        "wsgi.multiprocess": False,
-        "wsgi.run_once": False,
-        "wsgi.file_wrapper": FileWrapper,
-    }
-    environ.update(extra)
-    return environ
-
-
-def asgi_scope(method: str, path: str, **extra: Any) -> dict[str, Any]:
-    """An ASGI ``http`` scope as a server builds it."""
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": method,
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"host", b"example.test")],
-        "client": ("127.0.0.1", 50000),
-        "server": ("127.0.0.1", 8000),
-    }
-    scope.update(extra)
-    return scope
 
 
 def get_ok(request: HttpRequest) -> HttpResponse:
@@ -430,9 +385,9 @@ def test_wsgi_request_without_content_length(collector: Collector, configure: Co
     environ = wsgi_environ(
         "POST",
         "/body",
-        b"no length given",
-        CONTENT_TYPE="text/plain",
-        HTTP_TRANSFER_ENCODING="chunked",
+        body=b"no length given",
+        headers=[("content-type", "text/plain"), ("transfer-encoding", "chunked")],
+        length=False,
     )
     status, _, body = call_wsgi(WSGIHandler(), environ)
     assert status == "200 OK"
@@ -444,8 +399,7 @@ def test_wsgi_request_without_content_length(collector: Collector, configure: Co
 
 def test_asgi_request_without_content_length(collector: Collector, configure: Configure) -> None:
     """An ASGI POST without content-length, in several body messages, is captured exactly."""
-    headers = [(b"host", b"example.test"), (b"content-type", b"text/plain")]
-    scope = asgi_scope("POST", "/body", headers=headers)
+    scope = asgi_scope("POST", "/body", headers=[("content-type", "text/plain")])
     parts = [b"first part, ", b"second part, ", b"last part"]
     status, _, body = asyncio.run(call_asgi(ASGIHandler(), scope, parts))
     assert (status, body) == (200, b"".join(parts))
@@ -518,7 +472,10 @@ def test_file_response_under_wsgi_handler(
 ) -> None:
     """FileResponse: wrapped and captured with log_body; else left to wsgi.file_wrapper."""
     configure(log_body=log_body)
-    result = WSGIHandler()(wsgi_environ("GET", "/file"), lambda status, headers: None)
+    result = WSGIHandler()(
+        wsgi_environ("GET", "/file", **{"wsgi.file_wrapper": FileWrapper}),
+        lambda status, headers: None,
+    )
     # Django hands file_to_stream to the server's file wrapper only if we left it in place.
     assert isinstance(result, FileWrapper) is not log_body
     try:
@@ -616,7 +573,7 @@ def test_client_leaving_during_async_view_yields_entry(
     collector: Collector, configure: Configure
 ) -> None:
     """A disconnect while the async view awaits cancels it; the entry is still recorded (500)."""
-    scope = asgi_scope("GET", "/async", query_string=b"sleep=30")
+    scope = asgi_scope("GET", "/async", query="sleep=30")
     status, _, _ = asyncio.run(
         asyncio.wait_for(call_asgi(ASGIHandler(), scope, [b""], leave_at="request"), 10)
     )

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -54,6 +53,7 @@ from .conftest import received_entries
 from .djangoproject import project_settings, setup
 from .djangoproject.harness import call_asgi, call_wsgi
 from .djangoproject.views import ECHO_HEADERS, echo_body
+from .raw import asgi_scope, wsgi_environ
 
 setup()
 
@@ -74,50 +74,26 @@ SERVER = ("127.0.0.1", 8000)
 RESPONSE_BODY = echo_body(["1", "2"], BODY)
 #: Fields that measure the run, not the exchange (see the module docstring).
 EXCLUDED = ("startedDateTime", "time", "timings")
+#: What the two builders below share (``host`` and ``content-length`` are in the headers).
+REQUEST: dict[str, Any] = {
+    "query": "x=1&x=2",
+    "headers": REQUEST_HEADERS,
+    "body": BODY,
+    "host": None,
+    "length": False,
+    "client": CLIENT,
+    "server": SERVER,
+}
 
 
 def environ() -> dict[str, Any]:
     """The request as a WSGI server presents it."""
-    env: dict[str, Any] = {
-        "REQUEST_METHOD": "POST",
-        "SCRIPT_NAME": "",
-        "PATH_INFO": "/echo",
-        "QUERY_STRING": "x=1&x=2",
-        "SERVER_NAME": SERVER[0],
-        "SERVER_PORT": str(SERVER[1]),
-        "SERVER_PROTOCOL": "HTTP/1.1",
-        "REMOTE_ADDR": CLIENT[0],
-        "REMOTE_PORT": str(CLIENT[1]),
-        "wsgi.version": (1, 0),
-        "wsgi.url_scheme": "http",
-        "wsgi.input": io.BytesIO(BODY),
-        "wsgi.errors": io.StringIO(),
-        "wsgi.multithread": False,
-        "wsgi.multiprocess": False,
-        "wsgi.run_once": False,
-    }
-    for name, value in REQUEST_HEADERS:
-        key = name.upper().replace("-", "_")
-        env[key if key in ("CONTENT_TYPE", "CONTENT_LENGTH") else f"HTTP_{key}"] = value
-    return env
+    return wsgi_environ("POST", "/echo", **REQUEST)
 
 
 def scope() -> dict[str, Any]:
     """The request as an ASGI server presents it."""
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.3"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/echo",
-        "raw_path": b"/echo",
-        "query_string": b"x=1&x=2",
-        "root_path": "",
-        "headers": [(n.encode("latin-1"), v.encode("latin-1")) for n, v in REQUEST_HEADERS],
-        "client": CLIENT,
-        "server": SERVER,
-    }
+    return asgi_scope("POST", "/echo", **REQUEST)
 
 
 def options(collector: Collector, environment: str) -> dict[str, Any]:

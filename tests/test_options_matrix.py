@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
 import json
 import logging
 import os
@@ -58,13 +57,12 @@ from .conftest import assert_valid_alf, received_entries
 from .djangoproject import project_settings, setup
 from .djangoproject.harness import REPO_ROOT, call_asgi, call_wsgi
 from .faulty_collector import FaultyCollector
+from .raw import HOST, SERVER, asgi_scope, wsgi_environ
 
 setup()
 
 TOKEN = "matrix-secret-token-0123456789"
-HOST = "api.example.test"
 PEER = "203.0.113.77"
-SERVER = ("127.0.0.1", 8000)
 JSON_BODY = json.dumps(
     {"user": "visible", "password": "pw-1", "pin": "1234", "nested": [{"otp": "x"}]}
 ).encode()
@@ -122,59 +120,6 @@ class DjangoURLs:
     urlpatterns = [re_path(r"^(?P<rest>.*)$", _django_view)]
 
 
-def environ_of(
-    method: str, path: str, query: str, headers: list[tuple[str, str]], body: bytes, peer: str
-) -> dict[str, Any]:
-    env: dict[str, Any] = {
-        "REQUEST_METHOD": method,
-        "SCRIPT_NAME": "",
-        "PATH_INFO": path,
-        "QUERY_STRING": query,
-        "RAW_URI": path + (f"?{query}" if query else ""),
-        "SERVER_NAME": SERVER[0],
-        "SERVER_PORT": str(SERVER[1]),
-        "SERVER_PROTOCOL": "HTTP/1.1",
-        "REMOTE_ADDR": peer,
-        "REMOTE_PORT": "50123",
-        "HTTP_HOST": HOST,
-        "wsgi.version": (1, 0),
-        "wsgi.url_scheme": "http",
-        "wsgi.input": io.BytesIO(body),
-        "wsgi.errors": io.StringIO(),
-        "wsgi.multithread": False,
-        "wsgi.multiprocess": False,
-        "wsgi.run_once": False,
-    }
-    if body:
-        env["CONTENT_LENGTH"] = str(len(body))
-    for name, value in headers:
-        key = name.upper().replace("-", "_")
-        env[key if key == "CONTENT_TYPE" else f"HTTP_{key}"] = value
-    return env
-
-
-def scope_of(
-    method: str, path: str, query: str, headers: list[tuple[str, str]], body: bytes, peer: str
-) -> dict[str, Any]:
-    pairs = [("host", HOST), *headers]
-    if body:
-        pairs.append(("content-length", str(len(body))))
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.3"},
-        "http_version": "1.1",
-        "method": method,
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": query.encode(),
-        "root_path": "",
-        "headers": [(n.encode("latin-1"), v.encode("latin-1")) for n, v in pairs],
-        "client": (peer, 50123),
-        "server": SERVER,
-    }
-
-
 class Stack:
     """One framework with our middleware, built with the given options."""
 
@@ -195,11 +140,12 @@ class Stack:
         body: bytes = b"",
         peer: str = PEER,
     ) -> int:
-        args = (method, path, query, headers or [], body, peer)
+        request = {"query": query, "headers": headers or [], "body": body, "client": (peer, 50123)}
         if self.interface == "wsgi":
-            status, _, _ = call_wsgi(self.app, environ_of(*args))
+            status, _, _ = call_wsgi(self.app, wsgi_environ(method, path, **request))
             return int(status.split()[0])
-        code, _, _ = asyncio.run(call_asgi(self.app, scope_of(*args), [body]))
+        scope = asgi_scope(method, path, **request)
+        code, _, _ = asyncio.run(call_asgi(self.app, scope, [body]))
         return code
 
 
@@ -755,7 +701,7 @@ def test_by_default_entries_go_to_a_local_collector_only() -> None:
     with Collector(port=8700) as local:
         middleware = AnalyticsWSGIMiddleware(plain_app, service_token=TOKEN)
         assert middleware.config.collector_url == DEFAULT_COLLECTOR_URL
-        call_wsgi(middleware, environ_of("GET", "/", "", [], b"", PEER))
+        call_wsgi(middleware, wsgi_environ("GET", "/", client=(PEER, 50123)))
         assert len(received_entries(local, 1)) == 1
 
 

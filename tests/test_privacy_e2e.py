@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import gzip
-import io
 import json
 import logging
 import secrets
@@ -66,13 +65,11 @@ from alf_analytics.collector import Collector
 from .conftest import assert_valid_batch
 from .djangoproject import project_settings, setup
 from .djangoproject.harness import call_asgi, call_wsgi
+from .raw import HOST, asgi_scope, wsgi_environ
 
 setup()
 
 TOKEN = "privacy-e2e-service-token-" + secrets.token_hex(8)
-HOST = "api.example.test"
-CLIENT = ("192.0.2.10", 50123)
-SERVER = ("127.0.0.1", 8000)
 MAX_BODY = 65_536  # the default max_body_bytes
 
 
@@ -382,57 +379,21 @@ class DjangoURLs:
 
 def environ_of(request: dict[str, Any]) -> dict[str, Any]:
     """The request as a WSGI server (gunicorn) presents it."""
-    body = request["body"]
-    query = request["query"]
-    target = request.get("target", request["path"]) + (f"?{query}" if query else "")
-    env: dict[str, Any] = {
-        "REQUEST_METHOD": request["method"],
-        "SCRIPT_NAME": "",
-        "PATH_INFO": request["path"],
-        "QUERY_STRING": query,
-        "RAW_URI": target,
-        "SERVER_NAME": SERVER[0],
-        "SERVER_PORT": str(SERVER[1]),
-        "SERVER_PROTOCOL": "HTTP/1.1",
-        "REMOTE_ADDR": CLIENT[0],
-        "REMOTE_PORT": str(CLIENT[1]),
-        "HTTP_HOST": request.get("host", HOST),
-        "wsgi.version": (1, 0),
-        "wsgi.url_scheme": "http",
-        "wsgi.input": io.BytesIO(body),
-        "wsgi.errors": io.StringIO(),
-        "wsgi.multithread": False,
-        "wsgi.multiprocess": False,
-        "wsgi.run_once": False,
-    }
-    if body:
-        env["CONTENT_LENGTH"] = str(len(body))
-    for name, value in request["headers"]:
-        key = name.upper().replace("-", "_")
-        # PEP 3333: text is Latin-1 of the bytes (the headers here are ASCII).
-        env[key if key == "CONTENT_TYPE" else f"HTTP_{key}"] = value
-    return env
+    return wsgi_environ(request["method"], request["path"], **_parts(request))
 
 
 def scope_of(request: dict[str, Any]) -> dict[str, Any]:
     """The request as uvicorn (h11) presents it: an absolute-form target stays in the path."""
-    target = request.get("target", request["path"])
-    headers = [("host", request.get("host", HOST)), *request["headers"]]
-    if request["body"]:
-        headers.append(("content-length", str(len(request["body"]))))
+    return asgi_scope(request["method"], request["path"], **_parts(request))
+
+
+def _parts(request: dict[str, Any]) -> dict[str, Any]:
     return {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.3"},
-        "http_version": "1.1",
-        "method": request["method"],
-        "scheme": "http",
-        "path": target,
-        "raw_path": target.encode("ascii"),
-        "query_string": request["query"].encode("ascii"),
-        "root_path": "",
-        "headers": [(n.encode("latin-1"), v.encode("latin-1")) for n, v in headers],
-        "client": CLIENT,
-        "server": SERVER,
+        "query": request["query"],
+        "headers": request["headers"],
+        "body": request["body"],
+        "host": request.get("host", HOST),
+        "target": request.get("target"),
     }
 
 
