@@ -245,26 +245,29 @@ def test_retention_purges_hourly_rollups_with_their_hours(store: Store) -> None:
     assert queries.endpoints(store, fast) == queries.endpoints(store, raw)
 
 
-def test_schema_2_is_migrated_on_open(tmp_path: Path) -> None:
-    path = str(tmp_path / "v2.sqlite")
+@pytest.mark.parametrize("version", [2, 3])
+def test_older_schemas_are_migrated_on_open(tmp_path: Path, version: int) -> None:
+    path = str(tmp_path / f"v{version}.sqlite")
     rng = random.Random(5)
     store = open_store(path)
     _save(store, rng, _random_times(rng, 200, hours=3))
     count = store.scalar("SELECT COUNT(*) FROM entries")
     store.close()
-    # What version 2 had: no hourly tables, no bucket index.
     db = sqlite3.connect(path)
-    for table in ("agg_hour", "agg_consumer_hour", "agg_quarter", "agg_consumer_quarter",
-                  "agg_hours"):  # fmt: skip
-        db.execute(f"DROP TABLE {table}")
-    db.execute("DROP INDEX entries_bucket")
-    db.execute("PRAGMA user_version=2")
+    db.execute("DROP TABLE dictionaries")  # what version 3 had not
+    if version == 2:  # nor the hourly tables and the bucket index
+        for table in ("agg_hour", "agg_consumer_hour", "agg_quarter", "agg_consumer_quarter",
+                      "agg_hours"):  # fmt: skip
+            db.execute(f"DROP TABLE {table}")
+        db.execute("DROP INDEX entries_bucket")
+    db.execute(f"PRAGMA user_version={version}")
     db.commit()
     db.close()
 
     store = open_store(path)
     try:
-        assert store.scalar("PRAGMA user_version") == SCHEMA_VERSION == 3
+        assert store.scalar("PRAGMA user_version") == SCHEMA_VERSION == 4
+        assert store.scalar("SELECT COUNT(*) FROM dictionaries") == 0
         assert store.scalar("SELECT COUNT(*) FROM entries") == count
         assert store.compact() == 3
         assert store.scalar("SELECT SUM(n) FROM agg_hour") == count

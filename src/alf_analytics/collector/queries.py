@@ -24,7 +24,7 @@ from typing import Any, Final
 from .ingest import MAX_BUCKET, bucket_of, bucket_value
 from .settings import mask
 from .storage import Store
-from .storage.base import TIERS, decode_entry
+from .storage.base import TIERS
 
 __all__ = [
     "FilterError",
@@ -811,7 +811,7 @@ def _load_entry(store: Store, entry_id: int) -> tuple[dict[str, Any], dict[str, 
         return None
     summary = _row(row[:16])
     summary["received"] = iso(int(row[16]))
-    entry = decode_entry(row[17])
+    entry = store.decode_entry(row[17])
     return summary, entry
 
 
@@ -966,4 +966,4 @@ def har_export(store: Store, filters: Filters | None = None, limit: int = 1_000)
         "ORDER BY e.started DESC, e.id DESC LIMIT ?",
         [*where.params, limit],
     )
-    return _har([_har_entry(decode_entry(r[0])) for r in reversed(rows)])
+    return _har([_har_entry(store.decode_entry(r[0])) for r in reversed(rows)])

@@ -31,7 +31,6 @@ import uvicorn
 from .app import RequestRecord, create_app
 from .settings import SUPPORTED_VERSIONS, CollectorError, Limits, TokenSet
 from .storage import Store, open_store
-from .storage.base import decode_entry
 from .summary import Summary, summarize_store
 
 __all__ = ["UVICORN_SETTINGS", "Collector", "StoredEntry", "uvicorn_config"]
@@ -274,7 +273,7 @@ class Collector:
         rows = self.store.fetchall(sql + " ORDER BY e.id", params)
         result = []
         for row in rows:
-            entry = decode_entry(row[13])
+            entry = self.store.decode_entry(row[13])
             result.append(
                 StoredEntry(
                     id=int(row[0]),

@@ -8,6 +8,8 @@ Tables (the same in SQLite and PostgreSQL, column types aside):
   body and its answer, so that a repeat is answered the same without storing twice;
 - ``entries``: one row per stored entry with its indexed columns, and ``entry_data`` the
   entry itself (its JSON compressed with zstd), apart so that scans of entries stay narrow;
+- ``dictionaries``: the zstd dictionaries entries are compressed with, trained on the
+  store's own entries (see :mod:`.codec`);
 - ``agg_minute`` and ``agg_consumer``: per-minute rollups maintained in the same transaction
   as the entries (counts, latency histogram buckets, bytes), so aggregates over millions of
   entries read thousands of rows.
@@ -28,11 +30,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Final, Protocol
 
-import orjson
-import zstandard
-
 from ..ingest import AlfGroup
 from ..settings import TokenSet
+from .codec import EntryCodec
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -43,10 +43,12 @@ __all__ = [
     "schema_statements",
 ]
 
-SCHEMA_VERSION: Final = 3
+SCHEMA_VERSION: Final = 4
 """Version 1 was the old ``http.server`` collector's (requests/alfs/entries tables); 2 had
 the per-minute rollups only; 3 adds the hourly and quarter-hourly ones (``agg_hour``,
-``agg_consumer_hour``, ``agg_quarter``, ``agg_consumer_quarter``, filled by ``compact``)."""
+``agg_consumer_hour``, ``agg_quarter``, ``agg_consumer_quarter``, filled by ``compact``); 4
+adds ``dictionaries`` (entries compressed with one: a collector of version 3 could not read
+them, so it refuses the store)."""
 
 _TABLES: Final = {
     "streams": [
@@ -89,6 +91,7 @@ _TABLES: Final = {
     ],
     # Apart from the indexed columns, so that scans of entries stay narrow.
     "entry_data": ["id BIGINT PRIMARY KEY", "entry {blob} NOT NULL"],
+    "dictionaries": ["id BIGINT PRIMARY KEY", "created BIGINT NOT NULL", "data {blob} NOT NULL"],
     "agg_minute": [
         "minute BIGINT NOT NULL",
         "stream_id BIGINT NOT NULL",
@@ -185,29 +188,6 @@ def upsert_clause(table: str, keys: tuple[str, ...]) -> str:
     return f" ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {sums}"
 
 
-def decode_entry(blob: bytes | memoryview) -> dict[str, Any]:
-    """The entry stored as ``blob`` (zstd-compressed JSON)."""
-    decoded: dict[str, Any] = orjson.loads(_decompressor().decompress(bytes(blob)))
-    return decoded
-
-
-_local = threading.local()
-
-
-def _decompressor() -> zstandard.ZstdDecompressor:
-    decompressor: zstandard.ZstdDecompressor | None = getattr(_local, "decompressor", None)
-    if decompressor is None:
-        decompressor = _local.decompressor = zstandard.ZstdDecompressor()
-    return decompressor
-
-
-def _compressor() -> zstandard.ZstdCompressor:
-    compressor: zstandard.ZstdCompressor | None = getattr(_local, "compressor", None)
-    if compressor is None:
-        compressor = _local.compressor = zstandard.ZstdCompressor(level=1)
-    return compressor
-
-
 _MINUTE_US: Final = 60_000_000
 COMPACT_AFTER_MINUTES: Final = 5
 """How long after an hour's end its minutes are summed into an hourly row."""
@@ -222,8 +202,7 @@ class _SaveWork:
     rollups: dict[str, dict[tuple[Any, ...], list[float]]]
 
     @classmethod
-    def build(cls, request: SaveRequest) -> _SaveWork:
-        compressor = _compressor()
+    def build(cls, request: SaveRequest, codec: EntryCodec) -> _SaveWork:
         columns: list[list[tuple[Any, ...]]] = []
         blobs: list[bytes] = []
         minutes: dict[tuple[Any, ...], list[float]] = {}
@@ -243,13 +222,7 @@ class _SaveWork:
                     key = (minute, index, r.consumer, r.status, r.bucket)
                     _add(consumers, key, r.time_ms, r.request_bytes, r.response_bytes)
             columns.append(rows)
-        if len(blobs) > 1:
-            # One call for all the entries, in native threads without the GIL.
-            inputs: list[bytes | bytearray | memoryview] = list(blobs)
-            compressed = compressor.multi_compress_to_buffer(inputs, threads=2)
-            blobs = [compressed[i].tobytes() for i in range(len(compressed))]
-        else:
-            blobs = [compressor.compress(blob) for blob in blobs]
+        blobs = codec.compress(blobs)
         rollups = {"agg_minute": minutes}
         if consumers:
             rollups["agg_consumer"] = consumers
@@ -358,6 +331,7 @@ class Store(ABC):
         self._ids_lock = threading.Lock()
         self._stream_ids: dict[str, int] = {}
         self._creator_ids: dict[bytes, int] = {}
+        self.codec = EntryCodec(self._dictionary, self._add_dictionary, self._newest_dictionary)
 
     # -- backend hooks ------------------------------------------------------------------
 
@@ -386,6 +360,33 @@ class Store(ABC):
         row = self.fetchone(sql, params)
         return row[0] if row else None
 
+    # -- entries and their compression dictionaries ---------------------------------------
+
+    def decode_entry(self, blob: bytes | memoryview) -> dict[str, Any]:
+        """The entry stored as ``blob`` in ``entry_data``."""
+        return self.codec.decode(blob)
+
+    def _dictionary(self, dict_id: int) -> bytes | None:
+        data = self.scalar("SELECT data FROM dictionaries WHERE id = ?", [dict_id])
+        return bytes(data) if data is not None else None
+
+    def _newest_dictionary(self) -> tuple[int, int, bytes] | None:
+        row = self.fetchone(
+            "SELECT id, created, data FROM dictionaries ORDER BY created DESC, id DESC LIMIT 1"
+        )
+        return (int(row[0]), int(row[1]), bytes(row[2])) if row is not None else None
+
+    def _add_dictionary(self, dict_id: int, created: int, data: bytes) -> bytes:
+        with self.transaction() as tx:
+            tx.execute(
+                "INSERT INTO dictionaries (id, created, data) VALUES (?, ?, ?) "
+                "ON CONFLICT DO NOTHING",
+                [dict_id, created, data],
+            )
+            row = tx.fetchone("SELECT data FROM dictionaries WHERE id = ?", [dict_id])
+        assert row is not None
+        return bytes(row[0])
+
     # -- writing ------------------------------------------------------------------------
 
     def find_answer(self, key_hash: str) -> SaveResult | None:
@@ -403,7 +404,7 @@ class Store(ABC):
         Everything that needs no id (compression, column tuples, rollup sums) is done before
         the write transaction starts, so that the one writer holds the lock only to write.
         """
-        work = _SaveWork.build(request)
+        work = _SaveWork.build(request, self.codec)
         new_streams: dict[str, int] = {}
         new_creators: dict[bytes, int] = {}
         with self.transaction() as tx:
@@ -604,10 +605,11 @@ class Store(ABC):
         """Rows changed by the last statement of ``tx``."""
 
     def clear(self) -> None:
-        """Delete everything stored (the schema stays)."""
+        """Delete everything stored (the schema and the compression dictionaries stay)."""
         with self.transaction() as tx:
             for table in reversed(TABLE_NAMES):
-                tx.execute(f"DELETE FROM {table}")
+                if table != "dictionaries":  # what entries written meanwhile are compressed with
+                    tx.execute(f"DELETE FROM {table}")
         with self._ids_lock:
             self._stream_ids.clear()
             self._creator_ids.clear()

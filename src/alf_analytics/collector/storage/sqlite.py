@@ -177,10 +177,12 @@ class SQLiteStore(Store):
         if version == 1 and {"requests", "alfs", "entries"} <= tables:
             self._migrate_from_v1()
             return
-        if version == 2 and {"entries", "agg_minute", "agg_consumer"} <= tables:
-            logger.warning("migrating %s from schema version 2 to %d", self.path, SCHEMA_VERSION)
-            # Version 3 only adds tables and an index: the CREATE ... IF NOT EXISTS of today's
-            # schema leave the version 2 tables and their rows as they are.
+        if version in (2, 3) and {"entries", "agg_minute", "agg_consumer"} <= tables:
+            logger.warning(
+                "migrating %s from schema version %d to %d", self.path, version, SCHEMA_VERSION
+            )
+            # Versions 3 and 4 only add tables and an index: the CREATE ... IF NOT EXISTS of
+            # today's schema leave the older tables and their rows as they are.
             self._create_schema(db)
             return
         if tables and version != SCHEMA_VERSION:
