@@ -50,13 +50,12 @@ Adder = Callable[[int, int, bytes], bytes]
 store now holds under that id (another process's, should two ever draw the same id)."""
 Newest = Callable[[], "tuple[int, int, bytes] | None"]
 """The store's newest dictionary as (id, created, data), if it has one."""
-
-
 Sample = bytes | bytearray | memoryview
+"""A training sample, as zstd's trainer types its list (invariant: a list[bytes] will not do)."""
 
 
 class _Current:
-    """The dictionary entries are compressed with now (``None``: none yet)."""
+    """The dictionary entries are compressed with now, and when it was trained."""
 
     def __init__(self, dict_id: int, created: float, data: bytes) -> None:
         self.dict_id = dict_id
@@ -100,10 +99,10 @@ class EntryCodec:
         if not self._started:
             self._start()
         current = self._current
-        if self._training is None and (
-            current is None or time.time() - current.created >= self.retrain_after
-        ):
-            if time.time() >= self._next_sample:
+        if self._training is None:
+            now = time.time()
+            stale = current is None or now - current.created >= self.retrain_after
+            if stale and now >= self._next_sample:
                 self._sample(entries)
         return current
 
