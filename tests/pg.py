@@ -12,7 +12,9 @@ Fixtures (import them into a test module: ``from tests.pg import pg_server, pg_u
 - ``pg_url``: a ``postgresql://`` URL whose ``search_path`` is a fresh schema, so each
   test starts from an empty database;
 - ``collector_db``: parametrized over both backends: ``:memory:`` (SQLite) and a fresh
-  ``pg_url`` (PostgreSQL), for tests that must hold on either store.
+  ``pg_url`` (PostgreSQL), for tests that must hold on either store;
+- ``store_db``: the same with SQLite in a file, for tests that open the store more than
+  once (a restart, a second process).
 """
 
 from __future__ import annotations
@@ -31,7 +33,14 @@ import pytest
 
 from .servers import free_port
 
-__all__ = ["PostgresServer", "PostgresUnavailable", "collector_db", "pg_server", "pg_url"]
+__all__ = [
+    "PostgresServer",
+    "PostgresUnavailable",
+    "collector_db",
+    "pg_server",
+    "pg_url",
+    "store_db",
+]
 
 
 class PostgresUnavailable(RuntimeError):
@@ -148,7 +157,17 @@ def pg_url(pg_server: PostgresServer) -> str:
 def collector_db(request: pytest.FixtureRequest) -> str:
     """The ``db`` of a collector, once per backend: in-memory SQLite, then a fresh schema on
     the session's PostgreSQL (that one skipped or failing as ``pg_server`` says)."""
+    return _backend(request, ":memory:")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_db(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Like ``collector_db``, but SQLite in a file, so that the store can be opened again."""
+    return _backend(request, str(tmp_path / "store.sqlite"))
+
+
+def _backend(request: pytest.FixtureRequest, sqlite: str) -> str:
     if request.param == "sqlite":
-        return ":memory:"
+        return sqlite
     server: PostgresServer = request.getfixturevalue("pg_server")
     return server.fresh_url()

@@ -13,7 +13,6 @@ import logging
 import random
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -21,27 +20,20 @@ import pytest
 import zstandard
 
 from alf_analytics.collector import Collector
-from alf_analytics.collector.ingest import prepare
-from alf_analytics.collector.settings import Limits, TokenSet
-from alf_analytics.collector.storage import SaveRequest, Store, open_store
-from tests.pg import PostgresServer, pg_server
+from alf_analytics.collector.storage import Store, codec, open_store
+from tests.pg import pg_server, store_db
+from tests.test_collector import alf_of
+from tests.test_collector_rollups import save_alfs
 
-__all__ = ["pg_server"]  # a fixture, imported for pytest
+__all__ = ["pg_server", "store_db"]  # fixtures, imported for pytest
 
+TOKEN = "codec-token"
 _AGENTS = ["python-httpx/0.28.1", "Mozilla/5.0 (X11; Linux x86_64) Firefox/133.0", "curl/8.5.0"]
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return str(tmp_path / "codec.sqlite")
-    server: PostgresServer = request.getfixturevalue("pg_server")
-    return server.fresh_url()
-
-
 @pytest.fixture
-def store(db: str) -> Iterator[Store]:
-    opened = open_store(db)
+def store(store_db: str) -> Iterator[Store]:
+    opened = open_store(store_db)
     try:
         yield opened
     finally:
@@ -95,20 +87,7 @@ def api_entry(rng: random.Random, i: int) -> dict[str, Any]:
 def save(store: Store, entries: list[dict[str, Any]]) -> None:
     """Store ``entries`` as the collector does, 100 to a request."""
     for start in range(0, len(entries), 100):
-        alf = {
-            "version": "1.1.0",
-            "serviceToken": "codec-token",
-            "har": {
-                "log": {
-                    "creator": {"name": "codec-test", "version": "1"},
-                    "entries": entries[start : start + 100],
-                }
-            },
-        }
-        body = json.dumps(alf).encode()
-        prepared = prepare(body, version="1.1.0", kind="single", tokens=TokenSet(), limits=Limits())
-        assert not prepared.errors, prepared.errors
-        store.save(SaveRequest(prepared.groups, 0, 200, "{}"))
+        save_alfs(store, [alf_of(entries[start : start + 100], token=TOKEN)])
 
 
 def stored(store: Store) -> list[tuple[int, bytes]]:
@@ -143,10 +122,12 @@ def test_a_dictionary_is_trained_from_the_first_entries_and_used_after(store: St
     assert decoded(store) == first + then
 
 
-def test_another_process_decodes_and_compresses_with_the_stores_dictionary(db: str) -> None:
+def test_another_process_decodes_and_compresses_with_the_stores_dictionary(
+    store_db: str,
+) -> None:
     rng = random.Random(2)
     entries = [api_entry(rng, i) for i in range(400)]
-    writer = open_store(db)
+    writer = open_store(store_db)
     try:
         writer.codec.sample_entries = 200
         save(writer, entries[:200])
@@ -155,7 +136,7 @@ def test_another_process_decodes_and_compresses_with_the_stores_dictionary(db: s
     finally:
         writer.close()
     # Opened afresh (as a restart or a second collector process): nothing in memory.
-    reader = open_store(db)
+    reader = open_store(store_db)
     try:
         assert decoded(reader) == entries[:300]
         save(reader, entries[300:])
@@ -214,6 +195,43 @@ def test_a_store_that_cannot_train_keeps_storing_without_a_dictionary(
     assert decoded(store) == entries + more
 
 
+def test_a_store_that_could_not_train_samples_again_after_the_pause(
+    store: Store, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(codec, "RETRY_AFTER", 0.0)  # the hour has passed at once
+    rng = random.Random(8)
+    store.codec.sample_entries = 2
+    with caplog.at_level(logging.INFO, logger="alf_analytics.collector"):
+        for i in range(0, 4, 2):
+            save(store, [api_entry(rng, i), api_entry(rng, i + 1)])
+            assert store.codec.wait_for_training()
+    tried = [r.getMessage() for r in caplog.records if "dictionary" in r.getMessage()]
+    assert tried == [f"no compression dictionary from 2 entries: {_trainer_error()}"] * 2
+
+
+def test_samples_are_cut_but_entries_are_stored_whole(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rng = random.Random(7)
+    entries = [api_entry(rng, i) for i in range(200)]
+    for entry in entries[::2]:  # a 12 KB body text: the entry's JSON is over the cut
+        entry["response"]["content"]["text"] = base64.b64encode(rng.randbytes(9_000)).decode()
+    sizes: list[int] = []
+    train = zstandard.train_dictionary
+
+    def spy(size: int, samples: list[bytes], **options: Any) -> zstandard.ZstdCompressionDict:
+        sizes.extend(len(sample) for sample in samples)
+        return train(size, samples, **options)
+
+    monkeypatch.setattr(zstandard, "train_dictionary", spy)
+    store.codec.sample_entries = 200
+    save(store, entries)
+    assert store.codec.wait_for_training()
+    assert len(sizes) == 200
+    assert max(sizes) == codec.SAMPLE_CUT
+    assert decoded(store) == entries
+
+
 def _trainer_error() -> str:
     try:
         zstandard.train_dictionary(32_768, [b"{}", b"{}"])
@@ -232,22 +250,26 @@ def test_an_entry_naming_a_dictionary_the_store_lacks_is_a_clear_error(store: St
         store.decode_entry(blob)
 
 
-def test_through_a_real_collector_the_api_shows_entries_as_sent(db: str) -> None:
-    """Over HTTP: more entries than the default sample, read back through the query API."""
+def test_through_a_real_collector_the_api_shows_entries_as_sent(store_db: str) -> None:
+    """Over HTTP: the default sample, then entries compressed with the dictionary trained on
+    it, all read back through the query API."""
     rng = random.Random(6)
     entries = [api_entry(rng, i) for i in range(2_500)]
-    with Collector(db, read_key="codec-read-key") as collector, httpx.Client() as http:
-        for start in range(0, len(entries), 100):
-            alf = {
-                "version": "1.1.0",
-                "serviceToken": "codec-token",
-                "har": {"log": {"creator": {"name": "t", "version": "1"}, "entries": []}},
-            }
-            alf["har"]["log"]["entries"] = entries[start : start + 100]
-            answer = http.post(collector.endpoint("1.1.0", "single"), json=alf)
-            assert answer.status_code == 200, answer.text
+    sample = codec.SAMPLE_ENTRIES
+    with Collector(store_db, read_key="codec-read-key") as collector, httpx.Client() as http:
+
+        def post(part: list[dict[str, Any]]) -> None:
+            for start in range(0, len(part), 100):
+                alf = alf_of(part[start : start + 100], token=TOKEN)
+                answer = http.post(collector.endpoint("1.1.0", "single"), json=alf)
+                assert answer.status_code == 200, answer.text
+
+        post(entries[:sample])
         assert collector.store.codec.wait_for_training()
+        post(entries[sample:])
         assert collector.store.scalar("SELECT COUNT(*) FROM dictionaries") == 1
+        [dict_id] = [row[0] for row in collector.store.fetchall("SELECT id FROM dictionaries")]
+        assert {d for d, _ in stored(collector.store)[sample:]} == {dict_id}
         got = sorted((e.entry for e in collector.entries()), key=json.dumps)
         assert got == sorted(entries, key=json.dumps)
         # The HAR export decodes every one of them again, through the query API.

@@ -26,9 +26,9 @@ from alf_analytics.collector.ingest import prepare
 from alf_analytics.collector.settings import Limits, TokenSet, mask
 from alf_analytics.collector.storage import SaveRequest, Store, open_store
 from alf_analytics.collector.storage.base import SCHEMA_VERSION
-from tests.pg import PostgresServer, pg_server
+from tests.pg import pg_server, store_db
 
-__all__ = ["pg_server"]  # a fixture, imported for pytest
+__all__ = ["pg_server", "store_db"]  # fixtures, imported for pytest
 
 _ROUTES = [("GET", "/items/{}"), ("POST", "/items"), ("GET", "/users/{}/orders"), ("PUT", "/x")]
 _STATUSES = [200, 200, 200, 201, 204, 301, 400, 404, 500, 503]
@@ -36,14 +36,9 @@ _NOW = datetime.now(timezone.utc).replace(minute=0, second=0, microsecond=0)
 _BASE = _NOW - timedelta(hours=8)  # the data: 6 hours, all compactable
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    if request.param == "sqlite":
-        db = str(tmp_path / "rollups.sqlite")
-    else:
-        server: PostgresServer = request.getfixturevalue("pg_server")
-        db = server.fresh_url()
-    opened = open_store(db)
+@pytest.fixture
+def store(store_db: str) -> Iterator[Store]:
+    opened = open_store(store_db)
     try:
         yield opened
     finally:
@@ -103,10 +98,15 @@ def _save(store: Store, rng: random.Random, times: list[datetime]) -> None:
                 if environment:
                     alf["environment"] = environment
                 alfs.append(alf)
-        body = json.dumps(alfs).encode()
-        prepared = prepare(body, version="1.1.0", kind="batch", tokens=TokenSet(), limits=Limits())
-        assert not prepared.errors
-        store.save(SaveRequest(prepared.groups, 0, 200, "{}"))
+        save_alfs(store, alfs)
+
+
+def save_alfs(store: Store, alfs: list[dict[str, Any]]) -> None:
+    """Store the entries of ``alfs`` as the collector does for one valid batch request."""
+    body = json.dumps(alfs).encode()
+    prepared = prepare(body, version="1.1.0", kind="batch", tokens=TokenSet(), limits=Limits())
+    assert not prepared.errors, prepared.errors
+    store.save(SaveRequest(prepared.groups, 0, 200, "{}"))
 
 
 def _random_times(rng: random.Random, count: int, hours: float) -> list[datetime]:
