@@ -14,7 +14,8 @@ Fixtures (import them into a test module: ``from tests.pg import pg_server, pg_u
 - ``collector_db``: parametrized over both backends: ``:memory:`` (SQLite) and a fresh
   ``pg_url`` (PostgreSQL), for tests that must hold on either store;
 - ``store_db``: the same with SQLite in a file, for tests that open the store more than
-  once (a restart, a second process).
+  once (a restart, a second process);
+- ``store``: a :class:`~alf_analytics.collector.storage.Store` opened on ``store_db``.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from urllib.parse import quote
 
 import pytest
 
+from alf_analytics.collector.storage import Store, open_store
+
 from .servers import free_port
 
 __all__ = [
@@ -39,6 +42,7 @@ __all__ = [
     "collector_db",
     "pg_server",
     "pg_url",
+    "store",
     "store_db",
 ]
 
@@ -164,6 +168,16 @@ def collector_db(request: pytest.FixtureRequest) -> str:
 def store_db(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """Like ``collector_db``, but SQLite in a file, so that the store can be opened again."""
     return _backend(request, str(tmp_path / "store.sqlite"))
+
+
+@pytest.fixture
+def store(store_db: str) -> Iterator[Store]:
+    """The store at ``store_db``, closed after the test."""
+    opened = open_store(store_db)
+    try:
+        yield opened
+    finally:
+        opened.close()
 
 
 def _backend(request: pytest.FixtureRequest, sqlite: str) -> str:

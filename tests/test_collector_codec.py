@@ -11,7 +11,6 @@ import base64
 import json
 import logging
 import random
-from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -21,23 +20,14 @@ import zstandard
 
 from alf_analytics.collector import Collector
 from alf_analytics.collector.storage import Store, codec, open_store
-from tests.pg import pg_server, store_db
+from tests.pg import pg_server, store, store_db
 from tests.test_collector import alf_of
 from tests.test_collector_rollups import save_alfs
 
-__all__ = ["pg_server", "store_db"]  # fixtures, imported for pytest
+__all__ = ["pg_server", "store", "store_db"]  # fixtures, imported for pytest
 
 TOKEN = "codec-token"
 _AGENTS = ["python-httpx/0.28.1", "Mozilla/5.0 (X11; Linux x86_64) Firefox/133.0", "curl/8.5.0"]
-
-
-@pytest.fixture
-def store(store_db: str) -> Iterator[Store]:
-    opened = open_store(store_db)
-    try:
-        yield opened
-    finally:
-        opened.close()
 
 
 def api_entry(rng: random.Random, i: int) -> dict[str, Any]:

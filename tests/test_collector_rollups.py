@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import random
 import sqlite3
-from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -26,23 +25,14 @@ from alf_analytics.collector.ingest import prepare
 from alf_analytics.collector.settings import Limits, TokenSet, mask
 from alf_analytics.collector.storage import SaveRequest, Store, open_store
 from alf_analytics.collector.storage.base import SCHEMA_VERSION
-from tests.pg import pg_server, store_db
+from tests.pg import pg_server, store, store_db
 
-__all__ = ["pg_server", "store_db"]  # fixtures, imported for pytest
+__all__ = ["pg_server", "store", "store_db"]  # fixtures, imported for pytest
 
 _ROUTES = [("GET", "/items/{}"), ("POST", "/items"), ("GET", "/users/{}/orders"), ("PUT", "/x")]
 _STATUSES = [200, 200, 200, 201, 204, 301, 400, 404, 500, 503]
 _NOW = datetime.now(timezone.utc).replace(minute=0, second=0, microsecond=0)
 _BASE = _NOW - timedelta(hours=8)  # the data: 6 hours, all compactable
-
-
-@pytest.fixture
-def store(store_db: str) -> Iterator[Store]:
-    opened = open_store(store_db)
-    try:
-        yield opened
-    finally:
-        opened.close()
 
 
 def _entry(rng: random.Random, started: datetime, consumer: bool) -> dict[str, Any]:
