@@ -595,6 +595,67 @@ def test_entry_is_finished_at_close(collector: Collector) -> None:
     assert entry["response"]["status"] == 201
 
 
+def test_a_chunk_is_captured_after_the_server_has_it(collector: Collector) -> None:
+    """The copy into the capture buffer never delays a chunk: the server gets each one
+    first, and it is counted when the server asks for the next one (or closes)."""
+    wrapped = middleware(wsgi_apps.ClosingApp([b"first", b"second"]), collector)
+    result = wrapped(create_environ("/"), lambda *args: None)
+    exchange = result.exchange  # type: ignore[attr-defined]
+    chunks = iter(result)
+    assert next(chunks) == b"first"
+    assert exchange.response_body_size == 0 and exchange.response_body == b""
+    assert next(chunks) == b"second"
+    assert (exchange.response_body_size, exchange.response_body) == (5, b"first")
+    result.close()  # type: ignore[attr-defined]
+    (entry,) = received_entries(collector, 1)
+    assert entry["response"]["bodySize"] == 11
+    assert base64.b64decode(entry["response"]["content"]["text"]) == b"firstsecond"
+
+
+def test_a_bytearray_chunk_changed_after_it_is_sent_is_captured_as_sent(
+    collector: Collector,
+) -> None:
+    """An app may reuse its buffer once the server has a chunk: mutable chunks are copied
+    at once, so the entry holds the bytes the client got."""
+
+    def reusing(environ: dict[str, Any], start_response: Any) -> Iterator[bytearray]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        buffer = bytearray(b"abc")
+        yield buffer
+        buffer[:] = b"xyz"
+        yield buffer
+
+    sent: list[bytes] = []
+    result = middleware(reusing, collector)(create_environ("/"), lambda *args: None)
+    for chunk in result:
+        sent.append(bytes(chunk))
+    result.close()  # type: ignore[attr-defined]
+    assert sent == [b"abc", b"xyz"]
+    (entry,) = received_entries(collector, 1)
+    assert base64.b64decode(entry["response"]["content"]["text"]) == b"abcxyz"
+
+
+def test_a_write_the_server_refused_is_not_counted(collector: Collector) -> None:
+    """``write()`` hands the bytes to the server first; when the server raises (the client
+    is gone), the error reaches the app unchanged and the bytes are not counted as sent."""
+    gone = BrokenPipeError("client gone")
+
+    def refusing_write(data: bytes) -> None:
+        raise gone
+
+    def writer(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        write = start_response("200 OK", [("Content-Type", "text/plain")])
+        write(b"never sent")
+        return []
+
+    with pytest.raises(BrokenPipeError) as caught:
+        middleware(writer, collector)(create_environ("/"), lambda *args: refusing_write)
+    assert caught.value is gone
+    (entry,) = received_entries(collector, 1)
+    assert entry["response"]["bodySize"] == 0
+    assert entry["response"]["status"] == 200
+
+
 def _paced_app(before_first: float, before_last: float) -> App:
     def paced(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
         start_response("200 OK", [("Content-Type", "text/plain")])

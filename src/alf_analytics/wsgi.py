@@ -160,6 +160,7 @@ class _Responder:
         "_done",
         "_holder",
         "_identify",
+        "_pending",
     )
 
     def __init__(
@@ -177,6 +178,9 @@ class _Responder:
         self._write: Any = None
         self.result: Iterable[bytes] = ()
         self._iterator: Iterator[bytes] | None = None
+        #: The last chunk handed to the server, captured when the server asks for the next
+        #: one (or closes us): the copy into the capture buffer never delays its bytes.
+        self._pending: bytes | None = None
         self._done = False
 
     def start_response(
@@ -209,14 +213,22 @@ class _Responder:
         exchange = self.exchange
         if not exchange.t_response:
             exchange.t_response = perf_counter()
+        # Written first, counted after (as the iterable's chunks): the bytes reach the client
+        # without waiting for their capture, and a write the server refused is not counted.
+        written = self._write(data)
         if isinstance(data, (bytes, bytearray)):
             exchange.response_data(data)
-        return self._write(data)
+        return written
 
     def __iter__(self) -> Iterator[bytes]:
         return self
 
     def __next__(self) -> bytes:
+        pending = self._pending
+        if pending is not None:
+            # The server asks for the next chunk: it has sent the previous one.
+            self._pending = None
+            self.exchange.response_data(pending)
         try:
             iterator = self._iterator
             if iterator is None:
@@ -228,9 +240,17 @@ class _Responder:
             if not self.exchange.t_response:
                 self._as_500()
             raise
-        if chunk.__class__ is bytes or isinstance(chunk, (bytes, bytearray)):
-            # Anything else (str, int: a broken app) goes to the server untouched, which
-            # answers it as it would without us.
+        if chunk.__class__ is bytes:
+            if chunk:
+                exchange = self.exchange
+                if not exchange.t_response:
+                    exchange.t_response = perf_counter()
+                # Immutable: captured once the server has it (next call, or close()).
+                self._pending = chunk
+        elif isinstance(chunk, (bytes, bytearray)):
+            # A bytearray (or a bytes subclass) may be changed by the app once it is sent:
+            # captured now. Anything else (str, int: a broken app) goes to the server
+            # untouched, which answers it as it would without us.
             if chunk:
                 exchange = self.exchange
                 if not exchange.t_response:
@@ -276,6 +296,10 @@ class _Responder:
             return
         self._done = True
         exchange = self.exchange
+        pending = self._pending
+        if pending is not None:
+            self._pending = None
+            exchange.response_data(pending)
         holder = self._holder
         if holder is not None and holder.value is not None:
             exchange.consumer = holder.value
