@@ -224,11 +224,7 @@ class _Responder:
         return self
 
     def __next__(self) -> bytes:
-        pending = self._pending
-        if pending is not None:
-            # The server asks for the next chunk: it has sent the previous one.
-            self._pending = None
-            self.exchange.response_data(pending)
+        self._capture_pending()  # the server asks for the next chunk: it sent the last one
         try:
             iterator = self._iterator
             if iterator is None:
@@ -240,23 +236,26 @@ class _Responder:
             if not self.exchange.t_response:
                 self._as_500()
             raise
-        if chunk.__class__ is bytes:
+        if chunk.__class__ is bytes or isinstance(chunk, (bytes, bytearray)):
+            # Anything else (str, int: a broken app) goes to the server untouched, which
+            # answers it as it would without us.
             if chunk:
                 exchange = self.exchange
                 if not exchange.t_response:
                     exchange.t_response = perf_counter()
-                # Immutable: captured once the server has it (next call, or close()).
-                self._pending = chunk
-        elif isinstance(chunk, (bytes, bytearray)):
-            # A bytearray (or a bytes subclass) may be changed by the app once it is sent:
-            # captured now. Anything else (str, int: a broken app) goes to the server
-            # untouched, which answers it as it would without us.
-            if chunk:
-                exchange = self.exchange
-                if not exchange.t_response:
-                    exchange.t_response = perf_counter()
-                exchange.response_data(chunk)
+                if chunk.__class__ is bytes:
+                    self._pending = chunk  # immutable: captured once the server has it
+                else:
+                    # A bytearray (or a bytes subclass) may be changed by the app once it
+                    # is sent: captured now.
+                    exchange.response_data(chunk)
         return chunk
+
+    def _capture_pending(self) -> None:
+        pending = self._pending
+        if pending is not None:
+            self._pending = None
+            self.exchange.response_data(pending)
 
     def __bool__(self) -> bool:
         return True
@@ -295,11 +294,8 @@ class _Responder:
         if self._done:
             return
         self._done = True
+        self._capture_pending()
         exchange = self.exchange
-        pending = self._pending
-        if pending is not None:
-            self._pending = None
-            exchange.response_data(pending)
         holder = self._holder
         if holder is not None and holder.value is not None:
             exchange.consumer = holder.value
