@@ -946,6 +946,32 @@ async def test_send_failing_mid_response_yields_one_entry(
 
 
 @pytest.mark.anyio
+async def test_a_chunk_the_server_refused_is_not_counted(
+    anyio_backend: str, collector: Collector
+) -> None:
+    """Each chunk goes to the server first and is counted once ``send`` returns: the one
+    whose ``send`` raised (the client is gone) is neither counted nor captured."""
+
+    async def stream(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"sent", "more_body": True})
+        await send({"type": "http.response.body", "body": b"refused", "more_body": False})
+
+    def refuse(message: dict[str, Any]) -> None:
+        if message.get("body") == b"refused":
+            raise OSError(32, "Broken pipe")
+
+    server = Server(on_send=refuse)
+    with pytest.raises(OSError, match="Broken pipe"):
+        await analytics(stream, collector, log_body=True)(
+            http_scope("/gone"), server.receive, server.send
+        )
+    response = only_entry(collector)["response"]
+    assert response["bodySize"] == 4
+    assert base64.b64decode(response["content"]["text"]) == b"sent"
+
+
+@pytest.mark.anyio
 async def test_disconnect_from_receive_mid_stream_yields_one_entry(
     anyio_backend: str, collector: Collector
 ) -> None:
