@@ -7,12 +7,15 @@ import email.utils
 import gzip
 import json
 import socket
+import subprocess
+import sys
 import time
+import zlib
 from collections.abc import Callable, Iterator
 
 import pytest
 
-from alf_analytics import __version__
+from alf_analytics import __version__, _transport
 from alf_analytics._transport import MAX_ANSWER_BYTES, HTTPTransport, parse_retry_after
 
 from .faulty_collector import FaultyCollector
@@ -252,3 +255,36 @@ def test_proxy_environment_is_ignored(
         assert sender.send(payload()).status == 200
     finally:
         sender.close()
+
+
+@pytest.mark.parametrize("size", [0, 1, 1000, 3_000_000])
+def test_gzip_members_read_back_with_the_standard_library(size: int) -> None:
+    """Batches are gzipped by ISA-L where isal is installed (it is a dependency on this
+    platform), and any gzip reader gets the exact payload back, from empty to megabytes."""
+    from isal import isal_zlib
+
+    assert _transport._deflate is isal_zlib
+    body = (payload(size // 150 + 1) + bytes(range(256)) * (size // 256))[:size]
+    member = _transport.gzip_compress(body)
+    assert member[:3] == b"\x1f\x8b\x08"  # gzip, deflate
+    assert gzip.decompress(member) == body
+    assert zlib.decompress(member, 31) == body
+
+
+def test_without_isal_batches_are_gzipped_by_zlib() -> None:
+    """Where isal has no wheel the transport falls back to zlib, with the same gzip format."""
+    script = (
+        "import sys, base64\n"
+        "sys.modules['isal'] = None\n"  # import isal raises ImportError
+        "import zlib\n"
+        "from alf_analytics import _transport\n"
+        "assert _transport._deflate is zlib, _transport._deflate\n"
+        "sys.stdout.write(base64.b64encode(_transport.gzip_compress(sys.stdin.buffer.read()))"
+        ".decode())\n"
+    )
+    body = payload(50)
+    done = subprocess.run(
+        [sys.executable, "-c", script], input=body, capture_output=True, check=False, timeout=60
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    assert gzip.decompress(base64.b64decode(done.stdout)) == body

@@ -25,10 +25,21 @@ import httpcore
 
 from ._version import __version__
 
-USER_AGENT = f"alf-analytics/{__version__}"
-#: Level 1 compresses repetitive ALF JSON ~25:1 at a quarter of level 6's CPU (measured for a
-#: batch of 100 small entries: 29 µs and 1,356 bytes at level 1, 112 µs and 1,214 at level 6).
+try:
+    # ISA-L's deflate writes the same gzip format as zlib for a tenth of its CPU, and here
+    # compresses ALF batches as well or better (the batches of `make bench`: 0.23 against
+    # 2.2 µs per GET entry, 2.1 against 21.7 µs per entry with 4 KiB bodies). It is a
+    # dependency wherever it has a wheel; elsewhere the standard library's zlib does the job.
+    from isal import isal_zlib as _deflate
+except ImportError:  # pragma: no cover - platforms without an isal wheel
+    _deflate = zlib  # type: ignore[misc,unused-ignore]
+
+#: zlib's level 1 compresses repetitive ALF JSON ~25:1 at a quarter of level 6's CPU (a batch
+#: of 100 small entries: 29 µs and 1,356 bytes at level 1, 112 µs and 1,214 at level 6).
+#: ISA-L's levels run 0-3: its 1 is still smaller than zlib's 1 on those batches.
 GZIP_LEVEL = 1
+
+USER_AGENT = f"alf-analytics/{__version__}"
 #: How much of the collector's answer is kept (for log lines and 207 accounting).
 MAX_ANSWER_BYTES = 65_536
 #: The longest a connection attempt may take, whatever ``timeout`` says.
@@ -90,8 +101,8 @@ _NOT_SENT = (
 
 
 def gzip_compress(payload: bytes) -> bytes:
-    """A gzip member (no file name, mtime 0) at :data:`GZIP_LEVEL`; zlib releases the GIL."""
-    compressor = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 31)
+    """A gzip member (no file name, mtime 0) at :data:`GZIP_LEVEL`; it runs without the GIL."""
+    compressor = _deflate.compressobj(GZIP_LEVEL, _deflate.DEFLATED, 31)
     return compressor.compress(payload) + compressor.flush()
 
 
