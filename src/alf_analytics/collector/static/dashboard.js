@@ -110,7 +110,16 @@
         width: chartWidth(node),
         height: 220,
         series: series,
-        scales: { x: { time: true }, y: { range: function (u, min, max) { return [0, Math.max(max, 1) * 1.1]; } } },
+        scales: {
+          // One bucket alone would make uPlot span years around it: show its window instead.
+          x: {
+            time: true,
+            range: function (u, min, max) {
+              return min === max && data.end ? [data.start, data.end] : [min, max];
+            },
+          },
+          y: { range: function (u, min, max) { return [0, Math.max(max, 1) * 1.1]; } },
+        },
         axes: [
           axis,
           Object.assign({}, axis, {
