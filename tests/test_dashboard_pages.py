@@ -322,6 +322,16 @@ def test_all_time_charts_the_selections_own_span_up_to_now(
         assert chart["columns"]["count"][-1] == 0  # the minute asked in is quiet
 
 
+def test_detail_says_how_much_of_a_body_was_captured(dated_reader: httpx.Client) -> None:
+    [row] = dated_reader.get("/api/entries", params={"environment": "bodies"}).json()["entries"]
+    page = dated_reader.get(f"/requests/{row['id']}").text
+    assert (
+        "Binary body, 4.9 KiB (application/octet-stream), first 1.0 KiB captured; not shown."
+        in page
+    )
+    assert "No body captured (68 B sent)." in page
+
+
 # -- helpers -----------------------------------------------------------------------------------
 
 

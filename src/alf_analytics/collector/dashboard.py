@@ -598,6 +598,15 @@ class EntryView:
         self.response_body: Mapping[str, Any] = _mapping(bodies.get("response"))
 
     @property
+    def request_body_sent(self) -> int | None:
+        """The request body's size as sent (``bodySize``), whatever of it was captured."""
+        return _size(self.request.get("bodySize"))
+
+    @property
+    def response_body_sent(self) -> int | None:
+        return _size(self.response.get("bodySize"))
+
+    @property
     def status(self) -> int | None:
         status = self.response.get("status")
         return status if isinstance(status, int) else None
@@ -642,6 +651,10 @@ class EntryView:
 
 def _mapping(value: object) -> Mapping[str, Any]:
     return value if isinstance(value, Mapping) else {}
+
+
+def _size(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
 def _pairs(value: object) -> list[tuple[str, str]]:
