@@ -24,17 +24,20 @@ import pytest
 
 import alf_analytics
 from alf_analytics.collector import Collector, dashboard
+from tests.pg import pg_server
 from tests.test_collector import make_alf
-from tests.test_dashboard import READ_KEY, TOKEN, Traffic, agent_client
+from tests.test_dashboard import READ_KEY, TOKEN, Traffic, agent_client, backend_db
+
+__all__ = ["pg_server"]  # a fixture, imported for pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "alf_analytics" / "collector"
 
 
-@pytest.fixture(scope="module")
-def filled() -> Iterator[tuple[Collector, Traffic]]:
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def filled(request: pytest.FixtureRequest) -> Iterator[tuple[Collector, Traffic]]:
     traffic = Traffic()
-    with Collector(read_key=READ_KEY, tokens=[f"web={TOKEN}"]) as collector:
+    with Collector(backend_db(request), read_key=READ_KEY, tokens=[f"web={TOKEN}"]) as collector:
         with agent_client(collector, "pages") as client:
             for i in range(6):
                 traffic.send(client, "GET", f"/items/{i}", headers={"X-User": "alice"})
