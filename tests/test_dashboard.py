@@ -25,6 +25,9 @@ import pytest
 import alf_analytics
 from alf_analytics.collector import Collector
 from alf_analytics.wsgi import AnalyticsWSGIMiddleware
+from tests.pg import PostgresServer, pg_server
+
+__all__ = ["pg_server"]  # a fixture, imported for pytest
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -117,10 +120,20 @@ class Traffic:
         self.by_method[method] = self.by_method.get(method, 0) + 1
 
 
-@pytest.fixture(scope="module")
-def filled() -> Iterator[tuple[Collector, Traffic]]:
+def backend_db(request: pytest.FixtureRequest) -> str:
+    """The ``db`` for a module's collector: SQLite in memory, or a fresh PostgreSQL schema."""
+    if request.param == "sqlite":
+        return ":memory:"
+    server: PostgresServer = request.getfixturevalue("pg_server")
+    return server.fresh_url()
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def filled(request: pytest.FixtureRequest) -> Iterator[tuple[Collector, Traffic]]:
+    """The module's collector, once on each storage backend, filled by the real agent."""
     traffic = Traffic()
-    with Collector(read_key=READ_KEY, tokens=[f"web={TOKEN}"]) as collector:
+    db = backend_db(request)
+    with Collector(db, read_key=READ_KEY, tokens=[f"web={TOKEN}"]) as collector:
         with agent_client(collector, ENV) as client:
             for i in range(40):
                 user = {"X-User": ("alice", "bob")[i % 2]}
@@ -209,6 +222,27 @@ def statuses(page: Any) -> list[str]:
     return [text.strip() for text in page.locator("table.log tbody .status").all_text_contents()]
 
 
+#: JavaScript: how many pixels of the chart ``name`` in the colour of the CSS variable
+#: ``variable`` lie in the top ``share`` of its canvas.
+SERIES_PIXELS_ABOVE = """([name, variable, share]) => {
+    const canvas = document.querySelector(`[data-chart=${name}] canvas`);
+    const probe = document.createElement('span');
+    probe.style.color = `var(${variable})`;
+    document.body.appendChild(probe);
+    const [r, g, b] = getComputedStyle(probe).color.match(/\\d+/g).map(Number);
+    probe.remove();
+    const height = Math.floor(canvas.height * share);
+    const pixels = canvas.getContext('2d').getImageData(0, 0, canvas.width, height).data;
+    let count = 0;
+    for (let i = 0; i < pixels.length; i += 4) {
+        const near = Math.abs(pixels[i] - r) + Math.abs(pixels[i + 1] - g)
+            + Math.abs(pixels[i + 2] - b);
+        if (pixels[i + 3] > 200 && near < 60) count++;
+    }
+    return count;
+}"""
+
+
 # -- tests -------------------------------------------------------------------------------------
 
 
@@ -223,18 +257,12 @@ def test_overview_draws_the_charts_and_headline_numbers(
         chart = web.page.locator(f"[data-chart={name}] canvas")
         chart.wait_for()
         assert int(web.page.locator(f"[data-chart={name}] .uplot").get_attribute("data-points"))
-    # The requests chart really painted: some of its canvas pixels are not transparent.
-    painted = web.page.evaluate(
-        """() => {
-            const canvas = document.querySelector('[data-chart=requests] canvas');
-            const pixels = canvas.getContext('2d')
-                .getImageData(0, 0, canvas.width, canvas.height).data;
-            let count = 0;
-            for (let i = 3; i < pixels.length; i += 4) if (pixels[i] > 0) count++;
-            return count;
-        }"""
-    )
-    assert painted > 500
+    # The series themselves painted, not only axes and grid: the top of each chart's y range
+    # is its highest value, so the line of "All" (requests) and of p99 (latency) reaches the
+    # upper part of its canvas in that series' colour; an empty or all-zero series would not.
+    for name, variable in (("requests", "--chart-all"), ("latency", "--chart-p99")):
+        high = web.page.evaluate(SERIES_PIXELS_ABOVE, [name, variable, 0.35])
+        assert high > 3, (name, high)
     # Status classes carry their names, not only a colour.
     classes = web.page.locator(".classes").text_content() or ""
     assert "4xx client error: 8" in classes and "5xx server error: 5" in classes
@@ -420,3 +448,40 @@ def test_live_mode_shows_new_traffic_without_a_reload(
     web.page.locator("[data-figure=count]:text-is('2')").wait_for()
     assert web.page.locator("[data-figure=error_rate]").text_content() == "50.0 %"
     assert web.page.locator("[data-chart=requests] canvas").count() == 1
+
+
+def test_the_pages_fit_a_phone(browser: Any, filled: tuple[Collector, Traffic]) -> None:
+    """At 390 px wide no page scrolls sideways (wide tables scroll in their own box), the
+    charts fit the screen and the log's filters are folded away."""
+    collector, _ = filled
+    context = browser.new_context(
+        viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True
+    )
+    try:
+        web = watch(context.new_page(), collector.url)
+        web.goto("/login")
+        web.page.fill("input[name=key]", READ_KEY)
+        web.page.click("button[type=submit]")
+        web.page.wait_for_url(f"{collector.url}/")
+        viewport = web.page.locator("meta[name=viewport]")
+        assert viewport.count() == 1
+        assert viewport.get_attribute("content") == "width=device-width, initial-scale=1"
+        first = web.page.request.get(
+            f"{collector.url}/api/entries?environment={ENV}&limit=1"
+        ).json()["entries"][0]["id"]
+        for path in (f"/?environment={ENV}", f"/requests?environment={ENV}", f"/requests/{first}"):
+            web.goto(path)
+            widths = web.page.evaluate(
+                "() => [document.documentElement.scrollWidth, window.innerWidth]"
+            )
+            assert widths == [390, 390], (path, widths)
+            if path.startswith("/?"):
+                for name in ("requests", "latency"):
+                    box = web.page.locator(f"[data-chart={name}] canvas").bounding_box()
+                    assert box is not None and 0 <= box["x"] and box["x"] + box["width"] <= 390
+            if path.startswith("/requests?"):
+                assert web.page.locator("details.filter-box").get_attribute("open") is None
+                assert web.page.locator("div.scroll > table.log").count() == 1
+        assert web.problems == []
+    finally:
+        context.close()

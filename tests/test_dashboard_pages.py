@@ -6,7 +6,9 @@ The browser tests (test_dashboard.py) cover what needs a page to run.
 
 from __future__ import annotations
 
+import base64
 import html
+import json
 import re
 import subprocess
 import sys
@@ -14,6 +16,7 @@ import zipfile
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
@@ -21,16 +24,20 @@ import pytest
 
 import alf_analytics
 from alf_analytics.collector import Collector, dashboard
-from tests.test_dashboard import READ_KEY, TOKEN, Traffic, agent_client
+from tests.pg import pg_server
+from tests.test_collector import make_alf
+from tests.test_dashboard import READ_KEY, TOKEN, Traffic, agent_client, backend_db
+
+__all__ = ["pg_server"]  # a fixture, imported for pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "alf_analytics" / "collector"
 
 
-@pytest.fixture(scope="module")
-def filled() -> Iterator[tuple[Collector, Traffic]]:
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def filled(request: pytest.FixtureRequest) -> Iterator[tuple[Collector, Traffic]]:
     traffic = Traffic()
-    with Collector(read_key=READ_KEY, tokens=[f"web={TOKEN}"]) as collector:
+    with Collector(backend_db(request), read_key=READ_KEY, tokens=[f"web={TOKEN}"]) as collector:
         with agent_client(collector, "pages") as client:
             for i in range(6):
                 traffic.send(client, "GET", f"/items/{i}", headers={"X-User": "alice"})
@@ -223,6 +230,109 @@ def test_the_logs_har_download_holds_what_the_log_lists(reader: httpx.Client) ->
     statuses = [entry["response"]["status"] for entry in har["log"]["entries"]]
     assert statuses == [500, 500, 500]
     assert page.count('class="status s5xx"') == 3
+
+
+# -- time windows and bodies: entries at known times, posted to the ingest API -------------------
+
+
+@pytest.fixture(scope="module")
+def dated() -> Iterator[tuple[Collector, datetime]]:
+    """A collector holding entries of known times: three two days ago ("old"), two a minute
+    ago ("recent"), and one with a partly captured and an uncaptured body ("bodies")."""
+    now = datetime.now(timezone.utc).replace(microsecond=0)
+    old = [now - timedelta(days=2, minutes=m) for m in (0, 10, 20)]
+    recent = [now - timedelta(minutes=1)] * 2
+    with Collector(read_key=READ_KEY, tokens=[f"web={TOKEN}"]) as collector:
+        with httpx.Client(base_url=collector.url, timeout=10) as client:
+            for environment, times in (("old", old), ("recent", recent), ("bodies", [now])):
+                calls = [
+                    ("GET", f"https://shop.test/{environment}/{i}", 200, 5.0)
+                    for i in range(len(times))
+                ]
+                alf = make_alf(calls, token=TOKEN, environment=environment)
+                for entry, when in zip(alf["har"]["log"]["entries"], times, strict=True):
+                    entry["startedDateTime"] = when.isoformat().replace("+00:00", "Z")
+                if environment == "bodies":
+                    _partly_captured(alf["har"]["log"]["entries"][0])
+                response = client.post("/1.1.0/single", json=alf)
+                assert response.status_code == 200, response.text
+        yield collector, now
+
+
+def _partly_captured(entry: dict[str, Any]) -> None:
+    """1 KiB of a 5,000-byte binary upload captured; a 68-byte response not captured at all."""
+    entry["request"]["method"] = "POST"
+    entry["request"].update(bodyCaptured=True, bodySize=5000)
+    entry["request"]["postData"] = {
+        "mimeType": "application/octet-stream",
+        "encoding": "base64",
+        "text": base64.b64encode(bytes(range(256)) * 4).decode(),
+    }
+    entry["response"].update(bodyCaptured=False, bodySize=68)
+
+
+@pytest.fixture
+def dated_reader(dated: tuple[Collector, datetime]) -> Iterator[httpx.Client]:
+    headers = {"Authorization": f"Bearer {READ_KEY}"}
+    with httpx.Client(base_url=dated[0].url, headers=headers, timeout=10) as client:
+        yield client
+
+
+def chart_of(page: str) -> dict[str, Any]:
+    match = re.search(r'<script type="application/json" id="chart-data">(.*?)</script>', page)
+    assert match
+    chart: dict[str, Any] = json.loads(match.group(1))
+    return chart
+
+
+def test_a_to_time_alone_ends_the_range_there(
+    dated_reader: httpx.Client, dated: tuple[Collector, datetime]
+) -> None:
+    """A "To" two days back with the default "last hour" lists that hour, not nothing."""
+    _, now = dated
+    until = (now - timedelta(days=2) + timedelta(minutes=1)).isoformat()
+    page = dated_reader.get("/requests", params={"environment": "old", "until": until}).text
+    assert page.count("data-entry-id=") == 3
+    [link] = re.findall(r'href="(/api/export\.har\?[^"]*)"', page)
+    query = parse_qs(urlsplit(html.unescape(link)).query)
+    assert datetime.fromisoformat(query["since"][0]) == datetime.fromisoformat(until) - timedelta(
+        hours=1
+    )
+    params = {"environment": "old", "until": until, "range": "15m"}
+    page = dated_reader.get("/requests", params=params).text
+    assert page.count("data-entry-id=") == 2
+    assert figure(dated_reader.get("/", params=params).text, "count") == "2"
+
+
+def test_all_time_charts_the_selections_own_span_up_to_now(
+    dated_reader: httpx.Client, dated: tuple[Collector, datetime]
+) -> None:
+    """The "All time" chart spans from the selection's first entry to now, every bucket."""
+    _, now = dated
+    asked = datetime.now(timezone.utc)
+    for environment, first in (
+        ("recent", now - timedelta(minutes=1)),
+        ("old", now - timedelta(days=2, minutes=20)),
+    ):
+        page = dated_reader.get("/", params={"environment": environment, "range": "all"}).text
+        chart = chart_of(page)
+        interval, times = chart["interval"], chart["columns"]["t"]
+        assert times[0] == int(first.timestamp()) // interval * interval, environment
+        assert times[-1] >= int(asked.timestamp()) // interval * interval, environment
+        assert times == list(range(times[0], times[-1] + 1, interval))
+        assert (chart["start"], chart["end"]) == (times[0], times[-1] + interval)
+        assert sum(count > 0 for count in chart["columns"]["count"]) in (1, 2)
+        assert chart["columns"]["count"][-1] == 0  # the minute asked in is quiet
+
+
+def test_detail_says_how_much_of_a_body_was_captured(dated_reader: httpx.Client) -> None:
+    [row] = dated_reader.get("/api/entries", params={"environment": "bodies"}).json()["entries"]
+    page = dated_reader.get(f"/requests/{row['id']}").text
+    assert (
+        "Binary body, 4.9 KiB (application/octet-stream), first 1.0 KiB captured; not shown."
+        in page
+    )
+    assert "No body captured (68 B sent)." in page
 
 
 # -- helpers -----------------------------------------------------------------------------------

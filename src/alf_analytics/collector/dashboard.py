@@ -59,6 +59,8 @@ DEFAULT_RANGE: Final = "1h"
 #: Chart bucket sizes (seconds); the smallest that keeps a chart under ~_MAX_POINTS points.
 _INTERVALS: Final = (60, 300, 900, 1800, 3600, 10_800, 21_600, 43_200, 86_400)
 _MAX_POINTS: Final = 180
+#: Quiet buckets added to a chart at most (an "All time" chart of years stays as answered).
+_MAX_FILL: Final = 2000
 _TABLE_ROWS: Final = 10
 _ENDPOINT_ROWS: Final = 15
 LOG_PAGE_SIZE: Final = 50
@@ -309,10 +311,13 @@ def parse_selection(query: Mapping[str, str], now: datetime) -> Selection:
         raise SelectionError(f"range must be one of: {', '.join(RANGES)}")
     api_params = {key: value for key, value in params.items() if key != "range"}
     span = RANGES[range_name]
-    if "since" not in params and span is not None:
-        api_params["since"] = (now - span).isoformat(timespec="seconds")
     try:
         filters = queries.Filters.from_query(api_params)
+        if "since" not in params and span is not None:
+            # "Last hour" is the hour before "To" when one is given, else before now.
+            end = _from_micros(filters.until) or now
+            api_params["since"] = (end - span).isoformat(timespec="seconds")
+            filters = queries.Filters.from_query(api_params)
     except queries.FilterError as exc:
         raise SelectionError(str(exc)) from None
     since = _from_micros(filters.since)
@@ -339,27 +344,53 @@ def chart_interval(since: datetime | None, until: datetime | None) -> int:
     return _INTERVALS[-1]
 
 
-def chart_data(series: Sequence[Mapping[str, Any]], interval: int) -> dict[str, Any]:
+def chart_data(
+    series: Sequence[Mapping[str, Any]],
+    interval: int,
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> dict[str, Any]:
     """Column arrays for the charts: requests per minute (all, 4xx, 5xx) and p50/p95/p99.
 
-    The query layer answers every bucket of the window, quiet ones with a zero count and no
-    percentiles, so a quiet minute draws as zero requests and as a gap in the latency lines.
-    Counts are scaled to per-minute rates when a bucket is longer than a minute.
+    Quiet buckets have a zero count and no percentiles, so a quiet minute draws as zero
+    requests and as a gap in the latency lines. The query layer answers every bucket of a
+    bounded window; for one it leaves open ("All time") it answers from the first entry to
+    the last, so the buckets from ``since`` to ``until`` it left out are added here, and
+    ``start``/``end`` (epoch seconds) give the charts their x range. Counts are scaled to
+    per-minute rates when a bucket is longer than a minute.
     """
     per_minute = 60 / interval
+    points: dict[int, Mapping[str, Any]] = {}
+    for point in series:
+        moment = _parse_instant(point.get("t"))
+        if moment is not None:
+            points[int(moment.timestamp())] = point
+    buckets = sorted(points)
+    if since is not None and until is not None:
+        start = _bucket(since, interval)
+        last = _bucket(until - timedelta(microseconds=1), interval)
+        if 0 <= (last - start) // interval <= _MAX_FILL:
+            buckets = sorted({*buckets, *range(start, last + 1, interval)})
     columns: dict[str, list[Any]] = {
         key: [] for key in ("t", "count", "client_errors", "server_errors", "p50", "p95", "p99")
     }
-    for point in series:
-        moment = _parse_instant(point.get("t"))
-        if moment is None:
-            continue
-        columns["t"].append(int(moment.timestamp()))
+    for t in buckets:
+        point = points.get(t, {})
+        columns["t"].append(t)
         for key in ("count", "client_errors", "server_errors"):
             columns[key].append(round((point.get(key) or 0) * per_minute, 3))
         for key in ("p50", "p95", "p99"):
             columns[key].append(point.get(key))
-    return {"interval": interval, "columns": columns}
+    data: dict[str, Any] = {"interval": interval, "columns": columns}
+    if buckets:
+        data["start"] = buckets[0]
+        data["end"] = buckets[-1] + interval
+    return data
+
+
+def _bucket(moment: datetime, interval: int) -> int:
+    """The start (epoch seconds) of the chart bucket holding ``moment``."""
+    return int(moment.timestamp()) // interval * interval
 
 
 # --------------------------------------------------------------------------------------------
@@ -458,8 +489,9 @@ def _overview_data(store: Any, selection: Selection, sort: str) -> dict[str, Any
     services = _all_services(store)
     since = selection.since
     until = selection.until or datetime.now(timezone.utc)
-    if since is None:  # "All time": the chart spans what is stored
-        firsts = [_parse_instant(row.get("first_seen")) for row in services["services"]]
+    if since is None:  # "All time": the chart spans what the selected streams hold
+        rows = [row for row in services["services"] if _selected(row, selection)]
+        firsts = [_parse_instant(row.get("first_seen")) for row in rows]
         since = min((first for first in firsts if first), default=None)
     interval = chart_interval(since, until)
     stats = queries.stats(store, filters, interval=interval)
@@ -471,7 +503,7 @@ def _overview_data(store: Any, selection: Selection, sort: str) -> dict[str, Any
     return {
         "_services": services,
         "stats": stats,
-        "chart": {**chart_data(stats["series"], interval), "total": stats["count"]},
+        "chart": {**chart_data(stats["series"], interval, since, until), "total": stats["count"]},
         "status_codes": [(code, count, count / total if total else 0) for code, count in codes],
         "status_classes": sorted(stats["status_classes"].items()),
         "endpoints": endpoints["endpoints"],
@@ -480,6 +512,15 @@ def _overview_data(store: Any, selection: Selection, sort: str) -> dict[str, Any
         "failures": _recent_failures(store, selection),
         "consumers": consumers["consumers"],
     }
+
+
+def _selected(row: Mapping[str, Any], selection: Selection) -> bool:
+    """Whether a row of :func:`queries.services` is of the selected service and environment."""
+    service = selection.filters.service
+    environment = selection.filters.environment
+    if service is not None and service not in (row.get("service_token_id"), row.get("service")):
+        return False
+    return environment is None or row.get("environment") == environment
 
 
 def _recent_failures(store: Any, selection: Selection) -> list[dict[str, Any]]:
@@ -557,6 +598,15 @@ class EntryView:
         self.response_body: Mapping[str, Any] = _mapping(bodies.get("response"))
 
     @property
+    def request_body_sent(self) -> int | None:
+        """The request body's size as sent (``bodySize``), whatever of it was captured."""
+        return _size(self.request.get("bodySize"))
+
+    @property
+    def response_body_sent(self) -> int | None:
+        return _size(self.response.get("bodySize"))
+
+    @property
     def status(self) -> int | None:
         status = self.response.get("status")
         return status if isinstance(status, int) else None
@@ -601,6 +651,10 @@ class EntryView:
 
 def _mapping(value: object) -> Mapping[str, Any]:
     return value if isinstance(value, Mapping) else {}
+
+
+def _size(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
 def _pairs(value: object) -> list[tuple[str, str]]:

@@ -48,6 +48,8 @@
       ],
       value: formatRate,
       unit: "req/min",
+      // A quiet range still gets a y axis up to 1 request per minute, not up to 0.02.
+      floor: 1,
     },
     latency: {
       series: [
@@ -57,6 +59,9 @@
       ],
       value: formatMs,
       unit: "ms",
+      // Sub-millisecond latencies fill the chart too (its ticks carry their unit).
+      floor: 0.001,
+      noLabel: true,
     },
   };
 
@@ -110,12 +115,25 @@
         width: chartWidth(node),
         height: 220,
         series: series,
-        scales: { x: { time: true }, y: { range: function (u, min, max) { return [0, Math.max(max, 1) * 1.1]; } } },
+        scales: {
+          // One bucket alone would make uPlot span years around it: show its window instead.
+          x: {
+            time: true,
+            range: function (u, min, max) {
+              return min === max && data.end ? [data.start, data.end] : [min, max];
+            },
+          },
+          y: {
+            range: function (u, min, max) {
+              return [0, Math.max(max || 0, spec.floor) * 1.1];
+            },
+          },
+        },
         axes: [
           axis,
           Object.assign({}, axis, {
             size: 60,
-            label: spec.unit,
+            label: spec.noLabel ? undefined : spec.unit,
             values: function (u, splits) {
               return splits.map(function (v) {
                 return spec.unit === "ms" ? formatMs(v) : String(+v.toFixed(2));
