@@ -10,7 +10,10 @@ import asyncio
 import io
 import json
 import logging
+import os
 import re
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
@@ -312,23 +315,68 @@ def test_enabled_false_passes_through_with_no_worker(
     build: Build, collector: Collector, caplog: pytest.LogCaptureFixture
 ) -> None:
     """enabled=False: the app answers as ever, nothing is recorded, no worker exists."""
-    with caplog.at_level(logging.INFO, logger="alf_analytics"):
-        client = build(enabled=False)
+    client = build(enabled=False)
     assert client.request("POST", "/echo", JSON_BODY) == (200, JSON_BODY)
     assert _worker._workers == {}
     assert alf_analytics.stats()["captured"] == 0
-    lines = [r.getMessage() for r in caplog.records if "recording is off" in r.getMessage()]
-    assert lines == ["alf_analytics: recording is off (enabled=False); requests pass through"]
+    # A warning: Python shows only warnings when the app configured no logging.
+    lines = [(r.levelno, r.getMessage()) for r in caplog.records if "recording is off" in r.msg]
+    assert lines == [
+        (logging.WARNING, "alf_analytics: recording is off (enabled=False); requests pass through")
+    ]
     assert collector.count() == 0
 
 
 def test_enabled_from_the_environment(
-    build: Build, monkeypatch: pytest.MonkeyPatch, collector: Collector
+    build: Build,
+    monkeypatch: pytest.MonkeyPatch,
+    collector: Collector,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     monkeypatch.setenv("ALF_ENABLED", "false")
     client = build()
     assert client.request("GET", "/") == (200, b"ok")
     assert _worker._workers == {}
+    assert sum("recording is off (enabled=False)" in r.msg for r in caplog.records) == 1
+
+
+_OFF_SCRIPT = """
+import io
+from alf_analytics import AnalyticsWSGIMiddleware
+
+def app(environ, start_response):
+    start_response("200 OK", [("content-type", "text/plain")])
+    return [b"ok"]
+
+for _ in range(2):  # two middlewares: still one line
+    middleware = AnalyticsWSGIMiddleware(app)
+environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/", "SERVER_NAME": "h", "SERVER_PORT": "80",
+           "wsgi.url_scheme": "http", "wsgi.input": io.BytesIO()}
+assert b"".join(middleware(environ, lambda *args: None)) == b"ok"
+"""
+
+
+@pytest.mark.parametrize(
+    ("variables", "line"),
+    [
+        ({"ALF_ENABLED": "false", "ALF_SERVICE_TOKEN": TOKEN}, "(enabled=False)"),
+        ({"ALF_REQUIRE_TOKEN": "false"}, "no service_token (and require_token=False)"),
+    ],
+)
+def test_recording_off_is_said_once_where_an_unconfigured_process_shows_it(
+    variables: dict[str, str], line: str
+) -> None:
+    """No logging set up (gunicorn, uvicorn, a script): the one line reaches stderr."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ALF_")}
+    done = subprocess.run(
+        [sys.executable, "-c", _OFF_SCRIPT],
+        capture_output=True,
+        env={**env, **variables},
+        timeout=60,
+        check=True,
+    )
+    lines = done.stderr.decode().splitlines()
+    assert len(lines) == 1 and "recording is off" in lines[0] and line in lines[0], lines
 
 
 def test_no_token_with_require_token_false_passes_through(

@@ -695,8 +695,10 @@ def _announce_off(config: Config) -> None:
     if reason in _announced:
         return
     _announced.add(reason)
+    # A warning, not info: with no logging set up (gunicorn, uvicorn, a script) Python shows
+    # only warnings, and the one line saying recording is off must be seen.
     if reason == "disabled":
-        logger.info("alf_analytics: recording is off (enabled=False); requests pass through")
+        logger.warning("alf_analytics: recording is off (enabled=False); requests pass through")
     else:
         logger.warning(
             "alf_analytics: recording is off: no service_token (and require_token=False); "
