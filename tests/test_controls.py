@@ -26,6 +26,7 @@ from django.http import HttpRequest
 from django.test import AsyncClient, override_settings
 from django.test import Client as DjangoClient
 from flask import Flask, Response, send_file
+from flask import Request as FlaskRequest
 from flask import request as flask_request
 from starlette.applications import Starlette
 from starlette.requests import Request as StarletteRequest
@@ -491,6 +492,32 @@ def test_identify_gets_the_framework_request_and_names_the_consumer(
     entries = received_entries(collector, 2)
     assert sorted(map(str, map(consumer_of, entries))) == ["None", "user-7"]
     assert len(got) == 2 and all(isinstance(r, client.request_type) for r in got)
+
+
+def test_identify_gets_flasks_own_request_with_its_view_args(collector: Collector) -> None:
+    """Flask: identify runs after the view, on Flask's request (view_args, endpoint), not a
+    bare Werkzeug one made from the environ (Flask clears it from the environ at its end)."""
+    app = Flask(__name__)
+
+    @app.route("/tenants/<tenant>/items")
+    def items(tenant: str) -> Response:
+        return Response(b"ok", mimetype="text/plain")
+
+    got: list[Any] = []
+
+    def identify(request: Any) -> str:
+        got.append(request)
+        return f"tenant-{request.view_args['tenant']}"
+
+    app.wsgi_app = AnalyticsWSGIMiddleware(  # type: ignore[method-assign]
+        app.wsgi_app, service_token=TOKEN, collector_url=collector.url, identify=identify
+    )
+    response = WerkzeugClient(app).get("/tenants/acme/items")
+    assert response.get_data() == b"ok"
+    response.close()
+    (entry,) = received_entries(collector, 1)
+    assert consumer_of(entry) == "tenant-acme"
+    assert len(got) == 1 and isinstance(got[0], FlaskRequest) and got[0].endpoint == "items"
 
 
 def test_identify_failing_never_reaches_the_app(
