@@ -524,6 +524,42 @@ def test_async_callables_are_refused() -> None:
         make_config({"service_token": TOKEN, "identify": identify})
 
 
+@pytest.mark.parametrize(
+    "name", ["identify", "skip", "service_token", "environment", "before_send"]
+)
+def test_callables_of_the_wrong_arity_are_refused_at_construction(name: str) -> None:
+    """A callable that cannot take the one argument would fail at every request (logged once,
+    its feature silently off): refused at construction, naming the option."""
+
+    def two(request: Any, other: Any) -> str:
+        return "never called"
+
+    def none() -> str:
+        return "never called"
+
+    for bad in (two, none):
+        with pytest.raises(ValueError, match=f"option {name}=.*must take one argument"):
+            make_config({"service_token": TOKEN, name: bad})
+
+    def with_defaults(request: Any, other: Any = None, *rest: Any, **named: Any) -> None:
+        return None
+
+    class Callable:
+        def __call__(self, request: Any) -> None:
+            return None
+
+    for good in (with_defaults, Callable(), lambda *args: None):
+        make_config({"service_token": TOKEN, name: good})
+
+
+def test_an_async_before_send_is_refused_saying_where_it_runs() -> None:
+    async def before_send(entry: Any) -> Any:
+        return entry
+
+    with pytest.raises(ValueError, match="runs on the worker thread, not awaited"):
+        make_config({"service_token": TOKEN, "before_send": before_send})
+
+
 def test_callable_token_is_named_not_shown() -> None:
     def token_for(request: Any) -> str:
         return "tenant-token-0123456789"

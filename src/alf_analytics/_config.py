@@ -392,8 +392,19 @@ def _sync_callable(src: _Source, value: object) -> Any:
     if not callable(value):
         raise src.wrong_type(value, "a callable")
     target = getattr(value, "__call__", value)  # noqa: B004 - a callable object's method
+    where = "on the worker thread" if src.name == "before_send" else "on the request path"
     if inspect.iscoroutinefunction(value) or inspect.iscoroutinefunction(target):
-        raise src.bad(value, "must be a plain function: it runs on the request path, not awaited")
+        raise src.bad(value, f"must be a plain function: it runs {where}, not awaited")
+    try:
+        signature = inspect.signature(value)
+    except (TypeError, ValueError):  # a builtin without a signature: cannot tell, accept it
+        return value
+    try:
+        signature.bind(None)
+    except TypeError:
+        # Said now, not as a TypeError at every request (logged once, the feature then off).
+        argument = "the entry" if src.name == "before_send" else "the request"
+        raise src.bad(value, f"must take one argument, {argument}; it runs {where}") from None
     return value
 
 
