@@ -585,6 +585,39 @@ def test_per_request_token_and_environment(build: Build, collector: Collector) -
     assert stat("skipped") == 1
 
 
+def test_per_request_token_or_environment_of_the_wrong_type_is_said_once(
+    build: Build, collector: Collector, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A token callable returning a non-str skips the request, a blank one too (after
+    stripping, as a static token is); a non-str environment is left out; each callable's
+    mistake is logged once, and the app never sees any of it."""
+    tokens: dict[str | None, Any] = {"int": 5, "blank": "  ", "padded": " token-of-p-0123456 "}
+    environments: dict[str | None, Any] = {"int": 7}
+
+    def token(request: Any) -> Any:
+        return tokens.get(request.headers.get("x-tenant"), TOKEN)
+
+    def environment(request: Any) -> Any:
+        return environments.get(request.headers.get("x-env"), "prod")
+
+    client = build(service_token=token, environment=environment)
+    for tenant in ("int", "int", "blank", "padded"):
+        assert client.request("GET", "/", headers={"x-tenant": tenant}) == (200, b"ok")
+    for _ in range(2):
+        assert client.request("GET", "/", headers={"x-env": "int"}) == (200, b"ok")
+    received_entries(collector, 3)
+    stored = sorted((s.service_token, s.environment) for s in collector.entries())
+    assert stored == [(TOKEN, None), (TOKEN, None), ("token-of-p-0123456", "prod")]
+    assert stat("skipped") == 3
+    said = [r.getMessage() for r in caplog.records if "option's callable" in r.getMessage()]
+    assert said == [
+        "alf_analytics: the service_token option's callable returned int, not a str or None "
+        "(logged once; the app is not affected)",
+        "alf_analytics: the environment option's callable returned int, not a str or None "
+        "(logged once; the app is not affected)",
+    ]
+
+
 # -- bodies --------------------------------------------------------------------------------------
 
 

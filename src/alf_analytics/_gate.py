@@ -100,17 +100,17 @@ class Gate:
         if callable(token):
             if request is None:
                 request = self._request_of(native)
-            token = self._call("service_token", token, request, None)
-            if not isinstance(token, str) or not token:
+            token = self._text("service_token", self._call("service_token", token, request, None))
+            if token is None:
                 self._skip()
                 return None
         environment = config.environment
         if callable(environment):
             if request is None:
                 request = self._request_of(native)
-            environment = self._call("environment", environment, request, None)
-            if not isinstance(environment, str) or not environment:
-                environment = None
+            environment = self._text(
+                "environment", self._call("environment", environment, request, None)
+            )
         assert token is not None  # an inactive config never reaches a gate
         return (token, environment), request
 
@@ -126,6 +126,15 @@ class Gate:
             self._complain("identify", f"returned {type(consumer).__name__}, not a str or None")
             return None
         return consumer or None
+
+    def _text(self, name: str, value: Any) -> str | None:
+        """A per-request token or environment, stripped as a static one is; blank is none."""
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            self._complain(name, f"returned {type(value).__name__}, not a str or None")
+            return None
+        return value.strip() or None
 
     def _skip(self) -> None:
         _counter("count_skipped")(self.config)
