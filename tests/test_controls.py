@@ -467,6 +467,38 @@ def test_sample_rate_is_honest(build: Build, collector: Collector) -> None:
     assert abs(captured - requests * rate) <= 5 * sigma, captured
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork is POSIX")
+def test_workers_forked_from_one_middleware_sample_on_their_own(collector: Collector) -> None:
+    """gunicorn --preload and uWSGI fork their workers after the middleware was built: each
+    worker must draw its own samples, not repeat its siblings' (they would all keep or drop
+    their n-th request together)."""
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        start_response("200 OK", [("content-type", "text/plain")])
+        return [b"ok"]
+
+    middleware = AnalyticsWSGIMiddleware(
+        app, service_token=TOKEN, collector_url=collector.url, sample_rate=0.5
+    )
+    assert middleware._gate is not None
+
+    def draws() -> str:
+        return "".join("1" if middleware._gate.admit({}) else "0" for _ in range(64))
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            os.write(write, draws().encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    child = os.read(read, 64).decode()
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert len(child) == 64 and child != draws()
+
+
 def test_sample_rate_zero_and_one(build: Build, harness: Harness, collector: Collector) -> None:
     client = build(sample_rate=0.0)
     for _ in range(20):

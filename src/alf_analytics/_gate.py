@@ -73,7 +73,9 @@ class Gate:
         self._path_of = path_of
         self._request_of = request_of
         self._failed: set[str] = set()
-        self._random = random.Random()
+        # The module's generator: Python reseeds it in a forked child (gunicorn --preload),
+        # so workers forked from one middleware do not all draw the same samples.
+        self._random = random.random
 
     def admit(self, native: Any) -> tuple[Group, Any] | None:
         """``(group, request object or None)`` for a request to record, ``None`` otherwise.
@@ -93,7 +95,7 @@ class Gate:
             if self._call("skip", config.skip, request, False):
                 self._skip()
                 return None
-        if config.sample_rate < 1.0 and self._random.random() >= config.sample_rate:
+        if config.sample_rate < 1.0 and self._random() >= config.sample_rate:
             _counter("count_sampled_out")(config)
             return None
         token = config.service_token
