@@ -457,6 +457,28 @@ def test_credentials_in_collector_url_never_show_in_errors_or_repr() -> None:
     assert "pw-s3cret" not in str(raised.value)
 
 
+def test_a_query_in_collector_url_is_refused_without_showing_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A query in collector_url is refused; it may hold a credential, so the error omits it."""
+    url = "https://u:url-password@collector.example/base?api_key=url-query-secret#frag"
+    with pytest.raises(ValueError) as raised:
+        make_config({"service_token": TOKEN, "collector_url": url})
+    message = str(raised.value)
+    assert "collector_url='https://***@collector.example/base?...'" in message
+    assert "url-query-secret" not in message and "url-password" not in message
+    monkeypatch.setenv("ALF_COLLECTOR_URL", url)
+    with pytest.raises(ValueError) as raised:
+        make_config({"service_token": TOKEN})
+    message = str(raised.value)
+    assert "ALF_COLLECTOR_URL" in message
+    assert "url-query-secret" not in message and "url-password" not in message
+    monkeypatch.setenv("ALF_COLLECTOR_URL", "http://u:url-password@h.test:99999")
+    with pytest.raises(ValueError) as raised:
+        make_config({"service_token": TOKEN})
+    assert "url-password" not in str(raised.value) and "***@h.test" in str(raised.value)
+
+
 @pytest.mark.parametrize(
     ("log_body", "max_body_bytes", "refused"),
     [

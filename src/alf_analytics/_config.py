@@ -272,6 +272,10 @@ class Config:
 # -- validation --------------------------------------------------------------------------------
 
 
+#: Options whose raw text an error never shows (the token; a URL's credentials and query).
+_MASKED_OPTIONS = frozenset({"service_token", "collector_url"})
+
+
 class _Source:
     """Where a value came from: an explicit option, or an environment variable (named)."""
 
@@ -284,7 +288,7 @@ class _Source:
         self.raw = raw
 
     def label(self, value: object) -> str:
-        if self.variable and self.raw is not None and self.name != "service_token":
+        if self.variable and self.raw is not None and self.name not in _MASKED_OPTIONS:
             value = self.raw
         shown = _shown_token(value) if self.name == "service_token" else repr(value)
         if self.variable:
@@ -426,7 +430,9 @@ def _collector_url(src: _Source, value: object) -> str:
     if parts.scheme not in {"http", "https"} or not parts.hostname:
         raise src.bad(mask_url(value), "must be an absolute http:// or https:// URL")
     if parts.query or parts.fragment:
-        raise src.bad(mask_url(value), "must not have a query string or fragment")
+        # The query may be a credential (?api_key=...): the error shows the URL without it.
+        shown = mask_url(url.partition("?")[0].partition("#")[0]) + "?..."
+        raise src.bad(shown, "must not have a query string or fragment")
     # The URL of an endpoint names its base: batches go to {base}/1.1.0/batch, never doubled.
     return _ENDPOINT_SUFFIX.sub("", url)
 
