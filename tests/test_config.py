@@ -457,6 +457,28 @@ def test_credentials_in_collector_url_never_show_in_errors_or_repr() -> None:
     assert "pw-s3cret" not in str(raised.value)
 
 
+def test_a_query_in_collector_url_is_refused_without_showing_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A query in collector_url is refused; it may hold a credential, so the error omits it."""
+    url = "https://u:url-password@collector.example/base?api_key=url-query-secret#frag"
+    with pytest.raises(ValueError) as raised:
+        make_config({"service_token": TOKEN, "collector_url": url})
+    message = str(raised.value)
+    assert "collector_url='https://***@collector.example/base?...'" in message
+    assert "url-query-secret" not in message and "url-password" not in message
+    monkeypatch.setenv("ALF_COLLECTOR_URL", url)
+    with pytest.raises(ValueError) as raised:
+        make_config({"service_token": TOKEN})
+    message = str(raised.value)
+    assert "ALF_COLLECTOR_URL" in message
+    assert "url-query-secret" not in message and "url-password" not in message
+    monkeypatch.setenv("ALF_COLLECTOR_URL", "http://u:url-password@h.test:99999")
+    with pytest.raises(ValueError) as raised:
+        make_config({"service_token": TOKEN})
+    assert "url-password" not in str(raised.value) and "***@h.test" in str(raised.value)
+
+
 @pytest.mark.parametrize(
     ("log_body", "max_body_bytes", "refused"),
     [
@@ -522,6 +544,42 @@ def test_async_callables_are_refused() -> None:
 
     with pytest.raises(ValueError, match="plain function"):
         make_config({"service_token": TOKEN, "identify": identify})
+
+
+@pytest.mark.parametrize(
+    "name", ["identify", "skip", "service_token", "environment", "before_send"]
+)
+def test_callables_of_the_wrong_arity_are_refused_at_construction(name: str) -> None:
+    """A callable that cannot take the one argument would fail at every request (logged once,
+    its feature silently off): refused at construction, naming the option."""
+
+    def two(request: Any, other: Any) -> str:
+        return "never called"
+
+    def none() -> str:
+        return "never called"
+
+    for bad in (two, none):
+        with pytest.raises(ValueError, match=f"option {name}=.*must take one argument"):
+            make_config({"service_token": TOKEN, name: bad})
+
+    def with_defaults(request: Any, other: Any = None, *rest: Any, **named: Any) -> None:
+        return None
+
+    class Callable:
+        def __call__(self, request: Any) -> None:
+            return None
+
+    for good in (with_defaults, Callable(), lambda *args: None):
+        make_config({"service_token": TOKEN, name: good})
+
+
+def test_an_async_before_send_is_refused_saying_where_it_runs() -> None:
+    async def before_send(entry: Any) -> Any:
+        return entry
+
+    with pytest.raises(ValueError, match="runs on the worker thread, not awaited"):
+        make_config({"service_token": TOKEN, "before_send": before_send})
 
 
 def test_callable_token_is_named_not_shown() -> None:

@@ -10,7 +10,10 @@ import asyncio
 import io
 import json
 import logging
+import os
 import re
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
@@ -23,6 +26,7 @@ from django.http import HttpRequest
 from django.test import AsyncClient, override_settings
 from django.test import Client as DjangoClient
 from flask import Flask, Response, send_file
+from flask import Request as FlaskRequest
 from flask import request as flask_request
 from starlette.applications import Starlette
 from starlette.requests import Request as StarletteRequest
@@ -312,23 +316,68 @@ def test_enabled_false_passes_through_with_no_worker(
     build: Build, collector: Collector, caplog: pytest.LogCaptureFixture
 ) -> None:
     """enabled=False: the app answers as ever, nothing is recorded, no worker exists."""
-    with caplog.at_level(logging.INFO, logger="alf_analytics"):
-        client = build(enabled=False)
+    client = build(enabled=False)
     assert client.request("POST", "/echo", JSON_BODY) == (200, JSON_BODY)
     assert _worker._workers == {}
     assert alf_analytics.stats()["captured"] == 0
-    lines = [r.getMessage() for r in caplog.records if "recording is off" in r.getMessage()]
-    assert lines == ["alf_analytics: recording is off (enabled=False); requests pass through"]
+    # A warning: Python shows only warnings when the app configured no logging.
+    lines = [(r.levelno, r.getMessage()) for r in caplog.records if "recording is off" in r.msg]
+    assert lines == [
+        (logging.WARNING, "alf_analytics: recording is off (enabled=False); requests pass through")
+    ]
     assert collector.count() == 0
 
 
 def test_enabled_from_the_environment(
-    build: Build, monkeypatch: pytest.MonkeyPatch, collector: Collector
+    build: Build,
+    monkeypatch: pytest.MonkeyPatch,
+    collector: Collector,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     monkeypatch.setenv("ALF_ENABLED", "false")
     client = build()
     assert client.request("GET", "/") == (200, b"ok")
     assert _worker._workers == {}
+    assert sum("recording is off (enabled=False)" in r.msg for r in caplog.records) == 1
+
+
+_OFF_SCRIPT = """
+import io
+from alf_analytics import AnalyticsWSGIMiddleware
+
+def app(environ, start_response):
+    start_response("200 OK", [("content-type", "text/plain")])
+    return [b"ok"]
+
+for _ in range(2):  # two middlewares: still one line
+    middleware = AnalyticsWSGIMiddleware(app)
+environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/", "SERVER_NAME": "h", "SERVER_PORT": "80",
+           "wsgi.url_scheme": "http", "wsgi.input": io.BytesIO()}
+assert b"".join(middleware(environ, lambda *args: None)) == b"ok"
+"""
+
+
+@pytest.mark.parametrize(
+    ("variables", "line"),
+    [
+        ({"ALF_ENABLED": "false", "ALF_SERVICE_TOKEN": TOKEN}, "(enabled=False)"),
+        ({"ALF_REQUIRE_TOKEN": "false"}, "no service_token (and require_token=False)"),
+    ],
+)
+def test_recording_off_is_said_once_where_an_unconfigured_process_shows_it(
+    variables: dict[str, str], line: str
+) -> None:
+    """No logging set up (gunicorn, uvicorn, a script): the one line reaches stderr."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ALF_")}
+    done = subprocess.run(
+        [sys.executable, "-c", _OFF_SCRIPT],
+        capture_output=True,
+        env={**env, **variables},
+        timeout=60,
+        check=True,
+    )
+    lines = done.stderr.decode().splitlines()
+    assert len(lines) == 1 and "recording is off" in lines[0] and line in lines[0], lines
 
 
 def test_no_token_with_require_token_false_passes_through(
@@ -418,6 +467,38 @@ def test_sample_rate_is_honest(build: Build, collector: Collector) -> None:
     assert abs(captured - requests * rate) <= 5 * sigma, captured
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork is POSIX")
+def test_workers_forked_from_one_middleware_sample_on_their_own(collector: Collector) -> None:
+    """gunicorn --preload and uWSGI fork their workers after the middleware was built: each
+    worker must draw its own samples, not repeat its siblings' (they would all keep or drop
+    their n-th request together)."""
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        start_response("200 OK", [("content-type", "text/plain")])
+        return [b"ok"]
+
+    middleware = AnalyticsWSGIMiddleware(
+        app, service_token=TOKEN, collector_url=collector.url, sample_rate=0.5
+    )
+    assert middleware._gate is not None
+
+    def draws() -> str:
+        return "".join("1" if middleware._gate.admit({}) else "0" for _ in range(64))
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            os.write(write, draws().encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    child = os.read(read, 64).decode()
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert len(child) == 64 and child != draws()
+
+
 def test_sample_rate_zero_and_one(build: Build, harness: Harness, collector: Collector) -> None:
     client = build(sample_rate=0.0)
     for _ in range(20):
@@ -443,6 +524,32 @@ def test_identify_gets_the_framework_request_and_names_the_consumer(
     entries = received_entries(collector, 2)
     assert sorted(map(str, map(consumer_of, entries))) == ["None", "user-7"]
     assert len(got) == 2 and all(isinstance(r, client.request_type) for r in got)
+
+
+def test_identify_gets_flasks_own_request_with_its_view_args(collector: Collector) -> None:
+    """Flask: identify runs after the view, on Flask's request (view_args, endpoint), not a
+    bare Werkzeug one made from the environ (Flask clears it from the environ at its end)."""
+    app = Flask(__name__)
+
+    @app.route("/tenants/<tenant>/items")
+    def items(tenant: str) -> Response:
+        return Response(b"ok", mimetype="text/plain")
+
+    got: list[Any] = []
+
+    def identify(request: Any) -> str:
+        got.append(request)
+        return f"tenant-{request.view_args['tenant']}"
+
+    app.wsgi_app = AnalyticsWSGIMiddleware(  # type: ignore[method-assign]
+        app.wsgi_app, service_token=TOKEN, collector_url=collector.url, identify=identify
+    )
+    response = WerkzeugClient(app).get("/tenants/acme/items")
+    assert response.get_data() == b"ok"
+    response.close()
+    (entry,) = received_entries(collector, 1)
+    assert consumer_of(entry) == "tenant-acme"
+    assert len(got) == 1 and isinstance(got[0], FlaskRequest) and got[0].endpoint == "items"
 
 
 def test_identify_failing_never_reaches_the_app(
@@ -508,6 +615,39 @@ def test_per_request_token_and_environment(build: Build, collector: Collector) -
         ("token-of-b-0123456789", None),
     ]
     assert stat("skipped") == 1
+
+
+def test_per_request_token_or_environment_of_the_wrong_type_is_said_once(
+    build: Build, collector: Collector, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A token callable returning a non-str skips the request, a blank one too (after
+    stripping, as a static token is); a non-str environment is left out; each callable's
+    mistake is logged once, and the app never sees any of it."""
+    tokens: dict[str | None, Any] = {"int": 5, "blank": "  ", "padded": " token-of-p-0123456 "}
+    environments: dict[str | None, Any] = {"int": 7}
+
+    def token(request: Any) -> Any:
+        return tokens.get(request.headers.get("x-tenant"), TOKEN)
+
+    def environment(request: Any) -> Any:
+        return environments.get(request.headers.get("x-env"), "prod")
+
+    client = build(service_token=token, environment=environment)
+    for tenant in ("int", "int", "blank", "padded"):
+        assert client.request("GET", "/", headers={"x-tenant": tenant}) == (200, b"ok")
+    for _ in range(2):
+        assert client.request("GET", "/", headers={"x-env": "int"}) == (200, b"ok")
+    received_entries(collector, 3)
+    stored = sorted((s.service_token, s.environment) for s in collector.entries())
+    assert stored == [(TOKEN, None), (TOKEN, None), ("token-of-p-0123456", "prod")]
+    assert stat("skipped") == 3
+    said = [r.getMessage() for r in caplog.records if "option's callable" in r.getMessage()]
+    assert said == [
+        "alf_analytics: the service_token option's callable returned int, not a str or None "
+        "(logged once; the app is not affected)",
+        "alf_analytics: the environment option's callable returned int, not a str or None "
+        "(logged once; the app is not affected)",
+    ]
 
 
 # -- bodies --------------------------------------------------------------------------------------

@@ -340,6 +340,21 @@ def test_default_redactions_false_applies_only_the_given_lists(
     assert header(response, "set-cookie") == ["sid=cookie-value; Path=/"]
 
 
+def test_headers_spelled_with_underscores_are_redacted(
+    build: Build, collector: Collector, framework: str
+) -> None:
+    """uvicorn passes ``X-Api_Key`` on as sent (gunicorn and Django drop such headers): the
+    default list and ``redact_headers`` match ``_`` as ``-``."""
+    stack = build(redact_headers=["x-internal"])
+    stack.send(headers=[("x-api_key", "underscore-key"), ("x_internal", "underscore-internal")])
+    (entry,) = received_entries(collector, 1)
+    shown = json.dumps(entry)
+    assert "underscore-key" not in shown and "underscore-internal" not in shown
+    names = {h["name"].replace("_", "-"): h["value"] for h in entry["request"]["headers"]}
+    if framework == "starlette":  # the one stack that keeps them: they are there, redacted
+        assert names["x-api-key"] == names["x-internal"] == REDACTED
+
+
 # -- the client's address -------------------------------------------------------------------------
 
 

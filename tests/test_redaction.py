@@ -91,6 +91,33 @@ def test_default_header_list_and_substrings_are_redacted(name: str) -> None:
 
 
 @pytest.mark.parametrize(
+    ("name", "shown"),
+    [
+        ("X-Api_Key", REDACTED),
+        ("Api_Key", REDACTED),
+        ("X_Auth_Token", REDACTED),
+        ("Set_Cookie", REDACTED),
+        ("Proxy_Authorization", f"Basic {REDACTED}"),
+    ],
+)
+def test_a_header_spelled_with_underscores_is_redacted_as_with_dashes(
+    name: str, shown: str
+) -> None:
+    """uvicorn passes ``X-Api_Key`` on as sent: ``_`` matches as ``-`` does (as in body keys)."""
+    entry = entry_of(exchange(request_info(headers=[(name, f"Basic {SECRET}")])))
+    assert header(entry["request"]["headers"], name.lower()) == [shown]
+    assert not leaked(entry)
+
+
+def test_redact_headers_match_dashes_and_underscores_alike() -> None:
+    cfg = config(redact_headers=["x_internal_id", "X-Tenant-Ref"])
+    info = request_info(headers=[("x-internal-id", SECRET), ("x_tenant_ref", SECRET)])
+    entry = entry_of(exchange(info, cfg=cfg))
+    assert header(entry["request"]["headers"], "x-internal-id") == [REDACTED]
+    assert header(entry["request"]["headers"], "x_tenant_ref") == [REDACTED]
+
+
+@pytest.mark.parametrize(
     ("value", "shown"),
     [
         pytest.param(f"Bearer {SECRET}", f"Bearer {REDACTED}", id="bearer"),

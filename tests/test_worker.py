@@ -401,6 +401,56 @@ def test_retries_then_success_delivers_once(
     assert (stats["sent"], stats["retried"], stats["dropped_total"]) == (3, 6, 0)
 
 
+def test_an_outage_is_warned_soon_rate_limited_and_its_recovery_said_once(
+    workers: Callable[..., tuple[Worker, ScriptedTransport]],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One warning at the first failure (not when retries run out), none while it lasts, one
+    "delivery recovered"; an outage that starts within the rate limit of the last warning is
+    still warned once the limit allows, so its recovery is said too."""
+    monkeypatch.setattr(_worker, "_LOG_INTERVAL", 2.5)
+    down = threading.Event()
+    down.set()
+
+    def answer(payload: list[dict[str, Any]]) -> Outcome:
+        return Outcome(0, error="ConnectError: refused") if down.is_set() else OK
+
+    cfg = config(delay=0.01, retries=100, retry_backoff=0.01)
+    worker, transport = workers(cfg, ScriptedTransport(default=answer))
+
+    def lines() -> list[str]:
+        said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        return [
+            "down" if "unreachable" in m else "up"
+            for m in said
+            if "unreachable" in m or "recovered" in m
+        ]
+
+    def wait_for(expected: list[str], timeout: float = 8.0) -> None:
+        deadline = time.monotonic() + timeout
+        while lines() != expected and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert lines() == expected, caplog.text
+
+    started = time.monotonic()
+    worker.submit(exchange(cfg, 1))
+    wait_for(["down"])
+    assert time.monotonic() - started < 0.5  # at the first failure, not after 100 retries
+    time.sleep(0.2)
+    assert len(transport.payloads) >= 3 and lines() == ["down"]  # failing on, said once
+    down.clear()
+    wait_for(["down", "up"])
+    down.set()  # down again, well within 2.5 s of the first warning
+    worker.submit(exchange(cfg, 2))
+    time.sleep(0.3)
+    assert lines() == ["down", "up"]  # rate-limited...
+    wait_for(["down", "up", "down"])  # ...then said, while the outage lasts
+    down.clear()
+    wait_for(["down", "up", "down", "up"])
+    assert worker.flush(5)
+
+
 def test_an_isolated_failure_does_not_hold_up_later_batches(
     workers: Callable[..., tuple[Worker, ScriptedTransport]],
 ) -> None:

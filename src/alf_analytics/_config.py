@@ -272,6 +272,10 @@ class Config:
 # -- validation --------------------------------------------------------------------------------
 
 
+#: Options whose raw text an error never shows (the token; a URL's credentials and query).
+_MASKED_OPTIONS = frozenset({"service_token", "collector_url"})
+
+
 class _Source:
     """Where a value came from: an explicit option, or an environment variable (named)."""
 
@@ -284,7 +288,7 @@ class _Source:
         self.raw = raw
 
     def label(self, value: object) -> str:
-        if self.variable and self.raw is not None and self.name != "service_token":
+        if self.variable and self.raw is not None and self.name not in _MASKED_OPTIONS:
             value = self.raw
         shown = _shown_token(value) if self.name == "service_token" else repr(value)
         if self.variable:
@@ -392,8 +396,19 @@ def _sync_callable(src: _Source, value: object) -> Any:
     if not callable(value):
         raise src.wrong_type(value, "a callable")
     target = getattr(value, "__call__", value)  # noqa: B004 - a callable object's method
+    where = "on the worker thread" if src.name == "before_send" else "on the request path"
     if inspect.iscoroutinefunction(value) or inspect.iscoroutinefunction(target):
-        raise src.bad(value, "must be a plain function: it runs on the request path, not awaited")
+        raise src.bad(value, f"must be a plain function: it runs {where}, not awaited")
+    try:
+        signature = inspect.signature(value)
+    except (TypeError, ValueError):  # a builtin without a signature: cannot tell, accept it
+        return value
+    try:
+        signature.bind(None)
+    except TypeError:
+        # Said now, not as a TypeError at every request (logged once, the feature then off).
+        argument = "the entry" if src.name == "before_send" else "the request"
+        raise src.bad(value, f"must take one argument, {argument}; it runs {where}") from None
     return value
 
 
@@ -415,7 +430,9 @@ def _collector_url(src: _Source, value: object) -> str:
     if parts.scheme not in {"http", "https"} or not parts.hostname:
         raise src.bad(mask_url(value), "must be an absolute http:// or https:// URL")
     if parts.query or parts.fragment:
-        raise src.bad(mask_url(value), "must not have a query string or fragment")
+        # The query may be a credential (?api_key=...): the error shows the URL without it.
+        shown = mask_url(url.partition("?")[0].partition("#")[0]) + "?..."
+        raise src.bad(shown, "must not have a query string or fragment")
     # The URL of an endpoint names its base: batches go to {base}/1.1.0/batch, never doubled.
     return _ENDPOINT_SUFFIX.sub("", url)
 
@@ -695,8 +712,10 @@ def _announce_off(config: Config) -> None:
     if reason in _announced:
         return
     _announced.add(reason)
+    # A warning, not info: with no logging set up (gunicorn, uvicorn, a script) Python shows
+    # only warnings, and the one line saying recording is off must be seen.
     if reason == "disabled":
-        logger.info("alf_analytics: recording is off (enabled=False); requests pass through")
+        logger.warning("alf_analytics: recording is off (enabled=False); requests pass through")
     else:
         logger.warning(
             "alf_analytics: recording is off: no service_token (and require_token=False); "

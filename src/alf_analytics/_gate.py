@@ -73,7 +73,9 @@ class Gate:
         self._path_of = path_of
         self._request_of = request_of
         self._failed: set[str] = set()
-        self._random = random.Random()
+        # The module's generator: Python reseeds it in a forked child (gunicorn --preload),
+        # so workers forked from one middleware do not all draw the same samples.
+        self._random = random.random
 
     def admit(self, native: Any) -> tuple[Group, Any] | None:
         """``(group, request object or None)`` for a request to record, ``None`` otherwise.
@@ -93,24 +95,24 @@ class Gate:
             if self._call("skip", config.skip, request, False):
                 self._skip()
                 return None
-        if config.sample_rate < 1.0 and self._random.random() >= config.sample_rate:
+        if config.sample_rate < 1.0 and self._random() >= config.sample_rate:
             _counter("count_sampled_out")(config)
             return None
         token = config.service_token
         if callable(token):
             if request is None:
                 request = self._request_of(native)
-            token = self._call("service_token", token, request, None)
-            if not isinstance(token, str) or not token:
+            token = self._text("service_token", self._call("service_token", token, request, None))
+            if token is None:
                 self._skip()
                 return None
         environment = config.environment
         if callable(environment):
             if request is None:
                 request = self._request_of(native)
-            environment = self._call("environment", environment, request, None)
-            if not isinstance(environment, str) or not environment:
-                environment = None
+            environment = self._text(
+                "environment", self._call("environment", environment, request, None)
+            )
         assert token is not None  # an inactive config never reaches a gate
         return (token, environment), request
 
@@ -126,6 +128,15 @@ class Gate:
             self._complain("identify", f"returned {type(consumer).__name__}, not a str or None")
             return None
         return consumer or None
+
+    def _text(self, name: str, value: Any) -> str | None:
+        """A per-request token or environment, stripped as a static one is; blank is none."""
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            self._complain(name, f"returned {type(value).__name__}, not a str or None")
+            return None
+        return value.strip() or None
 
     def _skip(self) -> None:
         _counter("count_skipped")(self.config)

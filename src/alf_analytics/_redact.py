@@ -92,7 +92,9 @@ class Redactor:
     )
 
     def __init__(self, config: Config) -> None:
-        self.header_names: frozenset[str] = frozenset(n.lower() for n in config.redact_headers)
+        self.header_names: frozenset[str] = frozenset(
+            n.lower().replace("_", "-") for n in config.redact_headers
+        )
         self.header_substrings: tuple[str, ...] = tuple(
             sorted(s.lower() for s in config.redact_header_substrings)
         )
@@ -113,6 +115,8 @@ class Redactor:
 
     def header(self, name: str, value: str) -> str:
         """The value to record for a header (``name`` lower-cased)."""
+        if "_" in name:  # uvicorn passes "X-Api_Key" on as sent: "_" matches as "-" does
+            name = name.replace("_", "-")
         if name not in self.header_names and not any(s in name for s in self.header_substrings):
             if name in _URL_HEADERS:
                 return self.url(value)

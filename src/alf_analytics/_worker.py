@@ -831,7 +831,8 @@ class Worker:
             batch.maybe = True
         status = outcome.status
         self._failures += 1
-        if self._failures == 1 and (status == 0 or status >= 500):
+        # Not only at the first failure: one the rate limit held back is said at a later one.
+        if not self._outage and (status == 0 or status >= 500):
             self._outage = (
                 self._warn(
                     "down",

@@ -202,6 +202,13 @@ class _Responder:
             exchange.status = 0
         exchange.response_headers = headers
         exchange.decide_response_capture()
+        identify = self._identify
+        if identify is not None and identify[1] is not _identity:
+            # Flask's own request (view_args, endpoint, g's user) is in the environ while the
+            # response starts, and cleared once Flask's context ends, before identify runs.
+            made = identify[2].get("werkzeug.request")
+            if made is not None:
+                self._identify = (identify[0], _made_request(made), identify[2])
         return self.write
 
     def enter(self) -> Any:
@@ -320,6 +327,11 @@ def _path(environ: WSGIEnvironment) -> str:
 
 def _identity(environ: WSGIEnvironment) -> Any:
     return environ
+
+
+def _made_request(request: Any) -> Callable[[WSGIEnvironment], Any]:
+    """What identify receives once the app made its request object: that object."""
+    return lambda environ: request
 
 
 def _request_maker(app: Any) -> Callable[[WSGIEnvironment], Any]:
