@@ -321,7 +321,7 @@ def test_options_typeddict_and_validators_name_the_same_options() -> None:
     from alf_analytics._config import OPTION_NAMES, Config
 
     init_fields = {f.name for f in fields(Config) if f.init}
-    derived = {"redact_header_substrings"}
+    derived = {"redact_header_substrings", "redact_key_substrings"}
     assert set(Options.__annotations__) == OPTION_NAMES == init_fields - derived
     assert {name: f"ALF_{name.upper()}" for name in OPTION_NAMES} == ENV_VARS
 
@@ -618,7 +618,7 @@ def test_default_redactions_false_keeps_only_the_given_lists() -> None:
         {"service_token": TOKEN, "default_redactions": False, "redact_headers": ["x-a"]}
     )
     assert config.redact_headers == {"x-a"}
-    assert config.redact_header_substrings == frozenset()
+    assert config.redact_header_substrings == config.redact_key_substrings == frozenset()
     assert config.redact_query == frozenset() and config.redact_body_keys == frozenset()
 
 

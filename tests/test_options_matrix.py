@@ -312,6 +312,29 @@ def test_redaction_lists_add_to_the_defaults(build: Build, collector: Collector)
     assert json.loads(body_of(entry["response"], "content")) == sent
 
 
+def test_keys_named_like_secrets_are_redacted(build: Build, collector: Collector) -> None:
+    """Names outside the key lists that hold token, secret, password... are redacted in the
+    query and the body (a count is kept), in every framework."""
+    stack = build(log_body=True)
+    body = json.dumps({"new_password": "np-secret", "max_tokens": 7}).encode()
+    stack.send(
+        method="POST",
+        path="/echo",
+        query="auth_token=q-auth-secret&page=2",
+        headers=[("content-type", "application/json")],
+        body=body,
+    )
+    (entry,) = received_entries(collector, 1)
+    request = entry["request"]
+    assert request["url"] == f"http://{HOST}/echo?auth_token=%5BREDACTED%5D&page=2"
+    sent = json.loads(body_of(request, "postData"))
+    assert sent == {"new_password": REDACTED, "max_tokens": 7}
+    assert json.loads(body_of(entry["response"], "content")) == sent
+    assert request["bodySize"] == len(body)
+    shown = json.dumps(entry)
+    assert "np-secret" not in shown and "q-auth-secret" not in shown
+
+
 def test_default_redactions_false_applies_only_the_given_lists(
     build: Build, collector: Collector
 ) -> None:

@@ -185,7 +185,7 @@ def make_plan() -> Plan:
                     + s.new("location-code")
                     + "&state=visible-state#access_token="
                     + s.new("location-fragment-token")
-                    + "&token_type=visible-bearer",
+                    + "&expires_in=visible-3600",
                 ),
                 ("Content-Type", "text/plain"),
             ],
@@ -213,6 +213,9 @@ def make_plan() -> Plan:
             f"X-Amz-Security-Token={s.new('query-x-amz-security-token')}",
             f"user%5Bpassword%5D={s.new('query-bracketed-password')}",
             f"api_key[]={s.new('query-bracketed-list')}",
+            # Not in the key list, but named like a secret (substrings of the names).
+            f"auth_token={s.new('query-auth_token')}",
+            f"session_id={s.new('query-session_id')}",
             "page=2",
             "q=visible-query-value",
         ]
@@ -222,6 +225,9 @@ def make_plan() -> Plan:
         "password": s.new("json-password", extra=' "quoted" ö'),
         "items": [{"id": 1, "token": s.new("json-nested-token")}, {"id": 2, "label": "visible-2"}],
         "payment": {"card_number": s.new("json-card-number"), "currency": "visible-eur"},
+        "new_password": s.new("json-new-password"),
+        "settings": {"x-api-key": s.new("json-x-api-key"), "max_tokens": 512},
+        "apiTokens": [s.new("json-api-tokens-0"), s.new("json-api-tokens-1")],
     }
     form_password = s.new("form-password", extra="+&=ö")
     requests = [
@@ -697,6 +703,7 @@ def test_no_secret_leaves_the_process(
     pairs = {p["name"]: p["value"] for p in request["queryString"]}
     assert pairs["page"] == "2" and pairs["q"] == "visible-query-value"
     assert pairs["api_key"] == pairs["API-KEY"] == pairs["password"] == REDACTED
+    assert pairs["auth_token"] == pairs["session_id"] == REDACTED
     assert header_values(request, "authorization") == [f"Bearer {REDACTED}"]
     for name in ("cookie", "x-api-key", "x-auth-token", "x-my-secret-token"):
         assert header_values(request, name) == [REDACTED], name
@@ -718,6 +725,9 @@ def test_no_secret_leaves_the_process(
     assert document["user"] == "visible-login-user" and document["password"] == REDACTED
     assert document["items"] == [{"id": 1, "token": REDACTED}, {"id": 2, "label": "visible-2"}]
     assert document["payment"] == {"card_number": REDACTED, "currency": "visible-eur"}
+    # Keys named like secrets lose a string or array value; a count is kept.
+    assert document["new_password"] == document["apiTokens"] == REDACTED
+    assert document["settings"] == {"x-api-key": REDACTED, "max_tokens": 512}
     assert login["bodySize"] == len(PLAN.requests[1]["body"])  # the real size
 
     form = entry_for(seen, "/form")["request"]
@@ -735,7 +745,7 @@ def test_no_secret_leaves_the_process(
     (location,) = header_values(redirect, "location")
     assert location.startswith("https://app.example.test/callback?code=")
     assert location.endswith(
-        "&state=visible-state#access_token=%5BREDACTED%5D&token_type=visible-bearer"
+        "&state=visible-state#access_token=%5BREDACTED%5D&expires_in=visible-3600"
     )
 
     gzipped = entry_for(seen, "/gzip")["response"]
@@ -805,8 +815,8 @@ _IN_URL = "%5BREDACTED%5D"
         ),
         pytest.param(
             "location",
-            "https://app.test/cb#access_token=abc&token_type=bearer&state=s",
-            f"https://app.test/cb#access_token={_IN_URL}&token_type=bearer&state=s",
+            "https://app.test/cb#access_token=abc&expires_in=3600&state=s",
+            f"https://app.test/cb#access_token={_IN_URL}&expires_in=3600&state=s",
             id="implicit-grant-fragment",
         ),
         pytest.param("referer", "https://app.test/docs#section-2", None, id="plain-fragment"),
@@ -849,7 +859,13 @@ def test_absolute_form_targets_keep_only_their_path(path: str, written: str) -> 
         ("a[b][Access-Token]", True),
         ("user[name]", False),
         ("[]", False),
-        ("tokens", False),
+        ("tokens", True),  # names holding token, secret, password, passwd, apikey or session
+        ("user_token", True),
+        ("new-Password", True),
+        ("x_api_key", True),
+        ("a[sessionId]", True),
+        ("keyboard", False),
+        ("page", False),
     ],
 )
 def test_bracketed_query_and_form_names(name: str, redacted: bool) -> None:

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from alf_analytics._alf import CONSUMER_HEADER, MAX_CONSUMER_LENGTH, build_entry, dumps
-from alf_analytics._config import REDACTED, Config
+from alf_analytics._config import DEFAULT_REDACT_KEY_SUBSTRINGS, REDACTED, Config
 from alf_analytics._record import Exchange
 from alf_analytics._redact import Redactor, _dumps, normalized
 
@@ -459,20 +459,28 @@ def test_entries_share_no_mutable_pair_when_a_hook_may_edit_them() -> None:
 PROPERTY_REDACTOR = Redactor(config(redact_body_keys=["x-custom-field"]))
 
 
-def full_walk(node: Any, keys: frozenset[str]) -> tuple[Any, bool]:
-    """The rule written plainly: every dict key at any depth, arrays included, no shortcut."""
+def full_walk(
+    node: Any, keys: frozenset[str], substrings: frozenset[str] = DEFAULT_REDACT_KEY_SUBSTRINGS
+) -> tuple[Any, bool]:
+    """The rule written plainly: every dict key at any depth, arrays included, no shortcut; a
+    key holding one of ``substrings`` loses its value unless that is a number, bool or null."""
     if isinstance(node, dict):
         out: dict[str, Any] = {}
         changed = False
         for key, value in node.items():
-            if normalized(key) in keys:
+            name = normalized(key)
+            if name in keys:
+                out[key], changed = REDACTED, True
+            elif any(part in name for part in substrings) and not (
+                value is None or isinstance(value, (int, float))
+            ):
                 out[key], changed = REDACTED, True
             else:
-                out[key], sub = full_walk(value, keys)
+                out[key], sub = full_walk(value, keys, substrings)
                 changed = changed or sub
         return out, changed
     if isinstance(node, list):
-        items = [full_walk(value, keys) for value in node]
+        items = [full_walk(value, keys, substrings) for value in node]
         return [value for value, _ in items], any(sub for _, sub in items)
     return node, False
 
@@ -589,3 +597,61 @@ def test_a_key_with_the_kelvin_sign_is_redacted(kind: str) -> None:
         raw = key.encode() + b"=" + SECRET.encode()
         entry = entry_of(with_bodies(raw, "application/x-www-form-urlencoded"))
     assert not leaked(entry)
+
+
+def test_keys_named_like_secrets_are_redacted_unless_their_value_is_a_count() -> None:
+    """Beyond the key list, a key whose name holds token, secret, password, passwd, apikey or
+    session (as keys compare: any case, ``-`` and ``_`` ignored) loses a string, array or
+    object value; a number, bool or null is kept (``max_tokens``, ``session_count``)."""
+    redactor = Redactor(config())
+    body = json.dumps(
+        {
+            "new_password": "pw",
+            "Auth-Token": "t",
+            "x_api_key": "k",
+            "apiTokens": ["a", "b"],
+            "sessionData": {"id": "s"},
+            "max_tokens": 512,
+            "secret_rotated": True,
+            "token_expiry": None,
+            "keyboard": "visible",
+        }
+    ).encode()
+    assert json.loads(redactor.body(body, "json") or b"") == {
+        "new_password": REDACTED,
+        "Auth-Token": REDACTED,
+        "x_api_key": REDACTED,
+        "apiTokens": REDACTED,
+        "sessionData": REDACTED,
+        "max_tokens": 512,
+        "secret_rotated": True,
+        "token_expiry": None,
+        "keyboard": "visible",
+    }
+    form = b"user=visible&new_password=pw&csrf-token=t&max_tokens=5"
+    assert redactor.body(form, "form") == (
+        b"user=visible&new_password=%5BREDACTED%5D&csrf-token=%5BREDACTED%5D"
+        b"&max_tokens=%5BREDACTED%5D"
+    )
+    assert redactor.query_key("user_token") and not redactor.query_key("keyboard")
+
+
+def test_a_key_first_seen_holding_a_count_is_still_redacted_when_it_holds_a_string() -> None:
+    """Keys found safe are remembered from body to body; one kept only for its value's type
+    must not be: the next record may give it a string."""
+    redactor = Redactor(config())
+    first = json.dumps([{"refresh_token_ttl": 3600}] * 3).encode()
+    assert redactor.body(first, "json") == first
+    later = json.dumps([{"refresh_token_ttl": 3600}, {"refresh_token_ttl": "secret"}]).encode()
+    assert json.loads(redactor.body(later, "json") or b"") == [
+        {"refresh_token_ttl": 3600},
+        {"refresh_token_ttl": REDACTED},
+    ]
+
+
+def test_default_redactions_false_drops_the_substring_rule_too() -> None:
+    redactor = Redactor(config(default_redactions=False, redact_body_keys=["pin"]))
+    body = json.dumps({"new_password": "pw", "pin": "1"}).encode()
+    assert json.loads(redactor.body(body, "json") or b"") == {"new_password": "pw", "pin": REDACTED}
+    assert redactor.body(b"new_password=pw", "form") == b"new_password=pw"
+    assert not redactor.query_key("auth_token")

@@ -29,6 +29,7 @@ __all__ = [
     "DEFAULT_REDACT_BODY_KEYS",
     "DEFAULT_REDACT_HEADERS",
     "DEFAULT_REDACT_HEADER_SUBSTRINGS",
+    "DEFAULT_REDACT_KEY_SUBSTRINGS",
     "DEFAULT_REDACT_QUERY",
     "ENV_VARS",
     "OPTION_NAMES",
@@ -51,6 +52,13 @@ DEFAULT_REDACT_HEADERS = frozenset(
 #: A header whose (lower-cased) name contains one of these is redacted too.
 DEFAULT_REDACT_HEADER_SUBSTRINGS = frozenset(
     {"token", "secret", "password", "passwd", "api-key", "apikey", "session"}
+)
+#: A query parameter or form or JSON body key whose name, compared as keys are (lower case,
+#: without ``-`` and ``_``), contains one of these is redacted too: ``new_password``,
+#: ``auth_token``, ``x-api-key``, ``session_id``. In JSON only a string, array or object value
+#: is replaced: ``"max_tokens": 100`` is a count, not a secret.
+DEFAULT_REDACT_KEY_SUBSTRINGS = frozenset(
+    {"token", "secret", "password", "passwd", "apikey", "session"}
 )
 DEFAULT_REDACT_BODY_KEYS = frozenset(
     {
@@ -169,6 +177,7 @@ class Config:
     identify: Callable[[Request], str | None] | None = None
     redact_headers: frozenset[str] = DEFAULT_REDACT_HEADERS
     redact_header_substrings: frozenset[str] = DEFAULT_REDACT_HEADER_SUBSTRINGS
+    redact_key_substrings: frozenset[str] = DEFAULT_REDACT_KEY_SUBSTRINGS
     redact_query: frozenset[str] = DEFAULT_REDACT_QUERY
     redact_body_keys: frozenset[str] = DEFAULT_REDACT_BODY_KEYS
     default_redactions: bool = True
@@ -656,6 +665,7 @@ def make_config(options: Mapping[str, Any], environ: Mapping[str, str] | None = 
     values["redact_header_substrings"] = (
         DEFAULT_REDACT_HEADER_SUBSTRINGS if default_sets else frozenset()
     )
+    values["redact_key_substrings"] = DEFAULT_REDACT_KEY_SUBSTRINGS if default_sets else frozenset()
     config = Config(**values)
     if not config.active:
         _announce_off(config)

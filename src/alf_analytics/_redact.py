@@ -4,8 +4,10 @@ Headers: a redacted header keeps its name and gets the marker as its value (Auth
 Proxy-Authorization keep a known scheme: ``Bearer [REDACTED]``). Query parameters and JSON and
 form-encoded body fields: matching keys keep their place, their values become the marker.
 Keys match case-insensitively, ignoring ``-`` and ``_`` (so ``api_key`` also catches
-``apiKey`` and ``API-KEY``). A JSON or form body that might hold a redacted key but cannot be
-parsed, or was cut at ``max_body_bytes``, is left out rather than sent half-redacted.
+``apiKey`` and ``API-KEY``); a key holding one of the configured substrings (``new_password``)
+is redacted too, in JSON unless its value is a number, bool or null. A JSON or form body that
+might hold a redacted key but cannot be parsed, or was cut at ``max_body_bytes``, is left out
+rather than sent half-redacted.
 """
 
 from __future__ import annotations
@@ -86,6 +88,7 @@ class Redactor:
         "header_substrings",
         "query_keys",
         "body_keys",
+        "key_substrings",
         "_form_keys",
         "_fold_unsafe",
         "_safe_keys",
@@ -100,13 +103,24 @@ class Redactor:
         )
         self.query_keys = frozenset(normalized(k) for k in config.redact_query)
         self.body_keys = frozenset(normalized(k) for k in config.redact_body_keys)
-        # What a body must contain (lower-cased, '-' and '_' removed) to possibly hold a key.
+        #: A query or body key whose normalised name holds one of these is redacted too.
+        self.key_substrings: tuple[str, ...] = tuple(
+            sorted({normalized(s) for s in config.redact_key_substrings} - {""})
+        )
+        # What a form body must contain (lower-cased, '-' and '_' removed) to possibly hold a
+        # redacted key: one of the keys whole, or one of the substrings inside a name.
         needles = _alternation(sorted({key.encode("utf-8") for key in self.body_keys if key}))
-        self._form_keys = re.compile(b"(?:^|&)" + needles + b"=") if needles else None
+        inside = _alternation(sorted({part.encode("utf-8") for part in self.key_substrings}))
+        branches = [b"(?:^|&)" + needles + b"=" if needles else b""]
+        branches.append(b"(?:^|&)[^&=]*" + inside if inside else b"")
+        pattern = b"|".join(branch for branch in branches if branch)
+        self._form_keys = re.compile(pattern) if pattern else None
         # Non-ASCII keys fold differently in bytes, and a key with punctuation could match
         # across JSON's structure: such a config always parses and walks bodies in full.
         self._fold_unsafe = not all(
-            key.isascii() and key.isalnum() for key in self.body_keys if key
+            key.isascii() and key.isalnum()
+            for key in (*self.body_keys, *self.key_substrings)
+            if key
         )
         #: JSON keys seen that are not redacted (bodies repeat their keys; bounded).
         self._safe_keys: set[str] = set()
@@ -162,7 +176,7 @@ class Redactor:
 
     def query_key(self, name: str) -> bool:
         """Whether a (decoded) query parameter name is redacted."""
-        return _key_in(name, self.query_keys)
+        return _key_in(name, self.query_keys, self.key_substrings)
 
     # -- bodies --------------------------------------------------------------------------------
 
@@ -239,10 +253,17 @@ class Redactor:
     def _scrub_keys(self, node: dict[str, Any]) -> bool:
         changed = False
         safe = self._safe_keys
+        substrings = self.key_substrings
         for key in node:
-            if normalized(key) in self.body_keys:
+            name = normalized(key)
+            if name in self.body_keys:
                 node[key] = REDACTED  # an existing key: the dict keeps its size
                 changed = True
+            elif substrings and any(part in name for part in substrings):
+                # Never cached as safe: another record may give this key a string.
+                if type(node[key]) not in _SCALARS:
+                    node[key] = REDACTED  # a string, or an array or object of anything
+                    changed = True
             elif len(safe) < 4096:
                 safe.add(key)
         return changed
@@ -257,7 +278,7 @@ class Redactor:
             decoded = unquote_plus(
                 name.decode("utf-8", "replace"), encoding="utf-8", errors="replace"
             )
-            if _key_in(decoded, self.body_keys):
+            if _key_in(decoded, self.body_keys, self.key_substrings):
                 parts[index] = name + b"=" + _REDACTED_BYTES
                 changed = True
         return b"&".join(parts) if changed else data
@@ -266,13 +287,15 @@ class Redactor:
 _BRACKETS = re.compile(r"[\[\]]+")
 
 
-def _key_in(name: str, keys: frozenset[str]) -> bool:
-    """Whether a query or form name is one of ``keys`` (normalised), or holds one in brackets.
+def _key_in(name: str, keys: frozenset[str], substrings: tuple[str, ...] = ()) -> bool:
+    """Whether a query or form name is one of ``keys`` or holds one of ``substrings``
+    (normalised), or does so in brackets.
 
     PHP, Rails and jQuery's ``$.param`` write nested fields as ``user[password]`` and lists as
     ``token[]``: any bracketed part that matches redacts the value.
     """
-    if normalized(name) in keys:
+    folded = normalized(name)
+    if folded in keys or any(part in folded for part in substrings):
         return True
     if "[" in name:
         return any(normalized(part) in keys for part in _BRACKETS.split(name) if part)
@@ -320,6 +343,8 @@ except ImportError:  # pragma: no cover - interpreters without orjson
 #: U+212A KELVIN SIGN in UTF-8: ``str.lower()`` makes it an ASCII ``k`` (the only character
 #: besides ASCII whose lower case is ASCII, with U+0130 giving ``i`` and a combining dot).
 _ONLY_DICTS = {dict}
+#: JSON values a key matched by a substring keeps (``"max_tokens": 100``).
+_SCALARS = frozenset({int, float, bool, type(None)})
 _CONTAINERS = frozenset({dict, list})
 _KELVIN = "\u212a".encode()
 
