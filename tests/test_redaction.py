@@ -80,6 +80,9 @@ def with_bodies(
         "X-Passwd",
         "X-Partner-Api-Key",
         "X-Apikey",
+        "X-Hub-Signature-256",  # webhook HMACs: GitHub, Stripe, Slack
+        "Stripe-Signature",
+        "X-Slack-Signature",
     ],
 )
 def test_default_header_list_and_substrings_are_redacted(name: str) -> None:

@@ -49,9 +49,10 @@ DEFAULT_COLLECTOR_URL = "http://127.0.0.1:8700"
 DEFAULT_REDACT_HEADERS = frozenset(
     {"authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key", "x-auth-token"}
 )
-#: A header whose (lower-cased) name contains one of these is redacted too.
+#: A header whose (lower-cased) name contains one of these is redacted too (``signature``:
+#: webhook HMACs such as ``X-Hub-Signature-256`` and ``Stripe-Signature``).
 DEFAULT_REDACT_HEADER_SUBSTRINGS = frozenset(
-    {"token", "secret", "password", "passwd", "api-key", "apikey", "session"}
+    {"token", "secret", "password", "passwd", "api-key", "apikey", "session", "signature"}
 )
 #: A query parameter or form or JSON body key whose name, compared as keys are (lower case,
 #: without ``-`` and ``_``), contains one of these is redacted too: ``new_password``,
