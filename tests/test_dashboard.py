@@ -485,3 +485,43 @@ def test_the_pages_fit_a_phone(browser: Any, filled: tuple[Collector, Traffic]) 
         assert web.problems == []
     finally:
         context.close()
+
+
+#: JavaScript: for each input matching a selector, its placeholder's width in its own font
+#: and the width its content box offers, in CSS pixels.
+PLACEHOLDER_FIT = """(selector) => [...document.querySelectorAll(selector)].map((input) => {
+    const style = getComputedStyle(input);
+    const context = document.createElement('canvas').getContext('2d');
+    context.font = `${style.fontStyle} ${style.fontWeight} ${style.fontSize} ${style.fontFamily}`;
+    const text = context.measureText(input.placeholder).width;
+    const room = input.clientWidth - parseFloat(style.paddingLeft)
+        - parseFloat(style.paddingRight);
+    return [input.name, input.placeholder, Math.ceil(text), Math.floor(room)];
+})"""
+
+
+@pytest.mark.parametrize(
+    "viewport", [{"width": 1280, "height": 900}, {"width": 390, "height": 844}], ids=str
+)
+def test_the_log_filters_show_their_whole_placeholders(
+    browser: Any, filled: tuple[Collector, Traffic], viewport: dict[str, int]
+) -> None:
+    """The hint "500 or 5xx" and the others fit their inputs, on a laptop and on a phone."""
+    collector, _ = filled
+    context = browser.new_context(viewport=viewport, is_mobile=viewport["width"] < 640)
+    try:
+        web = watch(context.new_page(), collector.url)
+        web.page.set_extra_http_headers({"Authorization": f"Bearer {READ_KEY}"})
+        web.goto(f"/requests?environment={ENV}")
+        web.page.locator("details.filter-box").evaluate("box => { box.open = true; }")
+        fits = web.page.evaluate(PLACEHOLDER_FIT, "form.filters input[placeholder]")
+        assert {name for name, *_ in fits} == {"status", "path", "route"}
+        for name, placeholder, text, room in fits:
+            assert text <= room, (name, placeholder, text, room)
+        widths = web.page.evaluate(
+            "() => [document.documentElement.scrollWidth, window.innerWidth]"
+        )
+        assert widths[0] == widths[1]
+        assert web.problems == []
+    finally:
+        context.close()
