@@ -16,6 +16,7 @@ import os
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ import alf_analytics
 from alf_analytics.collector import Collector
 from alf_analytics.wsgi import AnalyticsWSGIMiddleware
 from tests.pg import PostgresServer, pg_server
+from tests.test_collector import make_alf
 
 __all__ = ["pg_server"]  # a fixture, imported for pytest
 
@@ -525,3 +527,52 @@ def test_the_log_filters_show_their_whole_placeholders(
         assert web.problems == []
     finally:
         context.close()
+
+
+#: Latencies (ms) of the environments the tick test charts: tens of microseconds, below a
+#: millisecond, around ten milliseconds, and over a second.
+TICK_LATENCIES = {
+    "ticks-us": [0.011, 0.02, 0.035, 0.05],
+    "ticks-sub-ms": [0.12, 0.25, 0.31, 0.44, 0.58],
+    "ticks-ms": [3.0, 4.5, 6.0, 8.0, 11.0, 14.0],
+    "ticks-s": [250.0, 700.0, 1200.0, 1800.0],
+}
+
+
+@pytest.fixture(scope="module")
+def timed(filled: tuple[Collector, Traffic]) -> Collector:
+    """The module's collector with entries of the latencies above, a minute ago, per
+    environment (posted to the ingest API: the agent's own timings cannot be chosen)."""
+    collector, _ = filled
+    when = datetime.now(timezone.utc) - timedelta(minutes=1)
+    with httpx.Client(base_url=collector.url, timeout=10) as client:
+        for environment, latencies in TICK_LATENCIES.items():
+            calls = [("GET", f"https://shop.test/{environment}", 200, ms) for ms in latencies]
+            alf = make_alf(calls, token=TOKEN, environment=environment)
+            for entry in alf["har"]["log"]["entries"]:
+                entry["startedDateTime"] = when.isoformat().replace("+00:00", "Z")
+            response = client.post("/1.1.0/single", json=alf)
+            assert response.status_code == 200, response.text
+    return collector
+
+
+@pytest.mark.parametrize("environment", list(TICK_LATENCIES))
+def test_latency_ticks_share_one_format_per_axis(
+    web: Watched, timed: Collector, environment: str
+) -> None:
+    """One unit and one number of decimals per axis ("5 ms", "10 ms", not "5.00 ms" next to
+    "10 ms"), enough decimals to tell the ticks apart, and sub-millisecond ticks readable."""
+    web.goto(f"/?environment={environment}")
+    chart = web.page.locator("[data-chart=latency]")
+    chart.locator("canvas").wait_for()
+    labels = (chart.get_attribute("data-y-ticks") or "").split("|")
+    assert len(labels) >= 3, labels
+    assert len(set(labels)) == len(labels), labels  # no two ticks read the same
+    numbers = [re.fullmatch(r"(\d+(?:\.(\d+))?) (µs|ms|s)", label) for label in labels]
+    assert all(numbers), labels
+    units = {match.group(3) for match in numbers if match}
+    decimals = {len(match.group(2) or "") for match in numbers if match}
+    assert len(units) == 1 and len(decimals) == 1, labels
+    assert decimals <= {0, 1, 2}, labels
+    expected = {"ticks-us": "µs", "ticks-sub-ms": "ms", "ticks-ms": "ms", "ticks-s": "s"}
+    assert units == {expected[environment]}, labels
