@@ -576,3 +576,49 @@ def test_latency_ticks_share_one_format_per_axis(
     assert decimals <= {0, 1, 2}, labels
     expected = {"ticks-us": "µs", "ticks-sub-ms": "ms", "ticks-ms": "ms", "ticks-s": "s"}
     assert units == {expected[environment]}, labels
+
+
+def selected_range(page: Any) -> str:
+    option = page.locator("form.scope select[name=range] option:checked")
+    return (option.text_content() or "").strip()
+
+
+def test_a_from_time_shows_as_a_custom_range_that_a_chosen_range_replaces(web: Watched) -> None:
+    """With a "From" the Range selector says "Custom", not the "Last 1h" it no longer means;
+    choosing a range then drops From and To; the URL alone holds that state."""
+    since = (datetime.now(timezone.utc) - timedelta(hours=3)).strftime("%Y-%m-%dT%H:%M:%S")
+    until = (datetime.now(timezone.utc) + timedelta(minutes=5)).strftime("%Y-%m-%dT%H:%M:%S")
+    for page in ("/", "/requests"):
+        web.goto(f"{page}?environment={ENV}&range=6h&since={since}&until={until}")
+        assert selected_range(web.page) == "Custom (From/To)", page
+        assert web.page.locator(".chips [data-chip=since]").count() == 1
+        assert web.page.locator(".chips [data-chip=until]").count() == 1
+        web.page.reload()  # the same view again: nothing of it lives outside the URL
+        assert selected_range(web.page) == "Custom (From/To)", page
+
+        web.page.select_option("form.scope select[name=range]", "15m")
+        web.page.wait_for_url(re.compile(r"range=15m"))
+        query = web.page.url.split("?", 1)[1]
+        assert "since=" not in query and "until=" not in query, web.page.url
+        assert selected_range(web.page) == "Last 15m"
+        assert web.page.locator(".chips [data-chip]").count() == 0
+        if page == "/requests":
+            assert web.page.input_value("form.filters input[name=since]") == ""
+            assert len(rows(web.page)) == 50  # the last 15 minutes: all of the module's traffic
+
+    # Changing the service or environment keeps a custom range.
+    web.goto(f"/requests?since={since}")
+    web.page.select_option("form.scope select[name=environment]", ENV)
+    web.page.wait_for_url(re.compile(rf"environment={ENV}"))
+    assert "since=" in web.page.url and selected_range(web.page) == "Custom (From/To)"
+
+
+def test_a_to_time_alone_keeps_the_range_and_says_where_it_ends(web: Watched) -> None:
+    """A "To" alone ends the chosen range there: the selector says so, and still works."""
+    until = (datetime.now(timezone.utc) + timedelta(minutes=5)).strftime("%Y-%m-%dT%H:%M:%S")
+    web.goto(f"/requests?environment={ENV}&until={until}")
+    assert selected_range(web.page) == "1h up to To"
+    web.page.select_option("form.scope select[name=range]", "6h")
+    web.page.wait_for_url(re.compile(r"range=6h"))
+    assert "until=" in web.page.url
+    assert selected_range(web.page) == "6h up to To"

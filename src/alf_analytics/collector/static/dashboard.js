@@ -275,11 +275,26 @@
     if (on) timer = setInterval(refresh, LIVE_SECONDS * 1000);
   }
 
-  // Choosing a service, environment or range applies it at once.
+  // Choosing a service, environment or range applies it at once. A range chosen while a
+  // "From" is set (the selector reads "Custom") replaces From and To: it counts back from now.
+  function dropCustomTimes(form) {
+    var range = form.querySelector("select[data-range][data-custom]");
+    if (!range || !range.value) return;
+    form.querySelectorAll("input[name=since], input[name=until]").forEach(function (input) {
+      input.remove();
+    });
+  }
+
   function setupAutosubmit() {
-    document.querySelectorAll("form[data-autosubmit] select").forEach(function (select) {
-      select.addEventListener("change", function () {
-        select.form.submit();
+    document.querySelectorAll("form[data-autosubmit]").forEach(function (form) {
+      form.addEventListener("submit", function () {
+        dropCustomTimes(form);
+      });
+      form.querySelectorAll("select").forEach(function (select) {
+        select.addEventListener("change", function () {
+          dropCustomTimes(form);
+          form.submit();
+        });
       });
     });
   }
