@@ -9,11 +9,14 @@ What it does, all on 127.0.0.1:
    uvicorn, and the Django example under gunicorn (WSGI, threads) and under uvicorn (ASGI), each
    with its own ``ALF_ENVIRONMENT`` so the summary tells them apart;
 3. sends a few hundred varied requests to each (JSON CRUD, query strings, binary and multipart
-   uploads, errors, 404s, streamed responses, server-sent events), several at a time;
+   uploads, errors, 404s, streamed responses, server-sent events), several at a time, most with
+   the ``X-Api-Key`` of one of five accounts, which each app records as the consumer (the
+   account's name, never the key);
 4. stops the servers with SIGTERM: each flushes its queued entries on the way out (the ASGI
    lifespan shutdown, or the ``atexit`` hook);
 5. checks that the collector holds exactly one entry per request answered, with the same
-   method, path and status, and prints ``alf-analytics summary``;
+   method, path and status, that each account's requests are its consumer's (and that no API
+   key reached the collector), and prints ``alf-analytics summary``;
 6. prints the dashboard's URL and the read key to log in with. Run from a terminal, it keeps
    the collector running until Ctrl-C so you can look; without one (CI, scripts) it stops it
    and exits at once.
@@ -62,6 +65,16 @@ CONCURRENCY = 8
 LISTENING = re.compile(r"(?:Listening at:|running on|listening on) (http://127\.0\.0\.1:\d+)")
 
 UVICORN_EXITS = (0, -signal.SIGTERM)
+#: The accounts calling the examples, with their API keys (the examples' ``API_KEYS``) and
+#: their share of the traffic; the rest of it is anonymous (no key, no consumer).
+ACCOUNTS = {
+    "acme": ("demo-key-acme-1f3a", 35),
+    "globex": ("demo-key-globex-7c2d", 22),
+    "initech": ("demo-key-initech-90be", 14),
+    "umbrella": ("demo-key-umbrella-44d1", 9),
+    "hooli": ("demo-key-hooli-b6e8", 5),
+}
+ANONYMOUS_SHARE = 15
 Key = tuple[str, str, int]  # (method, path, status)
 
 
@@ -80,6 +93,8 @@ class Server:
     log_path: Path | None = None
     url: str = ""
     answered: Counter[Key] = field(default_factory=Counter)
+    #: Requests answered per account that sent its API key.
+    consumers: Counter[str] = field(default_factory=Counter)
     failures: list[str] = field(default_factory=list)
 
     def start(self, workdir: Path, env: dict[str, str]) -> None:
@@ -197,6 +212,7 @@ class Call:
     params: list[tuple[str, str]] = field(default_factory=list)
     kwargs: dict[str, Any] = field(default_factory=dict)
     stream: bool = False
+    consumer: str | None = None
 
 
 def plan(rng: random.Random, count: int, multipart: bool) -> list[Call]:
@@ -247,7 +263,17 @@ def plan(rng: random.Random, count: int, multipart: bool) -> list[Call]:
         (2, lambda: Call("GET", "/health", kwargs={"headers": {"Authorization": "Bearer s3cret"}})),
     ]
     weights = [weight for weight, _ in makers]
-    return [rng.choices(makers, weights)[0][1]() for _ in range(count)]
+    callers: list[str | None] = [*ACCOUNTS, None]
+    shares = [share for _, share in ACCOUNTS.values()] + [ANONYMOUS_SHARE]
+    calls = []
+    for _ in range(count):
+        call = rng.choices(makers, weights)[0][1]()
+        call.consumer = rng.choices(callers, shares)[0]
+        if call.consumer is not None:
+            key = ACCOUNTS[call.consumer][0]
+            call.kwargs["headers"] = {**call.kwargs.get("headers", {}), "X-Api-Key": key}
+        calls.append(call)
+    return calls
 
 
 _json = {"headers": {"Content-Type": "application/json"}}
@@ -287,6 +313,8 @@ async def drive(server: Server, calls: list[Call]) -> None:
                     server.failures.append(f"{call.method} {call.path}: {exc!r}")
                     return
                 server.answered[(call.method, call.path, status)] += 1
+                if call.consumer is not None:
+                    server.consumers[call.consumer] += 1
 
         await asyncio.gather(*(one(call) for call in calls))
 
@@ -343,6 +371,30 @@ def wait_for_entries(db: Path, servers: list[Server], timeout: float) -> dict[An
 
 def describe(counter: Counter[int]) -> str:
     return ", ".join(f"{status}: {counter[status]}" for status in sorted(counter))
+
+
+def check_consumers(url: str, read_key: str, servers: list[Server]) -> list[str]:
+    """Each account's requests are its consumer's in the collector (``/api/consumers``), and no
+    API key is in any stored entry (the examples record the account, and redact the header)."""
+    problems = []
+    headers = {"Authorization": f"Bearer {read_key}"}
+    with httpx.Client(base_url=url, headers=headers, timeout=30.0) as client:
+        for server in servers:
+            params = {"environment": server.environment, "limit": 100}
+            rows = client.get("/api/consumers", params=params).raise_for_status().json()
+            held = {row["consumer"]: row["count"] for row in rows["consumers"]}
+            shown = ", ".join(f"{name} {count}" for name, count in server.consumers.most_common())
+            verdict = "OK" if held == dict(server.consumers) else "MISMATCH"
+            say(f"{server.name:<12} consumers {shown}: {verdict}")
+            if verdict != "OK":
+                sent = dict(server.consumers)
+                problems.append(f"{server.name}: consumers sent {sent}, collector holds {held}")
+            export = client.get("/api/export.har", params={"environment": server.environment})
+            har = export.raise_for_status().text
+            leaked = [name for name, (key, _) in ACCOUNTS.items() if key in har]
+            if leaked:
+                problems.append(f"{server.name}: the API key of {', '.join(leaked)} was stored")
+    return problems
 
 
 # -- main --------------------------------------------------------------------------------------
@@ -441,6 +493,8 @@ def run(requests: int, workdir: Path) -> int:
                 problems.append(f"{server.name}: {count} x {' '.join(map(str, key))} missing")
             for key, count in sorted(extra.items()):
                 problems.append(f"{server.name}: {count} x {' '.join(map(str, key))} unexpected")
+        if not problems:
+            problems.extend(check_consumers(collector.url, read_key, servers))
         if not problems:
             say(f"all entries arrived in {time.monotonic() - started:.1f} s")
             show_dashboard(collector, read_key)

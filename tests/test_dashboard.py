@@ -16,6 +16,7 @@ import os
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ import alf_analytics
 from alf_analytics.collector import Collector
 from alf_analytics.wsgi import AnalyticsWSGIMiddleware
 from tests.pg import PostgresServer, pg_server
+from tests.test_collector import make_alf
 
 __all__ = ["pg_server"]  # a fixture, imported for pytest
 
@@ -485,3 +487,138 @@ def test_the_pages_fit_a_phone(browser: Any, filled: tuple[Collector, Traffic]) 
         assert web.problems == []
     finally:
         context.close()
+
+
+#: JavaScript: for each input matching a selector, its placeholder's width in its own font
+#: and the width its content box offers, in CSS pixels.
+PLACEHOLDER_FIT = """(selector) => [...document.querySelectorAll(selector)].map((input) => {
+    const style = getComputedStyle(input);
+    const context = document.createElement('canvas').getContext('2d');
+    context.font = `${style.fontStyle} ${style.fontWeight} ${style.fontSize} ${style.fontFamily}`;
+    const text = context.measureText(input.placeholder).width;
+    const room = input.clientWidth - parseFloat(style.paddingLeft)
+        - parseFloat(style.paddingRight);
+    return [input.name, input.placeholder, Math.ceil(text), Math.floor(room)];
+})"""
+
+
+@pytest.mark.parametrize(
+    "viewport", [{"width": 1280, "height": 900}, {"width": 390, "height": 844}], ids=str
+)
+def test_the_log_filters_show_their_whole_placeholders(
+    browser: Any, filled: tuple[Collector, Traffic], viewport: dict[str, int]
+) -> None:
+    """The hint "500 or 5xx" and the others fit their inputs, on a laptop and on a phone."""
+    collector, _ = filled
+    context = browser.new_context(viewport=viewport, is_mobile=viewport["width"] < 640)
+    try:
+        web = watch(context.new_page(), collector.url)
+        web.page.set_extra_http_headers({"Authorization": f"Bearer {READ_KEY}"})
+        web.goto(f"/requests?environment={ENV}")
+        web.page.locator("details.filter-box").evaluate("box => { box.open = true; }")
+        fits = web.page.evaluate(PLACEHOLDER_FIT, "form.filters input[placeholder]")
+        assert {name for name, *_ in fits} == {"status", "path", "route"}
+        for name, placeholder, text, room in fits:
+            assert text <= room, (name, placeholder, text, room)
+        widths = web.page.evaluate(
+            "() => [document.documentElement.scrollWidth, window.innerWidth]"
+        )
+        assert widths[0] == widths[1]
+        assert web.problems == []
+    finally:
+        context.close()
+
+
+#: Latencies (ms) of the environments the tick test charts: tens of microseconds, below a
+#: millisecond, around ten milliseconds, and over a second.
+TICK_LATENCIES = {
+    "ticks-us": [0.011, 0.02, 0.035, 0.05],
+    "ticks-sub-ms": [0.12, 0.25, 0.31, 0.44, 0.58],
+    "ticks-ms": [3.0, 4.5, 6.0, 8.0, 11.0, 14.0],
+    "ticks-s": [250.0, 700.0, 1200.0, 1800.0],
+}
+
+
+@pytest.fixture(scope="module")
+def timed(filled: tuple[Collector, Traffic]) -> Collector:
+    """The module's collector with entries of the latencies above, a minute ago, per
+    environment (posted to the ingest API: the agent's own timings cannot be chosen)."""
+    collector, _ = filled
+    when = datetime.now(timezone.utc) - timedelta(minutes=1)
+    with httpx.Client(base_url=collector.url, timeout=10) as client:
+        for environment, latencies in TICK_LATENCIES.items():
+            calls = [("GET", f"https://shop.test/{environment}", 200, ms) for ms in latencies]
+            alf = make_alf(calls, token=TOKEN, environment=environment)
+            for entry in alf["har"]["log"]["entries"]:
+                entry["startedDateTime"] = when.isoformat().replace("+00:00", "Z")
+            response = client.post("/1.1.0/single", json=alf)
+            assert response.status_code == 200, response.text
+    return collector
+
+
+@pytest.mark.parametrize("environment", list(TICK_LATENCIES))
+def test_latency_ticks_share_one_format_per_axis(
+    web: Watched, timed: Collector, environment: str
+) -> None:
+    """One unit and one number of decimals per axis ("5 ms", "10 ms", not "5.00 ms" next to
+    "10 ms"), enough decimals to tell the ticks apart, and sub-millisecond ticks readable."""
+    web.goto(f"/?environment={environment}")
+    chart = web.page.locator("[data-chart=latency]")
+    chart.locator("canvas").wait_for()
+    labels = (chart.get_attribute("data-y-ticks") or "").split("|")
+    assert len(labels) >= 3, labels
+    assert len(set(labels)) == len(labels), labels  # no two ticks read the same
+    numbers = [re.fullmatch(r"(\d+(?:\.(\d+))?) (µs|ms|s)", label) for label in labels]
+    assert all(numbers), labels
+    units = {match.group(3) for match in numbers if match}
+    decimals = {len(match.group(2) or "") for match in numbers if match}
+    assert len(units) == 1 and len(decimals) == 1, labels
+    assert decimals <= {0, 1, 2}, labels
+    expected = {"ticks-us": "µs", "ticks-sub-ms": "ms", "ticks-ms": "ms", "ticks-s": "s"}
+    assert units == {expected[environment]}, labels
+
+
+def selected_range(page: Any) -> str:
+    option = page.locator("form.scope select[name=range] option:checked")
+    return (option.text_content() or "").strip()
+
+
+def test_a_from_time_shows_as_a_custom_range_that_a_chosen_range_replaces(web: Watched) -> None:
+    """With a "From" the Range selector says "Custom", not the "Last 1h" it no longer means;
+    choosing a range then drops From and To; the URL alone holds that state."""
+    since = (datetime.now(timezone.utc) - timedelta(hours=3)).strftime("%Y-%m-%dT%H:%M:%S")
+    until = (datetime.now(timezone.utc) + timedelta(minutes=5)).strftime("%Y-%m-%dT%H:%M:%S")
+    for page in ("/", "/requests"):
+        web.goto(f"{page}?environment={ENV}&range=6h&since={since}&until={until}")
+        assert selected_range(web.page) == "Custom (From/To)", page
+        assert web.page.locator(".chips [data-chip=since]").count() == 1
+        assert web.page.locator(".chips [data-chip=until]").count() == 1
+        web.page.reload()  # the same view again: nothing of it lives outside the URL
+        assert selected_range(web.page) == "Custom (From/To)", page
+
+        web.page.select_option("form.scope select[name=range]", "15m")
+        web.page.wait_for_url(re.compile(r"range=15m"))
+        query = web.page.url.split("?", 1)[1]
+        assert "since=" not in query and "until=" not in query, web.page.url
+        assert selected_range(web.page) == "Last 15m"
+        assert web.page.locator(".chips [data-chip]").count() == 0
+        if page == "/requests":
+            assert web.page.input_value("form.filters input[name=since]") == ""
+            assert len(rows(web.page)) == 50  # the last 15 minutes: all of the module's traffic
+
+    # Changing the service or environment keeps a custom range.
+    web.goto(f"/requests?since={since}")
+    web.page.select_option("form.scope select[name=environment]", ENV)
+    web.page.wait_for_url(re.compile(rf"environment={ENV}"))
+    assert "since=" in web.page.url and selected_range(web.page) == "Custom (From/To)"
+
+
+def test_a_to_time_alone_keeps_the_range_and_says_where_it_ends(web: Watched) -> None:
+    """A "To" alone ends the chosen range there: the selector says so, and still works."""
+    until = (datetime.now(timezone.utc) + timedelta(minutes=5)).strftime("%Y-%m-%dT%H:%M:%S")
+    web.goto(f"/requests?environment={ENV}&until={until}")
+    assert selected_range(web.page) == "1h up to To"
+    web.page.select_option("form.scope select[name=range]", "6h")
+    web.page.wait_for_url(re.compile(r"range=6h"))
+    assert "until=" in web.page.url
+    assert selected_range(web.page) == "6h up to To"

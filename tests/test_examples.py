@@ -33,6 +33,16 @@ EXAMPLES = ROOT / "examples"
 DJANGO_DIR = EXAMPLES / "django_app"
 TOKEN = "example-test-token"
 DEMO_ENVIRONMENTS = ("flask-demo", "starlette-demo", "django-demo", "django-asgi-demo")
+#: One of the examples' API keys (each example's ``API_KEYS``) and its account.
+API_KEY, ACCOUNT = "demo-key-globex-7c2d", "globex"
+DEMO_ACCOUNTS = {"acme", "globex", "initech", "umbrella", "hooli"}
+
+
+def header(message: dict[str, object], name: str) -> list[str]:
+    """The values of the header ``name`` in an entry's request or response."""
+    headers = message["headers"]
+    assert isinstance(headers, list)
+    return [str(h["value"]) for h in headers if str(h["name"]).lower() == name]
 
 
 def load_example(path: Path, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
@@ -75,12 +85,17 @@ def test_flask_example_records_a_json_post(
     # buffered=True: like a real server, Werkzeug's client then calls the iterable's close(),
     # which is where the middleware finishes the entry.
     client = module.app.test_client()
-    response = client.post("/api/items?source=test", json=payload, buffered=True)
+    headers = {"X-Api-Key": API_KEY}
+    response = client.post("/api/items?source=test", json=payload, headers=headers, buffered=True)
 
     assert response.status_code == 201
     [entry] = received_entries(collector, 1)
     [stored] = collector.entries()
     assert (stored.service_token, stored.environment) == (TOKEN, "flask-test")
+    # identify= names the key's account as the consumer; the key itself is not sent.
+    assert stored.consumer == ACCOUNT
+    assert header(entry["request"], "x-api-key") == ["[REDACTED]"]
+    assert API_KEY not in json.dumps(entry)
     assert entry["request"]["method"] == "POST"
     assert entry["request"]["url"] == "http://localhost/api/items?source=test"
     assert entry["request"]["queryString"] == [{"name": "source", "value": "test"}]
@@ -105,15 +120,19 @@ def test_starlette_example_flushes_at_lifespan_shutdown(
     data = bytes(range(256)) * 8
 
     with TestClient(module.app) as client:
-        response = client.post(
-            "/api/upload", content=data, headers={"Content-Type": "application/octet-stream"}
-        )
+        headers = {"Content-Type": "application/octet-stream", "X-Api-Key": API_KEY}
+        response = client.post("/api/upload", content=data, headers=headers)
         assert response.status_code == 201
+        assert client.get("/health", headers={"X-Api-Key": "not-a-key"}).status_code == 200
     # No flush() here: the middleware flushed (and waited) before lifespan.shutdown.complete.
-    assert collector.count() == 1
+    assert collector.count() == 2
 
-    [entry] = received_entries(collector, 1)
-    assert collector.entries()[0].environment == "starlette-test"
+    entry, _ = received_entries(collector, 2)
+    upload, health = collector.entries()
+    assert upload.environment == "starlette-test"
+    assert (upload.consumer, health.consumer) == (ACCOUNT, None)  # an unknown key: nobody
+    assert header(entry["request"], "x-api-key") == ["[REDACTED]"]
+    assert API_KEY not in json.dumps(entry)
     assert response.json()["sha256"] == hashlib.sha256(data).hexdigest()
     assert entry["request"]["bodySize"] == len(data)
     assert decoded(entry["request"]["postData"]) == data
@@ -132,16 +151,18 @@ _DJANGO_CLIENT_SCRIPT = textwrap.dedent(
     from django.core.files.uploadedfile import SimpleUploadedFile
     from django.test import AsyncClient, Client
 
-    kind, path = sys.argv[2], sys.argv[3]
+    kind, path, key = sys.argv[2], sys.argv[3], sys.argv[4]
+    headers = {"X-Api-Key": key}
     if kind == "upload":
         upload = SimpleUploadedFile("hello.txt", b"hello, analytics", "text/plain")
-        response = Client().post(path, {"file": upload})
+        response = Client().post(path, {"file": upload}, headers=headers)
         body = response.content
     elif kind == "async":
-        response = asyncio.run(AsyncClient().get(path))
+        # Per request: AsyncClient(headers=...) sends its defaults as "Http-..." (Django 5.2).
+        response = asyncio.run(AsyncClient().get(path, headers=headers))
         body = response.content
     else:
-        response = Client().get(path)
+        response = Client().get(path, headers=headers)
         body = b"".join(response.streaming_content)
     print(json.dumps({"status": response.status_code, "body": body.decode()}))
     """
@@ -173,7 +194,7 @@ def test_django_example_records_each_kind_of_view(
     # Uploads are kept only when their type is listed (the default list is text-like).
     env["ALF_LOG_BODY_TYPES"] = "multipart/form-data,application/json,text/*"
     result = subprocess.run(
-        [sys.executable, "-c", _DJANGO_CLIENT_SCRIPT, str(DJANGO_DIR), kind, path],
+        [sys.executable, "-c", _DJANGO_CLIENT_SCRIPT, str(DJANGO_DIR), kind, path, API_KEY],
         env=env,
         capture_output=True,
         text=True,
@@ -185,7 +206,11 @@ def test_django_example_records_each_kind_of_view(
     assert body_marker in answer["body"]
 
     [entry] = received_entries(collector, 1)
-    assert collector.entries()[0].environment == "django-test"
+    [stored] = collector.entries()
+    assert stored.environment == "django-test"
+    # mysite/accounts.py names the key's account with set_consumer(), sync and async alike.
+    assert stored.consumer == ACCOUNT
+    assert header(entry["request"], "x-api-key") == ["[REDACTED]"]
     assert entry["request"]["url"] == f"http://testserver{path}"
     assert entry["response"]["status"] == status
     assert decoded(entry["response"]["content"]).decode() == answer["body"]
@@ -252,6 +277,13 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     verdicts = re.findall(r"(\S+) +sent (\d+) requests, collector holds (\d+) entries: OK", output)
     assert {name for name, _, _ in verdicts} == {"flask", "starlette", "django", "django-asgi"}
     assert all(sent == held and int(sent) > 200 for _, sent, held in verdicts), verdicts
+    # Most requests carry an account's API key: every app's entries name its consumers.
+    consumers = re.findall(r"(\S+) +consumers (.+): OK$", output, re.MULTILINE)
+    assert {name for name, _ in consumers} == {"flask", "starlette", "django", "django-asgi"}
+    for name, listed in consumers:
+        counts = dict(part.rsplit(" ", 1) for part in listed.split(", "))
+        assert set(counts) == DEMO_ACCOUNTS, (name, listed)
+        assert sum(map(int, counts.values())) > 150, (name, listed)
     assert re.search(r"dashboard: http://127\.0\.0\.1:\d+/\n.*read key: +\S{20,}", output)
     assert "no terminal: stopping the collector" in output
 
@@ -319,6 +351,12 @@ def test_demo_in_a_terminal_serves_the_dashboard_until_ctrl_c(tmp_path: Path) ->
             assert f'data-figure="count">{sent:,}<' in page.text
             for environment in DEMO_ENVIRONMENTS:
                 assert f">{environment}</option>" in page.text
+            # The Consumers panel lists the demo's accounts, and the log filters by one.
+            panel = page.text.split("<h2>Consumers</h2>", 1)[1].split("</table>", 1)[0]
+            assert set(re.findall(r'consumer=[^"]*">([^<]+)</a>', panel)) == DEMO_ACCOUNTS
+            log = browser.get("/requests", params={"service": "demo", "consumer": "hooli"})
+            assert log.status_code == 200 and "data-entry-id=" in log.text
+            assert set(re.findall(r'consumer=[^"]*">([^<]+)</a></td>', log.text)) == {"hooli"}
         stats = httpx.get(f"{url}/api/stats", headers={"Authorization": f"Bearer {key}"})
         assert stats.json()["count"] == sent
 

@@ -7,7 +7,8 @@ Run it (with a collector listening, see README.md)::
 
 Endpoints: JSON CRUD under ``/api/items``, ``/api/search`` (query string), ``/api/upload``
 (raw binary or multipart), ``/api/boom`` (raises: 500), ``/api/stream`` (a generator response),
-``/api/events`` (server-sent events) and ``/health``; anything else is a 404.
+``/api/events`` (server-sent events) and ``/health``; anything else is a 404. A request with an
+``X-Api-Key`` of ``API_KEYS`` is recorded with that key's account as its consumer.
 """
 
 from __future__ import annotations
@@ -21,14 +22,35 @@ from collections.abc import Iterator
 from typing import Any
 
 from flask import Flask, Response, abort, jsonify, request, stream_with_context
+from werkzeug.wrappers import Request
 
 from alf_analytics import AnalyticsWSGIMiddleware
 
 app = Flask(__name__)
 
+#: The example's API keys and the account each belongs to (``make demo`` sends these).
+API_KEYS = {
+    "demo-key-acme-1f3a": "acme",
+    "demo-key-globex-7c2d": "globex",
+    "demo-key-initech-90be": "initech",
+    "demo-key-umbrella-44d1": "umbrella",
+    "demo-key-hooli-b6e8": "hooli",
+}
+
+
+def consumer_of(request: Request) -> str | None:
+    """The account behind the request's ``X-Api-Key``: the consumer its entry records.
+
+    The account name, never the key: the key is a secret (and ``X-Api-Key`` is redacted from
+    every entry by default). Anonymous calls and unknown keys record no consumer.
+    """
+    return API_KEYS.get(request.headers.get("X-Api-Key", ""))
+
+
 # The short form: service token, environment and collector URL come from ALF_SERVICE_TOKEN,
 # ALF_ENVIRONMENT and ALF_COLLECTOR_URL. Wrapping wsgi_app (not app) keeps the Flask object.
-app.wsgi_app = AnalyticsWSGIMiddleware(app.wsgi_app, log_body=True)
+# ``identify`` runs after the response and gets Flask's request (a Werkzeug Request).
+app.wsgi_app = AnalyticsWSGIMiddleware(app.wsgi_app, log_body=True, identify=consumer_of)
 
 # An in-memory store: each server process (each gunicorn worker) has its own.
 _items: dict[int, dict[str, Any]] = {

@@ -8,7 +8,8 @@ Run it (with a collector listening, see README.md)::
 Endpoints: JSON CRUD under ``/api/items``, ``/api/search`` (query string), ``/api/upload``
 (raw binary body, read as a stream), ``/api/boom`` (raises: 500), ``/api/stream`` (an async
 generator response), ``/api/events`` (server-sent events) and ``/health``; anything else is a
-404.
+404. A request with an ``X-Api-Key`` of ``API_KEYS`` is recorded with that key's account as its
+consumer.
 """
 
 from __future__ import annotations
@@ -27,6 +28,25 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from alf_analytics import AnalyticsASGIMiddleware
+
+#: The example's API keys and the account each belongs to (``make demo`` sends these).
+API_KEYS = {
+    "demo-key-acme-1f3a": "acme",
+    "demo-key-globex-7c2d": "globex",
+    "demo-key-initech-90be": "initech",
+    "demo-key-umbrella-44d1": "umbrella",
+    "demo-key-hooli-b6e8": "hooli",
+}
+
+
+def consumer_of(request: Request) -> str | None:
+    """The account behind the request's ``X-Api-Key``: the consumer its entry records.
+
+    The account name, never the key: the key is a secret (and ``X-Api-Key`` is redacted from
+    every entry by default). Anonymous calls and unknown keys record no consumer.
+    """
+    return API_KEYS.get(request.headers.get("x-api-key", ""))
+
 
 # An in-memory store (one per server process). Handlers run on one event loop: no lock needed.
 _items: dict[int, dict[str, Any]] = {
@@ -158,4 +178,5 @@ app = Starlette(
 )
 # The short form: service token, environment and collector URL come from ALF_SERVICE_TOKEN,
 # ALF_ENVIRONMENT and ALF_COLLECTOR_URL. On lifespan shutdown the middleware flushes its queue.
-app.add_middleware(AnalyticsASGIMiddleware, log_body=True)
+# ``identify`` runs after the response and gets a starlette.requests.Request.
+app.add_middleware(AnalyticsASGIMiddleware, log_body=True, identify=consumer_of)

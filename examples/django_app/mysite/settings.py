@@ -18,6 +18,8 @@ MIDDLEWARE = [
     "alf_analytics.django.AnalyticsMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "django.middleware.common.CommonMiddleware",
+    # Names the caller (alf_analytics.set_consumer) from its API key: see mysite/accounts.py.
+    "mysite.accounts.api_key_account",
 ]
 ALF_ANALYTICS = {
     "service_token": os.environ.get("ALF_SERVICE_TOKEN", "demo-token"),

@@ -33,6 +33,39 @@
     return (value / 1000).toFixed(2) + " s";
   }
 
+  // Axis ticks: one unit and one number of decimals for the whole axis, the fewest that
+  // tell the ticks apart ("0 ms, 5 ms, 10 ms"; "0.0 ms, 2.5 ms, 5.0 ms"), never a mix.
+  function tickDecimals(values) {
+    for (var decimals = 0; decimals < 3; decimals++) {
+      var scale = Math.pow(10, decimals);
+      var exact = values.every(function (v) {
+        return Math.abs(v * scale - Math.round(v * scale)) < 1e-6 * Math.max(1, Math.abs(v * scale));
+      });
+      if (exact) return decimals;
+    }
+    return 3;
+  }
+
+  function formatTicks(splits, unit) {
+    var top = Math.max.apply(null, [0].concat(splits.map(Math.abs)));
+    var scale = 1;
+    var suffix = unit ? " " + unit : "";
+    if (unit === "ms" && top >= 1000) {
+      scale = 0.001;
+      suffix = " s";
+    } else if (unit === "ms" && top > 0 && top < 0.1) {
+      scale = 1000; // "20 µs" reads better than "0.020 ms"
+      suffix = " µs";
+    }
+    var values = splits.map(function (v) {
+      return v * scale;
+    });
+    var decimals = tickDecimals(values);
+    return values.map(function (v) {
+      return v.toFixed(decimals) + suffix;
+    });
+  }
+
   function formatRate(value) {
     if (value == null) return "–";
     return value < 10 ? value.toFixed(2) : value.toFixed(0);
@@ -135,9 +168,10 @@
             size: 60,
             label: spec.noLabel ? undefined : spec.unit,
             values: function (u, splits) {
-              return splits.map(function (v) {
-                return spec.unit === "ms" ? formatMs(v) : String(+v.toFixed(2));
-              });
+              var labels = formatTicks(splits, spec.unit === "ms" ? "ms" : "");
+              // The labels as drawn (on the canvas), for a reader of the page and its tests.
+              node.setAttribute("data-y-ticks", labels.join("|"));
+              return labels;
             },
           }),
         ],
@@ -241,11 +275,26 @@
     if (on) timer = setInterval(refresh, LIVE_SECONDS * 1000);
   }
 
-  // Choosing a service, environment or range applies it at once.
+  // Choosing a service, environment or range applies it at once. A range chosen while a
+  // "From" is set (the selector reads "Custom") replaces From and To: it counts back from now.
+  function dropCustomTimes(form) {
+    var range = form.querySelector("select[data-range][data-custom]");
+    if (!range || !range.value) return;
+    form.querySelectorAll("input[name=since], input[name=until]").forEach(function (input) {
+      input.remove();
+    });
+  }
+
   function setupAutosubmit() {
-    document.querySelectorAll("form[data-autosubmit] select").forEach(function (select) {
-      select.addEventListener("change", function () {
-        select.form.submit();
+    document.querySelectorAll("form[data-autosubmit]").forEach(function (form) {
+      form.addEventListener("submit", function () {
+        dropCustomTimes(form);
+      });
+      form.querySelectorAll("select").forEach(function (select) {
+        select.addEventListener("change", function () {
+          dropCustomTimes(form);
+          form.submit();
+        });
       });
     });
   }
