@@ -1302,6 +1302,27 @@ def test_api_services_stats_endpoints_and_consumers(filled: tuple[Collector, dat
             assert list(refused.json()) == ["errors"]
 
 
+def test_api_answers_ids_and_cursors_beyond_64_bits_without_a_500(
+    filled: tuple[Collector, datetime],
+) -> None:
+    """An id or a forged cursor too large for the store's integers is a 404 or a 400 with a
+    JSON error, as the README promises for every bad value, never an Internal Server Error."""
+    collector, _ = filled
+    huge = "99999999999999999999"
+    with reader() as api:
+        for where in (f"/api/entries/{huge}", f"/api/entries/{huge}.har", "/api/entries/0"):
+            missing = api.get(collector.url + where)
+            assert missing.status_code == 404, (where, missing.text)
+            assert missing.json() == {"errors": ["no such entry"]}
+        for sort, cursor in (("newest", f"{huge}:1"), ("slowest", f"1.5:{huge}")):
+            forged = base64.urlsafe_b64encode(cursor.encode()).decode()
+            refused = api.get(
+                collector.url + "/api/entries", params={"cursor": forged, "sort": sort}
+            )
+            assert refused.status_code == 400, (sort, refused.text)
+            assert refused.json() == {"errors": ["cursor is not one this API gave out"]}
+
+
 def test_api_entries_filters_pages_and_details(filled: tuple[Collector, datetime]) -> None:
     collector, _ = filled
     with reader() as api:
