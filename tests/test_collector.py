@@ -37,7 +37,7 @@ from alf_analytics.cli import main
 from alf_analytics.collector import Collector, CollectorError, Limits
 from alf_analytics.collector.storage import hash_key
 from tests.pg import collector_db, pg_server
-from tests.servers import reaped
+from tests.servers import reaped, sigterm
 
 __all__ = ["collector_db", "pg_server"]  # fixtures, imported for pytest
 
@@ -1480,3 +1480,30 @@ def test_long_consumers_hosts_creators_tokens_and_environments_are_stored(
         assert token not in answer.text
         # The creator is kept once per distinct value: a huge one is cut (the entry is not).
         assert first.creator == {"name": creator["name"][:128], "version": creator["version"][:128]}
+
+
+def test_limit_concurrency_answers_503_beyond_it(tmp_path: Path) -> None:
+    """``--limit-concurrency N``: with N connections open, the next request gets 503 (from
+    uvicorn, plain text, the connection closed, as the README says), and /health answers
+    again once they are gone."""
+    proc, url = start_cli_collector(
+        "--port", "0", "--db", ":memory:", "--limit-concurrency", "2", cwd=tmp_path
+    )
+    with reaped(proc):
+        port = int(url.rpartition(":")[2])
+        held = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
+        try:
+            time.sleep(0.3)  # let the server accept both
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as extra:
+                extra.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+                head, body = _read_response(extra)
+            assert head.startswith(b"HTTP/1.1 503 "), head
+            assert body == b"Service Unavailable"
+        finally:
+            for sock in held:
+                sock.close()
+        deadline = time.monotonic() + 10
+        while httpx.get(url + "/health", trust_env=False).status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        sigterm(proc)
