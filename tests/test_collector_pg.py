@@ -133,3 +133,20 @@ def test_cli_never_prints_the_database_password(
     err = capsys.readouterr().err
     assert "cannot use database postgresql://postgres:***@127.0.0.1" in err
     assert "Pg-Secret-1234" not in err
+
+
+def test_query_api_answers_503_while_the_database_is_down(pg_server: PostgresServer) -> None:
+    """With PostgreSQL gone, /api/... answers a JSON 503 with Retry-After, as ingest does,
+    never an Internal Server Error."""
+    with PostgresServer() as own, Collector(own.url, read_key="read-key-0123456789") as running:
+        headers = {"Authorization": "Bearer read-key-0123456789"}
+        with httpx.Client(trust_env=False, timeout=60.0, headers=headers) as api:
+            assert api.get(running.url + "/api/services").status_code == 200
+            own.stop()
+            for path in ("/api/services", "/api/entries", "/api/entries/1"):
+                down = api.get(running.url + path)
+                assert down.status_code == 503, (path, down.text)
+                assert down.headers["retry-after"] == "5"
+                assert down.json() == {
+                    "errors": ["the collector cannot read its store right now; retry later"]
+                }
