@@ -37,7 +37,7 @@ from alf_analytics.cli import main
 from alf_analytics.collector import Collector, CollectorError, Limits
 from alf_analytics.collector.storage import hash_key
 from tests.pg import collector_db, pg_server
-from tests.servers import reaped
+from tests.servers import reaped, sigterm
 
 __all__ = ["collector_db", "pg_server"]  # fixtures, imported for pytest
 
@@ -1302,6 +1302,27 @@ def test_api_services_stats_endpoints_and_consumers(filled: tuple[Collector, dat
             assert list(refused.json()) == ["errors"]
 
 
+def test_api_answers_ids_and_cursors_beyond_64_bits_without_a_500(
+    filled: tuple[Collector, datetime],
+) -> None:
+    """An id or a forged cursor too large for the store's integers is a 404 or a 400 with a
+    JSON error, as the README promises for every bad value, never an Internal Server Error."""
+    collector, _ = filled
+    huge = "99999999999999999999"
+    with reader() as api:
+        for where in (f"/api/entries/{huge}", f"/api/entries/{huge}.har", "/api/entries/0"):
+            missing = api.get(collector.url + where)
+            assert missing.status_code == 404, (where, missing.text)
+            assert missing.json() == {"errors": ["no such entry"]}
+        for sort, cursor in (("newest", f"{huge}:1"), ("slowest", f"1.5:{huge}")):
+            forged = base64.urlsafe_b64encode(cursor.encode()).decode()
+            refused = api.get(
+                collector.url + "/api/entries", params={"cursor": forged, "sort": sort}
+            )
+            assert refused.status_code == 400, (sort, refused.text)
+            assert refused.json() == {"errors": ["cursor is not one this API gave out"]}
+
+
 def test_api_entries_filters_pages_and_details(filled: tuple[Collector, datetime]) -> None:
     collector, _ = filled
     with reader() as api:
@@ -1459,3 +1480,30 @@ def test_long_consumers_hosts_creators_tokens_and_environments_are_stored(
         assert token not in answer.text
         # The creator is kept once per distinct value: a huge one is cut (the entry is not).
         assert first.creator == {"name": creator["name"][:128], "version": creator["version"][:128]}
+
+
+def test_limit_concurrency_answers_503_beyond_it(tmp_path: Path) -> None:
+    """``--limit-concurrency N``: with N connections open, the next request gets 503 (from
+    uvicorn, plain text, the connection closed, as the README says), and /health answers
+    again once they are gone."""
+    proc, url = start_cli_collector(
+        "--port", "0", "--db", ":memory:", "--limit-concurrency", "2", cwd=tmp_path
+    )
+    with reaped(proc):
+        port = int(url.rpartition(":")[2])
+        held = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
+        try:
+            time.sleep(0.3)  # let the server accept both
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as extra:
+                extra.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+                head, body = _read_response(extra)
+            assert head.startswith(b"HTTP/1.1 503 "), head
+            assert body == b"Service Unavailable"
+        finally:
+            for sock in held:
+                sock.close()
+        deadline = time.monotonic() + 10
+        while httpx.get(url + "/health", trust_env=False).status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        sigterm(proc)

@@ -13,9 +13,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from alf_analytics.cli import main
 from alf_analytics.collector import Collector
 from alf_analytics.collector.storage.postgres import PostgresStore
-from tests.pg import pg_server, pg_url
+from tests.pg import PostgresServer, pg_server, pg_url
 from tests.servers import free_port, reaped, sigterm
 from tests.test_collector import make_alf, start_cli_collector
 
@@ -121,3 +122,31 @@ def test_workers_share_the_cli_options_and_stop_with_exit_0(
     assert "Traceback" not in stderr, stderr
     with Collector(pg_url) as reading:
         assert [(e.path, e.service_token) for e in reading.entries()] == [("/w", "token-workers")]
+
+
+def test_cli_never_prints_the_database_password(
+    pg_server: PostgresServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A database the collector cannot use is named masked, as the ready line names it."""
+    url = f"postgresql://postgres:Pg-Secret-1234@127.0.0.1:{pg_server.port}/no_such_database"
+    assert main(["collector", "--db", url, "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot use database postgresql://postgres:***@127.0.0.1" in err
+    assert "Pg-Secret-1234" not in err
+
+
+def test_query_api_answers_503_while_the_database_is_down(pg_server: PostgresServer) -> None:
+    """With PostgreSQL gone, /api/... answers a JSON 503 with Retry-After, as ingest does,
+    never an Internal Server Error."""
+    with PostgresServer() as own, Collector(own.url, read_key="read-key-0123456789") as running:
+        headers = {"Authorization": "Bearer read-key-0123456789"}
+        with httpx.Client(trust_env=False, timeout=60.0, headers=headers) as api:
+            assert api.get(running.url + "/api/services").status_code == 200
+            own.stop()
+            for path in ("/api/services", "/api/entries", "/api/entries/1"):
+                down = api.get(running.url + path)
+                assert down.status_code == 503, (path, down.text)
+                assert down.headers["retry-after"] == "5"
+                assert down.json() == {
+                    "errors": ["the collector cannot read its store right now; retry later"]
+                }

@@ -244,7 +244,7 @@ def _run_collector(args: argparse.Namespace) -> int:
         from .collector.app import create_app
         from .collector.server import uvicorn_config
         from .collector.settings import CollectorError, Limits, TokenSet, parse_duration
-        from .collector.storage import is_postgres_url, open_store
+        from .collector.storage import is_postgres_url, masked_url, open_store
     except ImportError as exc:
         print(
             f"alf-analytics: the collector needs its extra: pip install 'alf-analytics[collector]'"
@@ -275,7 +275,7 @@ def _run_collector(args: argparse.Namespace) -> int:
     try:
         store = open_store(args.db, tokens=tokens)
     except CollectorError as exc:
-        print(f"alf-analytics: cannot use database {args.db}: {exc}", file=sys.stderr)
+        print(f"alf-analytics: cannot use database {masked_url(args.db)}: {exc}", file=sys.stderr)
         return 2
     try:
         app = create_app(

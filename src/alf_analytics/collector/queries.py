@@ -699,6 +699,10 @@ def _row(row: Sequence[Any]) -> dict[str, Any]:
     }
 
 
+_MAX_INT64: Final = 2**63 - 1
+_MIN_INT64: Final = -(2**63)
+
+
 def _encode_cursor(*parts: Any) -> str:
     return base64.urlsafe_b64encode(":".join(str(p) for p in parts).encode()).decode().rstrip("=")
 
@@ -713,6 +717,9 @@ def _decode_cursor(cursor: str, kinds: tuple[type, ...]) -> tuple[Any, ...]:
     except (ValueError, binascii.Error, UnicodeDecodeError):
         raise FilterError("cursor is not one this API gave out") from None
     if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+        raise FilterError("cursor is not one this API gave out")
+    # The stores bind integers as signed 64-bit: a forged cursor beyond that is not ours.
+    if any(isinstance(v, int) and not _MIN_INT64 <= v <= _MAX_INT64 for v in values):
         raise FilterError("cursor is not one this API gave out")
     return values
 
@@ -802,6 +809,8 @@ def _slow_threshold(store: Store, filters: Filters, wanted: int, below: float | 
 
 
 def _load_entry(store: Store, entry_id: int) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    if not 0 < entry_id <= _MAX_INT64:  # no row has such an id (SQLite cannot even bind it)
+        return None
     row = store.fetchone(
         f"SELECT {_ROW_COLUMNS}, e.received, d.entry FROM entries e "
         "JOIN streams s ON s.id = e.stream_id JOIN entry_data d ON d.id = e.id WHERE e.id = ?",

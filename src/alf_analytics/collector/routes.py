@@ -6,6 +6,7 @@ Every ``/api`` endpoint needs the read key (:mod:`.auth`) when one is configured
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -18,9 +19,12 @@ from starlette.routing import BaseRoute, Route
 from . import queries
 from .auth import read_refusal
 from .openapi import openapi_document
+from .settings import CollectorError
 from .storage import Store
 
 __all__ = ["api_routes"]
+
+logger = logging.getLogger("alf_analytics.collector")
 
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -36,6 +40,15 @@ def _error(status: int, message: str) -> Response:
     return _json({"errors": [message]}, status, headers)
 
 
+def _is_storage_failure(exc: Exception) -> bool:
+    """Whether ``exc`` says the database is unavailable (as ingest answers 503 for)."""
+    return isinstance(exc, CollectorError) or type(exc).__module__.split(".")[0] in (
+        "sqlite3",
+        "psycopg",
+        "psycopg_pool",
+    )
+
+
 def _guarded(query: Callable[[Request, Store], Any], *, download: str | None = None) -> Handler:
     async def endpoint(request: Request) -> Response:
         refusal = read_refusal(request)
@@ -46,6 +59,15 @@ def _guarded(query: Callable[[Request, Store], Any], *, download: str | None = N
             data = await run_in_threadpool(query, request, store)
         except queries.FilterError as exc:
             return _error(400, str(exc))
+        except Exception as exc:
+            if not _is_storage_failure(exc):
+                raise
+            logger.error("reading failed (answered 503): %s", exc)
+            return _json(
+                {"errors": ["the collector cannot read its store right now; retry later"]},
+                503,
+                {"retry-after": "5"},
+            )
         if data is None:
             return _error(404, "no such entry")
         headers = {"cache-control": "no-store"}
