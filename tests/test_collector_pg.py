@@ -135,6 +135,19 @@ def test_cli_never_prints_the_database_password(
     assert "Pg-Secret-1234" not in err
 
 
+def test_health_answers_503_while_the_database_is_down(pg_server: PostgresServer) -> None:
+    """/health asks the store: a probe sees PostgreSQL go away (and come back is a restart)."""
+    with PostgresServer() as own, Collector(own.url) as running:
+        with httpx.Client(trust_env=False, timeout=60.0) as client:
+            assert client.get(running.url + "/health").json() == {"status": "ok"}
+            own.stop()
+            down = client.get(running.url + "/health")
+            assert down.status_code == 503, down.text
+            assert down.headers["retry-after"] == "5"
+            assert down.json()["status"] == "unavailable"
+            assert client.head(running.url + "/health").status_code == 503
+
+
 def test_query_api_answers_503_while_the_database_is_down(pg_server: PostgresServer) -> None:
     """With PostgreSQL gone, /api/... answers a JSON 503 with Retry-After, as ingest does,
     never an Internal Server Error."""

@@ -306,8 +306,21 @@ def _alf_routes(ingest: _Ingest) -> list[BaseRoute]:
 
 
 async def _health(request: Request) -> Response:
+    """``ok`` when the store answers a query: a probe must see a database that is down."""
     if request.method not in ("GET", "HEAD"):
         return JSONResponse({"errors": ["method not allowed"]}, 405, headers={"allow": "GET, HEAD"})
+    store: Store = request.app.state.store
+    try:
+        await anyio.to_thread.run_sync(store.scalar, "SELECT 1")
+    except Exception as exc:
+        if not routes.is_storage_failure(exc):
+            raise
+        logger.error("health check: the store does not answer (answered 503): %s", exc)
+        return JSONResponse(
+            {"status": "unavailable", "errors": ["the collector cannot reach its store"]},
+            503,
+            headers={"retry-after": "5"},
+        )
     return JSONResponse({"status": "ok"})
 
 

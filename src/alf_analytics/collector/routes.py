@@ -22,7 +22,7 @@ from .openapi import openapi_document
 from .settings import CollectorError
 from .storage import Store
 
-__all__ = ["api_routes"]
+__all__ = ["api_routes", "is_storage_failure"]
 
 logger = logging.getLogger("alf_analytics.collector")
 
@@ -40,7 +40,7 @@ def _error(status: int, message: str) -> Response:
     return _json({"errors": [message]}, status, headers)
 
 
-def _is_storage_failure(exc: Exception) -> bool:
+def is_storage_failure(exc: Exception) -> bool:
     """Whether ``exc`` says the database is unavailable (as ingest answers 503 for)."""
     return isinstance(exc, CollectorError) or type(exc).__module__.split(".")[0] in (
         "sqlite3",
@@ -60,7 +60,7 @@ def _guarded(query: Callable[[Request, Store], Any], *, download: str | None = N
         except queries.FilterError as exc:
             return _error(400, str(exc))
         except Exception as exc:
-            if not _is_storage_failure(exc):
+            if not is_storage_failure(exc):
                 raise
             logger.error("reading failed (answered 503): %s", exc)
             return _json(
