@@ -157,7 +157,9 @@ def decode_body(body: bytes, content_encoding: str | None, cap: int) -> bytes:
             else:
                 body = _inflate(body, -zlib.MAX_WBITS, cap, "deflate", multi_member=False)
         else:
-            raise IngestError(415, f"unsupported Content-Encoding {coding[:40]!r} (use gzip or deflate)")
+            raise IngestError(
+                415, f"unsupported Content-Encoding {coding[:40]!r} (use gzip or deflate)"
+            )
         applied = True
     if not applied and _looks_compressed(body):
         raise IngestError(400, "the body is compressed but no Content-Encoding says so")
