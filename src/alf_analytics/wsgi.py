@@ -160,6 +160,7 @@ class _Responder:
         "_done",
         "_holder",
         "_identify",
+        "_request",
         "_pending",
     )
 
@@ -173,6 +174,8 @@ class _Responder:
         self.exchange = exchange
         self._holder: ConsumerHolder | None = None
         self._identify = identify
+        #: What ``identify`` gets, made when the response starts (see start_response).
+        self._request: Any = None
         self._start_response = start_response
         self._worker = worker
         self._write: Any = None
@@ -203,12 +206,10 @@ class _Responder:
         exchange.response_headers = headers
         exchange.decide_response_capture()
         identify = self._identify
-        if identify is not None and identify[1] is not _identity:
+        if identify is not None and self._request is None:
             # Flask's own request (view_args, endpoint, g's user) is in the environ while the
             # response starts, and cleared once Flask's context ends, before identify runs.
-            made = identify[2].get("werkzeug.request")
-            if made is not None:
-                self._identify = (identify[0], _made_request(made), identify[2])
+            self._request = identify[1](identify[2])
         return self.write
 
     def enter(self) -> Any:
@@ -308,7 +309,8 @@ class _Responder:
             exchange.consumer = holder.value
         elif self._identify is not None:
             gate, request_of, environ = self._identify
-            exchange.consumer = gate.identify(request_of(environ))
+            request = self._request if self._request is not None else request_of(environ)
+            exchange.consumer = gate.identify(request)
         hand_over(self._worker, exchange)
 
 
@@ -327,11 +329,6 @@ def _path(environ: WSGIEnvironment) -> str:
 
 def _identity(environ: WSGIEnvironment) -> Any:
     return environ
-
-
-def _made_request(request: Any) -> Callable[[WSGIEnvironment], Any]:
-    """What identify receives once the app made its request object: that object."""
-    return lambda environ: request
 
 
 def _request_maker(app: Any) -> Callable[[WSGIEnvironment], Any]:
