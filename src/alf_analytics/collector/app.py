@@ -35,7 +35,7 @@ from . import routes
 from .auth import ReadAccess
 from .ingest import IngestError, Prepared, decode_body, prepare
 from .settings import SUPPORTED_VERSIONS, CollectorError, Limits, TokenSet, parse_duration
-from .storage import SaveRequest, SaveResult, Store, hash_key, open_store
+from .storage import SaveRequest, SaveResult, Store, hash_key, is_storage_failure, open_store
 
 __all__ = ["RequestRecord", "create_app"]
 
@@ -232,11 +232,7 @@ class _Ingest:
         return outcome
 
     def _storage_failed(self, exc: Exception) -> _Outcome:
-        if isinstance(exc, CollectorError) or type(exc).__module__.split(".")[0] in (
-            "sqlite3",
-            "psycopg",
-            "psycopg_pool",
-        ):
+        if is_storage_failure(exc):
             logger.error("storing failed (answered 503): %s", exc)
             return _answer(503, ["the collector cannot store right now; retry later"])
         raise exc
@@ -313,7 +309,7 @@ async def _health(request: Request) -> Response:
     try:
         await anyio.to_thread.run_sync(store.scalar, "SELECT 1")
     except Exception as exc:
-        if not routes.is_storage_failure(exc):
+        if not is_storage_failure(exc):
             raise
         logger.error("health check: the store does not answer (answered 503): %s", exc)
         return JSONResponse(

@@ -19,10 +19,9 @@ from starlette.routing import BaseRoute, Route
 from . import queries
 from .auth import read_refusal
 from .openapi import openapi_document
-from .settings import CollectorError
-from .storage import Store
+from .storage import Store, is_storage_failure
 
-__all__ = ["api_routes", "is_storage_failure"]
+__all__ = ["api_routes"]
 
 logger = logging.getLogger("alf_analytics.collector")
 
@@ -38,15 +37,6 @@ def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -
 def _error(status: int, message: str) -> Response:
     headers = {"www-authenticate": 'Bearer realm="alf-analytics"'} if status == 401 else None
     return _json({"errors": [message]}, status, headers)
-
-
-def is_storage_failure(exc: Exception) -> bool:
-    """Whether ``exc`` says the database is unavailable (as ingest answers 503 for)."""
-    return isinstance(exc, CollectorError) or type(exc).__module__.split(".")[0] in (
-        "sqlite3",
-        "psycopg",
-        "psycopg_pool",
-    )
 
 
 def _guarded(query: Callable[[Request, Store], Any], *, download: str | None = None) -> Handler:

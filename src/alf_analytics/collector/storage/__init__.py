@@ -11,9 +11,20 @@ __all__ = [
     "Store",
     "hash_key",
     "is_postgres_url",
+    "is_storage_failure",
     "masked_url",
     "open_store",
 ]
+
+
+def is_storage_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` says the database cannot be used right now (a 503, not a 500): ours,
+    or one of the drivers' own (sqlite3, psycopg, its pool)."""
+    return isinstance(exc, CollectorError) or type(exc).__module__.split(".")[0] in (
+        "sqlite3",
+        "psycopg",
+        "psycopg_pool",
+    )
 
 
 def is_postgres_url(db: str) -> bool:
