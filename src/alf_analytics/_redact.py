@@ -111,10 +111,12 @@ class Redactor:
         # redacted key: one of the keys whole, or one of the substrings inside a name.
         needles = _alternation(sorted({key.encode("utf-8") for key in self.body_keys if key}))
         inside = _alternation(sorted({part.encode("utf-8") for part in self.key_substrings}))
-        branches = [b"(?:^|&)" + needles + b"=" if needles else b""]
-        branches.append(b"(?:^|&)[^&=]*" + inside if inside else b"")
-        pattern = b"|".join(branch for branch in branches if branch)
-        self._form_keys = re.compile(pattern) if pattern else None
+        branches = []
+        if needles:
+            branches.append(b"(?:^|&)" + needles + b"=")
+        if inside:
+            branches.append(b"(?:^|&)[^&=]*" + inside)
+        self._form_keys = re.compile(b"|".join(branches)) if branches else None
         # Non-ASCII keys fold differently in bytes, and a key with punctuation could match
         # across JSON's structure: such a config always parses and walks bodies in full.
         self._fold_unsafe = not all(
@@ -287,7 +289,7 @@ class Redactor:
 _BRACKETS = re.compile(r"[\[\]]+")
 
 
-def _key_in(name: str, keys: frozenset[str], substrings: tuple[str, ...] = ()) -> bool:
+def _key_in(name: str, keys: frozenset[str], substrings: tuple[str, ...]) -> bool:
     """Whether a query or form name is one of ``keys`` or holds one of ``substrings``
     (normalised), or does so in brackets.
 
