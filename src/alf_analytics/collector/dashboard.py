@@ -490,7 +490,10 @@ def _overview_data(store: Any, selection: Selection, sort: str) -> dict[str, Any
     since = selection.since
     until = selection.until or datetime.now(timezone.utc)
     if since is None:  # "All time": the chart spans what the selected streams hold
-        rows = [row for row in services["services"] if _selected(row, selection)]
+        rows = services["services"]
+        if filters.service is not None or filters.environment is not None:
+            streams = queries.Filters(service=filters.service, environment=filters.environment)
+            rows = queries.services(store, streams)["services"]
         firsts = [_parse_instant(row.get("first_seen")) for row in rows]
         since = min((first for first in firsts if first), default=None)
     interval = chart_interval(since, until)
@@ -512,15 +515,6 @@ def _overview_data(store: Any, selection: Selection, sort: str) -> dict[str, Any
         "failures": _recent_failures(store, selection),
         "consumers": consumers["consumers"],
     }
-
-
-def _selected(row: Mapping[str, Any], selection: Selection) -> bool:
-    """Whether a row of :func:`queries.services` is of the selected service and environment."""
-    service = selection.filters.service
-    environment = selection.filters.environment
-    if service is not None and service not in (row.get("service_token_id"), row.get("service")):
-        return False
-    return environment is None or row.get("environment") == environment
 
 
 def _recent_failures(store: Any, selection: Selection) -> list[dict[str, Any]]:
