@@ -56,6 +56,21 @@ def load_example(path: Path, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     return module
 
 
+def test_the_examples_and_the_demo_use_one_key_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each example keeps its own copy of the API keys (so that it stands alone); the copies
+    and the demo's ``ACCOUNTS`` must say the same, or the demo's consumer check goes wrong."""
+    monkeypatch.setenv("ALF_ENABLED", "false")  # importing an app builds its middleware
+    demo = load_example(EXAMPLES / "demo.py", monkeypatch)
+    expected = {key: account for account, (key, _) in demo.ACCOUNTS.items()}
+    assert expected[API_KEY] == ACCOUNT and set(expected.values()) == DEMO_ACCOUNTS
+    for path in (
+        EXAMPLES / "flask_app" / "app.py",
+        EXAMPLES / "starlette_app" / "app.py",
+        DJANGO_DIR / "mysite" / "accounts.py",
+    ):
+        assert load_example(path, monkeypatch).API_KEYS == expected, path
+
+
 @pytest.fixture
 def example_env(collector: Collector, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     """The ALF_* variables the examples read, pointing at the test collector."""
