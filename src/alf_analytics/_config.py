@@ -663,10 +663,12 @@ def make_config(options: Mapping[str, Any], environ: Mapping[str, str] | None = 
     ):
         given = frozenset(values.get(name, ()))
         values[name] = (defaults | given) if default_sets else given
-    values["redact_header_substrings"] = (
-        DEFAULT_REDACT_HEADER_SUBSTRINGS if default_sets else frozenset()
-    )
-    values["redact_key_substrings"] = DEFAULT_REDACT_KEY_SUBSTRINGS if default_sets else frozenset()
+    # The substring rules are no options: they come with the defaults, or not at all.
+    for name, defaults in (
+        ("redact_header_substrings", DEFAULT_REDACT_HEADER_SUBSTRINGS),
+        ("redact_key_substrings", DEFAULT_REDACT_KEY_SUBSTRINGS),
+    ):
+        values[name] = defaults if default_sets else frozenset()
     config = Config(**values)
     if not config.active:
         _announce_off(config)
