@@ -63,6 +63,9 @@ AUTH_PAUSE = 60.0
 MAX_400_STREAK = 16
 #: Entries taken off the queue before due batches and answers are looked at again.
 _DRAIN_SLICE = 64
+#: Entries waiting in the queue that wake a worker thread which is timing a batch anyway
+#: (see :meth:`Worker.submit`).
+_WAKE_AT = 64
 _LOG_INTERVAL = 60.0
 #: How often a waiting flush() checks that the worker thread is still alive.
 _REVIVE_INTERVAL = 0.05
@@ -142,6 +145,10 @@ class _Stop:
         self.thread = thread
 
 
+#: The request path's wake-up token (see :meth:`Worker.submit`).
+_WAKE = object()
+
+
 class _Group:
     """The pending entries of one (service token, environment)."""
 
@@ -213,7 +220,16 @@ class Worker:
         self._lock = threading.Lock()
         #: Guards the request path's two counters (request threads race only each other).
         self._admit = threading.Lock()
+        #: Control items for the worker thread: senders' answers, flush and stop markers, and
+        #: the wake-up token the request path puts when the worker must look at its entries.
         self._queue: SimpleQueue[Any] = SimpleQueue()
+        #: Exchanges handed over and not taken yet (appending to a deque wakes nobody).
+        self._entries: collections.deque[Exchange] = collections.deque()
+        #: Set by the worker thread before it sleeps with no batch to time: the next entry must
+        #: wake it. Cleared by whoever puts the wake-up token.
+        self._idle = False
+        #: A wake-up token for a full slice is on its way (cleared when the thread drains).
+        self._nudged = False
         self._thread: threading.Thread | None = None
         self._running = False
         self._groups: dict[tuple[str, str | None], _Group] = {}
@@ -291,7 +307,16 @@ class Worker:
                 self.max_queue_bytes,
             )
             return False
-        self._queue.put(exchange)
+        entries = self._entries
+        entries.append(exchange)
+        # Wake the worker thread only when it has to act: it sleeps with no batch to time, or
+        # enough entries wait to fill a slice. Otherwise it wakes anyway when its oldest
+        # pending batch is due (``delay``), and takes everything queued by then. A wake-up per
+        # entry costs the app a thread switch and a GIL hand-over on every request.
+        if self._idle or (len(entries) >= _WAKE_AT and not self._nudged):
+            self._idle = False
+            self._nudged = True
+            self._queue.put(_WAKE)
         return True
 
     def _start(self) -> bool:
@@ -336,7 +361,7 @@ class Worker:
             # our own marker could only time out.
             return False
         if not self._running:
-            if self._queue.empty() and not self._held_count:
+            if self._queue.empty() and not self._entries and not self._held_count:
                 return True
             if not self._start():
                 return False
@@ -466,47 +491,62 @@ class Worker:
             )
 
     def _loop(self) -> None:
-        queue = self._queue
+        queue, entries = self._queue, self._entries
         while True:
-            wait = self._next_wake()
+            item: Any = None
+            wait = 0.0 if entries else self._next_wake()
+            if wait is None or wait > 0:
+                if not any(group.entries for group in self._groups.values()):
+                    # No batch to time: the next entry wakes this thread. Set, then look at
+                    # the entries again, so one handed over meanwhile is not left waiting.
+                    self._idle = True
+                    if entries:
+                        self._idle = False
+                        wait = 0.0
             try:
                 if wait is None:
                     item = queue.get()
                 elif wait > 0:
                     item = queue.get(timeout=wait)
-                else:
-                    item = queue.get_nowait()
             except Empty:
-                item = None
-            taken = 0
-            while item is not None:
-                self._take(item)
-                taken += 1
-                if taken >= _DRAIN_SLICE:
-                    break
+                pass
+            while True:  # control items first: answers free in-flight slots
+                if item is not None and item is not _WAKE:
+                    self._take(item)
                 try:
                     item = queue.get_nowait()
                 except Empty:
                     break
+            self._drain(_DRAIN_SLICE)
             if self._tick():
                 return
+
+    def _drain(self, limit: int | None) -> None:
+        """Build and batch up to ``limit`` queued entries (``None``: all of them)."""
+        entries = self._entries
+        self._nudged = False
+        taken = 0
+        while entries and (limit is None or taken < limit):
+            self._add(entries.popleft())
+            taken += 1
 
     def _take(self, item: Any) -> None:
         kind = type(item)
         if kind is _Done:
             self._on_done(item)
         elif kind is _Flush:
-            # Everything queued before the marker is in a group now: cut it all.
+            # Every entry handed over before flush() was called is queued: batch them all,
+            # then cut everything. Held first, so a crash while building re-queues it.
+            self._flushes.append(item)
+            self._drain(None)
             self._cut(list(self._groups.values()))
             item.target = self._seq
             if self._lost != item.lost_before:
                 item.ok = False
-            self._flushes.append(item)
         elif kind is _Stop:
             if item.thread is threading.current_thread():
+                self._drain(None)
                 self._stopping = True
-        else:
-            self._add(item)
 
     def _tick(self) -> bool:
         """Cut due batches, start due retries and sends, answer flushes. True: stop now."""
