@@ -628,6 +628,58 @@ def test_413_for_a_single_entry_drops_it_as_too_large(
 # -- queue, stats -------------------------------------------------------------------------------
 
 
+def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def test_request_path_wakes_the_thread_only_when_it_must_act(
+    workers: Callable[..., tuple[Worker, ScriptedTransport]],
+) -> None:
+    """Entries under a batch's room wait unseen while a batch is timed; a full batch wakes."""
+    cfg = config(batch_size=10, delay=60.0)
+    worker, transport = workers(cfg, ScriptedTransport())
+    worker.submit(exchange(cfg, 0))  # the sleeping thread must wake for the first one
+    assert wait_until(lambda: worker._held_count == 1 and worker._idle is False)
+    assert wait_until(lambda: worker._wake_at == 9)  # room left in the timed batch
+    for i in range(1, 9):
+        worker.submit(exchange(cfg, i))
+    # No wake-up token per entry: they wait in the deque for the batch's due time.
+    assert worker._queue.qsize() == 0
+    assert len(worker._entries) == 8
+    worker.submit(exchange(cfg, 9))  # fills the batch: the thread wakes and sends it
+    assert wait_until(lambda: transport.entry_count() == 10)
+    assert [ids(p) for p in transport.payloads] == [[str(i) for i in range(10)]]
+    worker.submit(exchange(cfg, 10))  # nothing to time again: the next entry wakes it
+    assert wait_until(lambda: worker._held_count == 1 and not worker._entries)
+    assert worker.flush(10)
+    assert transport.entry_count() == 11
+
+
+def test_entries_waiting_unseen_keep_their_own_delay(
+    workers: Callable[..., tuple[Worker, ScriptedTransport]],
+) -> None:
+    """An entry of another stream, queued while one batch is timed, is not held a delay more."""
+    cfg = config(batch_size=100, delay=1.0)
+    other = config(batch_size=100, delay=1.0, environment="other")
+    worker, transport = workers(cfg, ScriptedTransport())
+    worker.submit(exchange(cfg, 0))
+    assert wait_until(lambda: worker._held_count == 1)
+    time.sleep(0.5)
+    late = exchange(other, 1)
+    handed_over = time.monotonic()
+    worker.submit(late)  # waits in the deque until the first batch is due, 0.5 s from now
+    assert wait_until(lambda: transport.entry_count() == 1)
+    assert wait_until(lambda: worker._held_count == 1 and not worker._entries)
+    # Its batch is timed from when it was handed over, not from when the thread took it.
+    assert worker._groups[late.group].oldest < handed_over + 0.25
+    assert wait_until(lambda: transport.entry_count() == 2)
+
+
 def test_full_queue_drops_new_entries_without_blocking(
     workers: Callable[..., tuple[Worker, ScriptedTransport]],
 ) -> None:

@@ -228,7 +228,10 @@ class Worker:
         #: Set by the worker thread before it sleeps with no batch to time: the next entry must
         #: wake it. Cleared by whoever puts the wake-up token.
         self._idle = False
-        #: A wake-up token for a full slice is on its way (cleared when the thread drains).
+        #: This many waiting entries wake the thread: a slice, or fewer when a batch would fill
+        #: (set by the thread before it sleeps, see :meth:`_room`).
+        self._wake_at = 1
+        #: A wake-up token for them is on its way (cleared when the thread drains).
         self._nudged = False
         self._thread: threading.Thread | None = None
         self._running = False
@@ -310,10 +313,10 @@ class Worker:
         entries = self._entries
         entries.append(exchange)
         # Wake the worker thread only when it has to act: it sleeps with no batch to time, or
-        # enough entries wait to fill a slice. Otherwise it wakes anyway when its oldest
-        # pending batch is due (``delay``), and takes everything queued by then. A wake-up per
-        # entry costs the app a thread switch and a GIL hand-over on every request.
-        if self._idle or (len(entries) >= _WAKE_AT and not self._nudged):
+        # enough entries wait to fill a slice or a batch. Otherwise it wakes anyway when its
+        # oldest pending batch is due (``delay``), and takes everything queued by then. A
+        # wake-up per entry costs the app a thread switch and a GIL hand-over per request.
+        if self._idle or (len(entries) >= self._wake_at and not self._nudged):
             self._idle = False
             self._nudged = True
             self._queue.put(_WAKE)
@@ -494,15 +497,17 @@ class Worker:
         queue, entries = self._queue, self._entries
         while True:
             item: Any = None
-            wait = 0.0 if entries else self._next_wake()
+            wait = self._next_wake()
             if wait is None or wait > 0:
-                if not any(group.entries for group in self._groups.values()):
-                    # No batch to time: the next entry wakes this thread. Set, then look at
-                    # the entries again, so one handed over meanwhile is not left waiting.
-                    self._idle = True
-                    if entries:
-                        self._idle = False
-                        wait = 0.0
+                # Before sleeping, say what must wake this thread; then look at the entries
+                # again, so that one handed over meanwhile is not left waiting.
+                self._wake_at = self._room()
+                timing = any(group.entries for group in self._groups.values())
+                # With no batch to time, the next entry must wake it.
+                self._idle = not timing
+                if entries and (not timing or len(entries) >= self._wake_at):
+                    self._idle = False
+                    wait = 0.0
             try:
                 if wait is None:
                     item = queue.get()
@@ -520,6 +525,16 @@ class Worker:
             self._drain(_DRAIN_SLICE)
             if self._tick():
                 return
+
+    def _room(self) -> int:
+        """Entries that may wait unseen: fewer than any batch, pending or new, has room for."""
+        room = _WAKE_AT
+        for config in (self.config, *self._configs_seen):
+            room = min(room, config.batch_size)
+        for group in self._groups.values():
+            if group.entries:
+                room = min(room, group.config.batch_size - len(group.entries))
+        return max(1, room)
 
     def _drain(self, limit: int | None) -> None:
         """Build and batch up to ``limit`` queued entries (``None``: all of them)."""
@@ -660,7 +675,8 @@ class Worker:
         if group.entries and group.overhead() + group.size + 1 + len(data) > limit:
             self._cut([group])
         if not group.entries:
-            group.oldest = time.monotonic()
+            # From when it was handed over: it may have waited in the queue (see submit).
+            group.oldest = time.monotonic() - max(0.0, time.perf_counter() - exchange.t_end)
             group.size = len(data)
         else:
             group.size += 1 + len(data)
