@@ -288,9 +288,9 @@ def test_a_collector_that_refuses_everything_is_not_bisected_forever(
     stats = alf_analytics.stats()
     assert stats["dropped"]["rejected"] == 1000
     # 10 batches: full bisection would take 199 requests each (1,990 in all). Bounded by the
-    # streak, the 10 whole batches, and up to max_inflight (8) POSTs of split halves already
-    # in flight, each of which may be split once more before the streak is seen.
-    assert len(faulty.seen()) < 16 + 10 + 4 * 8
+    # streak, the 10 whole batches, and up to max_inflight POSTs of split halves already in
+    # flight, each of which may be split once more before the streak is seen.
+    assert len(faulty.seen()) < 16 + 10 + 4 * middleware.config.max_inflight
 
 
 BROKEN = [

@@ -191,7 +191,7 @@ class Config:
     max_batch_bytes: int = 1_000_000
     queue_size: int = 10_000
     max_queue_bytes: int = 64 * 1024 * 1024
-    max_inflight: int = 8
+    max_inflight: int = 16
     timeout: float = 10.0
     retries: int = 5
     retry_backoff: float = 1.0
