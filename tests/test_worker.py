@@ -254,6 +254,8 @@ def test_batch_is_sent_after_delay_without_flush(collector: Collector) -> None:
     for i in range(3):
         call(middleware, f"id={i}")
     assert collector.wait_for_entries(3, timeout=10)
+    # The entries are stored before the collector records the request it answered.
+    assert collector.wait_for_requests(1, timeout=10)
     assert [r.entry_count for r in collector.requests()] == [3]
 
 
@@ -646,6 +648,7 @@ def test_request_path_wakes_the_thread_only_when_it_must_act(
     worker.submit(exchange(cfg, 0))  # the sleeping thread must wake for the first one
     assert wait_until(lambda: worker._held_count == 1 and worker._idle is False)
     assert wait_until(lambda: worker._wake_at == 9)  # room left in the timed batch
+    assert wait_until(lambda: worker._queue.qsize() == 0)  # a token put at start-up is taken
     for i in range(1, 9):
         worker.submit(exchange(cfg, i))
     # No wake-up token per entry: they wait in the deque for the batch's due time.
