@@ -663,6 +663,26 @@ def test_request_path_wakes_the_thread_only_when_it_must_act(
     assert transport.entry_count() == 11
 
 
+def test_a_slice_of_waiting_entries_wakes_the_thread_before_a_batch_fills(
+    workers: Callable[..., tuple[Worker, ScriptedTransport]],
+) -> None:
+    """With room for many more, 64 waiting entries still wake the thread (they are built then,
+    not all at once when the batch is due)."""
+    cfg = config(batch_size=1000, delay=60.0)
+    worker, transport = workers(cfg, ScriptedTransport())
+    worker.submit(exchange(cfg, 0))
+    assert wait_until(lambda: worker._held_count == 1 and worker._wake_at == 64)
+    assert wait_until(lambda: worker._queue.qsize() == 0)
+    for i in range(1, 64):
+        worker.submit(exchange(cfg, i))
+    assert worker._queue.qsize() == 0 and len(worker._entries) == 63
+    worker.submit(exchange(cfg, 64))
+    assert wait_until(lambda: worker._held_count == 65 and not worker._entries)
+    assert transport.payloads == []  # built and held: the batch is not due yet
+    assert worker.flush(10)
+    assert transport.entry_count() == 65
+
+
 def test_entries_waiting_unseen_keep_their_own_delay(
     workers: Callable[..., tuple[Worker, ScriptedTransport]],
 ) -> None:

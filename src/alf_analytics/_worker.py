@@ -211,6 +211,8 @@ class Worker:
             lambda: HTTPTransport(config.collector_url, timeout=config.timeout)
         )
         self._configs_seen: weakref.WeakSet[Config] = weakref.WeakSet()
+        #: The smallest batch_size of any middleware that joined: a new batch's room.
+        self._least_batch = config.batch_size
         self._conflicts_warned: set[str] = set()
         self._reset()
 
@@ -446,6 +448,7 @@ class Worker:
         if config in self._configs_seen:
             return
         self._configs_seen.add(config)
+        self._least_batch = min(self._least_batch, config.batch_size)
         if config.debug:
             self.debug = True
         for name in SHARED_OPTIONS:
@@ -528,9 +531,7 @@ class Worker:
 
     def _room(self) -> int:
         """Entries that may wait unseen: fewer than any batch, pending or new, has room for."""
-        room = _WAKE_AT
-        for config in (self.config, *self._configs_seen):
-            room = min(room, config.batch_size)
+        room = min(_WAKE_AT, self._least_batch)
         for group in self._groups.values():
             if group.entries:
                 room = min(room, group.config.batch_size - len(group.entries))
