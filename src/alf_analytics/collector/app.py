@@ -35,14 +35,21 @@ from . import routes
 from .auth import ReadAccess
 from .ingest import IngestError, Prepared, decode_body, prepare
 from .settings import SUPPORTED_VERSIONS, CollectorError, Limits, TokenSet, parse_duration
-from .storage import SaveRequest, SaveResult, Store, hash_key, is_storage_failure, open_store
+from .storage import (
+    STORAGE_RETRY_AFTER,
+    SaveRequest,
+    SaveResult,
+    Store,
+    hash_key,
+    is_storage_failure,
+    open_store,
+)
 
 __all__ = ["RequestRecord", "create_app"]
 
 logger = logging.getLogger("alf_analytics.collector")
 
 _MAX_KEY_LENGTH: Final = 255
-_STORAGE_RETRY_AFTER: Final = "5"
 
 
 @dataclass(frozen=True)
@@ -130,7 +137,7 @@ class _Ingest:
         if allow:
             headers["allow"] = allow
         if outcome.status == 503:
-            headers["retry-after"] = _STORAGE_RETRY_AFTER
+            headers["retry-after"] = STORAGE_RETRY_AFTER
         if outcome.replayed:
             headers["idempotent-replayed"] = "true"
         return Response(
@@ -315,7 +322,7 @@ async def _health(request: Request) -> Response:
         return JSONResponse(
             {"status": "unavailable", "errors": ["the collector cannot reach its store"]},
             503,
-            headers={"retry-after": "5"},
+            headers={"retry-after": STORAGE_RETRY_AFTER},
         )
     return JSONResponse({"status": "ok"})
 

@@ -19,7 +19,7 @@ from starlette.routing import BaseRoute, Route
 from . import queries
 from .auth import read_refusal
 from .openapi import openapi_document
-from .storage import Store, is_storage_failure
+from .storage import STORAGE_RETRY_AFTER, Store, is_storage_failure
 
 __all__ = ["api_routes"]
 
@@ -56,7 +56,7 @@ def _guarded(query: Callable[[Request, Store], Any], *, download: str | None = N
             return _json(
                 {"errors": ["the collector cannot read its store right now; retry later"]},
                 503,
-                {"retry-after": "5"},
+                {"retry-after": STORAGE_RETRY_AFTER},
             )
         if data is None:
             return _error(404, "no such entry")

@@ -8,6 +8,7 @@ from .base import SaveRequest, SaveResult, Store, hash_key, masked_url
 __all__ = [
     "SaveRequest",
     "SaveResult",
+    "STORAGE_RETRY_AFTER",
     "Store",
     "hash_key",
     "is_postgres_url",
@@ -15,6 +16,11 @@ __all__ = [
     "masked_url",
     "open_store",
 ]
+
+
+#: The ``Retry-After`` (seconds) of every 503 that a storage failure answers: ingest, the query
+#: API and /health.
+STORAGE_RETRY_AFTER = "5"
 
 
 def is_storage_failure(exc: BaseException) -> bool:
