@@ -27,7 +27,7 @@ from wsgiref.util import setup_testing_defaults
 import pytest
 
 import alf_analytics
-from alf_analytics import AnalyticsWSGIMiddleware
+from alf_analytics import AnalyticsWSGIMiddleware, _worker
 from alf_analytics._transport import HTTPTransport
 
 from .faulty_collector import FaultyCollector
@@ -357,17 +357,36 @@ def test_memory_is_bounded_by_the_queue_not_the_traffic(faulty: FaultyCollector)
     agent_logger = logging.getLogger("alf_analytics")
     level = agent_logger.level
     agent_logger.setLevel(logging.ERROR)  # the (rate-limited) drop warnings
+
+    def settled() -> int:
+        # Compare like with like: the worker thread takes queued entries in slices, so at any
+        # instant some are raw records and some built batches (which differ in size). A flush
+        # makes it build all of them and send; each send fails and waits for its retry.
+        assert alf_analytics.flush(0.05) is False
+        worker = next(iter(_worker._workers.values()))
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            stats = alf_analytics.stats()
+            if (
+                not worker._entries
+                and all(marker.target for marker in worker._flushes)
+                and stats["requests"] >= 1
+                and stats["in_flight"] == 0
+            ):
+                break
+            time.sleep(0.01)
+        gc.collect()
+        return tracemalloc.get_traced_memory()[0]
+
     gc.collect()
     tracemalloc.start()
     try:
         for i in range(2000):
             call(middleware, i)
-        gc.collect()
-        held, _ = tracemalloc.get_traced_memory()
+        held = settled()
         for i in range(2000, 50_000):
             call(middleware, i)
-        gc.collect()
-        after, _ = tracemalloc.get_traced_memory()
+        after = settled()
     finally:
         tracemalloc.stop()
         agent_logger.setLevel(level)
