@@ -868,6 +868,26 @@ def test_path_from_raw_uri_or_script_name(environ: dict[str, str], path: str) ->
     assert read_environ(base).path == path
 
 
+def test_headers_are_read_in_environ_order_whatever_the_layout() -> None:
+    """Header keys come out in environ order, for each of many layouts, and the cache of
+    layouts stays bounded; non-text values (and non-text keys) are left out, not fatal."""
+    from alf_analytics import wsgi
+
+    base = create_environ("/")
+    for index in range(wsgi._LAYOUTS_SIZE * 3):
+        environ = dict(base)
+        environ[f"HTTP_X_CLIENT_{index}"] = str(index)
+        environ["HTTP_ACCEPT"] = "*/*"
+        environ["HTTP_X_NUMBER"] = 7  # type: ignore[assignment]
+        environ[42] = "a non-text key"  # type: ignore[index]
+        environ["HTTPS"] = "on"
+        headers = read_environ(environ).headers
+        expected = [("host", "localhost"), (f"x-client-{index}", str(index)), ("accept", "*/*")]
+        assert headers == expected
+        assert read_environ(environ).headers == expected  # the cached layout gives the same
+        assert len(wsgi._LAYOUTS) <= wsgi._LAYOUTS_SIZE
+
+
 @pytest.mark.parametrize(
     ("scheme", "name", "port", "host"),
     [

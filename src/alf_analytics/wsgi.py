@@ -38,10 +38,11 @@ __all__ = ["AnalyticsWSGIMiddleware"]
 logger = logging.getLogger("alf_analytics")
 
 _DEFAULT_PORTS = {"http": "80", "https": "443"}
-#: ``HTTP_X_REQUEST_ID`` -> ``x-request-id`` for the environ keys seen so far (None for the
-#: keys that are not request headers).
-_HEADER_NAMES: dict[str, str | None] = {}
-_UNSEEN = "<unseen>"
+#: An environ's keys, in order -> its header keys with their names (``HTTP_X_REQUEST_ID``,
+#: ``x-request-id``). A server builds every environ the same way, so the few layouts that
+#: clients' header sets make repeat: one hash of the key tuple replaces a lookup per key.
+_LAYOUTS: dict[tuple[str, ...], tuple[tuple[str, str], ...]] = {}
+_LAYOUTS_SIZE = 256
 
 
 class AnalyticsWSGIMiddleware:
@@ -372,6 +373,18 @@ class _SizedResponder(_Responder):
         return len(self.result)  # type: ignore[arg-type]
 
 
+def _layout(keys: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    layout = tuple(
+        (key, key[5:].replace("_", "-").lower())
+        for key in keys
+        if isinstance(key, str) and key.startswith("HTTP_")
+    )
+    if len(_LAYOUTS) >= _LAYOUTS_SIZE:  # bounded: clients choose which headers they send
+        _LAYOUTS.clear()
+    _LAYOUTS[keys] = layout
+    return layout
+
+
 def read_environ(environ: WSGIEnvironment) -> RequestInfo:
     """Request facts from a WSGI environ snapshot (runs on the worker thread)."""
     get = environ.get
@@ -395,17 +408,11 @@ def read_environ(environ: WSGIEnvironment) -> RequestInfo:
             script_name.encode("latin-1", "replace")
         ):
             path = raw_path
-    headers: list[tuple[str, str]] = []
-    names = _HEADER_NAMES
-    for key, value in environ.items():
-        # One lookup per key: the header name, or None for the keys that are not headers.
-        name = names.get(key, _UNSEEN)
-        if name is _UNSEEN:
-            name = key[5:].replace("_", "-").lower() if key.startswith("HTTP_") else None
-            if len(names) < 1024:  # bounded: clients choose header names
-                names[key] = name
-        if name is not None and isinstance(value, str):
-            headers.append((name, value))
+    keys = tuple(environ)
+    layout = _LAYOUTS.get(keys)
+    if layout is None:
+        layout = _layout(keys)
+    headers = [(name, value) for key, name in layout if isinstance(value := environ[key], str)]
     for key, name in (("CONTENT_TYPE", "content-type"), ("CONTENT_LENGTH", "content-length")):
         value = get(key)
         if value and isinstance(value, str):
