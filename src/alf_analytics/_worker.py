@@ -504,8 +504,7 @@ class Worker:
             if wait is None or wait > 0:
                 # Before sleeping, say what must wake this thread; then look at the entries
                 # again, so that one handed over meanwhile is not left waiting.
-                self._wake_at = self._room()
-                timing = any(group.entries for group in self._groups.values())
+                self._wake_at, timing = self._room()
                 # With no batch to time, the next entry must wake it.
                 self._idle = not timing
                 if entries and (not timing or len(entries) >= self._wake_at):
@@ -529,13 +528,16 @@ class Worker:
             if self._tick():
                 return
 
-    def _room(self) -> int:
-        """Entries that may wait unseen: fewer than any batch, pending or new, has room for."""
+    def _room(self) -> tuple[int, bool]:
+        """Entries that may wait unseen (fewer than any batch, pending or new, has room for),
+        and whether a pending batch is being timed."""
         room = min(_WAKE_AT, self._least_batch)
+        timing = False
         for group in self._groups.values():
             if group.entries:
+                timing = True
                 room = min(room, group.config.batch_size - len(group.entries))
-        return max(1, room)
+        return max(1, room), timing
 
     def _drain(self, limit: int | None) -> None:
         """Build and batch up to ``limit`` queued entries (``None``: all of them)."""
