@@ -27,9 +27,10 @@ from wsgiref.util import setup_testing_defaults
 import pytest
 
 import alf_analytics
-from alf_analytics import AnalyticsWSGIMiddleware, _worker
+from alf_analytics import AnalyticsWSGIMiddleware
 from alf_analytics._transport import HTTPTransport
 
+from .conftest import wait_until
 from .faulty_collector import FaultyCollector
 
 TOKEN = "faults-token-0123456789abcdef"
@@ -363,18 +364,16 @@ def test_memory_is_bounded_by_the_queue_not_the_traffic(faulty: FaultyCollector)
         # instant some are raw records and some built batches (which differ in size). A flush
         # makes it build all of them and send; each send fails and waits for its retry.
         assert alf_analytics.flush(0.05) is False
-        worker = next(iter(_worker._workers.values()))
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            stats = alf_analytics.stats()
-            if (
+        worker = middleware._worker
+        assert worker is not None
+        assert wait_until(
+            lambda: (
                 not worker._entries
                 and all(marker.target for marker in worker._flushes)
-                and stats["requests"] >= 1
-                and stats["in_flight"] == 0
-            ):
-                break
-            time.sleep(0.01)
+                and worker.stats()["requests"] >= 1
+                and worker.stats()["in_flight"] == 0
+            )
+        ), "the worker did not settle"
         gc.collect()
         return tracemalloc.get_traced_memory()[0]
 

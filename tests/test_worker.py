@@ -27,7 +27,7 @@ from alf_analytics._worker import MAX_BACKOFF, MAX_RETRY_AFTER, Worker, backoff,
 from alf_analytics.collector import Collector
 from alf_analytics.wsgi import read_environ
 
-from .conftest import received_entries
+from .conftest import received_entries, wait_until
 from .faulty_collector import FaultyCollector
 
 TOKEN = "worker-token-0123456789abcdef"
@@ -628,15 +628,6 @@ def test_413_for_a_single_entry_drops_it_as_too_large(
 
 
 # -- queue, stats -------------------------------------------------------------------------------
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
 
 
 def test_request_path_wakes_the_thread_only_when_it_must_act(
