@@ -466,7 +466,8 @@ def full_walk(
     node: Any, keys: frozenset[str], substrings: frozenset[str] = DEFAULT_REDACT_KEY_SUBSTRINGS
 ) -> tuple[Any, bool]:
     """The rule written plainly: every dict key at any depth, arrays included, no shortcut; a
-    key holding one of ``substrings`` loses its value unless that is a number, bool or null."""
+    key holding one of ``substrings`` loses its value unless that is a number, bool or null.
+    The flag: whether the body is re-encoded (a key matched, its value replaced or kept)."""
     if isinstance(node, dict):
         out: dict[str, Any] = {}
         changed = False
@@ -474,10 +475,9 @@ def full_walk(
             name = normalized(key)
             if name in keys:
                 out[key], changed = REDACTED, True
-            elif any(part in name for part in substrings) and not (
-                value is None or isinstance(value, (int, float))
-            ):
-                out[key], changed = REDACTED, True
+            elif any(part in name for part in substrings):
+                kept = value is None or isinstance(value, (int, float))
+                out[key], changed = (value if kept else REDACTED), True
             else:
                 out[key], sub = full_walk(value, keys, substrings)
                 changed = changed or sub
@@ -639,12 +639,37 @@ def test_keys_named_like_secrets_are_redacted_unless_their_value_is_a_count() ->
     assert redactor.query_key("user_token") and not redactor.query_key("keyboard")
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"session_token":"LEAKSEC1","session_token":1}',
+        b'{"user":{"new_password":"LEAKSEC1","new_password":null}}',
+        b'{"x_token":"LEAKSEC1","x_token":1e5}',
+        b'[{"x_token":1},{"x_token":"LEAKSEC1","x_token":true}]',
+    ],
+)
+def test_a_repeated_secret_key_cannot_carry_an_earlier_value_past_the_redaction(raw: bytes) -> None:
+    """JSON parsers keep a repeated key's last value: when that one is a count and kept, the
+    earlier string must not go out in the raw bytes. The body is re-encoded from its parsed
+    form, which holds only what was checked."""
+    redactor = Redactor(config())
+    out = redactor.body(raw, "json")
+    assert out is not None and b"LEAKSEC1" not in out
+    assert json.loads(out) == json.loads(raw)  # the last values, as every parser reads them
+
+
+def test_a_body_without_a_secret_looking_key_goes_out_byte_for_byte() -> None:
+    redactor = Redactor(config())
+    raw = b'{ "name" : "x",  "name": "y", "count" : 1 }'
+    assert redactor.body(raw, "json") is raw
+
+
 def test_a_key_first_seen_holding_a_count_is_still_redacted_when_it_holds_a_string() -> None:
     """Keys found safe are remembered from body to body; one kept only for its value's type
     must not be: the next record may give it a string."""
     redactor = Redactor(config())
     first = json.dumps([{"refresh_token_ttl": 3600}] * 3).encode()
-    assert redactor.body(first, "json") == first
+    assert json.loads(redactor.body(first, "json") or b"") == json.loads(first)
     later = json.dumps([{"refresh_token_ttl": 3600}, {"refresh_token_ttl": "secret"}]).encode()
     assert json.loads(redactor.body(later, "json") or b"") == [
         {"refresh_token_ttl": 3600},

@@ -265,7 +265,10 @@ class Redactor:
                 # Never cached as safe: another record may give this key a string.
                 if type(node[key]) not in _SCALARS:
                     node[key] = REDACTED  # a string, or an array or object of anything
-                    changed = True
+                # Changed either way: a scalar kept is the last of the key's values, and the
+                # raw bytes may hold an earlier one ({"x_token": "secret", "x_token": 1}) that
+                # only re-encoding the parsed document leaves out.
+                changed = True
             elif len(safe) < 4096:
                 safe.add(key)
         return changed
