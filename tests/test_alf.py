@@ -156,6 +156,21 @@ def test_url_omits_a_default_port_from_the_host_header(scheme: str, host: str) -
 
 
 @pytest.mark.parametrize(
+    "host",
+    [
+        pytest.param("bücher.de:8080", id="text"),
+        # What a WSGI server (PEP 3333) and the ASGI reader hand over for UTF-8 bytes.
+        pytest.param("bücher.de:8080".encode().decode("latin-1"), id="utf8-read-as-latin1"),
+        pytest.param("bücher.de:8080".encode("latin-1").decode("latin-1"), id="latin1-bytes"),
+    ],
+)
+def test_an_internationalised_host_is_written_as_punycode(host: str) -> None:
+    """The URL names the host the client meant: UTF-8 (or Latin-1) bytes, as text, in IDNA."""
+    entry = entry_of(exchange(request_info(host=host)))
+    assert entry["request"]["url"] == "http://xn--bcher-kva.de:8080/items"
+
+
+@pytest.mark.parametrize(
     ("query", "pairs"),
     [
         pytest.param("", [], id="none"),

@@ -114,6 +114,12 @@ def _authority(raw: str, default_port: int) -> str:
         rest = colon + port
         if not name.isascii():
             try:
+                # Servers hand the header over as bytes read as Latin-1 (PEP 3333, and our
+                # ASGI reader): recover the UTF-8 a client sent, as for every header value.
+                name = name.encode("latin-1").decode("utf-8")
+            except UnicodeError:
+                pass  # not Latin-1 text, or a real Latin-1 name: taken as it is
+            try:
                 name = name.encode("idna").decode("ascii")
             except UnicodeError:
                 return INVALID_HOST
