@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs
 
 import httpx
 import pytest
@@ -622,3 +623,51 @@ def test_a_to_time_alone_keeps_the_range_and_says_where_it_ends(web: Watched) ->
     web.page.wait_for_url(re.compile(r"range=6h"))
     assert "until=" in web.page.url
     assert selected_range(web.page) == "6h up to To"
+
+
+def test_epoch_seconds_in_the_url_show_and_submit_like_iso(
+    browser: Any, filled: tuple[Collector, Traffic]
+) -> None:
+    """``until=<epoch seconds>`` (the API's other time form) shows as a local time in its
+    chip and in the To input, and filtering the log from there keeps it, as an ISO time."""
+    collector, traffic = filled
+    context = browser.new_context(timezone_id="Asia/Kolkata")
+    warnings: list[str] = []
+    try:
+        web = watch(context.new_page(), collector.url)
+        web.page.on(
+            "console",
+            lambda message: warnings.append(message.text) if message.type == "warning" else None,
+        )
+        web.page.set_extra_http_headers({"Authorization": f"Bearer {READ_KEY}"})
+        until = datetime.now(timezone.utc).replace(microsecond=0) + timedelta(minutes=5)
+        local = until.astimezone(timezone(timedelta(hours=5, minutes=30)))
+        web.goto(f"/requests?environment={ENV}&until={until.timestamp():.0f}&range=1h")
+        chip = web.page.locator(".chips [data-chip=until] time")
+        assert datetime.fromisoformat(chip.get_attribute("datetime") or "") == until
+        assert chip.text_content() == local.strftime("%Y-%m-%d %H:%M:%S")
+        assert web.page.input_value("form.filters input[name=until]") == local.strftime(
+            "%Y-%m-%dT%H:%M:%S"
+        )
+        assert len(rows(web.page)) == 50
+
+        web.page.locator("details.filter-box").evaluate("box => { box.open = true; }")
+        web.page.fill("form.filters input[name=status]", "5xx")
+        web.page.click("form.filters button[type=submit]")
+        web.page.wait_for_url(re.compile(r"status=5xx"))
+        query = parse_qs(web.page.url.split("?", 1)[1])
+        assert query["until"] == [until.strftime("%Y-%m-%dT%H:%M:%S")]
+        assert query["range"] == ["1h"] and "since" not in query
+        assert statuses(web.page) == ["500"] * traffic.by_status[500]
+
+        # The overview's From chip the same way.
+        since = until - timedelta(hours=2)
+        web.goto(f"/?environment={ENV}&since={since.timestamp():.0f}")
+        chip = web.page.locator(".chips [data-chip=since] time")
+        assert datetime.fromisoformat(chip.get_attribute("datetime") or "") == since
+        assert chip.text_content() == (local - timedelta(hours=2)).strftime("%Y-%m-%d %H:%M:%S")
+        assert web.page.locator("[data-figure=count]").text_content() == f"{traffic.total:,}"
+        assert [text for text in warnings if "conform" in text] == []
+        assert web.problems == []
+    finally:
+        context.close()

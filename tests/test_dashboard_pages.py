@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 import alf_analytics
-from alf_analytics.collector import Collector, dashboard
+from alf_analytics.collector import Collector, dashboard, queries
 from tests.pg import pg_server
 from tests.test_collector import make_alf
 from tests.test_dashboard import READ_KEY, TOKEN, Traffic, agent_client, backend_db
@@ -166,6 +166,8 @@ def test_pages_forbid_inline_script_and_caching(anonymous: httpx.Client) -> None
         ("/requests?status=abc", "status"),
         ("/requests?since=yesterday", "since"),
         ("/requests?cursor=not-a-cursor", "cursor"),
+        ("/requests?until=-99999999999", "until: -99999999999 is before the year 1"),
+        ("/?since=-99999999999", "since: -99999999999 is before the year 1"),
     ],
 )
 def test_a_bad_filter_is_a_400_page_that_says_why(
@@ -335,6 +337,51 @@ def test_detail_says_how_much_of_a_body_was_captured(dated_reader: httpx.Client)
     assert "No body captured (68 B sent)." in page
 
 
+def test_epoch_seconds_in_the_url_are_read_like_their_iso_form(
+    dated_reader: httpx.Client, dated: tuple[Collector, datetime]
+) -> None:
+    """The API takes "ISO 8601 or epoch seconds" and the pages take the API's names: an
+    epoch ``until``/``since`` lists, shows (chip, From/To inputs) and links like its ISO form."""
+    _, now = dated
+    until = now - timedelta(days=2) + timedelta(minutes=1)
+    since = until - timedelta(minutes=5)  # holds the newest of the three "old" entries
+
+    def view(path: str, **params: str) -> dict[str, Any]:
+        response = dated_reader.get(path, params={"environment": "old", **params})
+        assert response.status_code == 200
+        page = response.text
+        chips = re.findall(r'data-chip="(\w+)">\w+: <time datetime="([^"]*)"[^>]*>([^<]*)<', page)
+        return {
+            "rows": re.findall(r'data-entry-id="(\d+)"', page),
+            "figure": figure(page, "count") if path == "/" else None,
+            "chips": chips,
+            "inputs": re.findall(r'type="datetime-local" name="(\w+)" value="([^"]*)"', page),
+            "har": [
+                {
+                    key: queries.to_micros(value) if key in ("since", "until") else value
+                    for key, [value] in parse_qs(html.unescape(query)).items()
+                }
+                for query in re.findall(r'href="/api/export\.har\?([^"]*)"', page)
+            ],
+        }
+
+    for path in ("/", "/requests"):
+        for params in ({"until": until}, {"since": since}, {"since": since, "until": until}):
+            iso_form = view(path, **{key: value.isoformat() for key, value in params.items()})
+            epoch = view(path, **{key: f"{value.timestamp():.0f}" for key, value in params.items()})
+            assert epoch == iso_form, (path, params)
+            assert [(key, datetime.fromisoformat(value)) for key, value, _ in epoch["chips"]] == [
+                (key, params[key]) for key in ("since", "until") if key in params
+            ]
+            assert all(text == dashboard.fmt_time(params[key]) for key, _, text in epoch["chips"])
+            if path == "/requests":
+                assert len(epoch["rows"]) == (1 if "since" in params else 3)
+                assert epoch["inputs"] == [
+                    (key, params[key].strftime("%Y-%m-%dT%H:%M:%S") if key in params else "")
+                    for key in ("since", "until")
+                ]
+
+
 # -- helpers -----------------------------------------------------------------------------------
 
 
@@ -359,6 +406,11 @@ def test_formatting() -> None:
         "100.0 %",
     ]
     assert dashboard.fmt_time("2026-12-02T07:59:01.123Z") == "2026-12-02 07:59:01"
+    # Epoch seconds read as the API reads them, whole or not.
+    assert dashboard.fmt_time("1796198400") == "2026-12-02 08:00:00"
+    assert dashboard.local_input("1796198400.5") == "2026-12-02T08:00:00"
+    assert dashboard.iso("1796198400.5") == "2026-12-02T08:00:00.500000+00:00"
+    assert dashboard.iso("-99999999999") == "" and dashboard.iso("soon") == ""
     assert dashboard.status_label("4xx") == "4xx client error"
     assert dashboard.status_class(503) == "5xx" and dashboard.status_class(None) == "other"
 

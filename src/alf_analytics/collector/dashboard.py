@@ -196,13 +196,14 @@ def _parse_instant(value: object) -> datetime | None:
         return datetime.fromtimestamp(value, timezone.utc)
     if isinstance(value, datetime):
         return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
-    if not isinstance(value, str) or not value:
+    if not isinstance(value, str) or not value.strip():
         return None
+    # The JSON API's reading of a time (epoch seconds or ISO 8601), so a page URL's
+    # ``until=1796405400`` shows, fills the From/To inputs and round-trips like its ISO form.
     try:
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
+        return _from_micros(queries.to_micros(value))
+    except (queries.FilterError, SelectionError):
         return None
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
 # --------------------------------------------------------------------------------------------
@@ -313,20 +314,31 @@ def parse_selection(query: Mapping[str, str], now: datetime) -> Selection:
     span = RANGES[range_name]
     try:
         filters = queries.Filters.from_query(api_params)
+        since = _from_micros(filters.since, "since")
+        until = _from_micros(filters.until, "until")
         if "since" not in params and span is not None:
             # "Last hour" is the hour before "To" when one is given, else before now.
-            end = _from_micros(filters.until) or now
-            api_params["since"] = (end - span).isoformat(timespec="seconds")
+            start = (until or now) - span
+            api_params["since"] = start.isoformat(timespec="seconds")
             filters = queries.Filters.from_query(api_params)
+            since = _from_micros(filters.since, "since")
     except queries.FilterError as exc:
         raise SelectionError(str(exc)) from None
-    since = _from_micros(filters.since)
-    until = _from_micros(filters.until)
+    except OverflowError:  # a "To" within a range's span of year 1
+        raise SelectionError("until is too early for this range") from None
     return Selection(params, api_params, filters, range_name, since, until)
 
 
-def _from_micros(micros: int | None) -> datetime | None:
-    return None if micros is None else datetime.fromtimestamp(micros / 1e6, timezone.utc)
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+def _from_micros(micros: int | None, name: str = "time") -> datetime | None:
+    if micros is None:
+        return None
+    try:
+        return _EPOCH + timedelta(microseconds=micros)
+    except OverflowError:  # epoch seconds before the year 1, which the API takes as they are
+        raise SelectionError(f"{name}: {micros // 1_000_000} is before the year 1") from None
 
 
 class SelectionError(ValueError):
