@@ -391,6 +391,33 @@ def test_empty_bodies_are_captured_but_not_sent() -> None:
     assert "postData" not in entry["request"] and "content" not in entry["response"]
 
 
+def test_a_body_that_redaction_makes_longer_than_the_cap_is_left_out() -> None:
+    """The marker is longer than a ``0``: a JSON body within max_body_bytes can pass it once
+    redacted. It is left out, as a longer body is, so a captured body never exceeds the cap
+    (and the construction-time check that the cap fits a batch keeps holding)."""
+    body = json.dumps([{"pin": 0}] * 100, separators=(",", ":")).encode()
+    cap = len(body)
+    record = exchange(
+        request_info(method="POST", headers=[("content-type", "application/json")]),
+        cfg=config(max_body_bytes=cap, redact_body_keys=["pin"]),
+    )
+    record.request_data(body)
+    entry = entry_of(record)
+    assert entry["request"]["bodySize"] == cap
+    assert entry["request"]["bodyCaptured"] is False
+    assert "postData" not in entry["request"]
+    # With room for the markers it is captured, redacted.
+    record = exchange(
+        request_info(method="POST", headers=[("content-type", "application/json")]),
+        cfg=config(max_body_bytes=cap * 3, redact_body_keys=["pin"]),
+    )
+    record.request_data(body)
+    entry = entry_of(record)
+    assert entry["request"]["bodyCaptured"] is True
+    sent = base64.b64decode(entry["request"]["postData"]["text"])
+    assert json.loads(sent) == [{"pin": REDACTED}] * 100
+
+
 @pytest.mark.parametrize("cap", [0, 1, 5, 10])
 def test_truncated_bodies_are_visible(cap: int) -> None:
     """A body over max_body_bytes keeps its prefix, its real size, and bodyCaptured false."""

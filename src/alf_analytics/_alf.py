@@ -316,8 +316,11 @@ class _Plan:
         kind = body_kind(content_type)
         if kind != "other":
             redacted = self.redactor.body(data, kind) if complete else None
-            if redacted is None:
-                return None, False  # never sent half-redacted
+            if redacted is None or len(redacted) > self.limit:
+                # Never sent half-redacted, and never past the cap: a body that redaction
+                # made longer ([{"pin": 0}, ...] grows by the marker) is left out like a
+                # longer one, since a prefix of it would be cut JSON.
+                return None, False
             data = redacted
         body = {
             "mimeType": content_type or OCTET_STREAM,
