@@ -166,6 +166,7 @@ def test_pages_forbid_inline_script_and_caching(anonymous: httpx.Client) -> None
         ("/requests?status=abc", "status"),
         ("/requests?since=yesterday", "since"),
         ("/requests?cursor=not-a-cursor", "cursor"),
+        ("/?sort=bogus", "sort must be one of: count, errors, error_rate, p50, p95, p99"),
         ("/requests?until=-99999999999", "until: -99999999999 is before the year 1"),
         ("/?since=-99999999999", "since: -99999999999 is before the year 1"),
     ],
@@ -177,6 +178,20 @@ def test_a_bad_filter_is_a_400_page_that_says_why(
     assert response.status_code == 400
     [alert] = re.findall(r'<p class="error" role="alert">([^<]*)</p>', response.text)
     assert reason in html.unescape(alert)
+
+
+def test_a_bad_sort_is_refused_and_not_carried_on(reader: httpx.Client) -> None:
+    """``sort`` is checked like every other name in the URL (the API's ``/api/endpoints``
+    refuses it too); its 400 page's forms do not carry the bad value on."""
+    response = reader.get("/", params={"environment": "pages", "sort": "bogus"})
+    assert response.status_code == 400
+    [alert] = re.findall(r'<p class="error" role="alert">([^<]*)</p>', response.text)
+    assert alert.startswith("sort must be one of")
+    assert all(key in alert for key in dashboard.ENDPOINT_SORTS)
+    assert "bogus" not in response.text.replace(alert, "").split("<main>", 1)[1]
+    assert reader.get("/api/endpoints", params={"sort": "bogus"}).status_code == 400
+    for sort in ("", "count", "p95", "error_rate"):
+        assert reader.get("/", params={"sort": sort}).status_code == 200, sort
 
 
 def test_an_unknown_entry_is_a_404_page(reader: httpx.Client) -> None:

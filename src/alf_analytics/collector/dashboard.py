@@ -444,6 +444,9 @@ def _frame(
     error: str | None = None,
 ) -> dict[str, Any]:
     """What every page's header needs: the service and environment choices, the range."""
+    sort = _endpoint_sort(request)
+    if sort not in ENDPOINT_SORTS:  # the forms of the 400 page naming it do not carry it on
+        sort = "count"
     rows = list(services.get("services", []))
     choices = {str(row["service_token_id"]): str(row["service"]) for row in rows}
     environments = sorted({str(row["environment"]) for row in rows if row.get("environment")})
@@ -457,7 +460,7 @@ def _frame(
         "error": error,
         "failed": False,
         "live": request.query_params.get("live") == "1",
-        "sort": request.query_params.get("sort", "count"),
+        "sort": sort,
     }
 
 
@@ -497,6 +500,8 @@ def _all_services(store: Any) -> dict[str, Any]:
 
 
 def _overview_data(store: Any, selection: Selection, sort: str) -> dict[str, Any]:
+    if sort not in ENDPOINT_SORTS:  # before any query: a 400 page naming the choices
+        raise SelectionError(f"sort must be one of: {', '.join(ENDPOINT_SORTS)}")
     filters = selection.filters
     services = _all_services(store)
     since = selection.since
@@ -555,10 +560,13 @@ def _log_data(store: Any, selection: Selection, cursor: str | None) -> dict[str,
     }
 
 
+def _endpoint_sort(request: Request) -> str:
+    """The endpoints table's ``sort`` (as the API reads it: empty or absent is ``count``)."""
+    return request.query_params.get("sort", "").strip() or "count"
+
+
 async def overview(request: Request) -> Response:
-    sort = request.query_params.get("sort", "count")
-    if sort not in ENDPOINT_SORTS:
-        sort = "count"
+    sort = _endpoint_sort(request)
     return await _page(request, "overview.html", lambda s, sel: _overview_data(s, sel, sort))
 
 
