@@ -671,3 +671,46 @@ def test_epoch_seconds_in_the_url_show_and_submit_like_iso(
         assert web.problems == []
     finally:
         context.close()
+
+
+@pytest.mark.parametrize("javascript", [True, False], ids=["js", "no-js"])
+def test_choosing_a_scope_keeps_the_logs_filters(
+    browser: Any, filled: tuple[Collector, Traffic], javascript: bool
+) -> None:
+    """Choosing a service, environment or range on the log keeps its status, method, path,
+    route and consumer filters, as on the overview, with or without JavaScript (then the
+    form's Apply button sends it)."""
+    collector, traffic = filled
+    context = browser.new_context(java_script_enabled=javascript)
+    try:
+        web = watch(context.new_page(), collector.url)
+        web.page.set_extra_http_headers({"Authorization": f"Bearer {READ_KEY}"})
+        for page in ("/requests", "/"):
+            web.goto(f"{page}?environment={ENV}&status=2xx&method=POST&path=/items&consumer=carol")
+            for name, value in (("range", "6h"), ("environment", "")):
+                select = f"form.scope select[name={name}]"
+                if javascript:
+                    with web.page.expect_navigation():
+                        web.page.select_option(select, value)
+                else:
+                    web.page.select_option(select, value)
+                    with web.page.expect_navigation():
+                        web.page.click("form.scope button[type=submit]")
+                query = parse_qs(web.page.url.split("?", 1)[1])
+                kept = {key: query.get(key) for key in ("status", "method", "path", "consumer")}
+                assert kept == {
+                    "status": ["2xx"],
+                    "method": ["POST"],
+                    "path": ["/items"],
+                    "consumer": ["carol"],
+                }, (page, name, web.page.url)
+                assert query["range"] == ["6h"], web.page.url
+                chips = web.page.locator(".chips").text_content() or ""
+                assert "status: 2xx" in chips and "consumer: carol" in chips
+            assert "environment" not in parse_qs(web.page.url.split("?", 1)[1])
+            if page == "/requests":
+                assert len(rows(web.page)) == len(traffic.posted)
+                assert set(statuses(web.page)) == {"201"}
+        assert web.problems == []
+    finally:
+        context.close()

@@ -249,6 +249,31 @@ def test_the_logs_har_download_holds_what_the_log_lists(reader: httpx.Client) ->
     assert page.count('class="status s5xx"') == 3
 
 
+def scope_form(page: str) -> dict[str, str]:
+    """The hidden fields of a page's service/environment/range form."""
+    match = re.search(r'<form class="scope".*?</form>', page, re.S)
+    assert match
+    fields = re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)">', match.group(0))
+    return {name: html.unescape(value) for name, value in fields}
+
+
+@pytest.mark.parametrize("path", ["/", "/requests"])
+def test_the_scope_form_keeps_the_filters_narrower_than_it(reader: httpx.Client, path: str) -> None:
+    """Choosing a service, environment or range (the form posts without JavaScript too)
+    keeps status, method, path, route, consumer and a "To" on both pages."""
+    narrower = {
+        "status": "5xx",
+        "method": "GET",
+        "path": "/bo",
+        "route": "/boom",
+        "consumer": "alice & bob",
+        "until": "2099-01-01T00:00:00",
+    }
+    page = reader.get(path, params={"environment": "pages", "range": "6h", **narrower})
+    assert page.status_code == 200
+    assert scope_form(page.text) == narrower
+
+
 # -- time windows and bodies: entries at known times, posted to the ingest API -------------------
 
 
