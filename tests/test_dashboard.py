@@ -11,6 +11,7 @@ fail instead, because CI must run them.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import re
@@ -67,8 +68,17 @@ def _playwright() -> Any:
 # -- the app the agent records ----------------------------------------------------------------
 
 
+#: What ``/latin1`` answers, in ISO 8859-1: not UTF-8, so only its charset can read it.
+LATIN1_TEXT = "Café crème brûlée à ½ prix ©"
+#: ``/big`` answers more than the agent captures (its default ``max_body_bytes``, 64 KiB).
+BIG_BODY = b"0123456789abcdef" * 6400
+#: ``/gzip`` answers this JSON, gzip-compressed: the agent stores it decoded.
+GZIP_JSON = {"items": [{"id": i, "name": f"item {i}"} for i in range(40)]}
+
+
 def shop(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
-    """A small JSON API: items, a failing endpoint, a missing one, and an echo."""
+    """A small JSON API: items, a failing endpoint, a missing one, and an echo; and bodies of
+    other shapes: Latin-1 text (declared ``?charset=``), gzip-coded JSON, one too big."""
     path = environ["PATH_INFO"]
     length = int(environ.get("CONTENT_LENGTH") or 0)
     body = environ["wsgi.input"].read(length) if length else b""
@@ -86,6 +96,17 @@ def shop(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[by
     if path == "/xss":
         start_response("200 OK", [json_type, ("X-Echo", environ.get("HTTP_X_EVIL", ""))])
         return [body]
+    if path == "/latin1":
+        charset = parse_qs(environ.get("QUERY_STRING", "")).get("charset", ["iso-8859-1"])[0]
+        start_response("200 OK", [("Content-Type", f"text/plain; charset={charset}")])
+        return [LATIN1_TEXT.encode("iso-8859-1")]
+    if path == "/gzip":
+        compressed = gzip.compress(json.dumps(GZIP_JSON).encode(), mtime=0)
+        start_response("200 OK", [json_type, ("Content-Encoding", "gzip")])
+        return [compressed]
+    if path == "/big":
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [BIG_BODY]
     start_response("404 Not Found", [("Content-Type", "text/plain")])
     return [b"not found"]
 

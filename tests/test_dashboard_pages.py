@@ -26,10 +26,19 @@ import alf_analytics
 from alf_analytics.collector import Collector, dashboard, queries
 from tests.pg import pg_server
 from tests.test_collector import make_alf
-from tests.test_dashboard import READ_KEY, TOKEN, Traffic, agent_client, backend_db
+from tests.test_dashboard import (
+    BIG_BODY,
+    GZIP_JSON,
+    READ_KEY,
+    TOKEN,
+    Traffic,
+    agent_client,
+    backend_db,
+)
 
 __all__ = ["pg_server"]  # a fixture, imported for pytest
 
+LONG_PASSWORD = "a-very-very-long-password-value-0123456789"
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "alf_analytics" / "collector"
 
@@ -44,6 +53,12 @@ def filled(request: pytest.FixtureRequest) -> Iterator[tuple[Collector, Traffic]
             for _ in range(3):
                 traffic.send(client, "GET", "/boom")
             traffic.send(client, "GET", "/missing")
+            for password in (LONG_PASSWORD, "short"):  # redacted: longer and shorter
+                traffic.send(client, "POST", "/items", json={"name": "np", "password": password})
+            traffic.send(client, "GET", "/latin1")
+            traffic.send(client, "GET", "/latin1", params={"charset": "no-such-charset"})
+            traffic.send(client, "GET", "/gzip")
+            traffic.send(client, "GET", "/big")
         alf_analytics.flush(10)
         assert collector.wait_for_entries(traffic.total, 10)
         yield collector, traffic
@@ -274,6 +289,63 @@ def test_the_scope_form_keeps_the_filters_narrower_than_it(reader: httpx.Client,
     assert scope_form(page.text) == narrower
 
 
+# -- bodies as the real agent captured them ------------------------------------------------------
+
+
+def body_lines(page: str) -> list[str]:
+    """What a detail page says above its request body and its response body."""
+    lines = re.findall(r'<h3>Body</h3>\s*<p class="[^"]*">(.*?)</p>', page, re.S)
+    assert len(lines) == 2, lines
+    return [html.unescape(line) for line in lines]
+
+
+def details(reader: httpx.Client, **params: str) -> list[dict[str, Any]]:
+    """``/api/entries/{id}`` of each of the module's entries the filters pick, newest first."""
+    listed = reader.get("/api/entries", params={"environment": "pages", **params}).json()
+    return [reader.get(f"/api/entries/{row['id']}").json() for row in listed["entries"]]
+
+
+def test_a_redacted_body_is_whole_and_shows_the_size_sent(reader: httpx.Client) -> None:
+    """Redacting a password makes the stored JSON shorter (or longer) than the body sent; it
+    is still the whole body (``bodyCaptured``), shown with the size sent, never as cut."""
+    posted = details(reader, method="POST", path="/items")
+    assert len(posted) == 2
+    for detail in posted:
+        request, response = detail["entry"]["request"], detail["entry"]["response"]
+        assert request["bodyCaptured"] is True and response["bodyCaptured"] is True
+        sent = request["bodySize"]
+        assert detail["bodies"]["request"]["size"] != sent  # the redacted copy's length
+        page = reader.get(f"/requests/{detail['id']}").text
+        line = f"JSON · {dashboard.fmt_bytes(sent)} · application/json"
+        assert body_lines(page) == [line, line]  # the response echoes the request
+        assert "[REDACTED]" in page and LONG_PASSWORD not in page
+
+
+def test_a_compressed_body_shows_the_size_sent_and_decoded(reader: httpx.Client) -> None:
+    [detail] = details(reader, path="/gzip")
+    response = detail["entry"]["response"]
+    decoded = len(json.dumps(GZIP_JSON).encode())
+    assert response["bodyCaptured"] is True and 0 < response["bodySize"] < decoded
+    assert detail["bodies"]["response"]["size"] == decoded
+    page = reader.get(f"/requests/{detail['id']}").text
+    sent, whole = dashboard.fmt_bytes(response["bodySize"]), dashboard.fmt_bytes(decoded)
+    assert body_lines(page)[1] == f"JSON · {sent} (gzip, {whole} decoded) · application/json"
+    assert "captured" not in body_lines(page)[1]
+
+
+def test_a_body_cut_at_max_body_bytes_says_how_much_was_captured(reader: httpx.Client) -> None:
+    [detail] = details(reader, path="/big")
+    response = detail["entry"]["response"]
+    assert response["bodyCaptured"] is False and response["bodySize"] == len(BIG_BODY)
+    held = detail["bodies"]["response"]["size"]
+    assert 0 < held < len(BIG_BODY)
+    page = reader.get(f"/requests/{detail['id']}").text
+    assert body_lines(page)[1] == (
+        f"Text · {dashboard.fmt_bytes(len(BIG_BODY))}, "
+        f"first {dashboard.fmt_bytes(held)} captured · text/plain"
+    )
+
+
 # -- time windows and bodies: entries at known times, posted to the ingest API -------------------
 
 
@@ -304,7 +376,7 @@ def dated() -> Iterator[tuple[Collector, datetime]]:
 def _partly_captured(entry: dict[str, Any]) -> None:
     """1 KiB of a 5,000-byte binary upload captured; a 68-byte response not captured at all."""
     entry["request"]["method"] = "POST"
-    entry["request"].update(bodyCaptured=True, bodySize=5000)
+    entry["request"].update(bodyCaptured=False, bodySize=5000)
     entry["request"]["postData"] = {
         "mimeType": "application/octet-stream",
         "encoding": "base64",
@@ -499,6 +571,28 @@ def test_entry_view_reads_any_stored_shape() -> None:
         ("receive", 750.0, 250.0),
     ]
     assert dashboard.EntryView({}).timing_bar == []
+
+
+def test_body_facts_take_body_captured_over_lengths() -> None:
+    """Whole or cut comes from ``bodyCaptured``, the size shown from ``bodySize``; only an
+    entry without ``bodyCaptured`` (another sender) is judged by the lengths."""
+    of = dashboard.BodyFacts.of
+    redacted = of({"bodySize": 83, "bodyCaptured": True}, {"size": 51})
+    assert (redacted.size, redacted.prefix, redacted.decoded) == (83, None, None)
+    longer = of({"bodySize": 41, "bodyCaptured": True}, {"size": 44})
+    assert (longer.size, longer.prefix) == (41, None)
+    cut = of({"bodySize": 5000, "bodyCaptured": False}, {"size": 1024})
+    assert (cut.size, cut.prefix, cut.decoded) == (5000, 1024, None)
+    gzipped: dict[str, Any] = {"bodySize": 236, "bodyCaptured": True}
+    gzipped["headers"] = [{"name": "Content-Encoding", "value": "gzip"}]
+    compressed = of(gzipped, {"size": 1200})
+    assert (compressed.size, compressed.prefix, compressed.decoded) == (236, None, 1200)
+    assert compressed.coding == "gzip"
+    assert of({"bodySize": -1, "bodyCaptured": False}, {"size": 10}).size is None
+    assert of({"bodySize": 68, "bodyCaptured": False}, {"size": 0}).prefix is None
+    assert of({"bodySize": 5000}, {"size": 1024}).prefix == 1024
+    assert of({"bodySize": 10}, {"size": 10}).prefix is None
+    assert of({}, {"size": 10}).size == 10
 
 
 @pytest.mark.slow

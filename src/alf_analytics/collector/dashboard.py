@@ -612,13 +612,12 @@ class EntryView:
         self.response_body: Mapping[str, Any] = _mapping(bodies.get("response"))
 
     @property
-    def request_body_sent(self) -> int | None:
-        """The request body's size as sent (``bodySize``), whatever of it was captured."""
-        return _size(self.request.get("bodySize"))
+    def request_body_facts(self) -> BodyFacts:
+        return BodyFacts.of(self.request, self.request_body)
 
     @property
-    def response_body_sent(self) -> int | None:
-        return _size(self.response.get("bodySize"))
+    def response_body_facts(self) -> BodyFacts:
+        return BodyFacts.of(self.response, self.response_body)
 
     @property
     def status(self) -> int | None:
@@ -661,6 +660,62 @@ class EntryView:
             segments.append((phase, ms, round(x, 2), round(width, 2)))
             x += width
         return segments
+
+
+@dataclass(frozen=True)
+class BodyFacts:
+    """How much of a message's body the page has, for the line above the body.
+
+    The agent sets ``bodyCaptured`` only when it captured the whole body; the body it sends
+    is then the whole one, but redacted (a secret's value replaced) and decoded (gzip and the
+    like undone), so its length is not the size sent: that is ``bodySize``. When the agent
+    cut a body at ``max_body_bytes`` it says ``bodyCaptured: false`` and may send the prefix
+    it has (only a body it does not redact). An entry without ``bodyCaptured`` (another
+    sender) counts as whole unless ``bodySize`` is larger than what it holds.
+    """
+
+    #: The body's size as sent (``bodySize``), when the entry says.
+    sent: int | None
+    #: Bytes of the body the entry holds (after decoding and redaction).
+    held: int
+    #: The entry holds the whole body.
+    whole: bool
+    #: The ``Content-Encoding`` the agent decoded ("" when none).
+    coding: str
+
+    @classmethod
+    def of(cls, message: Mapping[str, Any], body: Mapping[str, Any]) -> BodyFacts:
+        sent = _size(message.get("bodySize"))
+        held = _size(body.get("size")) or 0
+        captured = message.get("bodyCaptured")
+        if isinstance(captured, bool):
+            whole = captured
+        else:
+            whole = sent is None or sent <= held
+        coding = ""
+        for name, value in _pairs(message.get("headers")):
+            if name.lower() == "content-encoding" and value.strip().lower() != "identity":
+                coding = value.strip()
+        return cls(sent, held, whole, coding)
+
+    @property
+    def size(self) -> int | None:
+        """The size to show: as sent when known, else what the entry holds."""
+        if self.sent is not None:
+            return self.sent
+        return self.held if self.whole else None
+
+    @property
+    def prefix(self) -> int | None:
+        """Bytes captured of a body the agent cut (None for a whole or an absent body)."""
+        return self.held if self.held and not self.whole else None
+
+    @property
+    def decoded(self) -> int | None:
+        """The decoded size of a whole body sent compressed (None when not compressed)."""
+        if self.coding and self.whole and self.held and self.held != self.sent:
+            return self.held
+        return None
 
 
 def _mapping(value: object) -> Mapping[str, Any]:
