@@ -29,6 +29,7 @@ from tests.test_collector import make_alf
 from tests.test_dashboard import (
     BIG_BODY,
     GZIP_JSON,
+    LATIN1_TEXT,
     READ_KEY,
     TOKEN,
     Traffic,
@@ -346,19 +347,48 @@ def test_a_body_cut_at_max_body_bytes_says_how_much_was_captured(reader: httpx.C
     )
 
 
+def test_text_in_a_declared_charset_is_read_in_it(reader: httpx.Client) -> None:
+    """Latin-1 text declared as such is text, on the page and in the API; declared in a
+    charset Python does not know it is read as UTF-8, as without one: binary."""
+    unknown, known = details(reader, path="/latin1")
+    size = len(LATIN1_TEXT.encode("iso-8859-1"))
+    mime = "text/plain; charset=iso-8859-1"
+    assert known["bodies"]["response"] == {
+        "kind": "text",
+        "text": LATIN1_TEXT,
+        "size": size,
+        "mime_type": mime,
+    }
+    page = reader.get(f"/requests/{known['id']}").text
+    assert body_lines(page)[1] == f"Text · {size} B · {mime}"
+    assert f'<pre class="body text">{LATIN1_TEXT}</pre>' in page
+
+    assert unknown["bodies"]["response"]["kind"] == "binary"
+    page = reader.get(f"/requests/{unknown['id']}").text
+    expected = f"Binary body, {size} B (text/plain; charset=no-such-charset); not shown."
+    assert body_lines(page)[1] == expected
+
+
 # -- time windows and bodies: entries at known times, posted to the ingest API -------------------
 
 
 @pytest.fixture(scope="module")
 def dated() -> Iterator[tuple[Collector, datetime]]:
     """A collector holding entries of known times: three two days ago ("old"), two a minute
-    ago ("recent"), and one with a partly captured and an uncaptured body ("bodies")."""
+    ago ("recent"), one with a partly captured and an uncaptured body ("bodies"), and text
+    in declared charsets ("charsets")."""
     now = datetime.now(timezone.utc).replace(microsecond=0)
     old = [now - timedelta(days=2, minutes=m) for m in (0, 10, 20)]
     recent = [now - timedelta(minutes=1)] * 2
     with Collector(read_key=READ_KEY, tokens=[f"web={TOKEN}"]) as collector:
         with httpx.Client(base_url=collector.url, timeout=10) as client:
-            for environment, times in (("old", old), ("recent", recent), ("bodies", [now])):
+            charsets = [now] * len(CHARSET_BODIES)
+            for environment, times in (
+                ("old", old),
+                ("recent", recent),
+                ("bodies", [now]),
+                ("charsets", charsets),
+            ):
                 calls = [
                     ("GET", f"https://shop.test/{environment}/{i}", 200, 5.0)
                     for i in range(len(times))
@@ -368,9 +398,37 @@ def dated() -> Iterator[tuple[Collector, datetime]]:
                     entry["startedDateTime"] = when.isoformat().replace("+00:00", "Z")
                 if environment == "bodies":
                     _partly_captured(alf["har"]["log"]["entries"][0])
+                if environment == "charsets":
+                    for entry, (mime, data, _) in zip(
+                        alf["har"]["log"]["entries"], CHARSET_BODIES, strict=True
+                    ):
+                        entry["response"]["content"] = {
+                            "mimeType": mime,
+                            "encoding": "base64",
+                            "text": base64.b64encode(data).decode(),
+                        }
+                        entry["response"].update(bodyCaptured=True, bodySize=len(data))
                 response = client.post("/1.1.0/single", json=alf)
                 assert response.status_code == 200, response.text
         yield collector, now
+
+
+#: Response bodies of the "charsets" entries: (content type, bytes, the API's decoded kind and
+#: text). A declared charset reads the bytes when Python has it as a text codec; the
+#: control-character check still applies; "base64" is a codec but not a text one.
+CHARSET_BODIES: list[tuple[str, bytes, tuple[str, str]]] = [
+    ("text/plain; charset=ISO-8859-1", "Grüße".encode("latin-1"), ("text", "Grüße")),
+    ('text/csv; charset="windows-1252"', "a;€\r\n".encode("cp1252"), ("text", "a;€\r\n")),
+    (
+        "application/json; charset=utf-16",
+        '{"name": "Zoë"}'.encode("utf-16"),
+        ("json", '{\n  "name": "Zoë"\n}'),
+    ),
+    ("text/plain; charset=utf-8", b"caf\xe9 au lait", ("text", "caf\ufffd au lait")),
+    ("text/plain; charset=iso-8859-1", b"bell\x07\x00\x01", ("binary", "")),
+    ("text/plain; charset=base64", "Grüße".encode("latin-1"), ("binary", "")),
+    ("text/plain; charset=base64", "Grüße".encode(), ("text", "Grüße")),
+]
 
 
 def _partly_captured(entry: dict[str, Any]) -> None:
@@ -447,6 +505,15 @@ def test_detail_says_how_much_of_a_body_was_captured(dated_reader: httpx.Client)
         in page
     )
     assert "No body captured (68 B sent)." in page
+
+
+def test_the_apis_decoded_bodies_follow_the_declared_charset(dated_reader: httpx.Client) -> None:
+    listed = dated_reader.get("/api/entries", params={"environment": "charsets"}).json()
+    ids = sorted(row["id"] for row in listed["entries"])
+    assert len(ids) == len(CHARSET_BODIES)
+    for entry_id, (mime, data, (kind, text)) in zip(ids, CHARSET_BODIES, strict=True):
+        body = dated_reader.get(f"/api/entries/{entry_id}").json()["bodies"]["response"]
+        assert body == {"kind": kind, "text": text, "size": len(data), "mime_type": mime}
 
 
 def test_epoch_seconds_in_the_url_are_read_like_their_iso_form(

@@ -825,6 +825,13 @@ def _load_entry(store: Store, entry_id: int) -> tuple[dict[str, Any], dict[str, 
 
 
 def _body(part: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A captured body decoded for reading: JSON pretty-printed, text as text, else binary.
+
+    Bytes (``encoding: base64``) are read in the ``charset`` their content type declares when
+    Python knows it as a text codec (undecodable bytes replaced), else as UTF-8, strictly: a
+    body that is not UTF-8 then counts as binary, as does one holding control characters.
+    A body given as text (no ``encoding``) is already characters. ``size`` is in bytes.
+    """
     if not isinstance(part, Mapping):
         return {"kind": "none", "text": "", "size": 0, "mime_type": ""}
     text = part.get("text")
@@ -832,17 +839,29 @@ def _body(part: Mapping[str, Any] | None) -> dict[str, Any]:
     if not isinstance(text, str) or not text:
         return {"kind": "none", "text": "", "size": 0, "mime_type": mime_type}
     data: bytes
+    charset = ""
     if part.get("encoding") == "base64":
         try:
             data = base64.b64decode(text, validate=False)
         except (binascii.Error, ValueError):
             return {"kind": "binary", "text": "", "size": len(text), "mime_type": mime_type}
+        for parameter in mime_type.split(";")[1:]:
+            name, _, value = parameter.partition("=")
+            if name.strip().lower() == "charset":
+                charset = value.strip().strip("\"'").strip()
     else:
         data = text.encode("utf-8", "surrogatepass")
-    try:
-        decoded = data.decode("utf-8")
-    except UnicodeDecodeError:
-        return {"kind": "binary", "text": "", "size": len(data), "mime_type": mime_type}
+    decoded: str | None = None
+    if charset:
+        try:  # LookupError: not a codec, or not a text one ("base64", "rot13")
+            decoded = data.decode(charset, "replace")
+        except (LookupError, ValueError, TypeError):
+            decoded = None
+    if decoded is None:
+        try:
+            decoded = data.decode("utf-8")
+        except UnicodeDecodeError:
+            return {"kind": "binary", "text": "", "size": len(data), "mime_type": mime_type}
     if "json" in mime_type.lower() or decoded.lstrip()[:1] in ("{", "["):
         try:
             pretty = json.dumps(json.loads(decoded), indent=2, ensure_ascii=False)
