@@ -474,8 +474,54 @@ def test_live_mode_shows_new_traffic_without_a_reload(
     assert web.page.locator("[data-chart=requests] canvas").count() == 1
 
 
-def test_the_pages_fit_a_phone(browser: Any, filled: tuple[Collector, Traffic]) -> None:
-    """At 390 px wide no page scrolls sideways (wide tables scroll in their own box), the
+#: Names too long for a phone's width, with no place to break a line.
+LONG_ENV = "customer_acceptance_eu_central_1_blue_green_canary_2026"
+LONG_CONSUMER = "acct_" + "0123456789abcdef" * 3 + "_x"
+LONG_PATH = "/items/" + "averyveryverylongpathsegmentwithoutanyplacetobreakit" * 2
+
+
+@pytest.fixture(scope="module")
+def long_names(filled: tuple[Collector, Traffic]) -> int:
+    """Traffic with a long environment, consumer, path and route (one id each), recorded
+    by the agent; the id of the newest entry."""
+    collector, _ = filled
+    before = collector.count()
+    with agent_client(collector, LONG_ENV) as client:
+        for _ in range(3):
+            client.get(LONG_PATH, headers={"X-User": LONG_CONSUMER})
+        client.get("/boom", headers={"X-User": LONG_CONSUMER})
+    alf_analytics.flush(10)
+    assert collector.wait_for_entries(before + 4, 10)
+    with httpx.Client(base_url=collector.url, timeout=10) as client:
+        listed = client.get(
+            "/api/entries",
+            params={"environment": LONG_ENV, "path": LONG_PATH},
+            headers={"Authorization": f"Bearer {READ_KEY}"},
+        ).json()
+    return int(listed["entries"][0]["id"])
+
+
+#: JavaScript: for each table of the page (not the charts' legends), whether a sideways-
+#: scrolling box holds it, that box's edges, and its last column's edges once scrolled right.
+TABLE_BOXES = """() => [...document.querySelectorAll('main table:not(.u-legend)')].map((table) => {
+    const box = table.closest('.scroll');
+    if (!box) return { table: table.className, box: null };
+    box.scrollLeft = box.scrollWidth;
+    const outer = box.getBoundingClientRect();
+    const cells = table.rows[0].cells;
+    const last = cells[cells.length - 1].getBoundingClientRect();
+    const scrolls = getComputedStyle(box).overflowX;
+    box.scrollLeft = 0;
+    return { table: table.className, scrolls, left: outer.left, right: outer.right,
+             lastLeft: last.left, lastRight: last.right };
+})"""
+
+
+def test_the_pages_fit_a_phone(
+    browser: Any, filled: tuple[Collector, Traffic], long_names: int
+) -> None:
+    """At 390 px wide no page scrolls sideways, even with a long environment, consumer, path
+    and route: every table scrolls in its own box, whose last column scrolls into view; the
     charts fit the screen and the log's filters are folded away."""
     collector, _ = filled
     context = browser.new_context(
@@ -493,19 +539,51 @@ def test_the_pages_fit_a_phone(browser: Any, filled: tuple[Collector, Traffic]) 
         first = web.page.request.get(
             f"{collector.url}/api/entries?environment={ENV}&limit=1"
         ).json()["entries"][0]["id"]
-        for path in (f"/?environment={ENV}", f"/requests?environment={ENV}", f"/requests/{first}"):
+        narrow = f"consumer={LONG_CONSUMER}&route={LONG_PATH}&path={LONG_PATH}"
+        for path in (
+            f"/?environment={ENV}",
+            f"/requests?environment={ENV}",
+            f"/requests/{first}",
+            f"/?environment={LONG_ENV}",
+            f"/requests?environment={LONG_ENV}",
+            f"/?environment={LONG_ENV}&{narrow}",
+            f"/requests?environment={LONG_ENV}&{narrow}",
+            f"/requests/{long_names}",
+        ):
             web.goto(path)
             widths = web.page.evaluate(
                 "() => [document.documentElement.scrollWidth, window.innerWidth]"
             )
             assert widths == [390, 390], (path, widths)
+            tables = web.page.evaluate(TABLE_BOXES)
+            assert tables, path
+            for table in tables:
+                assert table.get("box", True) is not None, (path, table)
+                assert table["scrolls"] == "auto", (path, table)
+                assert 0 <= table["left"] and table["right"] <= 390, (path, table)
+                assert table["left"] - 1 <= table["lastLeft"], (path, table)
+                assert table["lastRight"] <= table["right"] + 1, (path, table)
             if path.startswith("/?"):
                 for name in ("requests", "latency"):
                     box = web.page.locator(f"[data-chart={name}] canvas").bounding_box()
                     assert box is not None and 0 <= box["x"] and box["x"] + box["width"] <= 390
             if path.startswith("/requests?"):
-                assert web.page.locator("details.filter-box").get_attribute("open") is None
+                if "consumer=" not in path:  # an active filter keeps them open
+                    assert web.page.locator("details.filter-box").get_attribute("open") is None
                 assert web.page.locator("div.scroll > table.log").count() == 1
+                # Every column stays: the log scrolls sideways to show it.
+                headers = web.page.locator("table.log thead th")
+                hidden = "hs => hs.filter(h => getComputedStyle(h).display === 'none').length"
+                assert headers.evaluate_all(hidden) == 0
+                assert headers.all_text_contents() == [
+                    "Time", "Method", "Path", "Status", "Duration", "In", "Out", "Consumer",
+                    "Service",
+                ]  # fmt: skip
+                box = web.page.locator("div.scroll:has(> table.log)")
+                assert box.evaluate("b => b.scrollWidth > b.clientWidth"), path
+            if path == f"/?environment={LONG_ENV}":
+                consumers = web.page.locator("table.consumers tbody td:first-child a")
+                assert consumers.all_text_contents() == [LONG_CONSUMER]
         assert web.problems == []
     finally:
         context.close()
