@@ -245,6 +245,13 @@ def create_uvicorn_app() -> Any:
     return _for_uvicorn(starlette_app())
 
 
+def create_fastapi_with_a_bad_option() -> Any:
+    """The README's FastAPI snippet with an invalid option: Starlette builds it lazily."""
+    app = FastAPI()
+    app.add_middleware(AnalyticsASGIMiddleware, sample_rate=5)
+    return app
+
+
 def create_uvicorn_raw_app() -> Any:
     """Like :func:`create_uvicorn_app`, around a raw ASGI app that refuses the lifespan scope."""
     return _for_uvicorn(raw_service)

@@ -1408,6 +1408,30 @@ def test_uvicorn_startup_failure_exits_as_without_us(collector: Collector, app: 
 
 
 @pytest.mark.slow
+def test_a_bad_option_through_add_middleware_is_logged_at_uvicorns_startup(
+    collector: Collector,
+) -> None:
+    """Starlette builds add_middleware's middleware at the lifespan startup, which uvicorn's
+    --lifespan auto swallows: the error is logged there by us, and requests show it too."""
+    process, base_url = run_uvicorn(
+        collector, "tests.asgi_apps:create_fastapi_with_a_bad_option", "auto"
+    )
+    with reaped(process):
+        status = None
+        deadline = time.monotonic() + 30
+        while status is None and time.monotonic() < deadline and process.poll() is None:
+            try:  # every request fails: wait for any answer, not a /health 200
+                status = httpx.get(f"{base_url}/anything", timeout=1.0).status_code
+            except httpx.TransportError:
+                time.sleep(0.05)
+        assert status == 500
+        stderr = sigterm(process)
+    message = b"alf_analytics: option sample_rate=5 is invalid: must be between 0 and 1"
+    startup = stderr.partition(b"Application startup complete")[0]
+    assert message in startup, stderr
+
+
+@pytest.mark.slow
 def test_uvicorn_without_lifespan_warns_once_that_the_exit_flush_cannot_run(
     collector: Collector,
 ) -> None:

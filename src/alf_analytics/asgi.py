@@ -69,7 +69,14 @@ class AnalyticsASGIMiddleware:
                 "AnalyticsWSGIMiddleware"
             )
         self.app = app
-        self.config: Config = make_config(options)
+        try:
+            self.config: Config = make_config(options)
+        except (ValueError, TypeError) as error:
+            # add_middleware builds us at the app's first call, its lifespan startup, and
+            # uvicorn's default --lifespan auto takes a failing startup for "no lifespan" and
+            # goes on silently: say it here too, or it only shows as 500s.
+            logger.error("%s", error)
+            raise
         self._worker: Worker | None = get_worker(self.config) if self.config.active else None
         self._request_of = _request_maker(app)
         self._gate = Gate(
