@@ -1099,6 +1099,12 @@ SCOPE_FACTS = [
         id="no-raw-path",
     ),
     pytest.param(
+        # A lone surrogate in root_path (server configuration): kept as its UTF-8 bytes.
+        {"path": "/\ud800/s", "raw_path": None, "root_path": "/\ud800"},
+        {"url": "http://testserver/%ED%A0%80/s"},
+        id="lone-surrogate-in-root-path",
+    ),
+    pytest.param(
         {"path": "/caf\u00e9", "raw_path": b"/caf\xe9", "query_string": b"q=\xff"},
         {"url": "http://testserver/caf%E9?q=%FF"},
         id="raw-path-and-query-not-utf8",

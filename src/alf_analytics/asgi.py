@@ -377,6 +377,16 @@ def _latin1(value: Any) -> str:
     return str(value)
 
 
+def _as_wire_text(text: str) -> str:
+    """Decoded text back to its UTF-8 bytes, shown as Latin-1. A lone surrogate that is not
+    an escaped byte ("/\ud800") is kept as its UTF-8 form."""
+    try:
+        encoded = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        encoded = text.encode("utf-8", "surrogatepass")
+    return encoded.decode("latin-1")
+
+
 def _wire_path(scope: Scope) -> str:
     """The request path as the client sent it, bytes shown as Latin-1 (like ``raw_path``).
 
@@ -389,16 +399,10 @@ def _wire_path(scope: Scope) -> str:
         path = _latin1(raw_path).partition("?")[0]
     else:
         # ``path`` is decoded text: back to its UTF-8 bytes, the form the client sent.
-        # A lone surrogate that is not an escaped byte ("/\ud800") is kept as its UTF-8 form.
-        text = str(scope.get("path") or "")
-        try:
-            encoded = text.encode("utf-8", "surrogateescape")
-        except UnicodeEncodeError:
-            encoded = text.encode("utf-8", "surrogatepass")
-        path = encoded.decode("latin-1")
+        path = _as_wire_text(str(scope.get("path") or ""))
     root = str(scope.get("root_path") or "").rstrip("/")
     if root:
-        root = root.encode("utf-8", "surrogateescape").decode("latin-1")
+        root = _as_wire_text(root)
         quoted = quote(root, safe="/:@!$&'()*+,;=-._~", encoding="latin-1")
         if not any(path == r or path.startswith(r + "/") for r in (root, quoted)):
             path = root + path
