@@ -75,7 +75,7 @@ class AnalyticsASGIMiddleware:
             # add_middleware builds us at the app's first call, its lifespan startup, and
             # uvicorn's default --lifespan auto takes a failing startup for "no lifespan" and
             # goes on silently: say it here too, or it only shows as 500s.
-            logger.error("%s", error)
+            logging.getLogger("alf_analytics.config").error("%s", error)
             raise
         self._worker: Worker | None = get_worker(self.config) if self.config.active else None
         self._request_of = _request_maker(app)
