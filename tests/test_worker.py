@@ -763,6 +763,22 @@ def test_flush_and_close_are_idempotent_and_thread_safe(collector: Collector) ->
     assert sorted(int(e["request"]["url"].rpartition("=")[2]) for e in entries) == list(range(40))
 
 
+def test_flush_with_no_time_is_true_once_everything_is_delivered(
+    workers: Callable[..., tuple[Worker, ScriptedTransport]],
+) -> None:
+    """flush(0) cannot wait for the worker, but with nothing waiting or in flight it has
+    nothing to wait for: True. With an entry still queued it is False."""
+    cfg = config(delay=60.0, batch_size=100)
+    worker, transport = workers(cfg)
+    assert worker.flush(0)  # nothing ever handed over
+    worker.submit(exchange(cfg, 0))
+    assert not worker.flush(0)  # queued, the batch waits for its delay
+    assert worker.flush(5)
+    assert worker.stats()["queued"] == 0
+    assert worker.flush(0) and worker.flush(0.0)
+    assert [ids(p) for p in transport.payloads] == [["0"]]
+
+
 def test_worker_restarted_after_close_keeps_running(
     workers: Callable[..., tuple[Worker, ScriptedTransport]],
 ) -> None:

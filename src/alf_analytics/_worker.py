@@ -365,11 +365,12 @@ class Worker:
             # Called from the worker thread itself (a log handler, a callback): waiting for
             # our own marker could only time out.
             return False
-        if not self._running:
-            if self._queue.empty() and not self._entries and not self._held_count:
-                return True
-            if not self._start():
-                return False
+        if self.stats()["queued"] == 0:
+            # Nothing handed over is still waiting or in flight: delivered, or settled as a
+            # loss before this call. True at once, also for flush(timeout=0).
+            return True
+        if not self._running and not self._start():
+            return False
         marker = _Flush(self._lost)
         self._queue.put(marker)
         deadline = None if timeout is None else time.monotonic() + timeout
