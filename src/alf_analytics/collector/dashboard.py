@@ -19,11 +19,13 @@ The routes (:func:`dashboard_routes`) are mounted by :func:`~alf_analytics.colle
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 import threading
 import time
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -38,8 +40,11 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from . import auth, queries
+from .storage import STORAGE_RETRY_AFTER, is_storage_failure
 
 __all__ = ["dashboard_routes"]
+
+logger = logging.getLogger("alf_analytics.collector")
 
 _HERE: Final = Path(__file__).resolve().parent
 STATIC_DIR: Final = _HERE / "static"
@@ -787,12 +792,57 @@ async def logout(request: Request) -> Response:
     return response
 
 
+PageHandler = Callable[[Request], Awaitable[Response]]
+
+
+#: What a page says while its store cannot be read (a PostgreSQL that went away).
+UNAVAILABLE: Final = (
+    "The collector cannot read its store right now (see its log). "
+    "Reload in a few seconds; nothing is lost on the agents' side, they retry."
+)
+
+
+def _unless_store_down(handler: PageHandler, template: str) -> PageHandler:
+    """``handler``, answering an HTML 503 with Retry-After while the store cannot be read,
+    as the JSON API does, instead of an Internal Server Error."""
+
+    @functools.wraps(handler)
+    async def page(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except Exception as exc:
+            if not is_storage_failure(exc):
+                raise
+            logger.error("reading failed (answered 503): %s", exc)
+            context = {**_frame(request, None, {}, error=UNAVAILABLE), "failed": True}
+            response = render(request, template, {**context, "detail": None}, status=503)
+            response.headers["retry-after"] = STORAGE_RETRY_AFTER
+            return response
+
+    return page
+
+
 def dashboard_routes() -> list[BaseRoute]:
     """The dashboard's routes, for :func:`~alf_analytics.collector.create_app` to mount."""
     return [
-        Route("/", overview, methods=["GET"], name="dashboard:overview"),
-        Route("/requests", request_log, methods=["GET"], name="dashboard:requests"),
-        Route("/requests/{id:int}", entry_detail, methods=["GET"], name="dashboard:entry"),
+        Route(
+            "/",
+            _unless_store_down(overview, "overview.html"),
+            methods=["GET"],
+            name="dashboard:overview",
+        ),
+        Route(
+            "/requests",
+            _unless_store_down(request_log, "requests.html"),
+            methods=["GET"],
+            name="dashboard:requests",
+        ),
+        Route(
+            "/requests/{id:int}",
+            _unless_store_down(entry_detail, "detail.html"),
+            methods=["GET"],
+            name="dashboard:entry",
+        ),
         Route("/login", login_page, methods=["GET"], name="dashboard:login-page"),
         Route("/login", login, methods=["POST"], name="dashboard:login"),
         Route("/logout", logout, methods=["POST"], name="dashboard:logout"),
