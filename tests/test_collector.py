@@ -1507,3 +1507,252 @@ def test_limit_concurrency_answers_503_beyond_it(tmp_path: Path) -> None:
             assert time.monotonic() < deadline
             time.sleep(0.1)
         sigterm(proc)
+
+
+# --- times outside the years 0001 to 9999 in UTC ------------------------------------------------
+
+OUT_OF_RANGE_TIMES = [
+    "9999-12-31T23:59:59-14:00",  # the year 10000 in UTC
+    "9999-12-31T23:30:00-01:00",
+    "0001-01-01T00:00:00+14:00",  # the year 0
+]
+
+
+def _api_reads(url: str, entry_id: int) -> dict[str, int]:
+    with reader() as api:
+        return {
+            path: api.get(url + path).status_code
+            for path in [*API_PATHS[:5], f"/api/entries/{entry_id}", f"/api/entries/{entry_id}.har"]
+            + ["/api/export.har", "/api/stats?interval=3600"]
+        }
+
+
+@pytest.mark.parametrize("started", OUT_OF_RANGE_TIMES)
+def test_an_entry_dated_outside_the_years_1_to_9999_in_utc_is_refused(
+    collector_db: str, client: httpx.Client, started: str
+) -> None:
+    """A date-time the schema allows but no year 1..9999 holds once in UTC is that entry's
+    400 (207 beside good ones); it never reaches the store, where it broke every read."""
+    now = datetime.now(timezone.utc)
+    bad = entry_at("GET", "http://api.test/late", 200, 1, now)
+    bad["startedDateTime"] = started
+    with Collector(collector_db, tokens=[WRITE_TOKEN], read_key=READ_KEY) as guarded:
+        answer = post(
+            client,
+            guarded.endpoint("1.1.0", "batch"),
+            [alf_of([entry_at("GET", "http://api.test/ok", 200, 1, now), bad])],
+        )
+        assert answer.status_code == 207, answer.text
+        [error] = answer.json()["errors"]
+        assert error.startswith("ALF[0] entry[1] $.startedDateTime") and started in error, error
+        assert "outside the years 0001 to 9999" in error and len(error) < 300
+        assert answer.json()["refused"] == 1
+        assert [e.path for e in guarded.entries()] == ["/ok"]
+        single = post(client, guarded.endpoint("1.1.0", "single"), alf_of([bad]))
+        assert single.status_code == 400, single.text
+        [stored] = guarded.entries()
+        assert set(_api_reads(guarded.url, stored.id).values()) == {200}
+
+
+def test_a_stored_time_outside_the_years_1_to_9999_never_breaks_reading(
+    collector_db: str, client: httpx.Client
+) -> None:
+    """A database may hold such a time from before ingest refused it: every read still
+    answers, the time shown as the nearest one that can be (the entry itself is whole)."""
+    now = datetime.now(timezone.utc)
+    with Collector(collector_db, tokens=[WRITE_TOKEN], read_key=READ_KEY) as guarded:
+        answer = post(
+            client,
+            guarded.endpoint("1.1.0", "batch"),
+            [alf_of([entry_at("GET", "http://api.test/a", 200, 1, now)] * 2)],
+        )
+        assert answer.status_code == 200, answer.text
+        late, early = (e.id for e in guarded.entries())
+        year_10000 = 253_402_300_800_000_000 + 3_600_000_000
+        year_0 = -62_135_596_800_000_000 - 3_600_000_000
+        with guarded.store.transaction() as tx:
+            for entry_id, started in ((late, year_10000), (early, year_0)):
+                tx.execute("UPDATE entries SET started = ? WHERE id = ?", [started, entry_id])
+            tx.execute("DELETE FROM agg_minute")
+            for minute in (year_10000 // 60_000_000, year_0 // 60_000_000):
+                tx.execute(
+                    "INSERT INTO agg_minute (minute, stream_id, method, route, status, bucket, "
+                    "n, time_sum, bytes_in, bytes_out) "
+                    "SELECT ?, stream_id, 'GET', '/a', 200, 0, 1, 1.0, 0, 0 FROM entries LIMIT 1",
+                    [minute],
+                )
+        for entry_id in (late, early):
+            reads = _api_reads(guarded.url, entry_id)
+            assert set(reads.values()) == {200}, reads
+        with reader() as api:
+            listed = api.get(guarded.url + "/api/entries").json()["entries"]
+            assert [e["started"] for e in listed] == [
+                "9999-12-31T23:59:59.999Z",
+                "0001-01-01T00:00:00.000Z",
+            ]
+            [service] = api.get(guarded.url + "/api/services").json()["services"]
+            assert service["first_seen"].startswith("0001-") and service["count"] == 2
+            for page in ("/", "/requests", f"/requests/{late}"):
+                assert api.get(guarded.url + page).status_code != 500, page
+        assert {e.started_at.year for e in guarded.entries()} == {1, 9999}
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("since", "0001-01-01T00:00:00+14:00"),
+        ("until", "9999-12-31T23:59:59-14:00"),
+        ("since", "10000000000000"),  # epoch seconds in the year 318857
+        ("until", "-62135596801"),  # one second before the year 1
+    ],
+)
+def test_since_and_until_outside_what_can_be_stored_are_a_400(
+    collector: Collector, name: str, value: str
+) -> None:
+    """The API and the dashboard read since/until alike (Filters.from_query): a time no
+    entry can have is a 400 naming the parameter on both, never a 200 here and a 500 there."""
+    with httpx.Client(trust_env=False, timeout=30.0) as api:
+        for path in ("/api/stats", "/api/entries", "/api/services", "/api/export.har"):
+            refused = api.get(collector.url + path, params={name: value})
+            assert refused.status_code == 400, (path, refused.text)
+            [error] = refused.json()["errors"]
+            assert error.startswith(f"{name}: ") and "outside the years 0001 to 9999" in error
+        for page in ("/", "/requests"):
+            assert api.get(collector.url + page, params={name: value}).status_code == 400, page
+        edge = {"since": "0001-01-01T00:00:00Z", "until": "9999-12-31T23:59:59.999999Z"}
+        assert api.get(collector.url + "/api/stats", params=edge).status_code == 200
+        assert api.get(collector.url + "/api/entries", params=edge).status_code == 200
+
+
+# --- NUL characters (PostgreSQL's text cannot hold them) -----------------------------------------
+
+
+def test_a_nul_in_indexed_text_is_stored_and_filtered_alike_on_both_stores(
+    collector_db: str, client: httpx.Client
+) -> None:
+    """environment, x-alf-consumer and request.method may hold U+0000 (schema-valid): the
+    entry is stored (on PostgreSQL too: no 503 that the agent would retry forever), its
+    columns with U+FFFD instead, the entry itself whole; a filter with a NUL matches the
+    same entries on both stores, and no filter is ever a 503."""
+    now = datetime.now(timezone.utc)
+    consumer = entry_at("GET", "http://api.test/c", 200, 1, now, consumer="a\x00b")
+    method = entry_at("GE\x00T", "http://api.test/m", 200, 1, now)
+    with Collector(collector_db, read_key=READ_KEY) as running:
+        url = running.endpoint("1.1.0", "batch")
+        good = alf_of([entry_at("GET", "http://api.test/good", 200, 1, now)], environment="e")
+        answer = post(client, url, [good, alf_of([consumer, method], environment="x\x00y")])
+        assert answer.status_code == 200, answer.text
+        token = alf_of([entry_at("GET", "http://api.test/t", 200, 1, now)], token="tok\x00en")
+        assert post(client, url, [token]).status_code == 200
+        stored = {e.path: e for e in running.entries()}
+        assert stored["/c"].environment == "x\ufffdy" and stored["/c"].consumer == "a\ufffdb"
+        assert stored["/m"].method == "GE\ufffdT"
+        assert stored["/t"].service_token == "tok\ufffden"
+        assert {"name": "x-alf-consumer", "value": "a\x00b"} in stored["/c"].entry["request"][
+            "headers"
+        ]
+        assert stored["/m"].entry["request"]["method"] == "GE\x00T"
+        with reader() as api:
+
+            def paths(**params: str) -> list[str]:
+                answer = api.get(running.url + "/api/entries", params=params)
+                assert answer.status_code == 200, (params, answer.text)
+                return sorted(e["path"] for e in answer.json()["entries"])
+
+            assert paths(environment="x\x00y") == ["/c", "/m"]
+            assert paths(environment="x\ufffdy") == ["/c", "/m"]
+            assert paths(consumer="a\x00b") == ["/c"]
+            assert paths(method="ge\x00t") == ["/m"]
+            assert paths(service="tok\x00en") == ["/t"]
+            for name in ("service", "environment", "path", "route", "method", "consumer"):
+                assert paths(**{name: "\x00"}) == [], name
+                for where in ("/api/stats", "/api/endpoints", "/api/consumers", "/api/services"):
+                    answer = api.get(running.url + where, params={name: "\x00"})
+                    assert answer.status_code == 200, (where, name, answer.text)
+            stats = api.get(running.url + "/api/stats", params={"consumer": "a\x00b"}).json()
+            assert stats["count"] == 1
+
+
+# --- deep nesting ---------------------------------------------------------------------------
+
+
+DEEP = "@@deep@@"
+
+
+def post_deep(client: httpx.Client, url: str, payload: Any, depth: int) -> httpx.Response:
+    """``payload`` with each ``DEEP`` string replaced by arrays nested ``depth`` deep (too
+    deep for the json module to write)."""
+    nested = "[" * depth + "]" * depth
+    body = json.dumps(payload).replace(json.dumps(DEEP), nested)
+    return client.post(url, content=body.encode(), headers={"Content-Type": "application/json"})
+
+
+def test_deeply_nested_values_are_a_400_at_any_depth(
+    collector_db: str, client: httpx.Client
+) -> None:
+    """A value nested in arrays hundreds of levels deep is a 400 (a 207 beside good ALF
+    objects) naming it, at any depth the JSON parser takes; past its limit (1,024) the body
+    is a 400 too. Never a 500."""
+    now = datetime.now(timezone.utc)
+    with Collector(collector_db) as running:
+        url = running.endpoint("1.1.0", "batch")
+        for depth in (100, 255, 256, 300, 1000):
+            entry = entry_at("GET", "http://api.test/deep", 200, 1, now)
+            entry["request"]["headers"].append({"name": "x-deep", "value": DEEP})
+            good = entry_at("GET", "http://api.test/ok", 200, 1, now)
+            answer = post_deep(client, url, [alf_of([good, entry])], depth)
+            assert answer.status_code == 207, (depth, answer.text)
+            [error] = answer.json()["errors"]
+            assert error.startswith("ALF[0] entry[1] $"), error
+            envelope = alf_of([good], environment=DEEP)
+            answer = post_deep(client, url, [alf_of([good]), envelope], depth)
+            assert answer.status_code == 207, (depth, answer.text)
+            [error] = answer.json()["errors"]
+            assert error.startswith("ALF[1] $"), error
+        too_deep = client.post(
+            url, content=b"[" * 1100 + b"]" * 1100, headers={"Content-Type": "application/json"}
+        )
+        assert too_deep.status_code == 400 and "not valid JSON" in too_deep.text
+        assert len(running.entries()) == 10
+
+
+def test_deep_values_the_1_0_0_schema_allows_are_bounded(
+    collector_db: str, client: httpx.Client
+) -> None:
+    """ALF 1.0.0 allows fields of any kind in an entry: one nested deeper than the collector
+    stores (``MAX_NESTING``) is refused by name; one within is stored and read back through
+    every read endpoint, wrapped as they wrap it, without a 500."""
+    from alf_analytics.collector.ingest import MAX_NESTING
+
+    fixture = load("1.0.0", "full.json")
+    with Collector(collector_db, read_key=READ_KEY) as running:
+        url = running.endpoint("1.0.0", "single")
+        for depth in (MAX_NESTING, MAX_NESTING + 10, 300, 600):
+            alf = copy.deepcopy(fixture)
+            entry = alf["har"]["log"]["entries"][0]
+            entry["_deep"] = DEEP
+            alf["har"]["log"]["creator"]["_deep"] = DEEP
+            answer = post_deep(client, url, alf, depth)
+            if depth <= MAX_NESTING - 1:
+                assert answer.status_code == 200, (depth, answer.text)
+            else:
+                assert answer.status_code == 400, (depth, answer.text)
+                [error] = answer.json()["errors"]
+                assert f"nested more than {MAX_NESTING} levels deep" in error, error
+        alf = copy.deepcopy(fixture)
+        alf["har"]["log"]["entries"][0]["_deep"] = DEEP
+        alf["har"]["log"]["creator"]["_deep"] = DEEP + "x"
+        body = json.dumps(alf).replace(json.dumps(DEEP), "[" * 200 + "]" * 200)
+        body = body.replace(json.dumps(DEEP + "x"), "[" * 260 + "]" * 260)
+        answer = client.post(url, content=body, headers={"Content-Type": "application/json"})
+        assert answer.status_code == 200, answer.text
+        stored = running.entries()[-1]
+        assert stored.creator is not None and "_deep" not in stored.creator  # cut to its name
+        with reader() as api:
+            for path in (
+                f"/api/entries/{stored.id}",
+                f"/api/entries/{stored.id}.har",
+                "/api/export.har",
+                "/api/entries",
+            ):
+                assert api.get(running.url + path).status_code == 200, path

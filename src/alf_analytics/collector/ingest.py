@@ -35,6 +35,9 @@ from .settings import SUPPORTED_VERSIONS, Limits, TokenSet, mask
 
 __all__ = [
     "CONSUMER_HEADER",
+    "MAX_NESTING",
+    "MAX_STARTED",
+    "MIN_STARTED",
     "AlfGroup",
     "EntryRow",
     "IngestError",
@@ -63,6 +66,26 @@ _MAX_IP: Final = 64
 # cut to this many characters (at most 6 bytes each in JSON). The entries are unchanged.
 _MAX_CREATOR_BYTES: Final = 1024
 _MAX_CREATOR_FIELD: Final = 128
+
+MIN_STARTED: Final = -62_135_596_800_000_000
+"""0001-01-01T00:00:00Z in microseconds since the epoch: the earliest time stored or queried."""
+MAX_STARTED: Final = 253_402_300_799_999_999
+"""9999-12-31T23:59:59.999999Z: the latest (Python's datetime, and ISO 8601 without an
+expanded year, end there; ``9999-12-31T23:59:59-14:00`` is already the year 10000 in UTC)."""
+
+# orjson writes at most 254 levels of arrays and objects. An entry is stored as the JSON
+# orjson writes for it nested in this many arrays, so that what the read side wraps it in
+# (an API answer, a HAR document) can never go over orjson's limit.
+_NESTING_MARGIN: Final = 16
+MAX_NESTING: Final = 254 - _NESTING_MARGIN
+"""The deepest nesting of arrays and objects an entry (and ``har.log.creator``) may have."""
+_NESTED_TOO_DEEPLY: Final = f"is nested more than {MAX_NESTING} levels deep"
+
+
+def text_column(value: str) -> str:
+    """``value`` as an indexed text column holds it: NUL (which PostgreSQL's text cannot hold)
+    replaced by U+FFFD, on both backends, so that filters match alike (the entry keeps it)."""
+    return value.replace("\x00", "\ufffd") if "\x00" in value else value
 
 
 class IngestError(Exception):
@@ -215,14 +238,29 @@ def _validators(version: str) -> _Validators:
 
 
 def _first_error(validator: jsonschema_rs.Validator, instance: object) -> str | None:
-    if validator.is_valid(instance):
-        return None
-    for error in validator.iter_errors(instance):
-        path = "$" + "".join(
-            f"[{part}]" if isinstance(part, int) else f".{part}" for part in error.instance_path
-        )
-        return f"{path}: {_without_instance(error.message, error.instance, path)}"
+    try:
+        if validator.is_valid(instance):
+            return None
+        for error in validator.iter_errors(instance):
+            path = "$" + "".join(
+                f"[{part}]" if isinstance(part, int) else f".{part}" for part in error.instance_path
+            )
+            return f"{path}: {_without_instance(error.message, error.instance, path)}"
+    except ValueError:  # jsonschema-rs: "Recursion limit reached" (about 255 levels deep)
+        return f"$ {_NESTED_TOO_DEEPLY}"
     return "$: invalid"  # pragma: no cover - is_valid and iter_errors disagree
+
+
+def _bounded_json(value: object, **options: Any) -> bytes | None:
+    """The JSON of ``value``, or ``None`` when it is nested more than ``MAX_NESTING`` deep."""
+    wrapped = value
+    for _ in range(_NESTING_MARGIN):
+        wrapped = [wrapped]
+    try:
+        data = orjson.dumps(wrapped, **options)
+    except orjson.JSONEncodeError:
+        return None
+    return data[_NESTING_MARGIN:-_NESTING_MARGIN]
 
 
 _MAX_QUOTED: Final = 32
@@ -412,18 +450,26 @@ def _entry_row(entry: Mapping[str, Any], alf_client_ip: str | None) -> EntryRow 
         started = _epoch_us(entry["startedDateTime"])
     except (ValueError, OverflowError):
         return "$.startedDateTime is not a date-time this collector can store"
+    if not MIN_STARTED <= started <= MAX_STARTED:
+        return (
+            f"$.startedDateTime {entry['startedDateTime'][:40]!r} is outside the years 0001 to "
+            "9999 once in UTC"
+        )
+    data = _bounded_json(entry)
+    if data is None:
+        return f"$ {_NESTED_TOO_DEEPLY}"
     host, path = _split_url(request["url"])
-    path = path[:_MAX_PATH]
+    path = text_column(path[:_MAX_PATH])
     consumer = None
     for header in request["headers"]:
         name = header["name"]
         if len(name) == _CONSUMER_LENGTH and name.lower() == CONSUMER_HEADER:
-            consumer = header["value"][:_MAX_CONSUMER] or None
+            consumer = text_column(header["value"][:_MAX_CONSUMER]) or None
     client_ip = entry.get("clientIPAddress") or alf_client_ip
     return EntryRow(
         started,
-        request["method"][:_MAX_METHOD],
-        host[:_MAX_HOST],
+        text_column(request["method"][:_MAX_METHOD]),
+        text_column(host[:_MAX_HOST]),
         path,
         fold_route(path)[:_MAX_PATH],  # folding can lengthen it ("/1" -> "/{id}")
         status,
@@ -431,9 +477,9 @@ def _entry_row(entry: Mapping[str, Any], alf_client_ip: str | None) -> EntryRow 
         bucket_of(time_ms),
         request_bytes if request_bytes > 0 else 0,
         response_bytes if response_bytes > 0 else 0,
-        client_ip[:_MAX_IP] if isinstance(client_ip, str) else None,
+        text_column(client_ip[:_MAX_IP]) if isinstance(client_ip, str) else None,
         consumer,
-        orjson.dumps(entry),
+        data,
     )
 
 
@@ -441,8 +487,8 @@ def _creator_json(creator: object) -> bytes | None:
     """The canonical JSON of ``har.log.creator``, bounded (see ``_MAX_CREATOR_BYTES``)."""
     if not isinstance(creator, dict):
         return None
-    data = orjson.dumps(creator, option=orjson.OPT_SORT_KEYS)
-    if len(data) <= _MAX_CREATOR_BYTES:
+    data = _bounded_json(creator, option=orjson.OPT_SORT_KEYS)
+    if data is not None and len(data) <= _MAX_CREATOR_BYTES:
         return data
     bounded = {
         key: str(creator[key])[:_MAX_CREATOR_FIELD] for key in ("name", "version") if key in creator
@@ -514,11 +560,12 @@ def prepare(body: bytes, *, version: str, kind: str, tokens: TokenSet, limits: L
             continue
         log = alf["har"]["log"]
         creator = log.get("creator")
+        environment = alf.get("environment")
         group = AlfGroup(
             index=index,
             version=version,
-            token=token,
-            environment=alf.get("environment"),
+            token=text_column(token),
+            environment=text_column(environment) if isinstance(environment, str) else None,
             creator=_creator_json(creator),
         )
         alf_ip = alf.get("clientIPAddress")

@@ -18,10 +18,10 @@ import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any, Final
 
-from .ingest import MAX_BUCKET, bucket_of, bucket_value
+from .ingest import MAX_BUCKET, MAX_STARTED, MIN_STARTED, bucket_of, bucket_value, text_column
 from .settings import mask
 from .storage import Store
 from .storage.base import TIERS
@@ -51,6 +51,22 @@ class FilterError(ValueError):
     """A query parameter has a value the API does not accept (answered 400)."""
 
 
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_MICROSECOND: Final = timedelta(microseconds=1)
+
+
+def _in_range(name: str, text: object, micros: int | float) -> int:
+    """``micros`` when a stored time can be in it (years 0001 to 9999 in UTC), else a 400.
+
+    The API and the dashboard read ``since`` and ``until`` here, so they refuse alike."""
+    if not MIN_STARTED <= micros <= MAX_STARTED:
+        raise FilterError(
+            f"{name}: {str(text)[:40]!r} is outside the years 0001 to 9999 (in UTC), "
+            "the times this collector can store"
+        )
+    return int(micros)
+
+
 def _parse_time(name: str, text: str) -> int:
     """Microseconds since the epoch from epoch seconds or an ISO 8601 date-time."""
     value = text.strip()
@@ -59,36 +75,45 @@ def _parse_time(name: str, text: str) -> int:
     except ValueError:
         pass
     else:
-        if not math.isfinite(seconds) or abs(seconds) > 1e11:
+        if not math.isfinite(seconds):
             raise FilterError(f"{name}: {text[:40]!r} is out of range")
-        return int(seconds * 1_000_000)
+        return _in_range(name, text, seconds * 1_000_000)
     try:
         moment = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError:
         raise FilterError(
             f"{name}: {text[:40]!r} is neither epoch seconds nor an ISO 8601 date-time"
         ) from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    return int(moment.timestamp() * 1_000_000)
+    return _in_range(name, text, _datetime_micros(moment))
+
+
+def _datetime_micros(moment: datetime) -> int:
+    """Exactly (no float), and for any offset: ``0001-01-01T00:00:00+14:00`` is year 0 in UTC."""
+    moment = moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+    return (moment - _EPOCH) // _MICROSECOND
 
 
 def to_micros(value: datetime | float | int | str | None, name: str = "time") -> int | None:
     if value is None:
         return None
     if isinstance(value, datetime):
-        moment = value if value.tzinfo else value.replace(tzinfo=timezone.utc)
-        return int(moment.timestamp() * 1_000_000)
+        return _in_range(name, value, _datetime_micros(value))
     if isinstance(value, (int, float)):
-        return int(value * 1_000_000)
+        if not math.isfinite(value):
+            raise FilterError(f"{name}: {value!r} is out of range")
+        return _in_range(name, value, value * 1_000_000)
     return _parse_time(name, value)
 
 
 def iso(micros: int | None) -> str | None:
-    """An ISO 8601 UTC time (milliseconds) from microseconds since the epoch."""
+    """An ISO 8601 UTC time (milliseconds) from microseconds since the epoch.
+
+    Never fails: a time outside the years 0001 to 9999 (which a database written before
+    ingest refused them may hold) reads as the nearest one inside.
+    """
     if micros is None:
         return None
-    moment = datetime.fromtimestamp(micros / 1_000_000, timezone.utc)
+    moment = _EPOCH + timedelta(microseconds=min(max(int(micros), MIN_STARTED), MAX_STARTED))
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
@@ -97,7 +122,11 @@ def _text(name: str, value: str | None, limit: int = 2048) -> str | None:
         return None
     if len(value) > limit:
         raise FilterError(f"{name} is longer than {limit} characters")
-    return value
+    return text_column(value)  # a NUL matches what ingest stored for it (U+FFFD)
+
+
+def _environment(value: str | None) -> str | None:
+    return text_column(value) if value is not None else None
 
 
 @dataclass(frozen=True)
@@ -137,7 +166,7 @@ class Filters:
         """Filters from Python values (datetimes, epoch seconds or ISO strings for times)."""
         return cls(
             service=_text("service", service, 256),
-            environment=environment,
+            environment=_environment(environment),
             since=to_micros(since, "since"),
             until=to_micros(until, "until"),
             status=_parse_status(str(status)) if status is not None else None,
@@ -159,7 +188,7 @@ class Filters:
         method = params.get("method")
         return cls(
             service=_text("service", service, 256),
-            environment=params.get("environment") if "environment" in params else None,
+            environment=_environment(params.get("environment")),
             since=times["since"],
             until=times["until"],
             status=_parse_status(status) if status else None,

@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from types import EllipsisType, TracebackType
 from typing import Any, Final
 
@@ -29,6 +29,7 @@ import orjson
 import uvicorn
 
 from .app import RequestRecord, create_app
+from .ingest import MAX_STARTED, MIN_STARTED
 from .settings import SUPPORTED_VERSIONS, CollectorError, Limits, TokenSet
 from .storage import Store, open_store
 from .summary import Summary, summarize_store
@@ -91,8 +92,12 @@ def uvicorn_config(app: Any, **options: Any) -> uvicorn.Config:
     return uvicorn.Config(app, **{**UVICORN_SETTINGS, **options})
 
 
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
 def _utc(micros: int) -> datetime:
-    return datetime.fromtimestamp(micros / 1_000_000, timezone.utc)
+    """Exact; a time outside the years 0001 to 9999 (an old database's) as the nearest one."""
+    return _EPOCH + timedelta(microseconds=min(max(micros, MIN_STARTED), MAX_STARTED))
 
 
 class Collector:
