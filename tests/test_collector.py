@@ -1756,3 +1756,46 @@ def test_deep_values_the_1_0_0_schema_allows_are_bounded(
                 "/api/entries",
             ):
                 assert api.get(running.url + path).status_code == 200, path
+
+
+# --- byte sums (PostgreSQL's BIGINT) --------------------------------------------------------
+
+
+def test_byte_sums_saturate_instead_of_overflowing(collector_db: str, client: httpx.Client) -> None:
+    """Entries may declare sizes up to 2^53: a thousand of them in one minute sum past 2^63.
+    The rollups (per minute, summed hours, late entries) and every aggregate saturate at
+    2^63 - 1 on both stores: no 503 that no retry can fix, no integer overflow on reading."""
+    top = 2**63 - 1
+    started = datetime.now(timezone.utc).replace(minute=0, second=1, microsecond=0)
+    started -= timedelta(hours=2)
+
+    def batch(count: int) -> dict[str, Any]:
+        entries = []
+        for _ in range(count):
+            entry = entry_at("GET", "http://api.test/big", 200, 1, started, consumer="c")
+            entry["request"]["bodySize"] = entry["response"]["bodySize"] = 2**53 - 1
+            entries.append(entry)
+        return alf_of(entries)
+
+    with Collector(collector_db, read_key=READ_KEY) as running:
+        url = running.endpoint("1.1.0", "single")
+        for count in (1_100, 600, 600):  # over 2^63 in one request, then in the store
+            answer = post(client, url, batch(count), encoding="gzip")
+            assert answer.status_code == 200, answer.text
+
+        def check() -> None:
+            with reader() as api:
+                for params in ({}, {"since": started.isoformat()}, {"consumer": "c"}):
+                    stats = api.get(running.url + "/api/stats", params=params)
+                    assert stats.status_code == 200, (params, stats.text)
+                    assert stats.json()["bytes_in"] == stats.json()["bytes_out"] == top
+                for path in ("/api/endpoints", "/api/services", "/api/consumers", "/"):
+                    assert api.get(running.url + path).status_code == 200, path
+
+        check()
+        assert running.store.compact() >= 1  # the hour is summed into agg_hour / agg_quarter
+        answer = post(client, url, batch(5), encoding="gzip")  # late: added to every tier
+        assert answer.status_code == 200, answer.text
+        check()
+        for table in ("agg_minute", "agg_hour", "agg_quarter", "agg_consumer_hour"):
+            assert running.store.scalar(f"SELECT MAX(bytes_in) FROM {table}") == top, table

@@ -40,6 +40,8 @@ __all__ = [
 ]
 
 _MINUTE: Final = 60_000_000
+_MAX_INT64: Final = 2**63 - 1
+_MIN_INT64: Final = -(2**63)
 MAX_LIMIT: Final = 1_000
 MAX_EXPORT: Final = 10_000
 _MAX_SERIES_POINTS: Final = 2_000
@@ -329,8 +331,8 @@ class Agg:
             else:
                 self.client_errors += n
         self.time_sum += time_sum
-        self.bytes_in += b_in
-        self.bytes_out += b_out
+        self.bytes_in = min(self.bytes_in + b_in, _MAX_INT64)  # saturated, as the rollups
+        self.bytes_out = min(self.bytes_out + b_out, _MAX_INT64)
         self.histogram[bucket] = self.histogram.get(bucket, 0) + n
         self.status_codes[status] = self.status_codes.get(status, 0) + n
 
@@ -340,8 +342,8 @@ class Agg:
         self.client_errors += other.client_errors
         self.server_errors += other.server_errors
         self.time_sum += other.time_sum
-        self.bytes_in += other.bytes_in
-        self.bytes_out += other.bytes_out
+        self.bytes_in = min(self.bytes_in + other.bytes_in, _MAX_INT64)
+        self.bytes_out = min(self.bytes_out + other.bytes_out, _MAX_INT64)
         for bucket, n in other.histogram.items():
             self.histogram[bucket] = self.histogram.get(bucket, 0) + n
         for status, n in other.status_codes.items():
@@ -498,8 +500,8 @@ def _rollup(
     columns = [_dim_sql(d, period_minutes, raw=False) for d in dims]
     group = ", ".join([*columns, "status", "bucket"])
     sql = (
-        f"SELECT {group}, SUM(n), SUM(time_sum), SUM(bytes_in), SUM(bytes_out) "
-        f"FROM {table}{where.sql()} GROUP BY {group}"
+        f"SELECT {group}, SUM(n), SUM(time_sum), {store.sum_sql('bytes_in')}, "
+        f"{store.sum_sql('bytes_out')} FROM {table}{where.sql()} GROUP BY {group}"
     )
     _collect(store.fetchall(sql, where.params), len(dims), results)
 
@@ -520,8 +522,8 @@ def _raw(
     columns = [_dim_sql(d, period_minutes, raw=True) for d in dims]
     group = ", ".join([*columns, "status", "bucket"])
     sql = (
-        f"SELECT {group}, COUNT(*), SUM(time_ms), SUM(request_bytes), SUM(response_bytes) "
-        f"FROM entries{where.sql()} GROUP BY {group}"
+        f"SELECT {group}, COUNT(*), SUM(time_ms), {store.sum_sql('request_bytes')}, "
+        f"{store.sum_sql('response_bytes')} FROM entries{where.sql()} GROUP BY {group}"
     )
     _collect(store.fetchall(sql, where.params), len(dims), results)
 
@@ -726,10 +728,6 @@ def _row(row: Sequence[Any]) -> dict[str, Any]:
         "service_token_id": token_id,
         "environment": environment,
     }
-
-
-_MAX_INT64: Final = 2**63 - 1
-_MIN_INT64: Final = -(2**63)
 
 
 def _encode_cursor(*parts: Any) -> str:

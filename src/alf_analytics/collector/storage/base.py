@@ -180,11 +180,28 @@ COLUMN_TYPES: Final = {
 }  # fmt: skip
 """PostgreSQL types of the rollup columns (for its array-based upsert)."""
 
+INT64_MAX: Final = 2**63 - 1
+"""Where the byte sums of the rollups saturate (BIGINT): a sum never overflows into an error."""
+SATURATED: Final = ("bytes_in", "bytes_out")
+"""The sums that can reach INT64_MAX (each entry adds up to 2^53; ``n`` adds 1, ``time_sum``
+is a float)."""
+
+
+def added(table: str, column: str) -> str:
+    """The SQL of an upsert's new ``column``: the sum, saturated at INT64_MAX for bytes
+    (without computing a sum that overflows: both backends, BIGINT only)."""
+    if column not in SATURATED:
+        return f"{table}.{column} + excluded.{column}"
+    return (
+        f"CASE WHEN {table}.{column} > {INT64_MAX} - excluded.{column} THEN {INT64_MAX} "
+        f"ELSE {table}.{column} + excluded.{column} END"
+    )
+
 
 @lru_cache(maxsize=64)
 def upsert_clause(table: str, keys: tuple[str, ...]) -> str:
     """What makes an INSERT of rollup rows (keys, then sums) add into existing rows."""
-    sums = ", ".join(f"{c} = {table}.{c} + excluded.{c}" for c in SUM_COLUMNS)
+    sums = ", ".join(f"{c} = {added(table, c)}" for c in SUM_COLUMNS)
     return f" ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {sums}"
 
 
@@ -325,6 +342,11 @@ class Store(ABC):
     """
 
     dialect: str = ""
+
+    def sum_sql(self, column: str) -> str:
+        """``SUM(column)`` of byte counts, saturated at INT64_MAX (PostgreSQL sums BIGINT as
+        NUMERIC, which does not overflow)."""
+        return f"LEAST(COALESCE(SUM({column}), 0), {INT64_MAX})"
 
     def __init__(self, tokens: TokenSet | None = None) -> None:
         self.tokens = tokens if tokens is not None else TokenSet()
@@ -539,7 +561,10 @@ class Store(ABC):
                         for minute_table, summed_table in tables.items():
                             keys = ROLLUPS[minute_table]
                             rest = ", ".join(keys[1:])
-                            sums = ", ".join(f"SUM({c})" for c in SUM_COLUMNS)
+                            sums = ", ".join(
+                                self.sum_sql(c) if c in SATURATED else f"SUM({c})"
+                                for c in SUM_COLUMNS
+                            )
                             period = f"(minute - minute % {size})"
                             tx.execute(
                                 f"INSERT INTO {summed_table} "
@@ -662,7 +687,8 @@ def _rekeyed(
 
 
 def _ints(values: list[float]) -> tuple[int, float, int, int]:
-    return int(values[0]), float(values[1]), int(values[2]), int(values[3])
+    bytes_in, bytes_out = min(int(values[2]), INT64_MAX), min(int(values[3]), INT64_MAX)
+    return int(values[0]), float(values[1]), bytes_in, bytes_out
 
 
 def masked_url(url: str) -> str:

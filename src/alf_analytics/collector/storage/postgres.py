@@ -25,6 +25,7 @@ from .base import (
     SUM_COLUMNS,
     Store,
     Transaction,
+    added,
     masked_url,
     schema_statements,
 )
@@ -45,7 +46,7 @@ def _upsert(table: str, keys: tuple[str, ...]) -> str:
     """One statement for all of a request's rollup rows: arrays unnested into rows."""
     columns = (*keys, *SUM_COLUMNS)
     arrays = ", ".join(f"%s::{COLUMN_TYPES[c]}[]" for c in columns)
-    sums = ", ".join(f"{c} = {table}.{c} + excluded.{c}" for c in SUM_COLUMNS)
+    sums = ", ".join(f"{c} = {added(table, c)}" for c in SUM_COLUMNS)
     return (
         f"INSERT INTO {table} ({', '.join(columns)}) SELECT * FROM unnest({arrays}) "
         f"ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {sums}"

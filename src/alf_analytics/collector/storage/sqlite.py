@@ -27,6 +27,7 @@ import orjson
 from ..ingest import _entry_row, _first_error, _validators
 from ..settings import CollectorError, TokenSet
 from .base import (
+    INT64_MAX,
     ROLLUP_TABLES,
     SCHEMA_VERSION,
     SUM_COLUMNS,
@@ -113,6 +114,11 @@ class SQLiteStore(Store):
     """A collector database in one SQLite file (or ``:memory:``)."""
 
     dialect = "sqlite"
+
+    def sum_sql(self, column: str) -> str:
+        # SQLite's SUM() of integers fails on overflow ("integer overflow"); TOTAL() is a
+        # float, exact up to 2^53, and MIN() saturates it as PostgreSQL's LEAST() does.
+        return f"MIN(TOTAL({column}), {INT64_MAX})"
 
     def __init__(self, path: str = "alf.sqlite", *, tokens: TokenSet | None = None) -> None:
         super().__init__(tokens)
