@@ -1799,3 +1799,63 @@ def test_byte_sums_saturate_instead_of_overflowing(collector_db: str, client: ht
         check()
         for table in ("agg_minute", "agg_hour", "agg_quarter", "agg_consumer_hour"):
             assert running.store.scalar(f"SELECT MAX(bytes_in) FROM {table}") == top, table
+
+
+# --- cursors -----------------------------------------------------------------------------------
+
+
+def _cursor(text: str) -> str:
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+FORGED_CURSORS = [
+    "1e308:5",
+    "1.7e308:1",
+    "inf:1",
+    "-inf:1",
+    "nan:1",
+    "1e12:1",
+    "-5:5",
+    "5:0",
+    "5:-1",
+    "5:99999999999999999999",
+    "99999999999999999999:5",
+    "-99999999999999999999:5",
+    "5",
+    "5:5:5",
+    ":",
+    "",
+    "\u00e9:1",
+    "0x10:1",
+]
+
+
+@pytest.mark.parametrize("sort", ["newest", "slowest"])
+def test_forged_cursors_are_a_400_naming_the_cursor(
+    filled: tuple[Collector, datetime], sort: str
+) -> None:
+    collector, _ = filled
+    raw = ["%%%", "\u00ff\u00fe", "A" * 5_000, base64.urlsafe_b64encode(b"\xff\xfe:1").decode()]
+    with reader() as api:
+        first = api.get(collector.url + "/api/entries", params={"sort": sort, "limit": "3"})
+        real = first.json()["next_cursor"]
+        params = {"sort": sort, "limit": "3", "cursor": real}
+        assert api.get(collector.url + "/api/entries", params=params).status_code == 200
+        for cursor in [*(_cursor(text) for text in FORGED_CURSORS), *raw]:
+            answer = api.get(
+                collector.url + "/api/entries", params={"sort": sort, "cursor": cursor}
+            )
+            assert answer.status_code in (200, 400), (cursor, answer.text)
+            if answer.status_code == 400:
+                assert answer.json() == {"errors": ["cursor is not one this API gave out"]}
+        for text in ("1e308:5", "inf:1", "nan:1", "5:0", "5:-1", "5:99999999999999999999"):
+            answer = api.get(
+                collector.url + "/api/entries", params={"sort": sort, "cursor": _cursor(text)}
+            )
+            assert answer.status_code == 400, (sort, text, answer.text)
+        if sort == "slowest":
+            for text in ("-5:5", "1e12:1", "1.7e308:1"):  # no entry has such a time
+                answer = api.get(
+                    collector.url + "/api/entries", params={"sort": sort, "cursor": _cursor(text)}
+                )
+                assert answer.status_code == 400, (text, answer.text)

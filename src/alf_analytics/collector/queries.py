@@ -734,20 +734,37 @@ def _encode_cursor(*parts: Any) -> str:
     return base64.urlsafe_b64encode(":".join(str(p) for p in parts).encode()).decode().rstrip("=")
 
 
+_MAX_CURSOR: Final = 200
+_MIN_TIME_MS: Final = -1.0
+_MAX_TIME_MS: Final = 1e12  # what ingest accepts as an entry's time
+
+
 def _decode_cursor(cursor: str, kinds: tuple[type, ...]) -> tuple[Any, ...]:
+    """The values of a cursor this API gave out: ``(started, id)`` or ``(time_ms, id)``.
+
+    Anything else (garbage, ``inf``, ``nan``, a time no entry can have, an id that is not
+    a positive 64-bit integer) is a 400 naming the cursor, never a 500.
+    """
+    refused = FilterError("cursor is not one this API gave out")
+    if len(cursor) > _MAX_CURSOR:
+        raise refused
     try:
         text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         parts = text.split(":")
         if len(parts) != len(kinds):
             raise ValueError(text)
         values = tuple(kind(part) for kind, part in zip(kinds, parts, strict=True))
-    except (ValueError, binascii.Error, UnicodeDecodeError):
-        raise FilterError("cursor is not one this API gave out") from None
-    if any(isinstance(v, float) and not math.isfinite(v) for v in values):
-        raise FilterError("cursor is not one this API gave out")
+    except (ValueError, binascii.Error, UnicodeDecodeError, OverflowError):
+        raise refused from None
+    position, entry_id = values
     # The stores bind integers as signed 64-bit: a forged cursor beyond that is not ours.
-    if any(isinstance(v, int) and not _MIN_INT64 <= v <= _MAX_INT64 for v in values):
-        raise FilterError("cursor is not one this API gave out")
+    if not 0 < entry_id <= _MAX_INT64:
+        raise refused
+    if isinstance(position, float):
+        if not (math.isfinite(position) and _MIN_TIME_MS <= position < _MAX_TIME_MS):
+            raise refused
+    elif not _MIN_INT64 <= position <= _MAX_INT64:
+        raise refused
     return values
 
 
