@@ -1859,3 +1859,55 @@ def test_forged_cursors_are_a_400_naming_the_cursor(
                     collector.url + "/api/entries", params={"sort": sort, "cursor": _cursor(text)}
                 )
                 assert answer.status_code == 400, (text, answer.text)
+
+
+# --- service tokens as given ----------------------------------------------------------------------
+
+
+def test_token_values_are_literal_and_an_empty_one_is_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from alf_analytics.collector.settings import TokenSet
+
+    monkeypatch.delenv("ALF_COLLECTOR_TOKENS", raising=False)
+    tokens = TokenSet.from_sources(["#abc", "name=#def", "a,b"])
+    assert [(t.token, t.name) for t in tokens] == [("#abc", None), ("#def", "name"), ("a,b", None)]
+    listed = tmp_path / "tokens"
+    listed.write_text("# a comment\n\n  # another\nfile=#kept-literally\n", "utf-8")
+    from_file = TokenSet.from_sources([], str(listed), environ={"ALF_COLLECTOR_TOKENS": "x,,y,"})
+    assert [t.token for t in from_file] == ["#kept-literally", "x", "y"]
+    for empty in ("", "  ", "name="):
+        with pytest.raises(CollectorError, match="empty"):
+            TokenSet.from_sources([empty])
+    assert [t.token for t in TokenSet.parse(["name=ends-in=" + "="])] == ["ends-in=="]
+
+
+@pytest.mark.parametrize("value", ["", "   ", "billing="])
+def test_cli_refuses_an_empty_token(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["collector", "--port", "0", "--db", ":memory:", "--token", value]) == 2
+    assert "empty" in capsys.readouterr().err
+
+
+def test_cli_takes_a_token_starting_with_a_hash_literally(
+    tmp_path: Path, client: httpx.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--token '#abc'`` was read as a comment: the collector then ran with no tokens and,
+    on loopback, stored ALF with any token at all."""
+    monkeypatch.delenv("ALF_COLLECTOR_TOKENS", raising=False)
+    proc, url = start_cli_collector(
+        "--port", "0", "--db", ":memory:", "--token", "#hash-token-0123", cwd=tmp_path
+    )
+    with reaped(proc):
+        alf = make_alf([("GET", "http://api.test/h", 200, 1)], token="#hash-token-0123")
+        assert post(client, url + "/1.1.0/single", alf).status_code == 200
+        other = make_alf([("GET", "http://api.test/h", 200, 1)], token="anything-else")
+        assert post(client, url + "/1.1.0/single", other).status_code == 401
+        sigterm(proc)
+
+
+def test_workers_need_a_fixed_port(capsys: pytest.CaptureFixture[str]) -> None:
+    """The default port (8700) is a fixed one; only --port 0 (any free port) cannot be
+    shared by the workers, and is refused."""
+    db = "postgresql://nobody@127.0.0.1:1/none"
+    assert main(["collector", "--workers", "2", "--port", "0", "--db", db]) == 2
+    assert "--workers needs a fixed --port (not 0)" in capsys.readouterr().err

@@ -323,10 +323,13 @@ def worker_app() -> Any:
     """The app of one ``--workers`` process: ``ALF_COLLECTOR_*`` variables plus the CLI's
     other options, handed over by the supervisor in ``ALF_COLLECTOR_CLI_OPTIONS`` (JSON)."""
     from .collector.app import create_app
-    from .collector.settings import Limits
+    from .collector.settings import Limits, TokenSet
 
     options = json.loads(os.environ.get(_WORKER_OPTIONS) or "{}")
+    tokens = options.get("tokens")
     return create_app(
+        # The supervisor's parsed tokens, as JSON: a token may hold a comma.
+        tokens=TokenSet.from_specs(tokens) if tokens is not None else None,
         limits=Limits(**options.get("limits", {})),
         idempotency_window=options.get("idempotency_window", "24h"),
         ingest_concurrency=int(options.get("ingest_concurrency", 2)),
@@ -348,16 +351,17 @@ def _run_workers(args: argparse.Namespace, tokens: Any, limits: Any, postgres: b
         )
         return 2
     if args.port == 0:
-        print("alf-analytics: --workers needs an explicit --port", file=sys.stderr)
+        print("alf-analytics: --workers needs a fixed --port (not 0)", file=sys.stderr)
         return 2
     os.environ["ALF_COLLECTOR_DB"] = args.db
-    os.environ["ALF_COLLECTOR_TOKENS"] = ",".join(
-        f"{t.name}={t.token}" if t.name else t.token for t in tokens
-    )
     os.environ["ALF_COLLECTOR_READ_KEY"] = args.read_key or ""
     os.environ["ALF_COLLECTOR_RETENTION"] = args.retention or ""
     os.environ[_WORKER_OPTIONS] = json.dumps(
         {
+            # Every token of --token, --tokens-file and ALF_COLLECTOR_TOKENS, parsed once
+            # here; as JSON pairs, not a comma-joined ALF_COLLECTOR_TOKENS that would split
+            # a token holding a comma (the workers do not read that variable again).
+            "tokens": tokens.specs(),
             "limits": dataclasses.asdict(limits),
             "idempotency_window": args.idempotency_window,
             "ingest_concurrency": args.ingest_concurrency,

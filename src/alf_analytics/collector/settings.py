@@ -78,16 +78,26 @@ class TokenSet:
 
     @classmethod
     def parse(cls, specs: Iterable[str]) -> TokenSet:
-        """Tokens from ``TOKEN`` or ``NAME=TOKEN`` strings (``--token``, files, environment)."""
+        """Tokens from ``TOKEN`` or ``NAME=TOKEN`` strings (``--token``, files, environment).
+
+        Each string is taken literally (a leading ``#`` is part of the token: comments are
+        for :meth:`from_sources`' tokens file); an empty one, or ``NAME=`` with nothing
+        after it, is a :class:`CollectorError`, never a silently open collector.
+        """
         tokens = []
         for raw in specs:
             spec = raw.strip()
-            if not spec or spec.startswith("#"):
-                continue
+            if not spec:
+                raise CollectorError("a service token is empty: give each one as [NAME=]TOKEN")
             name: str | None = None
             if "=" in spec:
                 candidate, _, rest = spec.partition("=")
-                if _NAME.fullmatch(candidate) and rest:
+                if _NAME.fullmatch(candidate):
+                    if not rest:
+                        raise CollectorError(
+                            f"service token {candidate!r} is empty: give it as {candidate}=TOKEN "
+                            f"(a token that itself ends in '=' as NAME={candidate}=)"
+                        )
                     name, spec = candidate, rest
             if any(ch.isspace() for ch in spec) or not spec.isprintable():
                 raise CollectorError(
@@ -103,17 +113,42 @@ class TokenSet:
         tokens_file: str | None = None,
         environ: Mapping[str, str] | None = None,
     ) -> TokenSet:
-        """Tokens from ``--token`` values, a ``--tokens-file`` and ``ALF_COLLECTOR_TOKENS``."""
+        """Tokens from ``--token`` values, a ``--tokens-file`` and ``ALF_COLLECTOR_TOKENS``.
+
+        ``--token`` values are literal (see :meth:`parse`); in the file, blank lines and
+        lines starting with ``#`` are skipped; in the variable (comma-separated) empty items
+        are skipped.
+        """
         specs = list(tokens)
         if tokens_file is not None:
             try:
                 with open(tokens_file, encoding="utf-8") as file:
-                    specs.extend(file.read().splitlines())
-            except OSError as exc:
+                    lines = file.read().splitlines()
+            except (OSError, UnicodeDecodeError) as exc:
                 raise CollectorError(f"cannot read tokens file {tokens_file}: {exc}") from exc
+            specs.extend(
+                line for line in lines if line.strip() and not line.lstrip().startswith("#")
+            )
         env = os.environ if environ is None else environ
-        specs.extend(env.get("ALF_COLLECTOR_TOKENS", "").split(","))
+        specs.extend(
+            item for item in env.get("ALF_COLLECTOR_TOKENS", "").split(",") if item.strip()
+        )
         return cls.parse(specs)
+
+    def specs(self) -> list[list[str | None]]:
+        """The tokens as ``[token, name]`` pairs (JSON for ``--workers``: no lossy joining)."""
+        return [[token.token, token.name] for token in self]
+
+    @classmethod
+    def from_specs(cls, pairs: Iterable[Iterable[str | None]]) -> TokenSet:
+        """The inverse of :meth:`specs`."""
+        tokens = []
+        for pair in pairs:
+            token, name = pair
+            if not isinstance(token, str) or not (name is None or isinstance(name, str)):
+                raise CollectorError("service tokens must be [token, name] pairs of strings")
+            tokens.append(ServiceToken(token, name))
+        return cls(tokens)
 
     def __bool__(self) -> bool:
         return bool(self._by_token)
