@@ -1911,3 +1911,52 @@ def test_workers_need_a_fixed_port(capsys: pytest.CaptureFixture[str]) -> None:
     db = "postgresql://nobody@127.0.0.1:1/none"
     assert main(["collector", "--workers", "2", "--port", "0", "--db", db]) == 2
     assert "--workers needs a fixed --port (not 0)" in capsys.readouterr().err
+
+
+# --- the OpenAPI document ------------------------------------------------------------------------
+
+DOCUMENTED_STATUSES = {
+    # The README's "Ingest" paragraph.
+    "/{version}/{kind}": {200, 207, 400, 401, 405, 408, 413, 415, 422, 503},
+    # /health: ok, a JSON 503 while the store does not answer (and 405 for other methods).
+    "/health": {200, 405, 503},
+    # The query API: a bad filter 400, no or a wrong read key 401, a service token 403, a
+    # store that cannot be read 503; an unknown entry 404.
+    "/api/services": {200, 400, 401, 403, 503},
+    "/api/stats": {200, 400, 401, 403, 503},
+    "/api/endpoints": {200, 400, 401, 403, 503},
+    "/api/consumers": {200, 400, 401, 403, 503},
+    "/api/entries": {200, 400, 401, 403, 503},
+    "/api/entries/{entry_id}": {200, 400, 401, 403, 404, 503},
+    "/api/entries/{entry_id}.har": {200, 400, 401, 403, 404, 503},
+    "/api/export.har": {200, 400, 401, 403, 503},
+}
+
+
+def test_openapi_documents_every_route_and_every_status_it_answers(
+    collector: Collector, client: httpx.Client
+) -> None:
+    document = client.get(collector.url + "/openapi.json").json()
+    paths = document["paths"]
+    expected: dict[str, set[int]] = {}
+    for route, statuses in DOCUMENTED_STATUSES.items():
+        if route.startswith("/{version}"):
+            for version in VERSIONS:
+                for kind in ("single", "batch"):
+                    expected[f"/{version}/{kind}"] = statuses
+        else:
+            expected[route] = statuses
+    assert set(paths) == set(expected)
+    for route, statuses in expected.items():
+        documented = {
+            int(code) for operation in paths[route].values() for code in operation["responses"]
+        }
+        assert documented == statuses, route
+    # Every route of the ALF protocol, /health and the API is in it (the dashboard's pages
+    # are HTML, not part of it).
+    served = {
+        getattr(route, "path", "").replace("{entry_id:int}", "{entry_id}")
+        for route in collector.app.routes
+    }
+    api = {path for path in served if path.startswith(("/1.", "/health", "/api"))}
+    assert api == set(paths)

@@ -75,21 +75,38 @@ _ANSWER = {
 }
 
 
-def _get(summary: str, schema: dict[str, Any], params: list[dict[str, Any]]) -> dict[str, Any]:
+_UNAVAILABLE = {
+    "description": "The store cannot be read right now (a PostgreSQL that went away): retry "
+    "after Retry-After seconds",
+    "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+    "content": {"application/json": {"schema": _ERRORS}},
+}
+
+
+def _get(
+    summary: str, schema: dict[str, Any], params: list[dict[str, Any]], *, one: bool = False
+) -> dict[str, Any]:
+    responses: dict[str, Any] = {
+        "200": {"description": "OK", "content": {"application/json": {"schema": schema}}},
+        "400": {
+            "description": "A bad parameter",
+            "content": {"application/json": {"schema": _ERRORS}},
+        },
+        "401": {"description": "No or a wrong read key"},
+        "403": {"description": "A service token was sent as the read key"},
+    }
+    if one:
+        responses["404"] = {
+            "description": "No such entry",
+            "content": {"application/json": {"schema": _ERRORS}},
+        }
+    responses["503"] = _UNAVAILABLE
     return {
         "get": {
             "summary": summary,
             "security": [{"readKey": []}],
             "parameters": params,
-            "responses": {
-                "200": {"description": "OK", "content": {"application/json": {"schema": schema}}},
-                "400": {
-                    "description": "A bad parameter",
-                    "content": {"application/json": {"schema": _ERRORS}},
-                },
-                "401": {"description": "No or a wrong read key"},
-                "403": {"description": "A service token was sent as the read key"},
-            },
+            "responses": responses,
         }
     }
 
@@ -107,9 +124,22 @@ def _ingest(kind: str) -> dict[str, Any]:
         "413": "over a size or count limit",
         "415": "unsupported Content-Encoding",
         "422": "Idempotency-Key reused with a different body",
-        "503": "storage unavailable, retry",
+        "503": "storage unavailable (JSON, with Retry-After), or --limit-concurrency reached "
+        "(plain text, connection closed): retry",
     }
+    not_allowed = {
+        "summary": "Not allowed: the ALF endpoints take POST",
+        "responses": {
+            "405": {
+                "description": "A method other than POST (Allow: POST)",
+                "headers": {"Allow": {"schema": {"type": "string"}}},
+                "content": {"application/json": {"schema": _ANSWER}},
+            }
+        },
+    }
+    others = ("get", "head", "put", "patch", "delete", "options")
     return {
+        **{method: not_allowed for method in others},
         "post": {
             "summary": f"Receive ALF ({kind})",
             "parameters": [
@@ -133,7 +163,7 @@ def _ingest(kind: str) -> dict[str, Any]:
                 code: {"description": text, "content": {"application/json": {"schema": _ANSWER}}}
                 for code, text in responses.items()
             },
-        }
+        },
     }
 
 
@@ -145,7 +175,34 @@ def openapi_document() -> dict[str, Any]:
     for version in ("1.0.0", "1.1.0"):
         for kind in ("single", "batch"):
             paths[f"/{version}/{kind}"] = _ingest(kind)
-    paths["/health"] = {"get": {"summary": "Liveness", "responses": {"200": {"description": "OK"}}}}
+    health = {
+        "type": "object",
+        "properties": {
+            "status": {"enum": ["ok", "unavailable"]},
+            "errors": {"type": "array", "items": {"type": "string"}},
+        },
+    }
+    health_responses = {
+        "200": {
+            "description": "The store answers a query",
+            "content": {"application/json": {"schema": health}},
+        },
+        "503": {
+            **_UNAVAILABLE,
+            "description": "The store does not answer (retry after Retry-After seconds)",
+            "content": {"application/json": {"schema": health}},
+        },
+    }
+    not_allowed = {
+        "description": "A method other than GET or HEAD",
+        "content": {"application/json": {"schema": _ERRORS}},
+    }
+    paths["/health"] = {
+        method: {"summary": "Readiness: whether the store answers", "responses": health_responses}
+        for method in ("get", "head")
+    }
+    for method in ("post", "put", "delete"):
+        paths["/health"][method] = {"summary": "Not allowed", "responses": {"405": not_allowed}}
     paths["/api/services"] = _get(
         "Each (service, environment) seen",
         {"type": "object", "properties": {"services": {"type": "array"}}},
@@ -213,9 +270,10 @@ def openapi_document() -> dict[str, Any]:
             },
         },
         [entry_id],
+        one=True,
     )
     paths["/api/entries/{entry_id}.har"] = _get(
-        "One entry as HAR 1.2", {"type": "object"}, [entry_id]
+        "One entry as HAR 1.2", {"type": "object"}, [entry_id], one=True
     )
     paths["/api/export.har"] = _get(
         "The filtered entries as HAR 1.2", {"type": "object"}, [*_FILTERS, _LIMIT]
