@@ -432,6 +432,26 @@ CHARSET_BODIES: list[tuple[str, bytes, tuple[str, str]]] = [
 ]
 
 
+@pytest.mark.parametrize(("mime", "data", "shown"), CHARSET_BODIES)
+def test_a_har_request_body_is_read_in_its_charset_as_the_page_reads_it(
+    mime: str, data: bytes, shown: tuple[str, str]
+) -> None:
+    """HAR's postData has no base64: a text body is written as the text the page shows (not
+    pretty-printed), a binary one left out with a comment saying so."""
+    part = {"mimeType": mime, "encoding": "base64", "text": base64.b64encode(data).decode()}
+    har = queries._har_content(part, for_request=True)
+    kind, _ = shown
+    if kind == "binary":
+        assert har == {"mimeType": mime, "text": "", "comment": "binary body left out"}
+    else:
+        charset = queries._declared_charset(mime)
+        try:
+            expected = data.decode(charset, "replace")
+        except LookupError:
+            expected = data.decode("utf-8")
+        assert har == {"mimeType": mime, "text": expected}
+
+
 def _partly_captured(entry: dict[str, Any]) -> None:
     """1 KiB of a 5,000-byte binary upload captured; a 68-byte response not captured at all."""
     entry["request"]["method"] = "POST"

@@ -889,23 +889,12 @@ def _body(part: Mapping[str, Any] | None) -> dict[str, Any]:
             data = base64.b64decode(text, validate=False)
         except (binascii.Error, ValueError):
             return {"kind": "binary", "text": "", "size": len(text), "mime_type": mime_type}
-        for parameter in mime_type.split(";")[1:]:
-            name, _, value = parameter.partition("=")
-            if name.strip().lower() == "charset":
-                charset = value.strip().strip("\"'").strip()
+        charset = _declared_charset(mime_type)
     else:
         data = text.encode("utf-8", "surrogatepass")
-    decoded: str | None = None
-    if charset:
-        try:  # LookupError: not a codec, or not a text one ("base64", "rot13")
-            decoded = data.decode(charset, "replace")
-        except (LookupError, ValueError, TypeError):
-            decoded = None
+    decoded = _as_text(data, charset)
     if decoded is None:
-        try:
-            decoded = data.decode("utf-8")
-        except UnicodeDecodeError:
-            return {"kind": "binary", "text": "", "size": len(data), "mime_type": mime_type}
+        return {"kind": "binary", "text": "", "size": len(data), "mime_type": mime_type}
     if "json" in mime_type.lower() or decoded.lstrip()[:1] in ("{", "["):
         try:
             pretty = json.dumps(json.loads(decoded), indent=2, ensure_ascii=False)
@@ -916,6 +905,29 @@ def _body(part: Mapping[str, Any] | None) -> dict[str, Any]:
     if any(ord(ch) < 32 and ch not in "\t\r\n" for ch in decoded[:4096]):
         return {"kind": "binary", "text": "", "size": len(data), "mime_type": mime_type}
     return {"kind": "text", "text": decoded, "size": len(data), "mime_type": mime_type}
+
+
+def _declared_charset(mime_type: str) -> str:
+    """The ``charset`` parameter of a content type, or ``""``."""
+    for parameter in mime_type.split(";")[1:]:
+        name, _, value = parameter.partition("=")
+        if name.strip().lower() == "charset":
+            return value.strip().strip("\"'").strip()
+    return ""
+
+
+def _as_text(data: bytes, charset: str) -> str | None:
+    """``data`` read in ``charset`` when Python knows it as a text codec (undecodable bytes
+    replaced), else as UTF-8, strictly; None when it is not text in either."""
+    if charset:
+        try:  # LookupError: not a codec, or not a text one ("base64", "rot13")
+            return data.decode(charset, "replace")
+        except (LookupError, ValueError, TypeError):
+            pass
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
 
 
 def _mapping(value: object) -> Mapping[str, Any]:
@@ -1001,10 +1013,12 @@ def _har_content(part: Mapping[str, Any], *, for_request: bool) -> dict[str, Any
 
 
 def _plain_text(part: Mapping[str, Any]) -> str:
+    """A base64 request body as HAR's postData text, in its declared charset (as shown)."""
     try:
-        return base64.b64decode(str(part.get("text") or "")).decode("utf-8")
-    except (binascii.Error, ValueError, UnicodeDecodeError):
+        data = base64.b64decode(str(part.get("text") or ""))
+    except (binascii.Error, ValueError):
         return ""
+    return _as_text(data, _declared_charset(str(part.get("mimeType") or ""))) or ""
 
 
 def _har(entries_: list[dict[str, Any]]) -> dict[str, Any]:
