@@ -612,6 +612,28 @@ def test_a_chunk_is_captured_after_the_server_has_it(collector: Collector) -> No
     assert base64.b64decode(entry["response"]["content"]["text"]) == b"firstsecond"
 
 
+def test_a_chunk_the_server_failed_to_write_is_not_counted(collector: Collector) -> None:
+    """gunicorn writes each chunk and closes the response in a ``finally``: when a write
+    raises (the client left, a chunk that is not bytes) that chunk did not cross, and the
+    entry counts only what did."""
+    wrapped = middleware(wsgi_apps.ClosingApp([b"first", b"second", b"third"]), collector)
+    result = wrapped(create_environ("/"), lambda *args: None)
+
+    def serve() -> None:  # gunicorn's handle_request, in short
+        try:
+            for chunk in result:
+                if chunk == b"second":
+                    raise BrokenPipeError(32, "Broken pipe")
+        finally:
+            result.close()  # type: ignore[attr-defined]
+
+    with pytest.raises(BrokenPipeError):
+        serve()
+    (entry,) = received_entries(collector, 1)
+    assert (entry["response"]["status"], entry["response"]["bodySize"]) == (200, 5)
+    assert base64.b64decode(entry["response"]["content"]["text"]) == b"first"
+
+
 def test_a_bytearray_chunk_changed_after_it_is_sent_is_captured_as_sent(
     collector: Collector,
 ) -> None:

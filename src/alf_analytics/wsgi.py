@@ -13,6 +13,7 @@ exactly once, and an app exception propagates unchanged.
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from inspect import iscoroutine
 from time import perf_counter
@@ -303,7 +304,14 @@ class _Responder:
         if self._done:
             return
         self._done = True
-        self._capture_pending()
+        if self._pending is not None:
+            if sys.exc_info()[0] is None:
+                self._capture_pending()  # closed without asking for more: it has the chunk
+            else:
+                # Closed while an exception propagates (gunicorn closes in a ``finally``):
+                # the server's write of that chunk failed (the client left, a chunk that is
+                # not bytes), so it did not cross.
+                self._pending = None
         exchange = self.exchange
         holder = self._holder
         if holder is not None and holder.value is not None:
