@@ -391,6 +391,18 @@ def test_empty_bodies_are_captured_but_not_sent() -> None:
     assert "postData" not in entry["request"] and "content" not in entry["response"]
 
 
+def test_a_request_body_of_unknown_length_read_in_part_is_not_called_captured() -> None:
+    """No Content-Length (chunked) and the app stopped before the end: what was read is kept
+    as a prefix, but bodyCaptured does not claim the whole body."""
+    record = exchange(request_info(method="POST", content_length=None))
+    record.request_data(b"first line\n")
+    entry = entry_of(record)
+    assert entry["request"]["bodySize"] == 11
+    assert entry["request"]["bodyCaptured"] is False
+    record.request_complete = True  # read to its end: whole
+    assert entry_of(record)["request"]["bodyCaptured"] is True
+
+
 def test_a_body_that_redaction_makes_longer_than_the_cap_is_left_out() -> None:
     """The marker is longer than a ``0``: a JSON body within max_body_bytes can pass it once
     redacted. It is left out, as a longer body is, so a captured body never exceeds the cap
@@ -402,6 +414,7 @@ def test_a_body_that_redaction_makes_longer_than_the_cap_is_left_out() -> None:
         cfg=config(max_body_bytes=cap, redact_body_keys=["pin"]),
     )
     record.request_data(body)
+    record.request_complete = True
     entry = entry_of(record)
     assert entry["request"]["bodySize"] == cap
     assert entry["request"]["bodyCaptured"] is False
@@ -412,6 +425,7 @@ def test_a_body_that_redaction_makes_longer_than_the_cap_is_left_out() -> None:
         cfg=config(max_body_bytes=cap * 3, redact_body_keys=["pin"]),
     )
     record.request_data(body)
+    record.request_complete = True
     entry = entry_of(record)
     assert entry["request"]["bodyCaptured"] is True
     sent = base64.b64decode(entry["request"]["postData"]["text"])

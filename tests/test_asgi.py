@@ -353,6 +353,53 @@ async def test_every_receive_message_is_forwarded_unchanged(
     assert entry["request"]["postData"]["text"] == b64(b"abcdefghij")
 
 
+@pytest.mark.anyio
+async def test_a_body_of_unknown_length_read_in_part_is_not_called_captured(
+    anyio_backend: str, collector: Collector
+) -> None:
+    """A chunked upload (no Content-Length) the app stops reading after one message: more may
+    have followed, so the entry does not claim the whole body (bodyCaptured false)."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()  # one message of several, then an answer
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    server = Server(body_messages(b"abcdefghij", 3))
+    with anyio.fail_after(10):
+        await analytics(app, collector, log_body=True)(
+            http_scope("/in", method="POST"), server.receive, server.send
+        )
+    entry = only_entry(collector)
+    assert entry["request"]["bodySize"] == 3
+    assert entry["request"]["bodyCaptured"] is False
+
+
+@pytest.mark.anyio
+async def test_an_upload_cut_by_the_client_counts_what_crossed_not_what_it_announced(
+    anyio_backend: str, collector: Collector
+) -> None:
+    """Content-Length 100, 50 bytes, then the client leaves: bodySize is the 50 that crossed,
+    and the cut body is not captured."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    scope = http_scope("/in", method="POST")
+    scope["headers"] = [*scope["headers"], (b"content-length", b"100")]
+    cut = {"type": "http.request", "body": b"x" * 50, "more_body": True}
+    server = Server([cut, {"type": "http.disconnect"}])
+    with anyio.fail_after(10):
+        await analytics(app, collector, log_body=True)(scope, server.receive, server.send)
+    entry = only_entry(collector)
+    assert entry["request"]["bodySize"] == 50
+    assert entry["request"]["bodyCaptured"] is False
+    assert "postData" not in entry["request"]
+
+
 # -- raw ASGI: send ---------------------------------------------------------------------------
 
 

@@ -291,12 +291,20 @@ class _Plan:
         return _net.anonymized(address) if mode == "anonymized" else address
 
     def body(
-        self, captured: bytearray | None, size: int, headers: Sequence[RawHeader]
+        self,
+        captured: bytearray | None,
+        size: int,
+        headers: Sequence[RawHeader],
+        ended: bool = True,
     ) -> tuple[dict[str, str] | None, bool]:
-        """The body object (or None) and ``bodyCaptured`` for a captured body prefix."""
+        """The body object (or None) and ``bodyCaptured`` for a captured body prefix.
+
+        ``ended``: False when more of the body may follow what was counted (a request body
+        of no declared length that the app stopped reading before its end).
+        """
         if captured is None:
             return None, False
-        complete = len(captured) == size
+        complete = ended and len(captured) == size
         if not captured:
             return None, complete  # an empty body: captured, nothing to send
         try:
@@ -433,10 +441,13 @@ def build_entry(exchange: Exchange) -> dict[str, Any]:
     # Body sizes: the bytes we counted, unless the app stopped reading early and the client
     # declared more (ALF.md 1.6: measure; else Content-Length, within bounds; else 0).
     request_size = exchange.request_body_size
+    ended = True
     if not exchange.request_complete:
         declared = info.content_length
         if declared is not None:
             request_size = max(request_size, _declared(declared))
+        elif request_size:
+            ended = False  # read in part, length unknown (chunked): more may have followed
     request: dict[str, Any] = {
         "method": method,
         "url": url,
@@ -449,7 +460,7 @@ def build_entry(exchange: Exchange) -> dict[str, Any]:
     }
     if exchange.request_body is not None:
         post_data, request["bodyCaptured"] = plan.body(
-            exchange.request_body, request_size, info.headers
+            exchange.request_body, request_size, info.headers, ended
         )
         if post_data is not None:
             request["postData"] = post_data

@@ -149,6 +149,12 @@ class AnalyticsASGIMiddleware:
                     exchange.request_data(body)
                 if not message.get("more_body", False):
                     exchange.request_complete = True
+            elif message["type"] == "http.disconnect" and not done:
+                if not exchange.request_complete:
+                    # The client left mid-body: what crossed is what was counted (not the
+                    # Content-Length it announced), and a cut body is not captured.
+                    exchange.request_complete = True
+                    exchange.request_body = None
             return message
 
         async def send_with_capture(message: Message) -> None:
