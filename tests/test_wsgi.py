@@ -1031,6 +1031,26 @@ def test_file_wrapper_response_is_returned_untouched(
     assert entry["response"]["status"] == 200
 
 
+def test_a_file_wrapper_response_ends_when_the_server_closes_it(collector: Collector) -> None:
+    """The server sends a file response by itself (sendfile), then closes it: the entry ends
+    there, so its time covers the transfer, as for an iterated response."""
+
+    def file_app(environ: dict[str, Any], start_response: Any) -> Any:
+        start_response("200 OK", [("Content-Length", str(len(BODY)))])
+        return environ["wsgi.file_wrapper"](io.BytesIO(BODY), 4096)
+
+    environ = create_environ("/report.pdf")
+    environ["wsgi.file_wrapper"] = FileWrapper
+    result = middleware(file_app, collector)(environ, lambda *args: None)
+    assert isinstance(result, FileWrapper)
+    assert b"".join(result) == BODY  # the server's own sending
+    assert alf_analytics.flush(5.0)
+    assert collector.count() == 0  # not finished before the server is done with it
+    result.close()
+    (entry,) = received_entries(collector, 1)
+    assert entry["response"]["bodySize"] == len(BODY)
+
+
 def test_file_wrapper_without_content_length_is_not_claimed_as_captured(
     collector: Collector,
 ) -> None:

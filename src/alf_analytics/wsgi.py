@@ -114,7 +114,7 @@ class AnalyticsWSGIMiddleware:
             # Servers recognise a file response to send it with sendfile: wsgiref and gunicorn
             # by their wrapper's type, uWSGI (whose file_wrapper is a function returning the
             # file itself) by identity. Hand it back untouched; its Content-Length is its size.
-            responder.finish_unobserved()
+            responder.finish_unobserved(result)
             return result
         responder.result = result
         if hasattr(result, "__len__"):
@@ -293,12 +293,27 @@ class _Responder:
             self._as_500()
         self._finish()
 
-    def finish_unobserved(self) -> None:
+    def finish_unobserved(self, result: Any) -> None:
+        """A response the server sends by itself (sendfile): finished when it closes it."""
         exchange = self.exchange
         # The agent never sees these bytes: the entry must not claim it captured the body.
         exchange.response_body = None
         exchange.length_from_headers()
-        self._finish()
+        close = getattr(result, "close", None)
+
+        def close_and_finish() -> None:
+            try:
+                if close is not None:
+                    close()
+            finally:
+                self._finish()
+
+        try:
+            # The same object goes back (sendfile needs it): its own close() marks the end,
+            # so the entry's time covers the transfer, as for any other response.
+            result.close = close_and_finish
+        except (AttributeError, TypeError):  # a file object (uWSGI): no end to observe
+            self._finish()
 
     def _finish(self) -> None:
         if self._done:
