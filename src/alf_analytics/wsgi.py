@@ -253,12 +253,9 @@ class _Responder:
                 exchange = self.exchange
                 if not exchange.t_response:
                     exchange.t_response = perf_counter()
-                if chunk.__class__ is bytes:
-                    self._pending = chunk  # immutable: captured once the server has it
-                else:
-                    # A bytearray (or a bytes subclass) may be changed by the app once it
-                    # is sent: captured now.
-                    exchange.response_data(chunk)
+                # Captured once the server has it. A bytearray (or a bytes subclass) may be
+                # changed by the app once it is sent: copied now, as the client gets it.
+                self._pending = chunk if chunk.__class__ is bytes else bytes(chunk)
         return chunk
 
     def _capture_pending(self) -> None:
@@ -299,6 +296,8 @@ class _Responder:
         # The agent never sees these bytes: the entry must not claim it captured the body.
         exchange.response_body = None
         exchange.length_from_headers()
+        if not exchange.t_response:
+            exchange.t_response = perf_counter()  # the server starts sending it now
         close = getattr(result, "close", None)
 
         def close_and_finish() -> None:
