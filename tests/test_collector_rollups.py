@@ -235,6 +235,32 @@ def test_retention_purges_hourly_rollups_with_their_hours(store: Store) -> None:
     assert queries.endpoints(store, fast) == queries.endpoints(store, raw)
 
 
+@pytest.mark.parametrize("compacted", [True, False])
+def test_after_a_purge_every_aggregate_counts_only_the_remaining_entries(
+    store: Store, compacted: bool
+) -> None:
+    rng = random.Random(11)
+    _save(store, rng, _random_times(rng, 600, hours=6))
+    if compacted:
+        assert store.compact() == 6
+    cut = _BASE + timedelta(hours=2, minutes=37, seconds=13)  # mid-minute, mid-hour
+    while store.purge(int(cut.timestamp() * 1_000_000)):
+        pass
+    # Whole hours go: entries of the hour holding the cut stay, with their rollup rows.
+    boundary = int((_BASE + timedelta(hours=2)).timestamp() * 1_000_000)
+    assert store.scalar("SELECT MIN(started) FROM entries") >= boundary
+    hour_after = boundary + 3_600_000_000
+    assert store.scalar("SELECT COUNT(*) FROM entries WHERE started < ?", [hour_after])
+    left = store.scalar("SELECT COUNT(*) FROM entries")
+    for table in ("agg_minute", *(("agg_hour", "agg_quarter") if compacted else ())):
+        assert store.scalar(f"SELECT SUM(n) FROM {table}") == left
+    everything = queries.Filters.create()
+    for interval in (60, 900, 3600):
+        assert queries.stats(store, everything, interval)["count"] == left
+    assert sum(s["count"] for s in queries.services(store, everything)["services"]) == left
+    assert _compare(store, rng) > 0
+
+
 @pytest.mark.parametrize("version", [2, 3])
 def test_older_schemas_are_migrated_on_open(tmp_path: Path, version: int) -> None:
     path = str(tmp_path / f"v{version}.sqlite")

@@ -581,16 +581,24 @@ class Store(ABC):
         return done
 
     def purge(self, before: int, *, chunk: int = 5_000) -> int:
-        """Delete up to ``chunk`` entries started before ``before`` (µs), and old rollups.
+        """Delete up to ``chunk`` entries of the whole hours before ``before`` (µs), and
+        their rollups.
 
-        Returns how many rows were deleted; call again until it returns 0. Each call is one
-        short transaction, so ingest is never held for long.
+        ``before`` is rounded down to its hour: the entries and the rollup rows (per minute,
+        quarter and hour) before that boundary go, everything after it stays, so that every
+        aggregate equals what the remaining entries give (a rollup row never outlives, nor
+        precedes, the entries it counts). An entry may thus outlive ``before`` by up to an
+        hour. Returns how many rows were deleted; call again until it returns 0. Each call is
+        one short transaction, so ingest is never held for long.
         """
-        minute = before // 60_000_000
+        minute = before // _MINUTE_US
+        cutoff = minute - minute % 60  # the first minute of the hour holding ``before``
+        boundary = cutoff * _MINUTE_US
         ids = [
             int(row[0])
             for row in self.fetchall(
-                "SELECT id FROM entries WHERE started < ? ORDER BY started LIMIT ?", [before, chunk]
+                "SELECT id FROM entries WHERE started < ? ORDER BY started LIMIT ?",
+                [boundary, chunk],
             )
         ]
         with self.transaction() as tx:
@@ -601,9 +609,7 @@ class Store(ABC):
                 tx.execute(f"DELETE FROM entries WHERE id IN ({listed})")
                 deleted = self._changes(tx)
             for table in (*ROLLUP_TABLES, "agg_hours"):
-                # Hourly rows go once their whole hour is before ``before``.
                 hourly = table.endswith(("_hour", "_hours", "_quarter"))
-                cutoff = minute - minute % 60 if hourly else minute
                 step = 24 * 60 if hourly else 60
                 row = tx.fetchone(f"SELECT MIN(minute) FROM {table}")
                 oldest = row[0] if row else None
