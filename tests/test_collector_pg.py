@@ -6,9 +6,12 @@ The server comes from :mod:`tests.pg` (skipped when PostgreSQL cannot start, fai
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -166,3 +169,63 @@ def test_query_api_answers_503_while_the_database_is_down(pg_server: PostgresSer
                 assert down.json() == {
                     "errors": ["the collector cannot read its store right now; retry later"]
                 }
+
+
+def test_two_compactors_on_one_database_sum_each_hour_once(pg_url: str) -> None:
+    """Two collectors (or workers) sharing PostgreSQL compact at once: the second waits for
+    the first and finds its hours summed, instead of inserting them again (a unique
+    violation that aborted its housekeeping pass)."""
+    checked, other_done = threading.Event(), threading.Event()
+
+    class _Paused:  # the first compactor's transaction, paused between its check and insert
+        def __init__(self, tx: Any) -> None:
+            self.tx = tx
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.tx, name)
+
+        def execute(self, sql: str, params: Sequence[Any] = ()) -> None:
+            if sql.startswith("INSERT INTO agg_hour ") and not checked.is_set():
+                checked.set()
+                other_done.wait(3)  # the other compactor runs meanwhile (or is held back)
+            self.tx.execute(sql, params)
+
+    class _PausedStore(PostgresStore):
+        @contextmanager
+        def transaction(self) -> Iterator[Any]:
+            with super().transaction() as tx:
+                yield _Paused(tx)
+
+    first, second = _PausedStore(pg_url), PostgresStore(pg_url)
+    try:
+        hour = int(time.time()) // 3600 * 60 - 3 * 60  # three hours ago, in minutes
+        with first.transaction() as tx:
+            for minute in (hour, hour + 1, hour + 61, hour + 119):
+                tx.execute(
+                    "INSERT INTO agg_minute VALUES (?, 1, 'GET', '/x', 200, 3, 2, 1.5, 10, 20)",
+                    [minute],
+                )
+        errors: list[BaseException] = []
+
+        def compact(store: PostgresStore) -> None:
+            try:
+                store.compact()
+            except BaseException as exc:  # reported by the assertion below
+                errors.append(exc)
+
+        runner = threading.Thread(target=compact, args=(first,))
+        runner.start()
+        assert checked.wait(10)
+        compact(second)
+        other_done.set()
+        runner.join(30)
+        assert errors == []
+        assert [int(r[0]) for r in first.fetchall("SELECT minute FROM agg_hours ORDER BY 1")] == [
+            hour,
+            hour + 60,
+        ]
+        assert first.scalar("SELECT SUM(n) FROM agg_hour") == 8
+        assert first.scalar("SELECT SUM(n) FROM agg_quarter") == 8
+    finally:
+        first.close()
+        second.close()

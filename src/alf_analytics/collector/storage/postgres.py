@@ -166,9 +166,11 @@ class PostgresStore(Store):
             yield _PostgresTransaction(cursor)
 
     def _lock_for_compaction(self, tx: Transaction) -> None:
-        # SHARE conflicts with the ROW EXCLUSIVE lock of every writer of these tables: wait
-        # for those in flight, hold new ones back until the hour's sums are committed.
-        tx.execute("LOCK TABLE agg_minute, agg_consumer IN SHARE MODE")
+        # SHARE ROW EXCLUSIVE conflicts with the ROW EXCLUSIVE lock of every writer of these
+        # tables (wait for those in flight, hold new ones back until the hour's sums are
+        # committed) and with itself: a second compactor (another collector or worker on
+        # this database) waits, then finds the hour marked, instead of summing it twice.
+        tx.execute("LOCK TABLE agg_minute, agg_consumer IN SHARE ROW EXCLUSIVE MODE")
 
     def _changes(self, tx: Transaction) -> int:
         assert isinstance(tx, _PostgresTransaction)
