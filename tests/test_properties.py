@@ -290,8 +290,11 @@ def test_builder_output_always_validates(
     exchange.response_data(response_body)
     entry = assert_entry_valid(exchange)
     assert entry["request"]["bodySize"] >= len(request_body)
+    # Never read to its end here: a body of no declared length may go on past what was read.
+    ended = info.content_length is not None or not request_body
     assert entry["request"]["bodyCaptured"] == (
         len(request_body) <= 64
+        and ended
         and (info.content_length is None or info.content_length <= len(request_body))
     )
 
