@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -229,3 +230,37 @@ def test_two_compactors_on_one_database_sum_each_hour_once(pg_url: str) -> None:
     finally:
         first.close()
         second.close()
+
+
+def _restart(server: PostgresServer) -> None:
+    """Stop the cluster as an administrator would (its data kept) and start it again."""
+    assert server._run("pg_ctl", "-D", str(server.data), "-m", "fast", "-w", "stop").returncode == 0
+    options = f"-h 127.0.0.1 -p {server.port} -k {server.root} -c fsync=off"
+    log = str(server.root / "server.log")
+    started = server._run("pg_ctl", "-D", str(server.data), "-o", options, "-l", log, "-w", "start")
+    assert started.returncode == 0, started.stderr
+
+
+def test_the_first_requests_after_a_database_restart_succeed(pg_server: PostgresServer) -> None:
+    """Pooled connections the restart closed are discarded before use, not each answered
+    with a 503 once the database is back."""
+    key = "read-key-0123456789"
+    with PostgresServer() as own, Collector(own.url, read_key=key) as running:
+        headers = {"Authorization": f"Bearer {key}"}
+        with httpx.Client(trust_env=False, timeout=60.0, headers=headers) as client:
+            # Several connections in the pool: requests at once.
+            with ThreadPoolExecutor(8) as pool:
+                answers = list(
+                    pool.map(lambda _: client.get(running.url + "/api/stats"), range(16))
+                )
+            assert {a.status_code for a in answers} == {200}
+            assert isinstance(running.store, PostgresStore)
+            assert running.store._pool.get_stats()["pool_size"] > 1
+            _restart(own)
+            alf = make_alf([("GET", "http://api.test/after", 200, 1)])
+            for _ in range(6):
+                for path in ("/health", "/api/stats"):
+                    answer = client.get(running.url + path)
+                    assert answer.status_code == 200, (path, answer.text)
+                stored = client.post(running.endpoint("1.1.0", "single"), json=alf)
+                assert stored.status_code == 200, stored.text

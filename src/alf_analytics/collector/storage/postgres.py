@@ -10,6 +10,7 @@ advisory lock, so processes starting together do not race.
 
 from __future__ import annotations
 
+import selectors
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
@@ -33,6 +34,22 @@ from .base import (
 __all__ = ["PostgresStore"]
 
 _MIGRATION_LOCK: Final = 0x414C4601  # pg_advisory_xact_lock key ("ALF" 1)
+
+
+def _check_pooled(conn: psycopg.Connection[Any]) -> None:
+    """The pool's check of a connection it is about to hand out: one the server closed while
+    it sat idle in the pool (a restart, a terminated backend) fails it, so the pool discards
+    it and gives a working one instead of failing the request that would have got it.
+
+    An idle connection has nothing to read: only a readable socket (the server's farewell,
+    an end of file) is asked with a round trip; a healthy one costs none."""
+    if conn.closed or conn.broken:
+        raise psycopg.OperationalError("the pooled connection is closed")
+    with selectors.DefaultSelector() as selector:
+        selector.register(conn.fileno(), selectors.EVENT_READ)
+        readable = bool(selector.select(0))
+    if readable:
+        ConnectionPool.check_connection(conn)
 
 
 @lru_cache(maxsize=512)
@@ -117,6 +134,7 @@ class PostgresStore(Store):
             min_size=1,
             max_size=max(1, pool_size),
             kwargs={"autocommit": True},
+            check=_check_pooled,
             timeout=timeout,
             open=False,
             name="alf-collector",
