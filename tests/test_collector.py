@@ -710,6 +710,21 @@ def test_summary_json(summary_db: str, capsys: pytest.CaptureFixture[str]) -> No
     assert report["totals"] == {"entries": 103, "service_tokens": 2, "streams": 3}
 
 
+@pytest.mark.parametrize("options", [[], ["--json"]])
+def test_summary_into_a_closed_pipe_exits_quietly(tmp_path: Path, options: list[str]) -> None:
+    """``alf-analytics summary | head -1``: the reader goes away, no traceback follows."""
+    db = str(tmp_path / "alf.sqlite")
+    _fill_summary_db(db)
+    command = [sys.executable, "-m", "alf_analytics.cli", "summary", "--db", db, *options]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as child:
+        assert child.stdout is not None and child.stderr is not None
+        child.stdout.close()  # before the command (still importing) writes a line
+        err = child.stderr.read().decode()
+        code = child.wait(60)
+    assert err == ""
+    assert code == 1
+
+
 def test_summary_of_empty_and_missing_databases(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

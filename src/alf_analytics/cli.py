@@ -454,15 +454,24 @@ def _run_summary(args: argparse.Namespace) -> int:
     except CollectorError as exc:
         print(f"alf-analytics: {exc}", file=sys.stderr)
         return 2
-    if args.json:
-        print(json.dumps(summary.as_dict(), indent=2))
-        return 0
-    if not summary.rows:
-        print(f"No entries in {args.db}.")
-    else:
-        print(_format_table(summary))
-        print()
-    print(_totals_line(summary))
+    try:
+        if args.json:
+            print(json.dumps(summary.as_dict(), indent=2))
+        else:
+            if not summary.rows:
+                print(f"No entries in {args.db}.")
+            else:
+                print(_format_table(summary))
+                print()
+            print(_totals_line(summary))
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (``| head -1``): stop quietly, as Unix tools do. Python's
+        # own flush at exit would fail again, so stdout now points at /dev/null.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 1
     return 0
 
 
