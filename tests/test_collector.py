@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import copy
 import gzip
+import hashlib
 import json
 import logging
 import os
@@ -1084,6 +1085,66 @@ def test_an_idempotency_key_replays_the_first_answer(
         post(client, url, [alf_of([bad_entry])], headers={"Idempotency-Key": "b3"}).status_code
         == 400
     )
+
+
+def test_an_idempotency_key_compares_the_body_decoded(
+    collector: Collector, client: httpx.Client
+) -> None:
+    """The same ALF sent plain, then compressed (gzip with any mtime, deflate), is the same
+    body: its retry is replayed, not a 422; another body is still a 422."""
+    url = collector.endpoint("1.1.0", "batch")
+    body = json.dumps(
+        [alf_of([entry_at("GET", "http://api.test/z", 200, 1, datetime.now(timezone.utc))])]
+    ).encode()
+    key = {"Content-Type": "application/json", "Idempotency-Key": "any-encoding"}
+    first = client.post(url, content=body, headers=key)
+    assert first.status_code == 200, first.text
+    for coding, sent in (
+        ("gzip", gzip.compress(body, mtime=1)),
+        ("gzip", gzip.compress(body, mtime=2)),
+        ("deflate", zlib.compress(body)),
+        ("deflate", raw_deflate(body)),
+        ("identity", body),
+    ):
+        again = client.post(url, content=sent, headers={**key, "Content-Encoding": coding})
+        assert again.status_code == 200, (coding, again.text)
+        assert again.headers["idempotent-replayed"] == "true"
+        assert again.json() == first.json()
+    assert collector.count() == 1
+    other = gzip.compress(body.replace(b"/z", b"/y"), mtime=1)
+    reused = client.post(url, content=other, headers={**key, "Content-Encoding": "gzip"})
+    assert reused.status_code == 422, reused.text
+    # Compressed first, then plain: the same.
+    gzipped = {**key, "Idempotency-Key": "gzip-first", "Content-Encoding": "gzip"}
+    assert (
+        client.post(url, content=gzip.compress(body, mtime=5), headers=gzipped).status_code == 200
+    )
+    plain = client.post(url, content=body, headers={**key, "Idempotency-Key": "gzip-first"})
+    assert plain.status_code == 200 and plain.headers["idempotent-replayed"] == "true"
+    assert collector.count() == 2
+
+
+def test_a_key_remembered_with_the_digest_of_the_body_as_sent_still_replays(
+    collector: Collector, client: httpx.Client
+) -> None:
+    """Collectors before stored the digest of the bytes as sent: within the window, the same
+    bytes sent again are still recognised after an upgrade."""
+    url = collector.endpoint("1.1.0", "batch")
+    body = json.dumps(
+        [alf_of([entry_at("GET", "http://api.test/old", 200, 1, datetime.now(timezone.utc))])]
+    ).encode()
+    sent = gzip.compress(body, mtime=1)
+    headers = {"Idempotency-Key": "from-before", "Content-Encoding": "gzip"}
+    first = client.post(url, content=sent, headers=headers)
+    assert first.status_code == 200, first.text
+    with collector.store.transaction() as tx:  # as the collector before would have stored it
+        tx.execute(
+            "UPDATE ingests SET digest = ? WHERE key_hash = ?",
+            [hashlib.sha256(sent).hexdigest(), hash_key("from-before")],
+        )
+    again = client.post(url, content=sent, headers=headers)
+    assert again.status_code == 200 and again.headers["idempotent-replayed"] == "true"
+    assert collector.count() == 1
 
 
 @pytest.mark.parametrize(

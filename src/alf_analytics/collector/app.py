@@ -181,17 +181,22 @@ class _Ingest:
                     400,
                     f"Idempotency-Key must be 1 to {_MAX_KEY_LENGTH} printable ASCII characters",
                 )
+        body = decode_body(
+            wire, request.headers.get("content-encoding"), self.limits.max_decompressed_bytes
+        )
+        if key is not None:
             key_hash = hash_key(key)
-            digest = hashlib.sha256(wire).hexdigest()
+            # The body decoded: the same ALF sent plain, gzip or deflate (any mtime) is the
+            # same body. Collectors before stored the digest of the bytes as sent, which
+            # still proves the same body for a key they remembered.
+            digest = hashlib.sha256(body).hexdigest()
+            as_sent = digest if body is wire else hashlib.sha256(wire).hexdigest()
             try:
                 seen = self.store.find_answer(key_hash)
             except Exception as exc:
                 return self._storage_failed(exc)
             if seen is not None:
-                return self._replay(seen, digest)
-        body = decode_body(
-            wire, request.headers.get("content-encoding"), self.limits.max_decompressed_bytes
-        )
+                return self._replay(seen, digest, as_sent)
         prepared = prepare(body, version=version, kind=kind, tokens=self.tokens, limits=self.limits)
         outcome = self._outcome(prepared)
         outcome.body_bytes = len(body)
@@ -210,7 +215,7 @@ class _Ingest:
         except Exception as exc:
             return self._storage_failed(exc)
         if result.replayed:
-            return self._replay(result, digest)
+            return self._replay(result, digest, digest)
         outcome.entry_count = prepared.entry_count
         return outcome
 
@@ -230,8 +235,8 @@ class _Ingest:
         )
 
     @staticmethod
-    def _replay(seen: SaveResult, digest: str | None) -> _Outcome:
-        if seen.digest != digest:
+    def _replay(seen: SaveResult, digest: str | None, as_sent: str | None) -> _Outcome:
+        if seen.digest not in (digest, as_sent):
             return _answer(
                 422, ["this Idempotency-Key was already used for a different request body"]
             )
