@@ -319,14 +319,14 @@ def parse_selection(query: Mapping[str, str], now: datetime) -> Selection:
     span = RANGES[range_name]
     try:
         filters = queries.Filters.from_query(api_params)
-        since = _from_micros(filters.since, "since")
-        until = _from_micros(filters.until, "until")
+        since = _from_micros(filters.since)
+        until = _from_micros(filters.until)
         if "since" not in params and span is not None:
             # "Last hour" is the hour before "To" when one is given, else before now.
             start = (until or now) - span
             api_params["since"] = start.isoformat(timespec="seconds")
             filters = queries.Filters.from_query(api_params)
-            since = _from_micros(filters.since, "since")
+            since = _from_micros(filters.since)
     except queries.FilterError as exc:
         raise SelectionError(str(exc)) from None
     except OverflowError:  # a "To" within a range's span of year 1
@@ -334,16 +334,9 @@ def parse_selection(query: Mapping[str, str], now: datetime) -> Selection:
     return Selection(params, api_params, filters, range_name, since, until)
 
 
-_EPOCH: Final = datetime(1970, 1, 1, tzinfo=timezone.utc)
-
-
-def _from_micros(micros: int | None, name: str = "time") -> datetime | None:
-    if micros is None:
-        return None
-    try:
-        return _EPOCH + timedelta(microseconds=micros)
-    except OverflowError:  # epoch seconds before the year 1, which the API takes as they are
-        raise SelectionError(f"{name}: {micros // 1_000_000} is before the year 1") from None
+def _from_micros(micros: int | None) -> datetime | None:
+    # Filters hold only times within the years 0001 to 9999: no clamping happens here.
+    return None if micros is None else queries.utc_datetime(micros)
 
 
 class SelectionError(ValueError):

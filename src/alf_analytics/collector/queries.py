@@ -24,7 +24,7 @@ from typing import Any, Final
 from .ingest import MAX_BUCKET, MAX_STARTED, MIN_STARTED, bucket_of, bucket_value, text_column
 from .settings import mask
 from .storage import Store
-from .storage.base import TIERS
+from .storage.base import INT64_MAX, TIERS
 
 __all__ = [
     "FilterError",
@@ -40,7 +40,6 @@ __all__ = [
 ]
 
 _MINUTE: Final = 60_000_000
-_MAX_INT64: Final = 2**63 - 1
 _MIN_INT64: Final = -(2**63)
 MAX_LIMIT: Final = 1_000
 MAX_EXPORT: Final = 10_000
@@ -107,16 +106,20 @@ def to_micros(value: datetime | float | int | str | None, name: str = "time") ->
     return _parse_time(name, value)
 
 
-def iso(micros: int | None) -> str | None:
-    """An ISO 8601 UTC time (milliseconds) from microseconds since the epoch.
+def utc_datetime(micros: int) -> datetime:
+    """The UTC datetime of microseconds since the epoch, exactly (no float).
 
     Never fails: a time outside the years 0001 to 9999 (which a database written before
     ingest refused them may hold) reads as the nearest one inside.
     """
+    return _EPOCH + timedelta(microseconds=min(max(int(micros), MIN_STARTED), MAX_STARTED))
+
+
+def iso(micros: int | None) -> str | None:
+    """An ISO 8601 UTC time (milliseconds) from microseconds since the epoch."""
     if micros is None:
         return None
-    moment = _EPOCH + timedelta(microseconds=min(max(int(micros), MIN_STARTED), MAX_STARTED))
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return utc_datetime(micros).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _text(name: str, value: str | None, limit: int = 2048) -> str | None:
@@ -331,8 +334,8 @@ class Agg:
             else:
                 self.client_errors += n
         self.time_sum += time_sum
-        self.bytes_in = min(self.bytes_in + b_in, _MAX_INT64)  # saturated, as the rollups
-        self.bytes_out = min(self.bytes_out + b_out, _MAX_INT64)
+        self.bytes_in = min(self.bytes_in + b_in, INT64_MAX)  # saturated, as the rollups
+        self.bytes_out = min(self.bytes_out + b_out, INT64_MAX)
         self.histogram[bucket] = self.histogram.get(bucket, 0) + n
         self.status_codes[status] = self.status_codes.get(status, 0) + n
 
@@ -342,8 +345,8 @@ class Agg:
         self.client_errors += other.client_errors
         self.server_errors += other.server_errors
         self.time_sum += other.time_sum
-        self.bytes_in = min(self.bytes_in + other.bytes_in, _MAX_INT64)
-        self.bytes_out = min(self.bytes_out + other.bytes_out, _MAX_INT64)
+        self.bytes_in = min(self.bytes_in + other.bytes_in, INT64_MAX)
+        self.bytes_out = min(self.bytes_out + other.bytes_out, INT64_MAX)
         for bucket, n in other.histogram.items():
             self.histogram[bucket] = self.histogram.get(bucket, 0) + n
         for status, n in other.status_codes.items():
@@ -758,12 +761,12 @@ def _decode_cursor(cursor: str, kinds: tuple[type, ...]) -> tuple[Any, ...]:
         raise refused from None
     position, entry_id = values
     # The stores bind integers as signed 64-bit: a forged cursor beyond that is not ours.
-    if not 0 < entry_id <= _MAX_INT64:
+    if not 0 < entry_id <= INT64_MAX:
         raise refused
     if isinstance(position, float):
         if not (math.isfinite(position) and _MIN_TIME_MS <= position < _MAX_TIME_MS):
             raise refused
-    elif not _MIN_INT64 <= position <= _MAX_INT64:
+    elif not _MIN_INT64 <= position <= INT64_MAX:
         raise refused
     return values
 
@@ -853,7 +856,7 @@ def _slow_threshold(store: Store, filters: Filters, wanted: int, below: float | 
 
 
 def _load_entry(store: Store, entry_id: int) -> tuple[dict[str, Any], dict[str, Any]] | None:
-    if not 0 < entry_id <= _MAX_INT64:  # no row has such an id (SQLite cannot even bind it)
+    if not 0 < entry_id <= INT64_MAX:  # no row has such an id (SQLite cannot even bind it)
         return None
     row = store.fetchone(
         f"SELECT {_ROW_COLUMNS}, e.received, d.entry FROM entries e "

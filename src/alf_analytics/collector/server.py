@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime
 from types import EllipsisType, TracebackType
 from typing import Any, Final
 
@@ -29,7 +29,7 @@ import orjson
 import uvicorn
 
 from .app import RequestRecord, create_app
-from .ingest import MAX_STARTED, MIN_STARTED
+from .queries import utc_datetime
 from .settings import SUPPORTED_VERSIONS, CollectorError, Limits, TokenSet
 from .storage import Store, open_store
 from .summary import Summary, summarize_store
@@ -90,14 +90,6 @@ UVICORN_SETTINGS: Final[dict[str, Any]] = {
 def uvicorn_config(app: Any, **options: Any) -> uvicorn.Config:
     """The uvicorn settings the collector runs with (hardened defaults, overridable)."""
     return uvicorn.Config(app, **{**UVICORN_SETTINGS, **options})
-
-
-_EPOCH: Final = datetime(1970, 1, 1, tzinfo=timezone.utc)
-
-
-def _utc(micros: int) -> datetime:
-    """Exact; a time outside the years 0001 to 9999 (an old database's) as the nearest one."""
-    return _EPOCH + timedelta(microseconds=min(max(micros, MIN_STARTED), MAX_STARTED))
 
 
 class Collector:
@@ -282,7 +274,7 @@ class Collector:
             result.append(
                 StoredEntry(
                     id=int(row[0]),
-                    received_at=_utc(int(row[1])),
+                    received_at=utc_datetime(int(row[1])),
                     alf_version=row[2],
                     service_token=row[3],
                     environment=row[4],
@@ -299,7 +291,7 @@ class Collector:
                     route=row[14],
                     host=row[15],
                     consumer=row[16],
-                    started_at=_utc(int(row[17])),
+                    started_at=utc_datetime(int(row[17])),
                     ingest_id=int(row[18]),
                     alf_index=int(row[19]),
                 )
