@@ -187,16 +187,14 @@ class _Ingest:
         if key is not None:
             key_hash = hash_key(key)
             # The body decoded: the same ALF sent plain, gzip or deflate (any mtime) is the
-            # same body. Collectors before stored the digest of the bytes as sent, which
-            # still proves the same body for a key they remembered.
+            # same body.
             digest = hashlib.sha256(body).hexdigest()
-            as_sent = digest if body is wire else hashlib.sha256(wire).hexdigest()
             try:
                 seen = self.store.find_answer(key_hash)
             except Exception as exc:
                 return self._storage_failed(exc)
             if seen is not None:
-                return self._replay(seen, digest, as_sent)
+                return self._replay(seen, digest, wire)
         prepared = prepare(body, version=version, kind=kind, tokens=self.tokens, limits=self.limits)
         outcome = self._outcome(prepared)
         outcome.body_bytes = len(body)
@@ -215,7 +213,7 @@ class _Ingest:
         except Exception as exc:
             return self._storage_failed(exc)
         if result.replayed:
-            return self._replay(result, digest, digest)
+            return self._replay(result, digest)
         outcome.entry_count = prepared.entry_count
         return outcome
 
@@ -235,8 +233,12 @@ class _Ingest:
         )
 
     @staticmethod
-    def _replay(seen: SaveResult, digest: str | None, as_sent: str | None) -> _Outcome:
-        if seen.digest not in (digest, as_sent):
+    def _replay(seen: SaveResult, digest: str | None, wire: bytes | None = None) -> _Outcome:
+        # Collectors before stored the digest of the bytes as sent, which still proves the
+        # same body for a key they remembered: hashed only when the decoded one differs.
+        if seen.digest != digest and (
+            wire is None or seen.digest != hashlib.sha256(wire).hexdigest()
+        ):
             return _answer(
                 422, ["this Idempotency-Key was already used for a different request body"]
             )
