@@ -27,9 +27,11 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import quote
 
+import httpx
 import pytest
 
 from alf_analytics.collector.storage import Store, open_store
@@ -185,3 +187,19 @@ def _backend(request: pytest.FixtureRequest, sqlite: str) -> str:
         return sqlite
     server: PostgresServer = request.getfixturevalue("pg_server")
     return server.fresh_url()
+
+
+@contextmanager
+def reader_of_a_stopped_database(
+    first_path: str, read_key: str = "read-key-0123456789"
+) -> Iterator[tuple[httpx.Client, str]]:
+    """A collector on a PostgreSQL of its own, read once (``first_path`` answers 200), then
+    with that database stopped: yields a client holding the read key, and the collector's URL."""
+    from alf_analytics.collector import Collector
+
+    with PostgresServer() as own, Collector(own.url, read_key=read_key) as running:
+        headers = {"Authorization": f"Bearer {read_key}"}
+        with httpx.Client(trust_env=False, timeout=60.0, headers=headers) as client:
+            assert client.get(running.url + first_path).status_code == 200
+            own.stop()
+            yield client, running.url

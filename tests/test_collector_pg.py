@@ -20,7 +20,7 @@ import pytest
 from alf_analytics.cli import main
 from alf_analytics.collector import Collector
 from alf_analytics.collector.storage.postgres import PostgresStore
-from tests.pg import PostgresServer, pg_server, pg_url
+from tests.pg import PostgresServer, pg_server, pg_url, reader_of_a_stopped_database
 from tests.servers import free_port, reaped, sigterm
 from tests.test_collector import make_alf, start_cli_collector
 
@@ -158,18 +158,14 @@ def test_health_answers_503_while_the_database_is_down(pg_server: PostgresServer
 def test_query_api_answers_503_while_the_database_is_down(pg_server: PostgresServer) -> None:
     """With PostgreSQL gone, /api/... answers a JSON 503 with Retry-After, as ingest does,
     never an Internal Server Error."""
-    with PostgresServer() as own, Collector(own.url, read_key="read-key-0123456789") as running:
-        headers = {"Authorization": "Bearer read-key-0123456789"}
-        with httpx.Client(trust_env=False, timeout=60.0, headers=headers) as api:
-            assert api.get(running.url + "/api/services").status_code == 200
-            own.stop()
-            for path in ("/api/services", "/api/entries", "/api/entries/1"):
-                down = api.get(running.url + path)
-                assert down.status_code == 503, (path, down.text)
-                assert down.headers["retry-after"] == "5"
-                assert down.json() == {
-                    "errors": ["the collector cannot read its store right now; retry later"]
-                }
+    with reader_of_a_stopped_database("/api/services") as (api, url):
+        for path in ("/api/services", "/api/entries", "/api/entries/1"):
+            down = api.get(url + path)
+            assert down.status_code == 503, (path, down.text)
+            assert down.headers["retry-after"] == "5"
+            assert down.json() == {
+                "errors": ["the collector cannot read its store right now; retry later"]
+            }
 
 
 def test_two_compactors_on_one_database_sum_each_hour_once(pg_url: str) -> None:

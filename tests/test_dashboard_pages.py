@@ -24,7 +24,7 @@ import pytest
 
 import alf_analytics
 from alf_analytics.collector import Collector, dashboard, queries
-from tests.pg import PostgresServer, pg_server
+from tests.pg import PostgresServer, pg_server, reader_of_a_stopped_database
 from tests.test_collector import make_alf
 from tests.test_dashboard import (
     BIG_BODY,
@@ -686,20 +686,15 @@ def test_body_facts_take_body_captured_over_lengths() -> None:
 def test_pages_answer_an_html_503_while_the_database_is_down(pg_server: PostgresServer) -> None:
     """With PostgreSQL gone the pages say so, as a 503 with Retry-After (the API's JSON 503),
     never an Internal Server Error; the login page still works."""
-    key = "read-key-0123456789"
-    with PostgresServer() as own, Collector(own.url, read_key=key) as running:
-        headers = {"Authorization": f"Bearer {key}"}
-        with httpx.Client(trust_env=False, timeout=60.0, headers=headers) as client:
-            assert client.get(running.url + "/").status_code == 200
-            own.stop()
-            for path in ("/", "/requests?status=5xx", "/requests/1"):
-                down = client.get(running.url + path)
-                assert down.status_code == 503, (path, down.text)
-                assert down.headers["retry-after"] == "5"
-                assert down.headers["content-type"].startswith("text/html")
-                assert "The collector cannot read its store right now" in down.text, path
+    with reader_of_a_stopped_database("/") as (client, url):
+        for path in ("/", "/requests?status=5xx", "/requests/1"):
+            down = client.get(url + path)
+            assert down.status_code == 503, (path, down.text)
+            assert down.headers["retry-after"] == "5"
+            assert down.headers["content-type"].startswith("text/html")
+            assert "The collector cannot read its store right now" in down.text, path
         with httpx.Client(trust_env=False, timeout=60.0) as anonymous:
-            assert anonymous.get(running.url + "/login").status_code == 200
+            assert anonymous.get(url + "/login").status_code == 200
 
 
 @pytest.mark.slow
