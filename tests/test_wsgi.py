@@ -612,11 +612,15 @@ def test_a_chunk_is_captured_after_the_server_has_it(collector: Collector) -> No
     assert base64.b64decode(entry["response"]["content"]["text"]) == b"firstsecond"
 
 
-def test_a_chunk_the_server_failed_to_write_is_not_counted(collector: Collector) -> None:
+@pytest.mark.parametrize("kind", [bytes, bytearray])
+def test_a_chunk_the_server_failed_to_write_is_not_counted(
+    collector: Collector, kind: type
+) -> None:
     """gunicorn writes each chunk and closes the response in a ``finally``: when a write
-    raises (the client left, a chunk that is not bytes) that chunk did not cross, and the
-    entry counts only what did."""
-    wrapped = middleware(wsgi_apps.ClosingApp([b"first", b"second", b"third"]), collector)
+    raises (the client left, a chunk that is not bytes: gunicorn refuses a bytearray) that
+    chunk did not cross, and the entry counts only what did."""
+    chunks = [kind(b"first"), kind(b"second"), kind(b"third")]
+    wrapped = middleware(wsgi_apps.ClosingApp(chunks), collector)
     result = wrapped(create_environ("/"), lambda *args: None)
 
     def serve() -> None:  # gunicorn's handle_request, in short
