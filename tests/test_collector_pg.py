@@ -19,6 +19,7 @@ import pytest
 
 from alf_analytics.cli import main
 from alf_analytics.collector import Collector
+from alf_analytics.collector.storage import masked_url
 from alf_analytics.collector.storage.postgres import PostgresStore
 from tests.pg import PostgresServer, pg_server, pg_url, reader_of_a_stopped_database
 from tests.servers import free_port, reaped, sigterm
@@ -140,6 +141,30 @@ def test_cli_never_prints_the_database_password(
     err = capsys.readouterr().err
     assert "cannot use database postgresql://postgres:***@127.0.0.1" in err
     assert "Pg-Secret-1234" not in err
+
+
+def test_cli_never_prints_a_password_given_in_the_url_query(
+    pg_server: PostgresServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """libpq also takes ``?password=`` (and ``sslpassword=``): masked as the credentials are."""
+    url = (
+        f"postgresql://postgres@127.0.0.1:{pg_server.port}/no_such_database"
+        "?sslmode=disable&password=Pg-Query-Secret-99&sslpassword=Ssl-Secret-77"
+    )
+    assert main(["collector", "--db", url, "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "?sslmode=disable&password=***&sslpassword=***" in err, err
+    assert "Pg-Query-Secret-99" not in err and "Ssl-Secret-77" not in err
+
+
+def test_masked_url_keeps_what_is_not_a_secret() -> None:
+    assert masked_url("postgresql://u:p%40ss@h:5432/db") == "postgresql://u:***@h:5432/db"
+    assert masked_url("postgresql://u@h/db") == "postgresql://u@h/db"
+    assert masked_url("postgresql:///db?host=/run/pg&PassWord=x") == (
+        "postgresql:///db?host=/run/pg&PassWord=***"
+    )
+    assert masked_url("postgresql://h/db?mypassword=1") == "postgresql://h/db?mypassword=1"
+    assert masked_url("/var/lib/alf.sqlite3") == "/var/lib/alf.sqlite3"
 
 
 def test_health_answers_503_while_the_database_is_down(pg_server: PostgresServer) -> None:

@@ -21,6 +21,7 @@ since the epoch (rollups). SQL is written once with ``?`` placeholders; each bac
 from __future__ import annotations
 
 import hashlib
+import re
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -698,13 +699,23 @@ def _ints(values: list[float]) -> tuple[int, float, int, int]:
 
 
 def masked_url(url: str) -> str:
-    """A database URL without its password."""
-    if "://" not in url or "@" not in url:
+    """A database URL without its password: the one in its credentials, and the libpq
+    ``password`` / ``sslpassword`` parameters of its query (``?password=...``)."""
+    scheme, separator, rest = url.partition("://")
+    if not separator:
         return url
-    scheme, _, rest = url.partition("://")
-    credentials, _, host = rest.rpartition("@")
-    user, _, password = credentials.partition(":")
-    return f"{scheme}://{user}:***@{host}" if password else url
+    base, question, query = rest.partition("?")
+    credentials, at, host = base.rpartition("@")
+    user, colon, password = credentials.partition(":")
+    if at and password:
+        base = f"{user}:***@{host}"
+    if question:
+        query = _SECRET_PARAMETER.sub(r"\1***", query)
+    return f"{scheme}://{base}{question}{query}"
+
+
+#: A libpq parameter holding a secret, in a URL's query (its value up to ``&`` or ``#``).
+_SECRET_PARAMETER = re.compile(r"(?i)((?:^|&)(?:ssl)?password=)[^&#]*")
 
 
 def iter_chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
