@@ -323,15 +323,18 @@ def parse_selection(query: Mapping[str, str], now: datetime) -> Selection:
         until = _from_micros(filters.until)
         if "since" not in params and span is not None:
             # "Last hour" is the hour before "To" when one is given, else before now.
-            start = (until or now) - span
+            end = until or now
+            # A "To" within the range's span of year 1 starts the range at year 1.
+            start = end - span if end - _YEAR_ONE > span else _YEAR_ONE
             api_params["since"] = start.isoformat(timespec="seconds")
             filters = queries.Filters.from_query(api_params)
             since = _from_micros(filters.since)
     except queries.FilterError as exc:
         raise SelectionError(str(exc)) from None
-    except OverflowError:  # a "To" within a range's span of year 1
-        raise SelectionError("until is too early for this range") from None
     return Selection(params, api_params, filters, range_name, since, until)
+
+
+_YEAR_ONE = datetime(1, 1, 1, tzinfo=timezone.utc)
 
 
 def _from_micros(micros: int | None) -> datetime | None:
@@ -376,7 +379,7 @@ def chart_data(
         if moment is not None:
             points[int(moment.timestamp())] = point
     buckets = sorted(points)
-    if since is not None and until is not None:
+    if since is not None and until is not None and until > since:  # else no bucket to add
         start = _bucket(since, interval)
         last = _bucket(until - timedelta(microseconds=1), interval)
         if 0 <= (last - start) // interval <= _MAX_FILL:
