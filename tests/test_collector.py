@@ -317,6 +317,24 @@ def test_error_messages_stay_short_and_hide_the_document(
 
 
 @pytest.mark.parametrize(
+    ("field", "value"),
+    [("status", 10**20), ("status", -(10**20)), ("bodySize", 10**30), ("headersSize", 2**64)],
+)
+def test_an_integer_beyond_64_bits_is_out_of_range_not_a_float(
+    collector: Collector, client: httpx.Client, field: str, value: int
+) -> None:
+    """The parser reads such an integer as a float: the answer must not call it one."""
+    alf = make_alf([("GET", "http://api.test/big", 200, 1)])
+    alf["har"]["log"]["entries"][0]["response"][field] = value
+    response = post(client, collector.endpoint("1.1.0", "single"), alf)
+    assert response.status_code == 400
+    assert response.json()["errors"] == [
+        f"ALF[0] entry[0] $.response.{field}: the integer is out of range"
+    ]
+    assert collector.entries() == []
+
+
+@pytest.mark.parametrize(
     ("path", "body", "headers", "message"),
     [
         ("/1.1.0/single", b"not json", {}, "body is not valid JSON"),

@@ -272,6 +272,9 @@ def _without_instance(message: str, instance: object, path: str) -> str:
     The validator starts its messages with the value as JSON: an object, an array, a long
     string or a service token would repeat (part of) the document in the answer.
     """
+    if isinstance(instance, float) and abs(instance) >= 2**63 and '"integer"' in message:
+        # An integer beyond 64 bits, which the JSON parser read as a float: it is an integer.
+        return "the integer is out of range"
     secret = path.endswith(".serviceToken")
     if isinstance(instance, (dict, list)) or (
         isinstance(instance, str) and (secret or len(instance) > _MAX_QUOTED)
