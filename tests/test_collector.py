@@ -10,6 +10,7 @@ import base64
 import copy
 import gzip
 import hashlib
+import io
 import json
 import logging
 import os
@@ -1066,6 +1067,25 @@ def test_cli_refuses_an_open_non_loopback_address(
     for what in missing:
         assert what in err
     assert WRITE_TOKEN not in err and READ_KEY not in err
+
+
+def test_cli_logs_to_the_stderr_of_the_moment(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``main()`` run in-process leaves its log handler on the ``alf_analytics`` logger; a
+    later line goes to the stderr of that moment, not to a replaced one since closed
+    (which printed "--- Logging error ---" and lost the line)."""
+    monkeypatch.delenv("ALF_COLLECTOR_TOKENS", raising=False)
+    monkeypatch.delenv("ALF_COLLECTOR_READ_KEY", raising=False)
+    replaced = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", replaced)
+    assert main(["collector", "--host", "0.0.0.0", "--port", "0", "--db", ":memory:"]) == 2
+    assert "refusing to listen" in replaced.getvalue()
+    monkeypatch.undo()
+    replaced.close()
+    logging.getLogger("alf_analytics._worker").warning("a line after the stream closed")
+    err = capsys.readouterr().err
+    assert "a line after the stream closed" in err and "Logging error" not in err
 
 
 def test_an_idempotency_key_replays_the_first_answer(

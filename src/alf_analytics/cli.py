@@ -179,12 +179,26 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is when a line is logged (as ``logging.lastResort``
+    does), not the stream it was at setup: ``main()`` called in-process (tests, embedding)
+    leaves its handler on the logger, and a replaced stderr may since have been closed."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def _configure_logging(verbose: bool) -> None:
     global _log_handler
     package_logger = logging.getLogger("alf_analytics")
     if _log_handler is not None:
         package_logger.removeHandler(_log_handler)
-    _log_handler = logging.StreamHandler(sys.stderr)
+    _log_handler = _StderrHandler()
     _log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     package_logger.addHandler(_log_handler)
     package_logger.setLevel(logging.INFO if verbose else logging.WARNING)
