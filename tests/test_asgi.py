@@ -376,6 +376,32 @@ async def test_a_body_of_unknown_length_read_in_part_is_not_called_captured(
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [(b"host", b"testserver"), (b"transfer-encoding", b"chunked")],
+        [(b"Host", b"testserver"), (b"Transfer-Encoding", b"gzip, Chunked")],  # the slow path
+    ],
+)
+async def test_a_chunked_body_the_app_never_read_is_not_called_captured(
+    anyio_backend: str, collector: Collector, headers: list[tuple[bytes, bytes]]
+) -> None:
+    """The app answers without a single receive(): no byte was read, and an empty read is
+    not the end of a chunked body."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    server = Server(body_messages(b"abcdefghij", 3))
+    scope = http_scope("/in", method="POST", headers=headers)
+    with anyio.fail_after(10):
+        await analytics(app, collector, log_body=True)(scope, server.receive, server.send)
+    request = only_entry(collector)["request"]
+    assert (request["bodySize"], request["bodyCaptured"]) == (0, False)
+
+
+@pytest.mark.anyio
 async def test_an_upload_cut_by_the_client_counts_what_crossed_not_what_it_announced(
     anyio_backend: str, collector: Collector
 ) -> None:

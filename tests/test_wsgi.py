@@ -495,6 +495,21 @@ def test_chunked_body_is_captured_up_to_the_cap(collector: Collector) -> None:
     assert body_of(entry["response"], "content") == BODY[:10]
 
 
+def test_chunked_body_the_app_never_read_is_not_captured(collector: Collector) -> None:
+    """An app that reads none of a chunked body did not see its end: not an empty body."""
+
+    def ignoring(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        start_response("204 No Content", [])
+        return []
+
+    status, _, _ = run(middleware(ignoring, collector, log_body=True), chunked_environ(BODY))
+    assert status == "204 No Content"
+    (entry,) = received_entries(collector, 1)
+    request = entry["request"]
+    assert (request["bodySize"], request["bodyCaptured"]) == (0, False)
+    assert "postData" not in request
+
+
 def test_unread_body_size_comes_from_content_length(collector: Collector) -> None:
     """A body the app never reads is not consumed by the middleware; its size is declared."""
     seen: list[int] = []

@@ -446,7 +446,7 @@ def build_entry(exchange: Exchange) -> dict[str, Any]:
         declared = info.content_length
         if declared is not None:
             request_size = max(request_size, _declared(declared))
-        elif request_size:
+        elif request_size or info.chunked:
             ended = False  # read in part, length unknown (chunked): more may have followed
     request: dict[str, Any] = {
         "method": method,

@@ -23,6 +23,11 @@ if TYPE_CHECKING:
 RawHeader = tuple[str, str] | tuple[bytes, bytes] | Sequence[Any]
 
 
+#: ``Exchange.status`` of an exchange the client left before any answer was sent (Django's
+#: ASGI handler cancels the view then): recorded as status 0, unknown, as HAR writes it.
+NO_RESPONSE = -1
+
+
 class RequestInfo(NamedTuple):
     """What an adapter's reader extracts from its request snapshot."""
 
@@ -41,6 +46,9 @@ class RequestInfo(NamedTuple):
     peer: str | None
     server_ip: str | None
     content_length: int | None
+    #: ``Transfer-Encoding: chunked`` and no ``Content-Length``: a body of unknown length,
+    #: so an app that read none of it did not see its end.
+    chunked: bool = False
 
 
 class Exchange:

@@ -422,7 +422,7 @@ def read_scope(scope: Scope) -> RequestInfo:
     if type(scheme) is not str:
         scheme = str(scheme)
     headers = get("headers") or []
-    host, content_length = _host_and_length(headers)
+    host, content_length, chunked = _host_and_length(headers)
     server = get("server")
     server_ip = None
     if server:
@@ -459,6 +459,7 @@ def read_scope(scope: Scope) -> RequestInfo:
         str(client[0]) if client else None,
         server_ip,
         content_length if content_length is None or content_length >= 0 else None,
+        chunked,
     )
 
 
@@ -467,8 +468,9 @@ _SCHEMES = {"ws": "http", "wss": "https"}
 _PATHS: dict[tuple[Any, Any], str] = {}
 
 
-def _host_and_length(headers: Any) -> tuple[str, int | None]:
-    """The first ``Host`` header (as Latin-1 text) and ``Content-Length`` (None: none)."""
+def _host_and_length(headers: Any) -> tuple[str, int | None, bool]:
+    """The first ``Host`` header (as Latin-1 text), ``Content-Length`` (None: none), and
+    whether the body is chunked (``Transfer-Encoding: chunked``, no ``Content-Length``)."""
     try:
         # The common case in C: lower-case names (servers send them so), no repeats.
         found = dict(headers)
@@ -481,13 +483,15 @@ def _host_and_length(headers: Any) -> tuple[str, int | None]:
             host = _latin1(raw_host) if raw_host else ""
             raw_length = found.get(b"content-length")
             if raw_length is None:
-                return host, None
+                coding = found.get(b"transfer-encoding")
+                return host, None, coding is not None and _is_chunked(coding)
             try:
-                return host, int(raw_length)
+                return host, int(raw_length), False
             except ValueError:
-                return host, None
+                return host, None, False
     host = ""
     content_length: int | None = None
+    chunked = False
     for name, value in headers:
         lowered = name.lower()
         if lowered == b"host" and not host:
@@ -497,4 +501,13 @@ def _host_and_length(headers: Any) -> tuple[str, int | None]:
                 content_length = int(value)
             except ValueError:
                 content_length = None
-    return host, content_length
+        elif lowered == b"transfer-encoding":
+            chunked = chunked or _is_chunked(value)
+    return host, content_length, chunked and content_length is None
+
+
+def _is_chunked(value: Any) -> bool:
+    try:
+        return b"chunked" in bytes(value).lower()
+    except (TypeError, ValueError):
+        return False

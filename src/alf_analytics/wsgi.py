@@ -337,6 +337,10 @@ class _Responder:
         hand_over(self._worker, exchange)
 
 
+def _is_chunked(value: object) -> bool:
+    return isinstance(value, str) and "chunked" in value.lower()
+
+
 def _method(environ: WSGIEnvironment) -> str:
     return str(environ.get("REQUEST_METHOD", "GET"))
 
@@ -458,4 +462,5 @@ def read_environ(environ: WSGIEnvironment) -> RequestInfo:
         peer=str(remote) if remote else None,
         server_ip=_server_ip(environ),
         content_length=content_length,
+        chunked=content_length is None and _is_chunked(get("HTTP_TRANSFER_ENCODING")),
     )
