@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from typing import Any
@@ -33,7 +35,7 @@ from .conftest import received_entries
 from .djangoproject import project_settings, setup, views
 from .djangoproject.harness import Server, call_asgi, call_wsgi, server_env
 from .djangoproject.middleware import AsyncOnlyMiddleware
-from .raw import asgi_scope, wsgi_environ
+from .raw import HOST, asgi_scope, wsgi_environ
 
 setup()
 
@@ -392,8 +394,10 @@ def test_wsgi_request_without_content_length(collector: Collector, configure: Co
     status, _, body = call_wsgi(WSGIHandler(), environ)
     assert status == "200 OK"
     request = one_entry(collector)["request"]
-    # Django reads nothing without a length under WSGI; the entry counts what was read.
-    assert request["bodySize"] == len(body)
+    # Django reads nothing without a length under WSGI; the entry counts what was read, and
+    # an empty read is not the end of a chunked body: it was not captured.
+    assert request["bodySize"] == len(body) == 0
+    assert request["bodyCaptured"] is False and "postData" not in request
     assert ("content-length" not in [h["name"] for h in request["headers"]]) is True
 
 
@@ -572,14 +576,15 @@ def test_exception_through_middleware_is_reraised_unchanged(
 def test_client_leaving_during_async_view_yields_entry(
     collector: Collector, configure: Configure
 ) -> None:
-    """A disconnect while the async view awaits cancels it; the entry is still recorded (500)."""
+    """A disconnect while the async view awaits cancels it; the entry is still recorded, with
+    no status (0): nothing was answered, and a 500 would count a failure the app never had."""
     scope = asgi_scope("GET", "/async", query="sleep=30")
     status, _, _ = asyncio.run(
         asyncio.wait_for(call_asgi(ASGIHandler(), scope, [b""], leave_at="request"), 10)
     )
     assert status == 0  # nothing was sent: Django cancelled the view
     entry = one_entry(collector)
-    assert (entry["response"]["status"], entry["response"]["bodySize"]) == (500, 0)
+    assert (entry["response"]["status"], entry["response"]["bodySize"]) == (0, 0)
 
 
 def test_client_leaving_mid_stream_yields_entry(collector: Collector, configure: Configure) -> None:
@@ -592,6 +597,155 @@ def test_client_leaving_mid_stream_yields_entry(collector: Collector, configure:
     response = one_entry(collector)["response"]
     assert response["status"] == 200
     assert (response["bodySize"], decoded(response["content"])) == (len(body), body)
+
+
+# -- what crossed --------------------------------------------------------------------------------
+
+
+async def _serve_asgi(scope: dict[str, Any], send: Callable[[dict[str, Any]], Any]) -> None:
+    """Serve one request whose client never leaves (``call_asgi`` expects no failure)."""
+    messages = [{"type": "http.request", "body": b"", "more_body": False}]
+
+    async def receive() -> dict[str, Any]:
+        if messages:
+            return messages.pop()
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    await ASGIHandler()(scope, receive, send)
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_asgi_stream_that_raises_is_recorded(
+    collector: Collector, configure: Configure, kind: str
+) -> None:
+    """Django's ASGI handler does not close a response whose stream raised: the entry ends
+    when the response is collected, with the chunk that was sent."""
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = asgi_scope("GET", "/stream-boom", query=f"kind={kind}")
+    with pytest.raises(RuntimeError, match="boom mid-stream"), warnings.catch_warnings():
+        # Django warns that it consumes a sync iterator under ASGI: that is the case tested.
+        warnings.simplefilter("ignore")
+        asyncio.run(_serve_asgi(scope, send))
+    gc.collect()
+    response = one_entry(collector)["response"]
+    assert response["status"] == 200
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    # Django reads a sync iterator to its end before sending: then nothing went out.
+    assert body == (views.STREAM_CHUNKS[0] if kind == "async" else b"")
+    assert response["bodySize"] == len(body)
+    if body:
+        assert decoded(response["content"]) == body
+    assert alf_analytics.stats()["captured"] == 1
+
+
+@pytest.mark.parametrize("path", ["/sync", "/astream"])
+def test_asgi_response_the_server_refused_is_recorded_without_its_body(
+    collector: Collector, configure: Configure, path: str
+) -> None:
+    """A server whose ``send`` raises (h11 refusing a body, a client gone): the entry is
+    still made, and the body that did not go out is not counted as sent."""
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body":
+            raise OSError("the server refused the body")
+
+    with pytest.raises(OSError, match="refused"):
+        asyncio.run(_serve_asgi(asgi_scope("GET", path), send))
+    gc.collect()
+    response = one_entry(collector)["response"]
+    assert (response["status"], response["bodySize"]) == (200, 0)
+    assert "content" not in response or response["content"].get("text") in (None, "")
+
+
+class _FailingWrite:
+    """A WSGI server whose socket write fails at the ``fail_at``-th chunk, closing the
+    iterable in a ``finally`` as gunicorn does."""
+
+    def __init__(self, fail_at: int) -> None:
+        self.fail_at = fail_at
+        self.written: list[bytes] = []
+
+    def serve(self, environ: dict[str, Any]) -> None:
+        def start_response(status: str, headers: Any, exc_info: Any = None) -> Any:
+            return self.written.append
+
+        result = WSGIHandler()(environ, start_response)
+        try:
+            for index, chunk in enumerate(result):
+                if index + 1 == self.fail_at:
+                    raise BrokenPipeError("the client left")
+                self.written.append(chunk)
+        finally:
+            result.close()
+
+
+@pytest.mark.parametrize(("path", "fail_at"), [("/stream", 2), ("/stream", 1), ("/sync", 1)])
+def test_wsgi_chunk_whose_write_failed_is_not_counted(
+    collector: Collector, configure: Configure, path: str, fail_at: int
+) -> None:
+    server = _FailingWrite(fail_at)
+    with pytest.raises(BrokenPipeError):
+        server.serve(wsgi_environ("GET", path))
+    response = one_entry(collector)["response"]
+    sent = b"".join(server.written)
+    assert response["bodySize"] == len(sent)
+    if sent:
+        assert decoded(response["content"]) == sent
+
+
+@pytest.mark.parametrize(("kind", "status", "sent"), [("sync", 200, 1), ("early", 500, 0)])
+def test_wsgi_stream_that_raises_is_recorded_as_the_server_answers(
+    collector: Collector, configure: Configure, kind: str, status: int, sent: int
+) -> None:
+    """Before its first chunk no header went out, and the server answers 500 itself."""
+    server = _FailingWrite(fail_at=0)
+    with pytest.raises(RuntimeError, match="boom mid-stream"):
+        server.serve(wsgi_environ("GET", "/stream-boom", query=f"kind={kind}"))
+    response = one_entry(collector)["response"]
+    assert (response["status"], response["bodySize"]) == (status, sent * 12)
+
+
+def test_stream_chunks_are_recorded_as_the_client_gets_them(
+    collector: Collector, configure: Configure
+) -> None:
+    """Text and memoryview chunks are made bytes as Django makes them, for the count and the
+    capture alike (text once broke the capture)."""
+    status, _, body = call_wsgi(WSGIHandler(), wsgi_environ("GET", "/stream-mixed"))
+    assert (status, body) == ("200 OK", "caf\u00e9 view bytes".encode())
+    response = one_entry(collector)["response"]
+    assert (response["bodySize"], decoded(response["content"])) == (len(body), body)
+
+
+def test_wsgi_path_without_raw_uri_keeps_its_utf8_bytes(
+    collector: Collector, configure: Configure
+) -> None:
+    """runserver and wsgiref give no RAW_URI; WSGIRequest replaces PATH_INFO with decoded
+    text, which must not be read back as Latin-1."""
+    environ = wsgi_environ("GET", "/caf\u00c3\u00a9", query="t=1")  # PEP 3333: UTF-8 as Latin-1
+    del environ["RAW_URI"]
+    call_wsgi(WSGIHandler(), environ)
+    assert one_entry(collector)["request"]["url"] == "http://api.example.test/caf%C3%A9?t=1"
+
+
+def test_asgi_headers_are_the_wire_headers(collector: Collector, configure: Configure) -> None:
+    """Under ASGI the entry's headers come from the scope, as sent: repeats kept apart, and an
+    underscore name (which Django's META leaves out) recorded and redacted."""
+    headers = [("x-rep", "a"), ("x-rep", "b"), ("x-api_key", "SECRETU"), ("accept", "x/y")]
+    scope = asgi_scope("GET", "/sync", headers=headers)
+    status, _, _ = asyncio.run(call_asgi(ASGIHandler(), scope, [b""]))
+    assert status == 200
+    request = one_entry(collector)["request"]
+    pairs = headers_of(request)
+    assert [v for n, v in pairs if n == "x-rep"] == ["a", "b"]
+    assert ("x-api_key", "[REDACTED]") in pairs
+    wire = sum(len(n) + len(v) + 4 for n, v in [("host", HOST), *headers])
+    request_line = len("GET /sync HTTP/1.1\r\n")
+    assert request["headersSize"] == request_line + wire + 2
 
 
 # -- real servers --------------------------------------------------------------------------------
@@ -669,6 +823,26 @@ def test_django_under_uvicorn(collector: Collector) -> None:
         assert responses["/astream"].content == b"".join(views.STREAM_CHUNKS)
         assert responses["/body"].content == b"chunked body"
         server.stop()  # uvicorn re-raises SIGTERM after its graceful shutdown
+    finally:
+        server.close()
+
+
+@pytest.mark.slow
+def test_django_under_uvicorn_records_a_stream_that_raised(collector: Collector) -> None:
+    """Under a real server, the response Django never closed is still recorded, soon."""
+    env = {**server_env(collector.url), "DJANGOPROJECT_ALF_DELAY": "0.1"}
+    server = Server([*UVICORN, "tests.djangoproject.asgi:application"], env)
+    try:
+        server.wait_ready()
+        with httpx.Client(timeout=30) as client:
+            with pytest.raises(httpx.RemoteProtocolError):  # uvicorn cuts the stream
+                client.get(server.url + "/stream-boom", params={"kind": "async"})
+            client.get(server.url + "/sync")
+        entries = received_entries(collector, 3, timeout=15)  # wait_ready's /sync too
+        [boom] = [e for e in entries if "/stream-boom" in e["request"]["url"]]
+        assert boom["response"]["status"] == 200
+        assert boom["response"]["bodySize"] == len(views.STREAM_CHUNKS[0])
+        server.stop()
     finally:
         server.close()
 

@@ -10,12 +10,19 @@ Under WSGI the stack stays sync, under ASGI with an async stack it stays async: 
 mode from ``get_response``. The request body is counted (and captured up to the cap) as the view
 reads it, so ``request.body``, ``request.POST``, uploads and ``request.read()`` all keep working.
 Streaming responses are observed by wrapping their iterators; the entry is finished when Django
-closes the response, after the last byte went out.
+closes the response, after the last byte went out. A body is counted once the server has taken
+it: a chunk when the server asks for the next one, the last one (or a whole ``HttpResponse``)
+when the response is closed other than while an exception propagates. Under ASGI, Django does
+not close a response whose sending failed (a stream that raised, a server that refused a
+message): the entry is then finished when the response is collected.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import sys
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 from time import perf_counter
 from typing import Any
@@ -31,9 +38,10 @@ from ._checks import django_terms
 from ._config import Config, make_config
 from ._consumer import ConsumerHolder, enter, leave
 from ._gate import Gate
-from ._record import Exchange, InputTee
+from ._record import NO_RESPONSE, Exchange, InputTee
 from ._signals import check_django_asgi, check_exit_flush_wsgi
 from ._worker import Worker, get_worker, hand_over
+from .asgi import read_scope
 from .wsgi import read_environ
 
 _checks.register()
@@ -115,6 +123,12 @@ class AnalyticsMiddleware:
         holder, token = enter()
         try:
             response = await self.get_response(request)
+        except asyncio.CancelledError:
+            # Django's ASGI handler cancels the view when the client disconnects: no
+            # response was sent, so no status either (0, as HAR writes it), never a 500.
+            exchange.status = NO_RESPONSE
+            self._finish(exchange, holder, request)
+            raise
         except BaseException:
             self._fail(exchange, holder, request)
             raise
@@ -148,22 +162,28 @@ class AnalyticsMiddleware:
             if admitted is None:
                 return None  # skipped or sampled out: counted, nothing built
             group = admitted[0]
-        meta = request.META.copy()
+        meta = request.META
         if scope is not None:
-            # ASGIRequest's META is WSGI-shaped but lacks these; take them from the scope.
-            meta["wsgi.url_scheme"] = scope.get("scheme", "http")
-            meta["SERVER_PROTOCOL"] = "HTTP/" + str(scope.get("http_version", "1.1"))
-            raw_path = scope.get("raw_path")
-            if raw_path:
-                meta["RAW_URI"] = raw_path.decode("latin-1")
-            server = scope.get("server")
-            if server and server[0]:
-                meta.setdefault("SERVER_ADDR", server[0])
-        exchange = Exchange(self.config, meta, read_environ, group)
+            # The ASGI scope, not META: META folds repeated headers into one and leaves out
+            # names with an underscore, and headersSize is rebuilt from the headers as sent.
+            source = dict(scope)
+            headers = source.get("headers")
+            if type(headers) is list:
+                source["headers"] = headers.copy()
+            exchange = Exchange(self.config, source, read_scope, group)
+        else:
+            environ = meta.copy()
+            # WSGIRequest replaced these with their decoded text; back to the PEP 3333 form
+            # (UTF-8 bytes as Latin-1) for servers that give no RAW_URI (runserver, wsgiref).
+            for key, value in (("PATH_INFO", request.path_info), ("SCRIPT_NAME", None)):
+                text = value if value is not None else meta.get(key)
+                if isinstance(text, str) and not text.isascii():
+                    environ[key] = text.encode("utf-8", "surrogateescape").decode("latin-1")
+            exchange = Exchange(self.config, environ, read_environ, group)
         if exchange.request_body is not None:
             exchange.decide_request_capture(meta.get("CONTENT_TYPE"))
         stream = getattr(request, "_stream", None)
-        if stream is not None:
+        if stream is not None and not _unread_chunked(scope, meta):
             # HttpRequest.read(), .body, .POST and the upload handlers all read _stream.
             request._stream = InputTee(stream, exchange)  # type: ignore[assignment]
         return exchange
@@ -189,21 +209,26 @@ class AnalyticsMiddleware:
             headers.extend(("Set-Cookie", c.OutputString()) for c in response.cookies.values())
             exchange.response_headers = headers
             exchange.decide_response_capture()
+            end = _End(self, exchange, holder, request, _Sent(exchange))
             if isinstance(response, StreamingHttpResponse):
-                self._observe_stream(exchange, response)
+                end.sent.hold_all = is_async and not response.is_async
+                self._observe_stream(exchange, response, end)
             else:
                 exchange.t_response = perf_counter()
-                content = response.content  # type: ignore[attr-defined]
-                exchange.response_data(content)
+                end.sent.pending.append(response.content)  # type: ignore[attr-defined]
+            if is_async:
+                # Django's ASGI handler closes a response only when sending it succeeded; a
+                # server's send() that raised leaves it to be collected.
+                end.finalizer = weakref.finalize(response, end.abandoned)
             # Django calls these from response.close(), after the server sent the last byte.
-            response._resource_closers.append(  # type: ignore[attr-defined]
-                lambda: self._finish(exchange, holder, request)
-            )
+            response._resource_closers.append(end.closed)  # type: ignore[attr-defined]
         except Exception:  # pragma: no cover - defensive: never break the host app
             logger.exception("alf_analytics: could not observe a response")
             self._finish(exchange, holder, request)
 
-    def _observe_stream(self, exchange: Exchange, response: StreamingHttpResponse) -> None:
+    def _observe_stream(
+        self, exchange: Exchange, response: StreamingHttpResponse, end: _End
+    ) -> None:
         if isinstance(response, FileResponse) and exchange.response_body is None:
             # Not captured: keep file_to_stream so WSGI servers can use sendfile; the size
             # comes from Content-Length, set by FileResponse.
@@ -211,10 +236,11 @@ class AnalyticsMiddleware:
             exchange.t_response = perf_counter()
             return
         content = response.streaming_content
+        make_bytes = response.make_bytes
         if isinstance(content, AsyncIterator):
-            response.streaming_content = _observe_async(content, exchange)
+            response.streaming_content = _observe_async(content, end, make_bytes)
         else:
-            response.streaming_content = _observe_sync(content, exchange)
+            response.streaming_content = _observe_sync(content, end, make_bytes)
 
     def _finish(self, exchange: Exchange, holder: ConsumerHolder, request: HttpRequest) -> None:
         if exchange.t_end:  # Django may close a response twice
@@ -227,17 +253,119 @@ class AnalyticsMiddleware:
         hand_over(self._worker, exchange)
 
 
-def _observe_sync(chunks: Iterator[bytes], exchange: Exchange) -> Iterator[bytes]:
-    for chunk in chunks:
-        if not exchange.t_response:
-            exchange.t_response = perf_counter()
-        exchange.response_data(chunk)
-        yield chunk
+def _unread_chunked(scope: Any, meta: Any) -> bool:
+    """A chunked request body under WSGI, which Django never reads (it reads only up to a
+    Content-Length): its empty stream is not the body's end, so it is left unwatched and
+    the entry says the body was not captured."""
+    if scope is not None or meta.get("CONTENT_LENGTH"):
+        return False
+    return "chunked" in str(meta.get("HTTP_TRANSFER_ENCODING", "")).lower()
 
 
-async def _observe_async(chunks: AsyncIterator[bytes], exchange: Exchange) -> AsyncIterator[bytes]:
-    async for chunk in chunks:
-        if not exchange.t_response:
-            exchange.t_response = perf_counter()
-        exchange.response_data(chunk)
-        yield chunk
+class _Sent:
+    """The body chunks the server has been handed but may not have sent yet: one, or under
+    ASGI for a sync iterator (which Django reads to its end before sending anything) all."""
+
+    __slots__ = ("exchange", "pending", "hold_all")
+
+    def __init__(self, exchange: Exchange) -> None:
+        self.exchange = exchange
+        self.pending: list[bytes] = []
+        self.hold_all = False
+
+    def took(self, chunk: bytes) -> None:
+        if not self.exchange.t_response:
+            self.exchange.t_response = perf_counter()
+        self.pending.append(chunk)
+
+    def settle(self, crossed: bool) -> None:
+        pending = self.pending
+        if pending:
+            self.pending = []
+            if crossed:
+                for chunk in pending:
+                    self.exchange.response_data(chunk)
+
+
+class _End:
+    """How a response's entry ends: Django closed it, or it was collected unclosed."""
+
+    __slots__ = ("middleware", "exchange", "holder", "request", "sent", "finalizer")
+
+    def __init__(
+        self,
+        middleware: AnalyticsMiddleware,
+        exchange: Exchange,
+        holder: ConsumerHolder,
+        request: HttpRequest,
+        sent: _Sent,
+    ) -> None:
+        self.middleware = middleware
+        self.exchange = exchange
+        self.holder = holder
+        self.request = request
+        self.sent = sent
+        self.finalizer: weakref.finalize[Any, Any] | None = None
+
+    def closed(self) -> None:
+        finalizer = self.finalizer
+        if finalizer is not None:
+            finalizer.detach()
+        # Closed while an exception propagates (gunicorn closes in a ``finally``, wsgiref
+        # in an ``except``): the server's write of the last chunk failed, it did not cross.
+        self.sent.settle(sys.exc_info()[0] is None)
+        self.middleware._finish(self.exchange, self.holder, self.request)
+
+    def failed(self) -> None:
+        """The stream raised (or was cancelled): what Django held back did not go out."""
+        finalizer = self.finalizer
+        if finalizer is not None:
+            finalizer.detach()
+        elif not self.exchange.t_response:
+            # Under WSGI before its first chunk: no header has gone out yet, so the server
+            # answers 500 itself (under ASGI Django has sent the response start already).
+            self.exchange.status = 500
+            self.exchange.reason = ""
+            self.exchange.response_headers = ()
+        self.abandoned()
+
+    def abandoned(self) -> None:
+        # Never closed: sending it failed, so the chunk in hand did not cross.
+        self.sent.settle(False)
+        self.middleware._finish(self.exchange, self.holder, self.request)
+
+
+def _observe_sync(
+    chunks: Iterator[Any], end: _End, make_bytes: Callable[[Any], bytes]
+) -> Iterator[bytes]:
+    sent = end.sent
+    try:
+        for chunk in chunks:
+            # As Django would make it (str, memoryview): the bytes the client gets.
+            data = make_bytes(chunk)
+            sent.took(data)
+            yield data
+            if not sent.hold_all:
+                sent.settle(True)  # the server asks for the next chunk: it sent this one
+    except GeneratorExit:
+        raise  # closed: response.close() ends the entry
+    except BaseException:
+        end.failed()  # under ASGI Django will not close this response
+        raise
+
+
+async def _observe_async(
+    chunks: AsyncIterator[Any], end: _End, make_bytes: Callable[[Any], bytes]
+) -> AsyncIterator[bytes]:
+    sent = end.sent
+    try:
+        async for chunk in chunks:
+            data = make_bytes(chunk)
+            sent.took(data)
+            yield data
+            sent.settle(True)
+    except GeneratorExit:
+        raise
+    except BaseException:
+        end.failed()
+        raise

@@ -15,6 +15,8 @@ urlpatterns = [
     path("astream", views.stream_async_view),
     path("endless", views.endless_view),
     path("file", views.file_view),
+    path("stream-boom", views.stream_boom_view),
+    path("stream-mixed", views.stream_mixed_view),
     path("raise", views.raising_view),
     path("cookies", views.cookie_view),
     path("echo", views.echo_view),

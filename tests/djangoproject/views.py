@@ -79,6 +79,32 @@ def endless_view(request: HttpRequest) -> HttpResponse:
     return StreamingHttpResponse(ticks(), content_type="text/plain")
 
 
+def stream_boom_view(request: HttpRequest) -> HttpResponse:
+    """A stream that fails after its first chunk (``?kind=async`` for an async one)."""
+
+    def chunks() -> Iterator[bytes]:
+        yield STREAM_CHUNKS[0]
+        raise RuntimeError("boom mid-stream")
+
+    async def achunks() -> AsyncIterator[bytes]:
+        yield STREAM_CHUNKS[0]
+        raise RuntimeError("boom mid-stream")
+
+    def early() -> Iterator[bytes]:
+        raise RuntimeError("boom mid-stream")
+        yield b""  # pragma: no cover - a generator that fails before its first chunk
+
+    kind = request.GET.get("kind")
+    content = achunks() if kind == "async" else early() if kind == "early" else chunks()
+    return StreamingHttpResponse(content, content_type="text/plain")
+
+
+def stream_mixed_view(request: HttpRequest) -> HttpResponse:
+    """Chunks as views give them: text (in the response's charset) and memoryviews."""
+    parts = ["caf\u00e9 ", memoryview(b"view "), b"bytes"]
+    return StreamingHttpResponse(iter(parts), content_type="text/plain; charset=utf-8")
+
+
 def file_view(request: HttpRequest) -> HttpResponse:
     return FileResponse(FILE_PATH.open("rb"), content_type="text/x-python")
 
