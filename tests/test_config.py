@@ -85,6 +85,11 @@ INVALID = [
         {"shutdown_timeout": float("nan")}, ValueError, ["shutdown_timeout=nan"], id="nan-shutdown"
     ),
     pytest.param({"retry_backoff": -1}, ValueError, ["retry_backoff=-1"], id="negative-backoff"),
+    # Finite, yet past what a thread wait takes (OverflowError at shutdown, not at startup).
+    pytest.param(
+        {"shutdown_timeout": 1e300}, ValueError, ["shutdown_timeout=1e+300"], id="huge-shutdown"
+    ),
+    pytest.param({"delay": 604_801}, ValueError, ["delay=604801", "604800"], id="huge-delay"),
     pytest.param(
         {"collector_url": "ftp://collector.example"},
         ValueError,
@@ -477,6 +482,27 @@ def test_a_query_in_collector_url_is_refused_without_showing_it(
     with pytest.raises(ValueError) as raised:
         make_config({"service_token": TOKEN})
     assert "url-password" not in str(raised.value) and "***@h.test" in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "user:s3cretpw@collector.internal:8700",  # no scheme
+        "//user:s3cretpw@collector.internal",
+        "http:/user:s3cretpw@collector.internal",  # one slash
+        "http://user:s3c/retpw@collector.internal/base",  # a raw slash in the password
+    ],
+)
+def test_a_malformed_collector_url_is_refused_without_its_password(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(ValueError) as raised:
+        make_config({"service_token": TOKEN, "collector_url": url}, environ={})
+    assert "s3cretpw" not in str(raised.value) and "retpw" not in str(raised.value)
+    assert "***@collector.internal" in str(raised.value)
+    with pytest.raises(ValueError) as raised:
+        make_config({"service_token": TOKEN}, environ={"ALF_COLLECTOR_URL": url})
+    assert "ALF_COLLECTOR_URL" in str(raised.value) and "retpw" not in str(raised.value)
 
 
 @pytest.mark.parametrize(

@@ -93,3 +93,14 @@ def test_install_outside_the_main_thread_is_refused() -> None:
     thread.start()
     thread.join()
     assert len(errors) == 1 and "main thread" in str(errors[0])
+
+
+@pytest.mark.parametrize("timeout", [float("inf"), float("nan"), 1e300, True, -1, "5"])
+def test_install_refuses_a_timeout_the_handler_could_not_wait(timeout: object) -> None:
+    """Refused at install, not at SIGTERM, where it raised into the main thread (exit 1)."""
+    import alf_analytics
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(ValueError, match="install_sigterm_flush"):
+        alf_analytics.install_sigterm_flush(timeout)  # type: ignore[arg-type]
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -135,14 +135,22 @@ def mask_token(token: object) -> str:
 
 
 def mask_url(url: str) -> str:
-    """A URL fit for logs and thread names: credentials in it replaced by ``***``."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
+    """A URL fit for logs, errors and thread names: credentials in it replaced by ``***``.
+
+    Also for a malformed one (no scheme, ``//user:pass@host``, ``http:/user:pass@host``):
+    everything up to the last ``@`` before the query is taken as credentials.
+    """
+    prefix = _URL_PREFIX.match(url)
+    start = prefix.end() if prefix else 0
+    end = min((i for i in (url.find("?", start), url.find("#", start)) if i >= 0), default=None)
+    at = url.rfind("@", start, end)
+    if at < 0:
         return url
-    netloc, slash, path = rest.partition("/")
-    if "@" in netloc:
-        netloc = "***@" + netloc.rpartition("@")[2]
-    return f"{scheme}://{netloc}{slash}{path}"
+    return f"{url[:start]}***{url[at:]}"
+
+
+#: A scheme (only when slashes follow it: ``user:pass@host`` has none) and the slashes.
+_URL_PREFIX = re.compile(r"(?:[A-Za-z][A-Za-z0-9+.-]*:(?=/))?/*")
 
 
 def _shown_token(value: object) -> str:
@@ -359,6 +367,11 @@ def _integer(minimum: int) -> Callable[[_Source, object], int]:
     return validate
 
 
+#: The longest a duration option (and ``install_sigterm_flush``'s timeout) may be: a week.
+#: Far beyond it, thread waits overflow (``threading.TIMEOUT_MAX``).
+MAX_SECONDS = 7 * 86_400
+
+
 def _seconds(allow_zero: bool) -> Callable[[_Source, object], float]:
     def validate(src: _Source, value: object) -> float:
         if isinstance(value, str) and src.variable:
@@ -366,9 +379,13 @@ def _seconds(allow_zero: bool) -> Callable[[_Source, object], float]:
         _check_type(src, value, (int, float), "a number of seconds")
         assert isinstance(value, (int, float))
         number = float(value)
-        if not math.isfinite(number) or number < 0 or (number == 0 and not allow_zero):
-            what = "a finite number of seconds >= 0" if allow_zero else "> 0"
-            raise src.bad(value, f"must be {what}")
+        if (
+            not math.isfinite(number)
+            or not 0 <= number <= MAX_SECONDS
+            or (number == 0 and not allow_zero)
+        ):
+            low = ">= 0" if allow_zero else "> 0"
+            raise src.bad(value, f"must be a finite number of seconds {low} and <= {MAX_SECONDS}")
         return number
 
     return validate

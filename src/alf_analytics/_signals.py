@@ -18,6 +18,7 @@ from types import FrameType
 from typing import Any
 
 from . import _worker
+from ._config import MAX_SECONDS
 
 __all__ = ["install_sigterm_flush"]
 
@@ -86,8 +87,15 @@ def install_sigterm_flush(timeout: float | None = None) -> None:
     signal's default action ends the process as it would have without us. Call it once from
     the main thread, at startup; calling it again does nothing.
     """
-    if timeout is not None and (not isinstance(timeout, (int, float)) or timeout < 0):
-        raise ValueError(f"alf_analytics: install_sigterm_flush(timeout={timeout!r}): must be >= 0")
+    if timeout is not None and (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, (int, float))
+        or not 0 <= timeout <= MAX_SECONDS  # NaN fails this too
+    ):
+        raise ValueError(
+            f"alf_analytics: install_sigterm_flush(timeout={timeout!r}): must be None or a "
+            f"number of seconds >= 0 and <= {MAX_SECONDS}"
+        )
     previous = signal.getsignal(signal.SIGTERM)
     if isinstance(previous, _FlushThenChain):
         return
