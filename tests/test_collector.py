@@ -425,6 +425,70 @@ def test_zip_bomb_is_413(collector_db: str, client: httpx.Client) -> None:
         assert "decompressed body exceeds" in response.json()["errors"][0]
 
 
+def realistic_entry(index: int = 0) -> dict[str, Any]:
+    """An entry as agents send it: the minimal fixture's, with a consumer, a query string and
+    two more headers (about 65 commas and colons, some inside strings; under 800 bytes, so
+    that 10,000 fit in --max-decompressed-bytes)."""
+    started = datetime(2026, 1, 2, 3, 4, 5, index % 1000 * 1000, tzinfo=timezone.utc)
+    entry = entry_at("GET", f"https://api.test/v1/items/{index}?a=1,2", 200, 12.5, started)
+    entry["request"]["headers"] += [
+        {"name": "user-agent", "value": "client/1.2"},
+        {"name": "x-alf-consumer", "value": "billing"},
+    ]
+    return entry
+
+
+def test_max_entries_realistic_entries_in_one_request_are_accepted(
+    collector_db: str, client: httpx.Client
+) -> None:
+    """The default --max-entries (10,000) is reachable: the cheap count of JSON values before
+    parsing allows 100 commas and colons per entry, not a fixed 500,000 that ~8,000
+    realistic entries already went over; beyond it the 413 says what to change."""
+    entry = realistic_entry()
+    data = json.dumps(entry, separators=(",", ":")).encode()
+    assert 55 < data.count(b",") + data.count(b":") < 100 and len(data) < 800
+    with Collector(collector_db) as running:
+        url = running.endpoint("1.1.0", "single")
+        body = gzip.compress(json.dumps(alf_of([entry] * 10_000), separators=(",", ":")).encode())
+        answer = client.post(url, content=body, headers={"Content-Encoding": "gzip"})
+        assert answer.status_code == 200, answer.text
+        assert answer.json() == {"errors": [], "sent": 1, "saved": 1, "refused": 0}
+        assert running.count() == 10_000
+        limits = Limits()
+        assert limits.max_entries == 10_000 and limits.max_json_values == 1_000_000
+        assert Limits(max_entries=100).max_json_values == 500_000  # never below the old bound
+        # More separators than 100 per allowed entry: refused before parsing, nothing stored.
+        padded = copy.deepcopy(entry)
+        padded["request"]["headers"].append({"name": "x-list", "value": "," * 40})
+        body = gzip.compress(json.dumps(alf_of([padded] * 10_000), separators=(",", ":")).encode())
+        answer = client.post(url, content=body, headers={"Content-Encoding": "gzip"})
+        assert answer.status_code == 413, answer.text
+        message = answer.json()["errors"][0]
+        assert "more than 1000000 JSON values" in message and "--max-entries" in message
+        assert running.count() == 10_000
+
+
+def test_a_batch_of_more_than_1000_one_entry_alf_objects_is_accepted(
+    collector_db: str, client: httpx.Client
+) -> None:
+    """The Java agent sends one entry per ALF object: a /batch of 1,001 of them is 1,001
+    entries, within --max-entries; ALF objects are bounded by --max-entries, not by 1,000."""
+    with Collector(collector_db, limits=Limits(max_entries=1_200)) as running:
+        url = running.endpoint("1.1.0", "batch")
+        batch = [alf_of([realistic_entry(i)]) for i in range(1_001)]
+        answer = post(client, url, batch, encoding="gzip")
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["saved"] == 1_001 and running.count() == 1_001
+        # ALF objects without entries (1.0.0 allows them) are bounded by --max-entries too.
+        empty = [alf_of([]) for _ in range(1_201)]
+        for alf in empty:
+            alf["version"] = "1.0.0"
+        answer = post(client, running.endpoint("1.0.0", "batch"), empty, encoding="gzip")
+        assert answer.status_code == 413, answer.text
+        assert "more than 1200 ALF objects" in answer.json()["errors"][0]
+        assert running.count() == 1_001
+
+
 # --- routing ---------------------------------------------------------------------------------
 
 

@@ -199,7 +199,10 @@ def _parse(body: bytes, limits: Limits) -> Any:
     values = body.count(b",") + body.count(b":")
     if values > limits.max_json_values:
         raise IngestError(
-            413, f"body holds more than {limits.max_json_values} JSON values (split the batch)"
+            413,
+            f"body holds more than {limits.max_json_values} JSON values (commas and colons, "
+            f"100 per entry allowed by --max-entries {limits.max_entries}): send fewer "
+            "entries per request, or raise --max-entries",
         )
     try:
         return orjson.loads(body)
@@ -517,7 +520,11 @@ def prepare(body: bytes, *, version: str, kind: str, tokens: TokenSet, limits: L
     if not alfs:
         raise IngestError(400, "the batch holds no ALF object")
     if len(alfs) > limits.max_alfs:
-        raise IngestError(413, f"more than {limits.max_alfs} ALF objects in one request")
+        raise IngestError(
+            413,
+            f"more than {limits.max_alfs} ALF objects in one request (as many as "
+            "--max-entries allows entries): split the batch",
+        )
     total_entries = sum(_count_entries(alf) for alf in alfs)
     if total_entries > limits.max_entries:
         raise IngestError(413, f"more than {limits.max_entries} entries in one request")

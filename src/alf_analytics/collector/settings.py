@@ -193,22 +193,27 @@ def parse_duration(text: str) -> float:
     return float(int(match.group(1)) * _UNITS[match.group(2)])
 
 
+_JSON_VALUES_PER_ENTRY: Final = 100
+"""The separators (``,`` and ``:``) a body may hold per entry allowed (``max_entries``): a
+realistic entry with a dozen headers has about 60; never fewer than ``_MIN_JSON_VALUES``."""
+_MIN_JSON_VALUES: Final = 500_000
+
+
 @dataclass(frozen=True)
 class Limits:
     """What one request may cost; over a limit the request is answered 413 (or 408).
 
     ``max_body_bytes`` bounds the body as sent (compressed), ``max_decompressed_bytes`` what
-    it inflates to (decompression stops there), ``max_json_values`` the JSON values it may
-    hold (counted cheaply before parsing, so that parsing memory stays a small multiple of
-    the body), ``max_alfs`` and ``max_entries`` the ALF objects and entries per request,
+    it inflates to (decompression stops there), ``max_entries`` the entries per request,
     ``max_errors`` the error strings in an answer, ``body_timeout`` the seconds a client has
-    to send its whole body.
+    to send its whole body. Two bounds follow ``max_entries``, so that a request of
+    ``max_entries`` entries is never refused by them: :attr:`max_alfs` (the ALF objects per
+    request) and :attr:`max_json_values` (the JSON values it may hold, counted cheaply before
+    parsing, so that parsing memory stays a small multiple of the body).
     """
 
     max_body_bytes: int = 1_048_576
     max_decompressed_bytes: int = 8 * 1_048_576
-    max_json_values: int = 500_000
-    max_alfs: int = 1_000
     max_entries: int = 10_000
     max_errors: int = 50
     body_timeout: float = 30.0
@@ -217,8 +222,6 @@ class Limits:
         for name in (
             "max_body_bytes",
             "max_decompressed_bytes",
-            "max_json_values",
-            "max_alfs",
             "max_entries",
             "max_errors",
         ):
@@ -227,3 +230,15 @@ class Limits:
                 raise CollectorError(f"{name} must be a positive integer, got {value!r}")
         if not self.body_timeout > 0:
             raise CollectorError(f"body_timeout must be > 0, got {self.body_timeout!r}")
+
+    @property
+    def max_alfs(self) -> int:
+        """ALF objects per request: ``max_entries`` (the Java agent sends one entry each; an
+        ALF with no entry still counts, so objects stay bounded however few entries)."""
+        return self.max_entries
+
+    @property
+    def max_json_values(self) -> int:
+        """Separators (``,`` and ``:``, inside strings too) a body may hold before it is
+        parsed: 100 per allowed entry, at least 500,000."""
+        return max(_MIN_JSON_VALUES, _JSON_VALUES_PER_ENTRY * self.max_entries)
