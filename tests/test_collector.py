@@ -489,6 +489,25 @@ def test_a_batch_of_more_than_1000_one_entry_alf_objects_is_accepted(
         assert running.count() == 1_001
 
 
+def test_sizes_of_exactly_2_to_the_53_are_accepted(collector_db: str, client: httpx.Client) -> None:
+    """"Sizes may be -1 to 2^53": 2^53 itself is accepted, 2^53 + 1 refused, naming the value."""
+    with Collector(collector_db) as running:
+        url = running.endpoint("1.1.0", "single")
+        for part in ("request", "response"):
+            for key in ("bodySize", "headersSize"):
+                entry = realistic_entry()
+                entry[part][key] = 2**53
+                answer = post(client, url, alf_of([entry]))
+                assert answer.status_code == 200, (part, key, answer.text)
+                entry[part][key] = 2**53 + 1
+                answer = post(client, url, alf_of([entry]))
+                assert answer.status_code == 400, (part, key, answer.text)
+                assert f"$.{part}.{key} is out of range (-1..2^53)" in answer.text
+        assert running.count() == 4
+        stored = running.entries()
+        assert {e.request_body_size for e in stored} >= {2**53}
+
+
 # --- routing ---------------------------------------------------------------------------------
 
 

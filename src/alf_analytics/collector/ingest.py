@@ -53,7 +53,7 @@ CONSUMER_HEADER: Final = "x-alf-consumer"
 _CONSUMER_LENGTH: Final = len(CONSUMER_HEADER)
 
 _MAX_MESSAGE: Final = 300
-_MAX_INT: Final = 2**53
+_MAX_INT: Final = 2**53  # the largest size accepted (inclusive): README "-1 to 2^53"
 _MAX_STATUS: Final = 999
 # Column caps: the entry itself keeps the full values.
 _MAX_METHOD: Final = 64
@@ -439,15 +439,15 @@ def _entry_row(entry: Mapping[str, Any], alf_client_ip: str | None) -> EntryRow 
     request_bytes = request["bodySize"]
     response_bytes = response["bodySize"]
     if not (
-        -1 <= request_bytes < _MAX_INT
-        and -1 <= response_bytes < _MAX_INT
-        and -1 <= request.get("headersSize", 0) < _MAX_INT
-        and -1 <= response.get("headersSize", 0) < _MAX_INT
+        -1 <= request_bytes <= _MAX_INT
+        and -1 <= response_bytes <= _MAX_INT
+        and -1 <= request.get("headersSize", 0) <= _MAX_INT
+        and -1 <= response.get("headersSize", 0) <= _MAX_INT
     ):  # the slow path names the value
         for where, part in (("request", request), ("response", response)):
             for key in ("bodySize", "headersSize"):
                 value = part.get(key)
-                if isinstance(value, int) and not -1 <= value < _MAX_INT:
+                if isinstance(value, int) and not -1 <= value <= _MAX_INT:
                     return f"$.{where}.{key} is out of range (-1..2^53)"
     time_ms = float(entry["time"])
     if not -1.0 <= time_ms < 1e12:
