@@ -490,7 +490,7 @@ def test_a_batch_of_more_than_1000_one_entry_alf_objects_is_accepted(
 
 
 def test_sizes_of_exactly_2_to_the_53_are_accepted(collector_db: str, client: httpx.Client) -> None:
-    """"Sizes may be -1 to 2^53": 2^53 itself is accepted, 2^53 + 1 refused, naming the value."""
+    """ "Sizes may be -1 to 2^53": 2^53 itself is accepted, 2^53 + 1 refused, naming the value."""
     with Collector(collector_db) as running:
         url = running.endpoint("1.1.0", "single")
         for part in ("request", "response"):
@@ -1591,6 +1591,36 @@ def test_api_entries_filters_pages_and_details(filled: tuple[Collector, datetime
         "/api/entries/{entry_id}.har",
         "/api/export.har",
     }
+
+
+def test_har_exports_take_redirect_url_from_the_location_header(collector_db: str) -> None:
+    """HAR 1.2: ``redirectURL`` is the target of the ``Location`` response header (the first
+    one, whatever its case); "" without one; a non-empty ``redirectURL`` sent (ALF 1.0.0) is
+    kept."""
+    now = datetime.now(timezone.utc)
+    moved = entry_at("GET", "http://api.test/old", 301, 1, now)
+    moved["response"]["headers"] += [
+        {"name": "Location", "value": "https://api.test/new?x=1"},
+        {"name": "location", "value": "https://api.test/second"},
+    ]
+    plain = entry_at("GET", "http://api.test/plain", 200, 1, now - timedelta(seconds=1))
+    with Collector(collector_db, tokens=[WRITE_TOKEN], read_key=READ_KEY) as running:
+        with httpx.Client(trust_env=False) as client:
+            answer = post(client, running.endpoint("1.1.0", "single"), alf_of([moved, plain]))
+            assert answer.status_code == 200, answer.text
+        with reader() as api:
+            exported = api.get(running.url + "/api/export.har").json()["log"]["entries"]
+            by_url = {e["request"]["url"]: e["response"]["redirectURL"] for e in exported}
+            assert by_url == {
+                "http://api.test/old": "https://api.test/new?x=1",
+                "http://api.test/plain": "",
+            }
+            [listed] = api.get(running.url + "/api/entries", params={"status": "301"}).json()[
+                "entries"
+            ]
+            one = api.get(running.url + f"/api/entries/{listed['id']}.har").json()
+            [entry] = one["log"]["entries"]
+            assert entry["response"]["redirectURL"] == "https://api.test/new?x=1"
 
 
 # --- long values (PostgreSQL's index keys hold at most 2,704 bytes) ---------------------------

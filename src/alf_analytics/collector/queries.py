@@ -963,6 +963,16 @@ def entry_detail(store: Store, entry_id: int) -> dict[str, Any] | None:
 # -- HAR --------------------------------------------------------------------------------------
 
 
+def _location(headers: object) -> str:
+    """The first ``Location`` response header: what HAR 1.2's ``redirectURL`` holds."""
+    if isinstance(headers, list):
+        for header in headers:
+            if isinstance(header, dict) and str(header.get("name", "")).lower() == "location":
+                value = header.get("value")
+                return value if isinstance(value, str) else ""
+    return ""
+
+
 def _har_entry(entry: Mapping[str, Any]) -> dict[str, Any]:
     """An ALF entry as a HAR 1.2 entry (the fields HAR requires and ALF leaves out added)."""
     request = dict(entry.get("request") or {})
@@ -976,7 +986,8 @@ def _har_entry(entry: Mapping[str, Any]) -> dict[str, Any]:
         request["postData"] = _har_content(post, for_request=True)
     response.setdefault("httpVersion", "HTTP/1.1")
     response.setdefault("cookies", [])
-    response.setdefault("redirectURL", "")
+    if not response.get("redirectURL"):
+        response["redirectURL"] = _location(response.get("headers"))
     response.pop("bodyCaptured", None)
     content = response.pop("content", None)
     size = response.get("bodySize", -1)
