@@ -81,6 +81,7 @@ def _fresh_workers() -> Iterator[None]:
     yield
     alf_analytics.close(timeout=2.0)
     _worker._workers.clear()
+    _worker._shutdown = None
 
 
 class _ErrorRecorder(logging.Handler):

@@ -29,7 +29,8 @@ from starlette.applications import Starlette
 from starlette.responses import FileResponse, StreamingResponse
 
 import alf_analytics
-from alf_analytics import AnalyticsASGIMiddleware
+from alf_analytics import AnalyticsASGIMiddleware, _worker
+from alf_analytics._config import make_config
 from alf_analytics._worker import Worker
 from alf_analytics.asgi import FlushOnShutdown
 from alf_analytics.collector import Collector
@@ -681,6 +682,63 @@ async def test_lifespan_shutdown_is_forwarded_after_the_flush(
     assert reply == pristine
     assert at_collector_when_forwarded == [1]
     assert collector.entries()[0].path == "/before-shutdown"
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_shutdown_hooks_share_one_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What one shutdown flush spent is gone for the next, until an entry is captured."""
+    clock = _Clock()
+    monkeypatch.setattr(_worker, "_monotonic", clock)
+    assert _worker.shutdown_bound(2.0) == 2.0
+    clock.now += 0.5
+    assert _worker.shutdown_bound(2.0) == 1.5
+    assert _worker.shutdown_bound(1.0) == 1.0  # never more than its own
+    clock.now += 3.0
+    assert _worker.shutdown_bound(5.0) == 0.0  # spent: exit without waiting again
+    config = make_config({"service_token": TOKEN, "collector_url": "http://127.0.0.1:9"})
+    worker = _worker.get_worker(config)
+    next(worker._captured)  # an entry captured since: a new bound
+    assert _worker.shutdown_bound(2.0) == 2.0
+
+
+@pytest.mark.anyio
+async def test_nested_middlewares_flush_within_the_shutdown_timeout_in_force(
+    anyio_backend: str, collector: Collector, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two middlewares on one collector: the inner one's 1 s is in force (the outer's 4 s is
+    ignored with a warning), and the outer lifespan flush gets what the inner one left; each
+    used to wait its own (5 s in all)."""
+    clock = _Clock()
+    monkeypatch.setattr(_worker, "_monotonic", clock)
+    given: list[float] = []
+
+    def slow_flush(self: _worker.Worker, timeout: float | None = None) -> bool:
+        assert timeout is not None
+        given.append(timeout)
+        clock.now += 0.3  # a collector that does not answer: the flush spends its time
+        return False
+
+    monkeypatch.setattr(_worker.Worker, "flush", slow_flush)
+    received: list[Any] = []
+    app = lifespan_app({"type": "lifespan.shutdown.complete"}, received)
+    inner = analytics(app, collector, shutdown_timeout=1.0)
+    outer = AnalyticsASGIMiddleware(
+        inner, service_token="outer-token-0123456789", collector_url=collector.url,
+        shutdown_timeout=4.0,
+    )  # fmt: skip
+    lifespan = LifespanServer()
+    scope = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}
+    with anyio.fail_after(10):
+        await outer(scope, lifespan.receive, lifespan.send)
+    assert given == [1.0, pytest.approx(0.7)]  # the 1 s in force, shared by both
+    assert _worker.shutdown_bound(4.0) == pytest.approx(0.4)  # what atexit would get
 
 
 @pytest.mark.anyio

@@ -49,6 +49,7 @@ class _FlushThenChain:
 
     def __call__(self, signum: int, frame: FrameType | None) -> Any:
         timeout = self.timeout if self.timeout is not None else _default_timeout()
+        timeout = _worker.shutdown_bound(timeout)  # shared with atexit and lifespan flushes
         # On a thread: the signal may have interrupted this (main) thread while it held a lock
         # the flush needs (a request handing over its entry); the wait stays bounded anyway.
         flusher = threading.Thread(

@@ -1206,10 +1206,35 @@ def stats() -> dict[str, Any]:
     return total
 
 
+#: The clock of :func:`shutdown_bound` (a test may replace it).
+_monotonic = time.monotonic
+#: The shutdown flush under way: its deadline, and the workers and entries captured then.
+_shutdown: tuple[float, tuple[tuple[int, int], ...]] | None = None
+
+
+def shutdown_bound(timeout: float) -> float:
+    """How long a flush at shutdown may wait: ``timeout``, less what the shutdown flushes
+    before it already spent when no entry was captured since.
+
+    A process often meets several hooks on its way out (the lifespan flush of each nested
+    middleware, FlushOnShutdown, the SIGTERM helper, then ``atexit``): they share one
+    ``shutdown_timeout`` instead of each waiting its own for the same unsent entries. An
+    entry captured after the last one began (an app that serves again) starts a new bound.
+    """
+    global _shutdown
+    now = _monotonic()
+    seen = tuple((id(worker), _value(worker._captured)) for worker in list(_workers.values()))
+    if _shutdown is not None and _shutdown[1] == seen:
+        return max(0.0, min(timeout, _shutdown[0] - now))
+    _shutdown = (now + timeout, seen)
+    return timeout
+
+
 def _at_exit() -> None:
     global _finalizing
     try:
-        if not close():
+        workers = list(_workers.values())
+        if not close(shutdown_bound(max((w.shutdown_timeout for w in workers), default=0.0))):
             left = stats()["queued"]
             if left:
                 logger.warning(

@@ -26,7 +26,7 @@ from ._consumer import enter, leave
 from ._gate import Gate, is_async_callable, made_with, takes_two_arguments
 from ._record import Exchange, RequestInfo
 from ._signals import check_exit_flush_asgi
-from ._worker import Worker, flush, get_worker, hand_over
+from ._worker import Worker, flush, get_worker, hand_over, shutdown_bound
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -89,8 +89,9 @@ class AnalyticsASGIMiddleware:
         if scope_type == "http" and self._worker is not None:
             await self._http(scope, receive, send, self._worker)
         elif scope_type == "lifespan" and self._worker is not None:
+            # The worker's shutdown_timeout: the one in force (the first middleware's).
             await _lifespan_with_flush(
-                self.app, scope, receive, send, self._worker.flush, self.config.shutdown_timeout
+                self.app, scope, receive, send, self._worker.flush, self._worker.shutdown_timeout
             )
         else:
             await self.app(scope, receive, send)
@@ -332,7 +333,9 @@ async def _flush_off_loop(flush_queued: Callable[[float], bool], timeout: float)
     try:
         import anyio.to_thread
 
-        await anyio.to_thread.run_sync(flush_queued, timeout)
+        # Shared with the other shutdown hooks: nested middlewares, the SIGTERM helper and
+        # atexit do not each wait a full shutdown_timeout for the same unsent entries.
+        await anyio.to_thread.run_sync(flush_queued, shutdown_bound(timeout))
     except Exception:  # never let our flush break the server's shutdown
         logger.warning("alf_analytics: flush at lifespan shutdown failed", exc_info=True)
 
