@@ -1710,17 +1710,23 @@ def test_long_consumers_hosts_creators_tokens_and_environments_are_stored(
 
 
 def test_limit_concurrency_answers_503_beyond_it(tmp_path: Path) -> None:
-    """``--limit-concurrency N``: with N connections open, the next request gets 503 (from
-    uvicorn, plain text, the connection closed, as the README says), and /health answers
-    again once they are gone."""
+    """``--limit-concurrency N``: N connections open at once are all served (uvicorn, given
+    N, serves N - 1: the collector gives it N + 1); with N open, the next one's request gets
+    503 (from uvicorn, plain text, the connection closed, as the README says), and /health
+    answers again once they are gone."""
     proc, url = start_cli_collector(
         "--port", "0", "--db", ":memory:", "--limit-concurrency", "2", cwd=tmp_path
     )
     with reaped(proc):
         port = int(url.rpartition(":")[2])
-        held = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
+        held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(2)]
         try:
             time.sleep(0.3)  # let the server accept both
+            for sock in held:  # each of the N connections is served, and stays open
+                sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+                head, body = _read_response(sock)
+                assert head.startswith(b"HTTP/1.1 200 "), head
+                assert json.loads(body) == {"status": "ok"}
             with socket.create_connection(("127.0.0.1", port), timeout=10) as extra:
                 extra.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
                 head, body = _read_response(extra)

@@ -356,7 +356,7 @@ def _run_workers(args: argparse.Namespace, tokens: Any, limits: Any, postgres: b
 
     import uvicorn
 
-    from .collector.server import UVICORN_SETTINGS
+    from .collector.server import uvicorn_settings
 
     if not postgres:
         print(
@@ -386,12 +386,11 @@ def _run_workers(args: argparse.Namespace, tokens: Any, limits: Any, postgres: b
         f"ALF collector listening on http://{host}:{args.port} ({args.workers} workers)",
         flush=True,
     )
-    settings = {
-        **UVICORN_SETTINGS,
-        "limit_concurrency": args.limit_concurrency,
-        "log_level": "info" if args.verbose else "warning",
-        "access_log": args.verbose,
-    }
+    settings = uvicorn_settings(
+        limit_concurrency=args.limit_concurrency,
+        log_level="info" if args.verbose else "warning",
+        access_log=args.verbose,
+    )
     uvicorn.run(
         "alf_analytics.cli:worker_app",
         factory=True,

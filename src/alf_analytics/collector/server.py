@@ -34,7 +34,7 @@ from .settings import SUPPORTED_VERSIONS, CollectorError, Limits, TokenSet
 from .storage import Store, open_store
 from .summary import Summary, summarize_store
 
-__all__ = ["UVICORN_SETTINGS", "Collector", "StoredEntry", "uvicorn_config"]
+__all__ = ["UVICORN_SETTINGS", "Collector", "StoredEntry", "uvicorn_config", "uvicorn_settings"]
 
 _START_TIMEOUT: Final = 15.0
 _POLL: Final = 0.05
@@ -84,12 +84,28 @@ UVICORN_SETTINGS: Final[dict[str, Any]] = {
     "server_header": False,
     "proxy_headers": False,
 }
-"""The hardened uvicorn settings the collector runs with (one process or ``--workers``)."""
+"""The hardened uvicorn settings the collector runs with (one process or ``--workers``).
+
+``limit_concurrency`` is the collector's: connections (and requests) served at once; see
+:func:`uvicorn_settings` for what uvicorn is given."""
+
+
+def uvicorn_settings(**options: Any) -> dict[str, Any]:
+    """:data:`UVICORN_SETTINGS` with ``options``, as uvicorn takes them.
+
+    uvicorn answers 503 once ``len(connections) >= limit_concurrency``, and counts the new
+    connection among them: given N it serves N - 1. ``--limit-concurrency N`` means N
+    connections served and the next one refused, so uvicorn is given N + 1."""
+    settings = {**UVICORN_SETTINGS, **options}
+    limit = settings.get("limit_concurrency")
+    if isinstance(limit, int) and not isinstance(limit, bool):
+        settings["limit_concurrency"] = limit + 1
+    return settings
 
 
 def uvicorn_config(app: Any, **options: Any) -> uvicorn.Config:
     """The uvicorn settings the collector runs with (hardened defaults, overridable)."""
-    return uvicorn.Config(app, **{**UVICORN_SETTINGS, **options})
+    return uvicorn.Config(app, **uvicorn_settings(**options))
 
 
 class Collector:
