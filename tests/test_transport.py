@@ -6,9 +6,11 @@ import base64
 import email.utils
 import gzip
 import json
+import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -144,6 +146,46 @@ def test_black_holed_send_times_out_as_maybe_delivered(faulty: FaultyCollector) 
     assert outcome.error is not None and "ReadTimeout" in outcome.error
     assert outcome.maybe_delivered is True
     assert len(faulty.seen()) == 1
+
+
+def test_timeout_bounds_the_whole_request_not_each_read() -> None:
+    """A collector that drips its answer a byte at a time, each within the read timeout,
+    must not hold the sender for longer than ``timeout`` (it took 10 x 0.15 s here)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    done = threading.Event()
+
+    def drip() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(65536)
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+            while len(body) < length:
+                body += conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n")
+            for _ in range(10):
+                if done.wait(0.15):
+                    return
+                try:
+                    conn.sendall(b"x")
+                except OSError:
+                    return  # the client gave up
+
+    server = threading.Thread(target=drip, daemon=True)
+    server.start()
+    sender = HTTPTransport(f"http://127.0.0.1:{listener.getsockname()[1]}", timeout=0.5)
+    try:
+        outcome = sender.send(payload())
+    finally:
+        done.set()
+        sender.close()
+        server.join(5)
+        listener.close()
+    assert outcome.status == 0, outcome
+    assert outcome.error is not None and "ReadTimeout" in outcome.error  # not a 200 at 1.5 s
+    assert outcome.maybe_delivered is True
 
 
 def test_connection_closed_mid_response_is_maybe_delivered(

@@ -18,10 +18,11 @@ import time
 import zlib
 from dataclasses import dataclass
 from datetime import timezone
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
 import httpcore
+from httpcore import NetworkBackend, NetworkStream, SyncBackend
 
 from ._version import __version__
 
@@ -106,6 +107,80 @@ def gzip_compress(payload: bytes) -> bytes:
     return compressor.compress(payload) + compressor.flush()
 
 
+class _Deadline:
+    """The end of the request in progress: ``timeout`` bounds a whole POST, not each read.
+
+    httpcore's timeouts hold for one socket operation each, so a collector that drips its
+    answer a byte at a time would hold a sender (and its ``max_inflight`` slot) for ever.
+    """
+
+    __slots__ = ("at",)
+
+    def __init__(self) -> None:
+        self.at = float("inf")
+
+    def left(self, timeout: float | None, error: type[Exception]) -> float | None:
+        remaining = self.at - time.monotonic()
+        if remaining <= 0:
+            raise error("the collector took longer than the timeout for the whole request")
+        return remaining if timeout is None else min(timeout, remaining)
+
+
+class _DeadlineStream(NetworkStream):
+    def __init__(self, stream: NetworkStream, deadline: _Deadline) -> None:
+        self._stream = stream
+        self._deadline = deadline
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self._stream.read(max_bytes, self._deadline.left(timeout, httpcore.ReadTimeout))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._stream.write(buffer, self._deadline.left(timeout, httpcore.WriteTimeout))
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def start_tls(
+        self, ssl_context: Any, server_hostname: str | None = None, timeout: float | None = None
+    ) -> NetworkStream:
+        left = self._deadline.left(timeout, httpcore.ConnectTimeout)
+        return _DeadlineStream(
+            self._stream.start_tls(ssl_context, server_hostname, left), self._deadline
+        )
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._stream.get_extra_info(info)
+
+
+class _DeadlineBackend(NetworkBackend):
+    def __init__(self, deadline: _Deadline) -> None:
+        self._backend = SyncBackend()
+        self._deadline = deadline
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Any = None,
+    ) -> NetworkStream:
+        left = self._deadline.left(timeout, httpcore.ConnectTimeout)
+        stream = self._backend.connect_tcp(host, port, left, local_address, socket_options)
+        return _DeadlineStream(stream, self._deadline)
+
+    def connect_unix_socket(
+        self, path: str, timeout: float | None = None, socket_options: Any = None
+    ) -> NetworkStream:  # pragma: no cover - collectors are reached over TCP
+        left = self._deadline.left(timeout, httpcore.ConnectTimeout)
+        return _DeadlineStream(
+            self._backend.connect_unix_socket(path, left, socket_options), self._deadline
+        )
+
+    def sleep(self, seconds: float) -> None:  # pragma: no cover - retries=0: never sleeps
+        self._backend.sleep(seconds)
+
+
 class HTTPTransport:
     """POST ``{collector_url}/1.1.0/batch`` with ``Content-Encoding: gzip``.
 
@@ -137,6 +212,9 @@ class HTTPTransport:
             "pool": timeout,
         }
         self._extensions = {"timeout": self.timeouts}
+        self._timeout = timeout
+        self._deadline = _Deadline()
+        self._backend = _DeadlineBackend(self._deadline)
         self._origin = self._url.origin
         self._connection: httpcore.HTTPConnection | None = None
 
@@ -150,7 +228,9 @@ class HTTPTransport:
             connection.close()
             connection = None
         if connection is None:
-            connection = self._connection = httpcore.HTTPConnection(self._origin, retries=0)
+            connection = self._connection = httpcore.HTTPConnection(
+                self._origin, retries=0, network_backend=self._backend
+            )
         return connection
 
     def send(self, payload: bytes, idempotency_key: str | None = None) -> Outcome:
@@ -161,6 +241,8 @@ class HTTPTransport:
         request = httpcore.Request(
             b"POST", self._url, headers=headers, content=[body], extensions=self._extensions
         )
+        # ``timeout`` bounds the whole exchange: connect, send, and the answer to its end.
+        self._deadline.at = time.monotonic() + self._timeout
         try:
             response = self._get_connection().handle_request(request)
             try:
