@@ -326,7 +326,7 @@ def test_options_typeddict_and_validators_name_the_same_options() -> None:
     from alf_analytics._config import OPTION_NAMES, Config
 
     init_fields = {f.name for f in fields(Config) if f.init}
-    derived = {"redact_header_substrings", "redact_key_substrings"}
+    derived = {"redact_header_substrings", "redact_key_substrings", "given"}
     assert set(Options.__annotations__) == OPTION_NAMES == init_fields - derived
     assert {name: f"ALF_{name.upper()}" for name in OPTION_NAMES} == ENV_VARS
 
@@ -550,6 +550,8 @@ def test_unknown_option_suggests_the_closest_name() -> None:
         ({"skip": 5}, TypeError, ["skip", "callable"]),
         ({"max_inflight": 0}, ValueError, ["max_inflight=0"]),
         ({"max_queue_bytes": 10}, ValueError, ["max_queue_bytes=10"]),
+        # Accepted before, though no entry (charged ~3 KiB before it is built) could fit.
+        ({"max_queue_bytes": 2000}, ValueError, ["max_queue_bytes=2000", ">= 8192"]),
         ({"enabled": "yes"}, TypeError, ["enabled", "bool"]),
     ],
 )

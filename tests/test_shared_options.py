@@ -66,3 +66,29 @@ def test_the_same_options_twice_warn_nothing(
         )
     received_entries(collector, 2)
     assert not [m for m in _warnings(caplog) if "in force" in m]
+
+
+def test_an_option_a_later_middleware_left_at_its_default_warns_nothing(
+    collector: Collector, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first one set timeout and retries; the second asked nothing of them: no warning.
+    One that sets them by environment variable asks for them, as by keyword."""
+    caplog.set_level(logging.WARNING, logger="alf_analytics")
+    first = AnalyticsWSGIMiddleware(
+        app, service_token="first-token-0001", collector_url=collector.url, timeout=3.0,
+        retries=2,
+    )  # fmt: skip
+    second = AnalyticsWSGIMiddleware(
+        app, service_token="second-token-0002", collector_url=collector.url
+    )
+    call(first, 1)
+    call(second, 2)
+    assert not [m for m in _warnings(caplog) if "in force" in m]
+    monkeypatch.setenv("ALF_RETRIES", "4")
+    third = AnalyticsWSGIMiddleware(
+        app, service_token="third-token-0003", collector_url=collector.url
+    )
+    call(third, 3)
+    received_entries(collector, 3)
+    messages = [m for m in _warnings(caplog) if "in force" in m]
+    assert len(messages) == 1 and "retries=4" in messages[0] and "retries=2" in messages[0]

@@ -205,6 +205,8 @@ class Config:
     retry_backoff: float = 1.0
     shutdown_timeout: float = 5.0
     debug: bool = False
+    #: The options given (by keyword or ``ALF_*`` variable) rather than left at their default.
+    given: frozenset[str] = field(default=frozenset(), repr=False)
 
     #: False when the middleware passes everything through (``enabled=False``, or no token
     #: with ``require_token=False``): no worker, no entry, one log line at construction.
@@ -588,7 +590,7 @@ _VALIDATORS: dict[str, _Validator] = {
     "delay": _seconds(allow_zero=False),
     "max_batch_bytes": _integer(1024),
     "queue_size": _integer(1),
-    "max_queue_bytes": _integer(1024),
+    "max_queue_bytes": _integer(8192),  # room for two entries at least (RAW_RECORD_BYTES)
     "max_inflight": _integer(1),
     "timeout": _seconds(allow_zero=False),
     "retries": _integer(0),
@@ -646,6 +648,7 @@ def make_config(options: Mapping[str, Any], environ: Mapping[str, str] | None = 
                 _Source(name, ENV_VARS[name], env[ENV_VARS[name]]), env[ENV_VARS[name]]
             )
 
+    given = frozenset(values)
     for name in ("service_token", "environment"):
         # An empty string means "none" (for environment: the ALF leaves the field out).
         if values.get(name) == "":
@@ -678,15 +681,15 @@ def make_config(options: Mapping[str, Any], environ: Mapping[str, str] | None = 
         ("redact_query", DEFAULT_REDACT_QUERY),
         ("redact_body_keys", DEFAULT_REDACT_BODY_KEYS),
     ):
-        given = frozenset(values.get(name, ()))
-        values[name] = (defaults | given) if default_sets else given
+        listed = frozenset(values.get(name, ()))
+        values[name] = (defaults | listed) if default_sets else listed
     # The substring rules are no options: they come with the defaults, or not at all.
     for name, defaults in (
         ("redact_header_substrings", DEFAULT_REDACT_HEADER_SUBSTRINGS),
         ("redact_key_substrings", DEFAULT_REDACT_KEY_SUBSTRINGS),
     ):
         values[name] = defaults if default_sets else frozenset()
-    config = Config(**values)
+    config = Config(**values, given=given)
     if not config.active:
         _announce_off(config)
     elif config.debug:

@@ -454,7 +454,8 @@ class Worker:
             self.debug = True
         for name in SHARED_OPTIONS:
             asked, used = getattr(config, name), getattr(self.config, name)
-            if asked != used and name not in self._conflicts_warned:
+            # Only an option this middleware was given: one left at its default asks nothing.
+            if asked != used and name in config.given and name not in self._conflicts_warned:
                 self._conflicts_warned.add(name)
                 logger.warning(
                     "alf_analytics: %s=%r is ignored for %s: every middleware that sends to one "
