@@ -138,6 +138,9 @@ def test_asgi_module_without_flush_on_shutdown_is_w003() -> None:
     assert message.id == "alf_analytics.W003"
     assert "FlushOnShutdown(get_asgi_application())" in message.hint
     assert ours(ASGI_APPLICATION="tests.djangoproject.asgi.application") == []
+    # Named in a comment, a docstring and a string only: still not wrapped.
+    (message,) = ours(ASGI_APPLICATION="tests.djangoproject.asgi_unwrapped.application")
+    assert message.id == "alf_analytics.W003"
 
 
 def test_manage_py_check_reports_them() -> None:

@@ -20,6 +20,7 @@ middleware. Messages use Django's terms (``settings.ALF_ANALYTICS["batch_size"]`
 
 from __future__ import annotations
 
+import ast
 import difflib
 import importlib.util
 import os
@@ -222,10 +223,10 @@ def check_asgi_wrapper(app_configs: Sequence[Any] | None = None, **kwargs: Any) 
         return []
     try:
         with open(spec.origin, encoding="utf-8", errors="replace") as source:
-            wrapped = "FlushOnShutdown" in source.read()
+            wrapped = _calls_flush_on_shutdown(source.read())
     except OSError:
         return []
-    if wrapped:
+    if wrapped is not False:  # wrapped, or a file we cannot parse: nothing to say
         return []
     return [
         checks.Warning(
@@ -238,3 +239,20 @@ def check_asgi_wrapper(app_configs: Sequence[Any] | None = None, **kwargs: Any) 
             id=_ID + "W003",
         )
     ]
+
+
+def _calls_flush_on_shutdown(source: str) -> bool | None:
+    """Whether the module's code calls ``FlushOnShutdown(...)`` (not only names it in a
+    comment or a string); None when it does not parse. Read, never imported: importing
+    ``asgi.py`` would build the application."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return None
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            func = node.func
+            name = func.id if isinstance(func, ast.Name) else getattr(func, "attr", None)
+            if name == "FlushOnShutdown":
+                return True
+    return False
