@@ -1343,6 +1343,38 @@ def test_idempotency_keys_are_forgotten_after_their_window(
         assert brief.count() == 2
 
 
+def test_a_key_older_than_its_window_is_unknown_before_the_housekeeping_forgets_it(
+    collector_db: str, client: httpx.Client
+) -> None:
+    """An answer remembered longer than --idempotency-window is not replayed, even while its
+    row is still stored (the housekeeping runs every minute): the repeat is stored anew, a
+    different body under the old key is no 422, and the new answer is what is replayed."""
+    body = [alf_of([entry_at("GET", "http://api.test/w", 200, 1, datetime.now(timezone.utc))])]
+    other = [alf_of([entry_at("GET", "http://api.test/x", 200, 1, datetime.now(timezone.utc))])]
+    key = {"Idempotency-Key": "aged"}
+
+    def age(seconds: int) -> None:  # as if received that long ago
+        with brief.store.transaction() as tx:
+            tx.execute("UPDATE ingests SET received = received - ?", [seconds * 1_000_000])
+
+    with Collector(collector_db, idempotency_window=60.0, housekeeping_interval=3600) as brief:
+        url = brief.endpoint("1.1.0", "batch")
+        assert post(client, url, body, headers=key).status_code == 200
+        age(30)  # within the window: replayed
+        assert post(client, url, body, headers=key).headers["idempotent-replayed"] == "true"
+        age(31)  # 61 s old: unknown, although the housekeeping has not deleted it
+        assert brief.store.find_answer(hash_key("aged")) is not None
+        again = post(client, url, body, headers=key)
+        assert again.status_code == 200 and "idempotent-replayed" not in again.headers
+        assert brief.count() == 2
+        assert post(client, url, body, headers=key).headers["idempotent-replayed"] == "true"
+        age(61)
+        changed = post(client, url, other, headers=key)
+        assert changed.status_code == 200 and "idempotent-replayed" not in changed.headers
+        assert brief.count() == 3
+        assert brief.store.scalar("SELECT COUNT(*) FROM ingests") == 1  # the old one replaced
+
+
 def test_retention_deletes_old_entries_in_the_background(
     collector_db: str, client: httpx.Client
 ) -> None:

@@ -104,10 +104,12 @@ class _Ingest:
         limits: Limits,
         concurrency: int,
         observer: Callable[[RequestRecord], None] | None,
+        idempotency_window: float = 86_400.0,
     ) -> None:
         self.store = store
         self.tokens = tokens
         self.limits = limits
+        self.idempotency_window = idempotency_window
         self.limiter = anyio.CapacityLimiter(concurrency)
         self.observer = observer
 
@@ -174,7 +176,7 @@ class _Ingest:
 
     def _process(self, wire: bytes, version: str, kind: str, request: Request) -> _Outcome:
         key = request.headers.get("idempotency-key")
-        key_hash = digest = None
+        key_hash = digest = since = None
         if key is not None:
             if not 0 < len(key) <= _MAX_KEY_LENGTH or not key.isascii() or not key.isprintable():
                 raise IngestError(
@@ -189,8 +191,10 @@ class _Ingest:
             # The body decoded: the same ALF sent plain, gzip or deflate (any mtime) is the
             # same body.
             digest = hashlib.sha256(body).hexdigest()
+            # Remembered for the window, not until the housekeeping forgets it.
+            since = int((time.time() - self.idempotency_window) * 1_000_000)
             try:
-                seen = self.store.find_answer(key_hash)
+                seen = self.store.find_answer(key_hash, since=since)
             except Exception as exc:
                 return self._storage_failed(exc)
             if seen is not None:
@@ -207,6 +211,7 @@ class _Ingest:
             answer=orjson.dumps(outcome.body).decode(),
             key_hash=key_hash,
             digest=digest,
+            remembered_since=since,
         )
         try:
             result = self.store.save(save)
@@ -441,13 +446,11 @@ def create_app(
         owns_store = True
     if store.tokens is not token_set:
         store.tokens = token_set
+    window = _duration(idempotency_window, "idempotency_window") or 86_400.0
     housekeeping = _Housekeeping(
-        store,
-        _duration(retention, "retention"),
-        _duration(idempotency_window, "idempotency_window") or 86_400.0,
-        housekeeping_interval,
+        store, _duration(retention, "retention"), window, housekeeping_interval
     )
-    ingest = _Ingest(store, token_set, limits, ingest_concurrency, observer)
+    ingest = _Ingest(store, token_set, limits, ingest_concurrency, observer, window)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

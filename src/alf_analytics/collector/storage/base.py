@@ -290,6 +290,7 @@ class SaveRequest:
     answer: str  # the JSON answer, replayed for a repeated idempotency key
     key_hash: str | None = None
     digest: str | None = None
+    remembered_since: int | None = None  # µs: an answer to the key received before is forgotten
 
 
 @dataclass(frozen=True)
@@ -412,11 +413,19 @@ class Store(ABC):
 
     # -- writing ------------------------------------------------------------------------
 
-    def find_answer(self, key_hash: str) -> SaveResult | None:
-        """The answer stored for an idempotency key, if it is still remembered."""
-        row = self.fetchone(
-            "SELECT status, answer, digest FROM ingests WHERE key_hash = ?", [key_hash]
-        )
+    def find_answer(self, key_hash: str, *, since: int | None = None) -> SaveResult | None:
+        """The answer stored for an idempotency key, if it is still remembered: received at
+        ``since`` (µs) or later when given, so that a key older than the window is unknown
+        however long ago the housekeeping last forgot keys (:meth:`forget_keys`)."""
+        if since is None:
+            row = self.fetchone(
+                "SELECT status, answer, digest FROM ingests WHERE key_hash = ?", [key_hash]
+            )
+        else:
+            row = self.fetchone(
+                "SELECT status, answer, digest FROM ingests WHERE key_hash = ? AND received >= ?",
+                [key_hash, since],
+            )
         if row is None:
             return None
         return SaveResult(int(row[0]), str(row[1]), row[2], replayed=True)
@@ -431,6 +440,13 @@ class Store(ABC):
         new_streams: dict[str, int] = {}
         new_creators: dict[bytes, int] = {}
         with self.transaction() as tx:
+            if request.key_hash is not None and request.remembered_since is not None:
+                # A key older than the window is forgotten here, in this transaction, rather
+                # than replayed until the housekeeping deletes it.
+                tx.execute(
+                    "DELETE FROM ingests WHERE key_hash = ? AND received < ?",
+                    [request.key_hash, request.remembered_since],
+                )
             ingest_id = tx.insert_returning_id(
                 "INSERT INTO ingests (received, key_hash, digest, status, answer) "
                 "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
