@@ -253,13 +253,72 @@ def test_two_compactors_on_one_database_sum_each_hour_once(pg_url: str) -> None:
         second.close()
 
 
-def _restart(server: PostgresServer) -> None:
-    """Stop the cluster as an administrator would (its data kept) and start it again."""
+def _stop(server: PostgresServer) -> None:
+    """Stop the cluster as an administrator would (its data kept)."""
     assert server._run("pg_ctl", "-D", str(server.data), "-m", "fast", "-w", "stop").returncode == 0
+
+
+def _start(server: PostgresServer) -> None:
     options = f"-h 127.0.0.1 -p {server.port} -k {server.root} -c fsync=off"
     log = str(server.root / "server.log")
     started = server._run("pg_ctl", "-D", str(server.data), "-o", options, "-l", log, "-w", "start")
     assert started.returncode == 0, started.stderr
+
+
+def _restart(server: PostgresServer) -> None:
+    """Stop the cluster as an administrator would (its data kept) and start it again."""
+    _stop(server)
+    _start(server)
+
+
+def _accepts_connections(url: str, timeout: float = 30.0) -> None:
+    """Wait (like pg_isready) until PostgreSQL itself takes a connection: psycopg, directly."""
+    import psycopg
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with psycopg.connect(url, connect_timeout=2):
+                return
+        except psycopg.OperationalError:
+            assert time.monotonic() < deadline, "PostgreSQL did not come back"
+            time.sleep(0.1)
+
+
+def test_a_request_during_an_outage_is_a_quick_503_and_the_next_one_after_it_succeeds(
+    pg_server: PostgresServer,
+) -> None:
+    """While PostgreSQL is away a request gets its JSON 503 with Retry-After in a second or
+    so, not after the pool's 10 s timeout; once the server takes connections again, the very
+    next request succeeds (not only after the pool's reconnection backoff, up to ~20 s)."""
+    alf = make_alf([("GET", "http://api.test/outage", 200, 1)])
+    with PostgresServer() as own, Collector(own.url) as running:
+        url = running.endpoint("1.1.0", "single")
+        with httpx.Client(trust_env=False, timeout=60.0) as client:
+            assert client.post(url, json=alf).status_code == 200
+            _stop(own)
+            for _ in range(2):  # the pooled connection the stop closed, then an empty pool
+                started = time.monotonic()
+                down = client.post(url, json=alf)
+                took = time.monotonic() - started
+                assert down.status_code == 503, down.text
+                assert down.headers["retry-after"] == "5"
+                assert down.json()["errors"] == [
+                    "the collector cannot store right now; retry later"
+                ]
+                assert took < 4.0, f"the 503 took {took:.1f} s"
+            started = time.monotonic()
+            assert client.get(running.url + "/health").status_code == 503
+            assert time.monotonic() - started < 4.0
+            _start(own)
+            _accepts_connections(own.url)
+            started = time.monotonic()
+            back = client.post(url, json=alf)
+            assert back.status_code == 200, back.text
+            assert time.monotonic() - started < 4.0  # no wait for the pool's next attempt
+            assert client.get(running.url + "/health").json() == {"status": "ok"}
+            assert client.post(url, json=alf).status_code == 200
+        assert running.count() == 3
 
 
 def test_the_first_requests_after_a_database_restart_succeed(pg_server: PostgresServer) -> None:
