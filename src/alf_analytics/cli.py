@@ -129,7 +129,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "--max-entries",
         type=_positive,
         default=10_000,
-        help="entries per request, over it 413 (%(default)s)",
+        help="entries (and ALF objects) per request, over it 413 (%(default)s)",
     )
     run.add_argument(
         "--body-timeout",

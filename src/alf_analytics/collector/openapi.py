@@ -121,7 +121,8 @@ def _ingest(kind: str) -> dict[str, Any]:
         "400": "malformed body or nothing valid in it",
         "401": "every ALF object has a service token this collector does not accept",
         "408": "the body did not arrive in time",
-        "413": "over a size or count limit",
+        "413": "over a size or count limit: --max-body-bytes, --max-decompressed-bytes, or "
+        "--max-entries (entries, ALF objects, and 100 commas and colons per entry allowed)",
         "415": "unsupported Content-Encoding",
         "422": "Idempotency-Key reused with a different body",
         "503": "storage unavailable (JSON, with Retry-After), or --limit-concurrency reached "
