@@ -342,8 +342,9 @@ def test_connections_are_bounded_by_max_inflight() -> None:
         pytest.param(Outcome(207, b'{"errors":["alf 0: bad"]}'), 4, None, 1, 0, id="207"),
         # A 400 is bisected: 4 -> 2 + 2 -> 1 + 1 + 1 + 1, each part tried once.
         pytest.param(Outcome(400, b'{"errors":["bad"]}'), 0, "rejected", 7, 8, id="400"),
-        pytest.param(Outcome(401), 0, "rejected", 1, 0, id="401"),
-        pytest.param(Outcome(403), 0, "rejected", 1, 0, id="403"),
+        # Refused credentials: the pause (shortened here), then the same batch probes again.
+        pytest.param(Outcome(401), 0, "rejected", 3, 8, id="401"),
+        pytest.param(Outcome(403), 0, "rejected", 3, 8, id="403"),
         pytest.param(Outcome(404), 0, "rejected", 1, 0, id="404"),
         pytest.param(Outcome(408), 0, "retries_exhausted", 3, 8, id="408"),
         pytest.param(Outcome(429), 0, "retries_exhausted", 3, 8, id="429"),
@@ -358,16 +359,19 @@ def test_connections_are_bounded_by_max_inflight() -> None:
 )
 def test_answer_decides_sent_rejected_or_retried(
     workers: Callable[..., tuple[Worker, ScriptedTransport]],
+    monkeypatch: pytest.MonkeyPatch,
     answer: Outcome,
     sent: int,
     reason: str | None,
     requests: int,
     retried: int,
 ) -> None:
-    """2xx is delivered, other 4xx given up at once, 5xx/408/429/network retried `retries` times.
+    """2xx is delivered, other 4xx given up at once, 5xx/408/429/network and refused
+    credentials retried `retries` times.
 
     flush() says True only when everything was delivered.
     """
+    monkeypatch.setattr(_worker, "AUTH_PAUSE", 0.05)
     worker, transport = workers(config(retries=2), ScriptedTransport(default=answer))
     cfg = config(retries=2)
     for i in range(4):
@@ -514,23 +518,40 @@ def test_refused_credentials_pause_every_send_and_say_why_once(
     caplog: pytest.LogCaptureFixture,
     status: int,
 ) -> None:
-    """After a 401/403 nothing more is sent for AUTH_PAUSE (PITFALLS #44); close() gives up."""
+    """After a 401/403 nothing more is sent for AUTH_PAUSE (PITFALLS #44), the refused batch
+    included (it waits to probe again); close() gives up on all of it."""
     cfg = config(batch_size=1, max_inflight=4)
     worker, transport = workers(cfg, ScriptedTransport(default=Outcome(status)))
     with caplog.at_level(logging.WARNING, logger="alf_analytics"):
         worker.submit(exchange(cfg, 0))
-        assert worker.flush(5) is False
+        assert worker.flush(0.3) is False
         for i in range(1, 6):
             worker.submit(exchange(cfg, i))
         assert worker.flush(0.3) is False
         assert len(transport.payloads) == 1
         assert worker.close(0.2) is False
     stats = worker.stats()
-    assert stats["dropped"]["rejected"] == 1
-    assert stats["dropped"]["shutdown"] == 5
+    assert stats["dropped"]["rejected"] == 0
+    assert stats["dropped"]["shutdown"] == 6
     assert stats["queued"] == 0
     pauses = [r.getMessage() for r in caplog.records if "sends pause" in r.getMessage()]
     assert len(pauses) == 1 and str(status) in pauses[0]
+
+
+def test_a_token_fixed_on_the_collector_during_the_pause_loses_nothing(
+    workers: Callable[..., tuple[Worker, ScriptedTransport]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The batch refused with 401 is the probe after the pause: once the collector knows the
+    token, it is delivered, with the entries queued meanwhile."""
+    monkeypatch.setattr(_worker, "AUTH_PAUSE", 0.2)
+    transport = ScriptedTransport([Outcome(401)], default=Outcome(200))
+    worker, _ = workers(config(batch_size=2), transport)
+    for i in range(5):
+        worker.submit(exchange(config(batch_size=2), i))
+    assert worker.flush(10) is True
+    stats = worker.stats()
+    assert (stats["sent"], stats["dropped_total"], stats["queued"]) == (5, 0, 0)
+    assert stats["retried"] == 2
 
 
 def test_207_errors_are_logged(

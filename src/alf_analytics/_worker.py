@@ -833,6 +833,9 @@ class Worker:
                 self._settle(batch, "too_large")
                 self._warn("413", "collector refused an entry as too large (413); dropped")
                 return
+        if status in (401, 403):
+            self._refused_credentials(batch, outcome)
+            return
         if 400 <= status < 500 and status not in (408, 429):
             self._settle(batch, "rejected")
             self._warn(
@@ -842,19 +845,42 @@ class Worker:
                 status,
                 self._errors(outcome),
             )
-            if status in (401, 403):
-                # The token (or the credentials) will not work any better in a second: stop
-                # sending for a while, then let one batch find out (PITFALLS #44).
-                self._blocked_until = max(self._blocked_until, time.monotonic() + AUTH_PAUSE)
-                self._probing = True
-                self._warn(
-                    "auth",
-                    "collector refused our credentials (%d): sends pause for %.0f s",
-                    status,
-                    AUTH_PAUSE,
-                )
             return
         self._failed(batch, outcome)
+
+    def _refused_credentials(self, batch: _Batch, outcome: Outcome) -> None:
+        """401/403: the token (or the URL's credentials) will not work any better in a
+        second. Every send pauses for ``AUTH_PAUSE``, then this batch itself finds out
+        (PITFALLS #44); it is kept for up to ``retries`` such probes, so a token that an
+        operator adds to the collector meanwhile costs no entry."""
+        status = outcome.status
+        now = time.monotonic()
+        self._blocked_until = max(self._blocked_until, now + AUTH_PAUSE)
+        self._probing = True
+        batch.attempt += 1
+        if batch.attempt > self.retries:
+            self._settle(batch, "rejected")
+            self._warn(
+                f"http{status}",
+                "collector refused our credentials (%d %s) %d times; %d entries dropped",
+                status,
+                self._errors(outcome),
+                batch.attempt,
+                batch.count,
+            )
+            return
+        self._warn(
+            "auth",
+            "collector refused our credentials (%d %s): sends pause for %.0f s, then the "
+            "refused batch is tried again (entries wait, bounded by queue_size and "
+            "max_queue_bytes)",
+            status,
+            self._errors(outcome),
+            AUTH_PAUSE,
+        )
+        batch.due = self._blocked_until
+        self._counts["retried"] += batch.count
+        self._retry.append(batch)
 
     def _delivered(self, batch: _Batch, outcome: Outcome) -> None:
         refused = _refused_entries(batch, outcome) if outcome.status == 207 else 0
