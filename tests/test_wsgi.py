@@ -775,20 +775,40 @@ def test_app_exception_propagates_unchanged(collector: Collector) -> None:
 
 
 def test_exception_before_the_first_chunk_is_a_500(collector: Collector) -> None:
-    """A generator that fails before its first byte is recorded as the server's 500."""
+    """A generator that fails before its first chunk is recorded as the server's 500."""
+
+    def failing_stream(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        raise ValueError("before any chunk")
+        yield b""  # pragma: no cover - a generator
+
+    result = middleware(failing_stream, collector)(create_environ("/"), lambda *args: None)
+    try:
+        with pytest.raises(ValueError):
+            next(iter(result))  # the server asks for the first chunk
+    finally:
+        result.close()  # type: ignore[attr-defined]
+    (entry,) = received_entries(collector, 1)
+    assert entry["response"]["status"] == 500
+    assert entry["response"]["headers"] == []
+
+
+def test_exception_after_an_empty_first_chunk_keeps_the_status(collector: Collector) -> None:
+    """``yield b""`` flushes the headers early: gunicorn, Werkzeug and wsgiref send the status
+    line with that empty chunk, so the client got a 200, not the server's 500 (audit)."""
 
     def failing_stream(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
         start_response("200 OK", [("Content-Type", "text/plain")])
         yield b""
-        raise ValueError("before any byte")
+        raise ValueError("after the headers")
 
-    response = Client(validated(failing_stream, collector)).get("/")  # nothing sent yet
+    response = Client(validated(failing_stream, collector)).get("/")
     with pytest.raises(ValueError):
         response.get_data()
     response.close()
     (entry,) = received_entries(collector, 1)
-    assert entry["response"]["status"] == 500
-    assert entry["response"]["headers"] == []
+    assert (entry["response"]["status"], entry["response"]["bodySize"]) == (200, 0)
+    assert ["content-type"] == [h["name"] for h in entry["response"]["headers"]]
 
 
 def test_exception_after_the_first_chunk_keeps_the_status(collector: Collector) -> None:

@@ -249,10 +249,13 @@ class _Responder:
         if chunk.__class__ is bytes or isinstance(chunk, (bytes, bytearray)):
             # Anything else (str, int: a broken app) goes to the server untouched, which
             # answers it as it would without us.
+            exchange = self.exchange
+            if not exchange.t_response:
+                # Even an empty first chunk: gunicorn, Werkzeug and wsgiref send the status
+                # line and headers with it (a way to flush them early), so a failure after it
+                # is no longer the server's 500.
+                exchange.t_response = perf_counter()
             if chunk:
-                exchange = self.exchange
-                if not exchange.t_response:
-                    exchange.t_response = perf_counter()
                 # Captured once the server has it. A bytearray (or a bytes subclass) may be
                 # changed by the app once it is sent: copied now, as the client gets it.
                 self._pending = chunk if chunk.__class__ is bytes else bytes(chunk)
