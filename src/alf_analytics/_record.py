@@ -12,8 +12,9 @@ work off the request path.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator, Sequence
-from time import perf_counter, time
+from time import monotonic, perf_counter, time
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
@@ -21,6 +22,26 @@ if TYPE_CHECKING:
 
 #: A header as the server or app gave it: ``str`` (WSGI, Django) or ``bytes`` (ASGI) pairs.
 RawHeader = tuple[str, str] | tuple[bytes, bytes] | Sequence[Any]
+
+
+logger = logging.getLogger("alf_analytics")
+
+#: Where an internal error of ours was last logged (monotonic time): once a minute each.
+_INTERNAL_LOGGED: dict[str, float] = {}
+
+
+def log_internal_error(where: str) -> None:
+    """A failure of the agent's own code on the request path (PITFALLS #20): logged with its
+    traceback, at most once a minute per place, and never raised to the app, whose request
+    then goes on exactly as without us (unrecorded)."""
+    now = monotonic()
+    last = _INTERNAL_LOGGED.get(where)
+    if last is not None and now - last < 60.0:
+        return
+    _INTERNAL_LOGGED[where] = now
+    logger.error(
+        "alf_analytics: internal error in %s; the request goes on unrecorded", where, exc_info=True
+    )
 
 
 #: ``Exchange.status`` of an exchange the client left before any answer was sent (Django's
@@ -190,13 +211,31 @@ class InputTee:
 
     def _seen(self, data: bytes, size: Any) -> bytes:
         exchange = self._exchange
-        asked = size if isinstance(size, int) else -1
-        if data:
-            exchange.request_data(data)
-        if asked < 0 or (not data and asked != 0):
-            # read() without a size returns everything; an empty read means end of input.
-            exchange.request_complete = True
+        try:
+            asked = size if isinstance(size, int) else -1
+            if data:
+                exchange.request_data(data)
+            if asked < 0 or (not data and asked != 0):
+                # read() without a size returns everything; an empty read means end of input.
+                exchange.request_complete = True
+        except Exception:
+            self._failed()
         return data
+
+    def _count(self, data: Any, ended: bool) -> None:
+        try:
+            if data:
+                self._exchange.request_data(data)
+            elif ended:
+                self._exchange.request_complete = True
+        except Exception:
+            self._failed()
+
+    def _failed(self) -> None:
+        # Our own failure (PITFALLS #20): the app still gets every byte; the body is no
+        # longer counted, nor captured.
+        log_internal_error("request capture")
+        self._exchange.request_body = None
 
     # Sizes are passed on exactly as given (positionally or by keyword, as Django's
     # HttpRequest.read(size=...) does), so the stream sees the call the app made.
@@ -218,27 +257,21 @@ class InputTee:
             buffer[:count] = data
         else:
             count = readinto(buffer) or 0
-        if count:
-            self._exchange.request_data(memoryview(buffer)[:count])
-        elif len(buffer):
-            self._exchange.request_complete = True
+        self._count(memoryview(buffer)[:count] if count else None, bool(len(buffer)))
         return count
 
     def readline(self, *args: Any, **kwargs: Any) -> bytes:
         size = args[0] if args else kwargs.get("size", kwargs.get("limit"))
         line: bytes = self._stream.readline(*args, **kwargs)
-        if line:
-            self._exchange.request_data(line)
-        elif size != 0:
-            self._exchange.request_complete = True
+        self._count(line, size != 0)
         return line
 
     def readlines(self, *args: Any, **kwargs: Any) -> list[bytes]:
         lines: list[bytes] = self._stream.readlines(*args, **kwargs)
         for line in lines:
-            self._exchange.request_data(line)
+            self._count(line, False)
         if not args and not kwargs:
-            self._exchange.request_complete = True
+            self._count(None, True)
         return lines
 
     def __iter__(self) -> Iterator[bytes]:

@@ -24,7 +24,7 @@ from . import _signals
 from ._config import Config, make_config, validate_option
 from ._consumer import enter, leave
 from ._gate import Gate, is_async_callable, made_with, takes_two_arguments
-from ._record import Exchange, RequestInfo
+from ._record import Exchange, RequestInfo, log_internal_error
 from ._signals import check_exit_flush_asgi
 from ._worker import Worker, flush, get_worker, hand_over, shutdown_bound
 
@@ -122,15 +122,18 @@ class AnalyticsASGIMiddleware:
     async def _http(self, scope: Scope, receive: Receive, send: Send, worker: Worker) -> None:
         try:
             exchange = self._admit(scope)
-        except Exception:  # pragma: no cover - defensive: never break the host app
-            logger.exception("alf_analytics: capture failed; request passed through")
-            exchange = None
-        if exchange is None:
+            entered = enter() if exchange is not None else None
+        except Exception:  # never break the host app (PITFALLS #20)
+            _internal_error("capture")
+            exchange = entered = None
+        if exchange is None or entered is None:
             await self.app(scope, receive, send)
             return
-        holder, token = enter()
+        holder, token = entered
         gate = self._gate
         request_of = self._request_of
+        # True once the entry is handed over, or abandoned after an internal error of ours:
+        # from then on every message passes through untouched.
         done = False
 
         def finish() -> None:
@@ -140,56 +143,72 @@ class AnalyticsASGIMiddleware:
                 exchange.consumer = gate.identify(request_of(scope))
             hand_over(worker, exchange)
 
+        def abandon(where: str) -> None:
+            # Our own failure: the app and the server carry on exactly as without us, and
+            # this request is not recorded (an entry built from half a capture would lie).
+            nonlocal done
+            done = True
+            _internal_error(where)
+
         async def receive_with_capture() -> Message:
             message = await receive()
             # Once the entry is handed to the worker thread it is no longer ours to change
             # (an app may still read the body after it has answered).
-            if message["type"] == "http.request" and not done:
-                body = message.get("body")
-                if body:
-                    exchange.request_data(body)
-                if not message.get("more_body", False):
-                    exchange.request_complete = True
-            elif message["type"] == "http.disconnect" and not done:
-                if not exchange.request_complete:
-                    # The client left mid-body: what crossed is what was counted (not the
-                    # Content-Length it announced), and a cut body is not captured.
-                    exchange.request_complete = True
-                    exchange.request_body = None
+            if not done:
+                try:
+                    message_type = message["type"]
+                    if message_type == "http.request":
+                        body = message.get("body")
+                        if body:
+                            exchange.request_data(body)
+                        if not message.get("more_body", False):
+                            exchange.request_complete = True
+                    elif message_type == "http.disconnect" and not exchange.request_complete:
+                        # The client left mid-body: what crossed is what was counted (not the
+                        # Content-Length it announced), and a cut body is not captured.
+                        exchange.request_complete = True
+                        exchange.request_body = None
+                except Exception:
+                    abandon("request capture")
             return message
 
         async def send_with_capture(message: Message) -> None:
             nonlocal done
-            if done:  # trailers, or an app sending past the end: not ours to record
+            if done:  # trailers, an app sending past the end, or a capture abandoned
                 await send(message)
                 return
-            message_type = message["type"]
-            if message_type == "http.response.body":
-                # Forward first, count after: the chunk reaches the client without waiting for
-                # its capture, and a chunk the server could not send is not counted as sent.
-                await send(message)
-                body = message.get("body")
-                if body:
-                    exchange.response_data(body)
-                if not message.get("more_body", False):
-                    # The response is complete: background tasks that run after this point
-                    # must not count as response time.
-                    done = True
-                    finish()
-                return
-            elif message_type == "http.response.start":
-                exchange.t_response = perf_counter()
-                exchange.status = message.get("status", 0)
-                exchange.response_headers = message.get("headers") or ()
-                exchange.decide_response_capture()
-            elif message_type == "http.response.pathsend":
-                await send(message)
-                done = True
-                exchange.response_body = None
-                exchange.length_from_headers()
-                finish()
-                return
+            try:
+                message_type = message["type"]
+                if message_type == "http.response.start":
+                    exchange.t_response = perf_counter()
+                    exchange.status = message.get("status", 0)
+                    exchange.response_headers = message.get("headers") or ()
+                    exchange.decide_response_capture()
+            except Exception:
+                abandon("response capture")
+                message_type = None
+            # Forward first, count after: the chunk reaches the client without waiting for
+            # its capture, and a chunk the server could not send is not counted as sent.
             await send(message)
+            if done:
+                return
+            try:
+                if message_type == "http.response.body":
+                    body = message.get("body")
+                    if body:
+                        exchange.response_data(body)
+                    if not message.get("more_body", False):
+                        # The response is complete: background tasks that run after this
+                        # point must not count as response time.
+                        done = True
+                        finish()
+                elif message_type == "http.response.pathsend":
+                    done = True
+                    exchange.response_body = None
+                    exchange.length_from_headers()
+                    finish()
+            except Exception:
+                abandon("response capture")
 
         try:
             call = self.app(scope, receive_with_capture, send_with_capture)
@@ -203,15 +222,24 @@ class AnalyticsASGIMiddleware:
         except BaseException:
             if not done:
                 done = True
-                if not exchange.t_response:
-                    exchange.status = 500
-                finish()
+                try:
+                    if not exchange.t_response:
+                        exchange.status = 500
+                    finish()
+                except Exception:
+                    _internal_error("capture")
             raise
         finally:
-            leave(token)
+            try:
+                leave(token)
+            except Exception:
+                _internal_error("capture")
         if not done:
             # The app returned without completing its response (client gone, or a bug).
-            finish()
+            try:
+                finish()
+            except Exception:
+                _internal_error("capture")
 
 
 class FlushOnShutdown:
@@ -464,6 +492,11 @@ def read_scope(scope: Scope) -> RequestInfo:
         content_length if content_length is None or content_length >= 0 else None,
         chunked,
     )
+
+
+def _internal_error(where: str) -> None:
+    """A failure of ours on the request path: logged (rate-limited), never raised to the app."""
+    log_internal_error(where)
 
 
 _SCHEMES = {"ws": "http", "wss": "https"}

@@ -38,7 +38,7 @@ from ._checks import django_terms
 from ._config import Config, make_config
 from ._consumer import ConsumerHolder, enter, leave
 from ._gate import Gate
-from ._record import NO_RESPONSE, Exchange, InputTee
+from ._record import NO_RESPONSE, Exchange, InputTee, log_internal_error
 from ._signals import check_django_asgi, check_exit_flush_wsgi
 from ._worker import Worker, get_worker, hand_over
 from .asgi import read_scope
@@ -102,25 +102,25 @@ class AnalyticsMiddleware:
     def __call__(self, request: HttpRequest) -> Any:
         if self.async_mode:
             return self.__acall__(request)
-        exchange = self._begin(request)
-        if exchange is None:
+        begun = self._begin(request)
+        if begun is None:
             return self.get_response(request)
-        holder, token = enter()
+        exchange, holder, token = begun
         try:
             response = self.get_response(request)
         except BaseException:
             self._fail(exchange, holder, request)
             raise
         finally:
-            leave(token)
+            _leave(token)
         self._observe(exchange, response, holder, request, is_async=False)
         return response
 
     async def __acall__(self, request: HttpRequest) -> Any:
-        exchange = self._begin(request)
-        if exchange is None:
+        begun = self._begin(request)
+        if begun is None:
             return await self.get_response(request)
-        holder, token = enter()
+        exchange, holder, token = begun
         try:
             response = await self.get_response(request)
         except asyncio.CancelledError:
@@ -133,17 +133,21 @@ class AnalyticsMiddleware:
             self._fail(exchange, holder, request)
             raise
         finally:
-            leave(token)
+            _leave(token)
         self._observe(exchange, response, holder, request, is_async=True)
         return response
 
-    def _begin(self, request: HttpRequest) -> Exchange | None:
+    def _begin(self, request: HttpRequest) -> tuple[Exchange, ConsumerHolder, Any] | None:
         if self._worker is None:
             return None
         try:
-            return self._admit(request)
-        except Exception:  # pragma: no cover - defensive: never break the host app
-            logger.exception("alf_analytics: capture failed; request passed through")
+            exchange = self._admit(request)
+            if exchange is None:
+                return None
+            holder, token = enter()
+            return exchange, holder, token
+        except Exception:  # never break the host app (PITFALLS #20)
+            log_internal_error("capture")
             return None
 
     def _admit(self, request: HttpRequest) -> Exchange | None:
@@ -191,6 +195,12 @@ class AnalyticsMiddleware:
     def _fail(self, exchange: Exchange, holder: ConsumerHolder, request: HttpRequest) -> None:
         exchange.status = 500
         self._finish(exchange, holder, request)
+
+    def _finish(self, exchange: Exchange, holder: ConsumerHolder, request: HttpRequest) -> None:
+        try:
+            self._finish_entry(exchange, holder, request)
+        except Exception:  # never break the host app (PITFALLS #20)
+            log_internal_error("capture")
 
     def _observe(
         self,
@@ -242,7 +252,9 @@ class AnalyticsMiddleware:
         else:
             response.streaming_content = _observe_sync(content, end, make_bytes)
 
-    def _finish(self, exchange: Exchange, holder: ConsumerHolder, request: HttpRequest) -> None:
+    def _finish_entry(
+        self, exchange: Exchange, holder: ConsumerHolder, request: HttpRequest
+    ) -> None:
         if exchange.t_end:  # Django may close a response twice
             return
         if holder.value is not None:
@@ -251,6 +263,13 @@ class AnalyticsMiddleware:
             exchange.consumer = self._gate.identify(request)
         assert self._worker is not None
         hand_over(self._worker, exchange)
+
+
+def _leave(token: Any) -> None:
+    try:
+        leave(token)
+    except Exception:  # never break the host app (PITFALLS #20)
+        log_internal_error("capture")
 
 
 def _unread_chunked(scope: Any, meta: Any) -> bool:
@@ -274,17 +293,23 @@ class _Sent:
         self.hold_all = False
 
     def took(self, chunk: bytes) -> None:
-        if not self.exchange.t_response:
-            self.exchange.t_response = perf_counter()
-        self.pending.append(chunk)
+        try:
+            if not self.exchange.t_response:
+                self.exchange.t_response = perf_counter()
+            self.pending.append(chunk)
+        except Exception:  # never break the host app (PITFALLS #20)
+            log_internal_error("response capture")
 
     def settle(self, crossed: bool) -> None:
         pending = self.pending
         if pending:
             self.pending = []
             if crossed:
-                for chunk in pending:
-                    self.exchange.response_data(chunk)
+                try:
+                    for chunk in pending:
+                        self.exchange.response_data(chunk)
+                except Exception:  # never break the host app (PITFALLS #20)
+                    log_internal_error("response capture")
 
 
 class _End:

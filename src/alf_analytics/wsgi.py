@@ -23,7 +23,7 @@ from urllib.parse import unquote_to_bytes
 from ._config import Config, make_config
 from ._consumer import ConsumerHolder, enter, leave
 from ._gate import Gate, is_async_callable, made_with
-from ._record import Exchange, InputTee, RequestInfo
+from ._record import Exchange, InputTee, RequestInfo, log_internal_error
 from ._signals import check_exit_flush_wsgi
 from ._worker import Worker, get_worker, hand_over
 
@@ -85,19 +85,24 @@ class AnalyticsWSGIMiddleware:
                 self._first = False
                 check_exit_flush_wsgi(environ.get("SERVER_SOFTWARE"))
             responder = self._begin(environ, start_response, worker)
-        except Exception:  # pragma: no cover - defensive: never break the host app
-            logger.exception("alf_analytics: capture failed; request passed through")
+            if responder is not None:
+                token = responder.enter()
+        except Exception:  # never break the host app (PITFALLS #20)
+            log_internal_error("capture")
+            responder = None
         if responder is None:
             return self.app(environ, start_response)
 
-        token = responder.enter()
         try:
             result = self.app(environ, responder.start_response)
         except BaseException:
             responder.fail()
             raise
         finally:
-            leave(token)
+            try:
+                leave(token)
+            except Exception:
+                log_internal_error("capture")
         if type(result) is not list and iscoroutine(result):
             result.close()
             responder.fail()
@@ -164,6 +169,7 @@ class _Responder:
         "_identify",
         "_request",
         "_pending",
+        "_closed",
     )
 
     def __init__(
@@ -187,6 +193,7 @@ class _Responder:
         #: one (or closes us): the copy into the capture buffer never delays its bytes.
         self._pending: bytes | None = None
         self._done = False
+        self._closed = False
 
     def start_response(
         self, status: str, headers: list[tuple[str, str]], exc_info: OptExcInfo | None = None
@@ -198,21 +205,33 @@ class _Responder:
         else:
             # Some servers and test clients reject an explicit third argument.
             self._write = self._start_response(status, headers)
+        if self._done:
+            return self._write
         exchange = self.exchange
-        # A second call (with exc_info) replaces the first, as it does for the server.
         try:
-            exchange.status = int(status[:3])
-            exchange.reason = status[4:].strip()
-        except (TypeError, ValueError):
-            exchange.status = 0
-        exchange.response_headers = headers
-        exchange.decide_response_capture()
-        identify = self._identify
-        if identify is not None and self._request is None:
-            # Flask's own request (view_args, endpoint, g's user) is in the environ while the
-            # response starts, and cleared once Flask's context ends, before identify runs.
-            self._request = identify[1](identify[2])
+            # A second call (with exc_info) replaces the first, as it does for the server.
+            try:
+                exchange.status = int(status[:3])
+                exchange.reason = status[4:].strip()
+            except (TypeError, ValueError):
+                exchange.status = 0
+            exchange.response_headers = headers
+            exchange.decide_response_capture()
+            identify = self._identify
+            if identify is not None and self._request is None:
+                # Flask's own request (view_args, endpoint, g's user) is in the environ while
+                # the response starts, and cleared once Flask's context ends.
+                self._request = identify[1](identify[2])
+        except Exception:
+            self._abandon("response capture")
+            return self._write
         return self.write
+
+    def _abandon(self, where: str) -> None:
+        """Our own failure: the request goes on as without us, and is not recorded."""
+        self._done = True
+        self._pending = None
+        log_internal_error(where)
 
     def enter(self) -> Any:
         """Give the app's code this request's consumer holder (``set_consumer``)."""
@@ -226,8 +245,11 @@ class _Responder:
         # Written first, counted after (as the iterable's chunks): the bytes reach the client
         # without waiting for their capture, and a write the server refused is not counted.
         written = self._write(data)
-        if isinstance(data, (bytes, bytearray)):
-            exchange.response_data(data)
+        if not self._done and isinstance(data, (bytes, bytearray)):
+            try:
+                exchange.response_data(data)
+            except Exception:
+                self._abandon("response capture")
         return written
 
     def __iter__(self) -> Iterator[bytes]:
@@ -250,29 +272,36 @@ class _Responder:
             # Anything else (str, int: a broken app) goes to the server untouched, which
             # answers it as it would without us.
             exchange = self.exchange
-            if not exchange.t_response:
-                # Even an empty first chunk: gunicorn, Werkzeug and wsgiref send the status
-                # line and headers with it (a way to flush them early), so a failure after it
-                # is no longer the server's 500.
-                exchange.t_response = perf_counter()
-            if chunk:
-                # Captured once the server has it. A bytearray (or a bytes subclass) may be
-                # changed by the app once it is sent: copied now, as the client gets it.
-                self._pending = chunk if chunk.__class__ is bytes else bytes(chunk)
+            try:
+                if not exchange.t_response:
+                    # Even an empty first chunk: gunicorn, Werkzeug and wsgiref send the
+                    # status line and headers with it (a way to flush them early), so a
+                    # failure after it is no longer the server's 500.
+                    exchange.t_response = perf_counter()
+                if chunk and not self._done:
+                    # Captured once the server has it. A bytearray (or a bytes subclass) may
+                    # be changed by the app once it is sent: copied now, as the client gets it.
+                    self._pending = chunk if chunk.__class__ is bytes else bytes(chunk)
+            except Exception:
+                self._abandon("response capture")
         return chunk
 
     def _capture_pending(self) -> None:
         pending = self._pending
         if pending is not None:
             self._pending = None
-            self.exchange.response_data(pending)
+            try:
+                self.exchange.response_data(pending)
+            except Exception:
+                self._abandon("response capture")
 
     def __bool__(self) -> bool:
         return True
 
     def close(self) -> None:
-        if self._done:
+        if self._closed:
             return
+        self._closed = True  # once, even when our capture was abandoned: the app's close()
         try:
             close = getattr(self.result, "close", None)
             if close is not None:
@@ -320,6 +349,12 @@ class _Responder:
     def _finish(self) -> None:
         if self._done:
             return
+        try:
+            self._finish_entry()
+        except Exception:
+            self._abandon("capture")
+
+    def _finish_entry(self) -> None:
         self._done = True
         if self._pending is not None:
             if sys.exc_info()[0] is None:
