@@ -611,6 +611,24 @@ THREAD_ALLOWANCE = 4 + Config.max_inflight
 
 
 @pytest.mark.slow
+def test_gevent_worker_patched_after_the_app_was_loaded_serves_and_delivers(
+    collector: Collector, tmp_path: Path
+) -> None:
+    """gunicorn --preload -k gevent: the app (and so alf_analytics) is imported before gevent
+    patches the worker. Every request after the first used to hang, the worker greenlet
+    blocked in a C queue that froze the process (PITFALLS #29)."""
+    ids = [f"gevent-{i}" for i in range(60)]
+    with serving(
+        GUNICORN_FLASK, tmp_path, collector.url, {"log_body": True},
+        extra=("--worker-class=gevent", "--timeout=20"),
+    ) as server:  # fmt: skip
+        got = drive(server.url, ids, concurrency=4)
+        server.terminate()
+    entries = received_entries(collector, len(ids), timeout=30)
+    assert mismatches(entries, got) == []
+
+
+@pytest.mark.slow
 def test_threaded_wsgi_server_records_each_request_exactly_once(
     collector: Collector, tmp_path: Path
 ) -> None:

@@ -21,6 +21,7 @@ import itertools
 import json
 import logging
 import os
+import queue
 import random
 import re
 import threading
@@ -224,7 +225,8 @@ class Worker:
         self._admit = threading.Lock()
         #: Control items for the worker thread: senders' answers, flush and stop markers, and
         #: the wake-up token the request path puts when the worker must look at its entries.
-        self._queue: SimpleQueue[Any] = SimpleQueue()
+        # queue.SimpleQueue looked up now, not at import: gevent may have patched it since.
+        self._queue: SimpleQueue[Any] = queue.SimpleQueue()
         #: Exchanges handed over and not taken yet (appending to a deque wakes nobody).
         self._entries: collections.deque[Exchange] = collections.deque()
         #: Set by the worker thread before it sleeps with no batch to time: the next entry must
@@ -258,7 +260,7 @@ class Worker:
         self._ready: collections.deque[_Batch] = collections.deque()
         self._retry: list[_Batch] = []
         self._flying: list[_Batch] = []
-        self._jobs: SimpleQueue[_Batch | None] = SimpleQueue()
+        self._jobs: SimpleQueue[_Batch | None] = queue.SimpleQueue()
         self._senders = 0
         #: The transport of sends made on the worker thread itself (no sender could start).
         self._inline: list[Transport] = []
@@ -335,6 +337,7 @@ class Worker:
                 return True
             if _finalizing:
                 return False
+            self._cooperative_queues()
             thread = threading.Thread(
                 target=self._run, name=f"alf-analytics-worker:{self.shown_url}", daemon=True
             )
@@ -349,6 +352,17 @@ class Worker:
             return True
         finally:
             self._lock.release()
+
+    def _cooperative_queues(self) -> None:
+        """Queues of the kind ``queue.SimpleQueue`` is now, before a thread starts to wait on
+        them (PITFALLS #29). gevent patches it after we may have made ours (gunicorn
+        ``--preload -k gevent`` imports the app first): a greenlet blocked in the C queue's
+        ``get()`` froze the whole worker process, and every request after the first hung."""
+        kind = queue.SimpleQueue
+        if type(self._queue) is not kind:
+            self._queue = _moved(self._queue, kind())
+        if type(self._jobs) is not kind and not self._senders:
+            self._jobs = _moved(self._jobs, kind())
 
     # -- public control ---------------------------------------------------------------------
 
@@ -1065,6 +1079,15 @@ def _close(line: list[Transport]) -> None:
         except Exception:  # closing is best effort
             pass
     line.clear()
+
+
+def _moved(old: Any, new: Any) -> Any:
+    """``new``, holding what ``old`` held (nothing takes from ``old`` meanwhile)."""
+    while True:
+        try:
+            new.put(old.get_nowait())
+        except Empty:
+            return new
 
 
 def _value(counter: itertools.count[int]) -> int:
