@@ -928,6 +928,35 @@ def test_worker_killed_by_builder_error_restarts_on_next_entry(
     internal_errors.clear()
 
 
+def test_a_flush_the_dying_thread_held_is_answered_by_the_next_one(
+    workers: Callable[..., tuple[Worker, ScriptedTransport]],
+    monkeypatch: pytest.MonkeyPatch,
+    internal_errors: list[logging.LogRecord],
+) -> None:
+    """The thread dies right after taking a flush marker off its queue, before it keeps it
+    with the others: the marker goes back, so flush() returns True once the fresh thread has
+    sent everything (it used to wait out its timeout, or for ever with none)."""
+    cfg = config(batch_size=100, delay=60.0)
+    worker, transport = workers(cfg, ScriptedTransport())
+    real = Worker._take
+    died = {"once": False}
+
+    def dying_take(self: Worker, item: Any) -> None:
+        if type(item) is _worker._Flush and not died["once"]:
+            died["once"] = True
+            raise Boom("injected")
+        real(self, item)
+
+    monkeypatch.setattr(Worker, "_take", dying_take)
+    for i in range(5):
+        assert worker.submit(exchange(cfg, i))
+    assert worker.flush(10) is True
+    stats = worker.stats()
+    assert (stats["captured"], stats["sent"], stats["queued"]) == (5, 5, 0)
+    assert stats["worker_restarts"] == 1
+    internal_errors.clear()
+
+
 def test_worker_killed_in_a_send_counts_the_batch_and_restarts(
     workers: Callable[..., tuple[Worker, ScriptedTransport]],
     internal_errors: list[logging.LogRecord],

@@ -245,6 +245,8 @@ class Worker:
         self._stopping = False
         #: Flush markers taken off the queue and not answered yet (re-queued after a crash).
         self._flushes: list[_Flush] = []
+        #: The control item the thread last took off its queue (re-queued if it dies with it).
+        self._in_hand: Any = None
         # What the queue holds: request threads add (under _admit), the worker subtracts.
         self._put_count = 0
         self._put_bytes = 0
@@ -491,10 +493,15 @@ class Worker:
             self._crashed(exc, lost)
         finally:
             # Flushes this thread took but did not answer go back to the queue; their flush()
-            # calls start a fresh thread (so does the next entry).
+            # calls start a fresh thread (so does the next entry). So does one it died
+            # holding, taken off the queue and not yet among them.
             flushes, self._flushes = self._flushes, []
+            held, self._in_hand = self._in_hand, None
+            if type(held) is _Flush and held not in flushes:
+                flushes.append(held)
             for marker in flushes:
-                self._queue.put(marker)
+                if not marker.done.is_set():
+                    self._queue.put(marker)
             self._stopping = False
             self._running = False
 
@@ -528,16 +535,16 @@ class Worker:
                     wait = 0.0
             try:
                 if wait is None:
-                    item = queue.get()
+                    item = self._in_hand = queue.get()
                 elif wait > 0:
-                    item = queue.get(timeout=wait)
+                    item = self._in_hand = queue.get(timeout=wait)
             except Empty:
                 pass
             while True:  # control items first: answers free in-flight slots
                 if item is not None and item is not _WAKE:
                     self._take(item)
                 try:
-                    item = queue.get_nowait()
+                    item = self._in_hand = queue.get_nowait()
                 except Empty:
                     break
             self._drain(_DRAIN_SLICE)
