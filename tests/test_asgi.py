@@ -402,6 +402,66 @@ async def test_a_chunked_body_the_app_never_read_is_not_called_captured(
     assert (request["bodySize"], request["bodyCaptured"]) == (0, False)
 
 
+def _leaving(at: str) -> tuple[Any, Any]:
+    """``receive``/``send`` of a client that leaves right after its request (``"request"``)
+    or once the first body bytes reached it (``"body"``)."""
+    left = anyio.Event()
+    if at == "request":
+        left.set()
+    script = [{"type": "http.request", "body": b"", "more_body": False}]
+
+    async def receive() -> dict[str, Any]:
+        if script:
+            return script.pop()
+        await left.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body" and message.get("body"):
+            left.set()
+
+    return receive, send
+
+
+@pytest.mark.anyio
+async def test_bytes_sent_after_the_client_left_are_not_counted(
+    anyio_backend: str, collector: Collector
+) -> None:
+    """uvicorn drops sends once the client has gone; an app that heard the disconnect through
+    us (as Starlette's StreamingResponse listens for it) sends on into nothing (PITFALLS #22)."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()  # the request body
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"first", "more_body": True})
+        assert (await receive())["type"] == "http.disconnect"
+        await send({"type": "http.response.body", "body": b"into the void", "more_body": False})
+
+    with anyio.fail_after(10):
+        await analytics(app, collector, log_body=True)(http_scope("/left"), *_leaving("body"))
+    response = only_entry(collector)["response"]
+    assert (response["status"], response["bodySize"]) == (200, len(b"first"))
+
+
+@pytest.mark.anyio
+async def test_a_response_started_after_the_client_left_is_recorded_as_no_answer(
+    anyio_backend: str, collector: Collector
+) -> None:
+    """The client left before the app answered (the app saw http.disconnect): status 0, as HAR
+    writes a response that never came, not the 200 nobody received (PITFALLS #22)."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        assert (await receive())["type"] == "http.disconnect"
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"too late"})
+
+    with anyio.fail_after(10):
+        await analytics(app, collector)(http_scope("/late"), *_leaving("request"))
+    response = only_entry(collector)["response"]
+    assert (response["status"], response["bodySize"], response["headers"]) == (0, 0, [])
+
+
 @pytest.mark.anyio
 async def test_an_upload_cut_by_the_client_counts_what_crossed_not_what_it_announced(
     anyio_backend: str, collector: Collector

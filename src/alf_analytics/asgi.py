@@ -24,7 +24,7 @@ from . import _signals
 from ._config import Config, make_config, validate_option
 from ._consumer import enter, leave
 from ._gate import Gate, is_async_callable, made_with, takes_two_arguments
-from ._record import Exchange, RequestInfo, log_internal_error
+from ._record import NO_RESPONSE, Exchange, RequestInfo, log_internal_error
 from ._signals import check_exit_flush_asgi
 from ._worker import Worker, flush, get_worker, hand_over, shutdown_bound
 
@@ -135,6 +135,9 @@ class AnalyticsASGIMiddleware:
         # True once the entry is handed over, or abandoned after an internal error of ours:
         # from then on every message passes through untouched.
         done = False
+        # True once the server said the client left (http.disconnect before the response
+        # was complete): what is sent after it does not reach anyone.
+        gone = False
 
         def finish() -> None:
             if holder.value is not None:
@@ -151,6 +154,7 @@ class AnalyticsASGIMiddleware:
             _internal_error(where)
 
         async def receive_with_capture() -> Message:
+            nonlocal gone
             message = await receive()
             # Once the entry is handed to the worker thread it is no longer ours to change
             # (an app may still read the body after it has answered).
@@ -163,11 +167,13 @@ class AnalyticsASGIMiddleware:
                             exchange.request_data(body)
                         if not message.get("more_body", False):
                             exchange.request_complete = True
-                    elif message_type == "http.disconnect" and not exchange.request_complete:
-                        # The client left mid-body: what crossed is what was counted (not the
-                        # Content-Length it announced), and a cut body is not captured.
-                        exchange.request_complete = True
-                        exchange.request_body = None
+                    elif message_type == "http.disconnect":
+                        gone = True
+                        if not exchange.request_complete:
+                            # The client left mid-body: what crossed is what was counted (not
+                            # the Content-Length it announced), and a cut body is not captured.
+                            exchange.request_complete = True
+                            exchange.request_body = None
                 except Exception:
                     abandon("request capture")
             return message
@@ -184,6 +190,11 @@ class AnalyticsASGIMiddleware:
                     exchange.status = message.get("status", 0)
                     exchange.response_headers = message.get("headers") or ()
                     exchange.decide_response_capture()
+                    if gone:
+                        # The client left before any answer (PITFALLS #22): none was given.
+                        exchange.status = NO_RESPONSE
+                        exchange.response_headers = ()
+                        exchange.response_body = None
             except Exception:
                 abandon("response capture")
                 message_type = None
@@ -195,7 +206,7 @@ class AnalyticsASGIMiddleware:
             try:
                 if message_type == "http.response.body":
                     body = message.get("body")
-                    if body:
+                    if body and not gone:  # after a disconnect nothing crosses
                         exchange.response_data(body)
                     if not message.get("more_body", False):
                         # The response is complete: background tasks that run after this
