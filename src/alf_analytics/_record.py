@@ -167,6 +167,13 @@ class Exchange:
             if room > 0:
                 body += chunk[:room]
 
+    def answered_by_server(self) -> None:
+        """The app failed before any header reached the client: the server answers its
+        own 500, without the app's status line or headers."""
+        self.status = 500
+        self.reason = ""
+        self.response_headers = ()
+
     def response_data(self, chunk: bytes) -> None:
         """Count (and capture, up to the cap) response body bytes as they are sent."""
         self.response_body_size += len(chunk)

@@ -169,17 +169,6 @@ class _DeadlineBackend(NetworkBackend):
         stream = self._backend.connect_tcp(host, port, left, local_address, socket_options)
         return _DeadlineStream(stream, self._deadline)
 
-    def connect_unix_socket(
-        self, path: str, timeout: float | None = None, socket_options: Any = None
-    ) -> NetworkStream:  # pragma: no cover - collectors are reached over TCP
-        left = self._deadline.left(timeout, httpcore.ConnectTimeout)
-        return _DeadlineStream(
-            self._backend.connect_unix_socket(path, left, socket_options), self._deadline
-        )
-
-    def sleep(self, seconds: float) -> None:  # pragma: no cover - retries=0: never sleeps
-        self._backend.sleep(seconds)
-
 
 class HTTPTransport:
     """POST ``{collector_url}/1.1.0/batch`` with ``Content-Encoding: gzip``.

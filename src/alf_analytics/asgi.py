@@ -108,13 +108,7 @@ class AnalyticsASGIMiddleware:
             if admitted is None:
                 return None  # skipped or sampled out: counted, nothing built
             group = admitted[0]
-        # A copy: routers add keys and rewrite root_path/path in the scope as they dispatch,
-        # and some middlewares append to its header list in place.
-        source = dict(scope)
-        headers = source.get("headers")
-        if type(headers) is list:
-            source["headers"] = headers.copy()
-        exchange = Exchange(self.config, source, read_scope, group)
+        exchange = Exchange(self.config, scope_snapshot(scope), read_scope, group)
         if exchange.request_body is not None:
             exchange.decide_request_capture(_header(scope, b"content-type"))
         return exchange
@@ -124,7 +118,7 @@ class AnalyticsASGIMiddleware:
             exchange = self._admit(scope)
             entered = enter() if exchange is not None else None
         except Exception:  # never break the host app (PITFALLS #20)
-            _internal_error("capture")
+            log_internal_error("capture")
             exchange = entered = None
         if exchange is None or entered is None:
             await self.app(scope, receive, send)
@@ -151,7 +145,7 @@ class AnalyticsASGIMiddleware:
             # this request is not recorded (an entry built from half a capture would lie).
             nonlocal done
             done = True
-            _internal_error(where)
+            log_internal_error(where)
 
         async def receive_with_capture() -> Message:
             nonlocal gone
@@ -238,19 +232,19 @@ class AnalyticsASGIMiddleware:
                         exchange.status = 500
                     finish()
                 except Exception:
-                    _internal_error("capture")
+                    log_internal_error("capture")
             raise
         finally:
             try:
                 leave(token)
             except Exception:
-                _internal_error("capture")
+                log_internal_error("capture")
         if not done:
             # The app returned without completing its response (client gone, or a bug).
             try:
                 finish()
             except Exception:
-                _internal_error("capture")
+                log_internal_error("capture")
 
 
 class FlushOnShutdown:
@@ -425,7 +419,7 @@ def _latin1(value: Any) -> str:
     return str(value)
 
 
-def _as_wire_text(text: str) -> str:
+def as_wire_text(text: str) -> str:
     """Decoded text back to its UTF-8 bytes, shown as Latin-1. A lone surrogate that is not
     an escaped byte ("/\ud800") is kept as its UTF-8 form."""
     try:
@@ -447,14 +441,25 @@ def _wire_path(scope: Scope) -> str:
         path = _latin1(raw_path).partition("?")[0]
     else:
         # ``path`` is decoded text: back to its UTF-8 bytes, the form the client sent.
-        path = _as_wire_text(str(scope.get("path") or ""))
+        path = as_wire_text(str(scope.get("path") or ""))
     root = str(scope.get("root_path") or "").rstrip("/")
     if root:
-        root = _as_wire_text(root)
+        root = as_wire_text(root)
         quoted = quote(root, safe="/:@!$&'()*+,;=-._~", encoding="latin-1")
         if not any(path == r or path.startswith(r + "/") for r in (root, quoted)):
             path = root + path
     return path
+
+
+def scope_snapshot(scope: Scope) -> Scope:
+    """What the worker thread reads later: a copy, since routers add keys and rewrite
+    root_path/path in the scope as they dispatch, and some middlewares append to its header
+    list in place."""
+    source = dict(scope)
+    headers = source.get("headers")
+    if type(headers) is list:
+        source["headers"] = headers.copy()
+    return source
 
 
 def read_scope(scope: Scope) -> RequestInfo:
@@ -503,11 +508,6 @@ def read_scope(scope: Scope) -> RequestInfo:
         content_length if content_length is None or content_length >= 0 else None,
         chunked,
     )
-
-
-def _internal_error(where: str) -> None:
-    """A failure of ours on the request path: logged (rate-limited), never raised to the app."""
-    log_internal_error(where)
 
 
 _SCHEMES = {"ws": "http", "wss": "https"}

@@ -41,8 +41,8 @@ from ._gate import Gate
 from ._record import NO_RESPONSE, Exchange, InputTee, log_internal_error
 from ._signals import check_django_asgi, check_exit_flush_wsgi
 from ._worker import Worker, get_worker, hand_over
-from .asgi import read_scope
-from .wsgi import read_environ
+from .asgi import as_wire_text, read_scope, scope_snapshot
+from .wsgi import is_chunked, read_environ
 
 _checks.register()
 
@@ -170,19 +170,15 @@ class AnalyticsMiddleware:
         if scope is not None:
             # The ASGI scope, not META: META folds repeated headers into one and leaves out
             # names with an underscore, and headersSize is rebuilt from the headers as sent.
-            source = dict(scope)
-            headers = source.get("headers")
-            if type(headers) is list:
-                source["headers"] = headers.copy()
-            exchange = Exchange(self.config, source, read_scope, group)
+            exchange = Exchange(self.config, scope_snapshot(scope), read_scope, group)
         else:
             environ = meta.copy()
             # WSGIRequest replaced these with their decoded text; back to the PEP 3333 form
             # (UTF-8 bytes as Latin-1) for servers that give no RAW_URI (runserver, wsgiref).
-            for key, value in (("PATH_INFO", request.path_info), ("SCRIPT_NAME", None)):
-                text = value if value is not None else meta.get(key)
+            for key in ("PATH_INFO", "SCRIPT_NAME"):
+                text = meta.get(key)
                 if isinstance(text, str) and not text.isascii():
-                    environ[key] = text.encode("utf-8", "surrogateescape").decode("latin-1")
+                    environ[key] = as_wire_text(text)
             exchange = Exchange(self.config, environ, read_environ, group)
         if exchange.request_body is not None:
             exchange.decide_request_capture(meta.get("CONTENT_TYPE"))
@@ -278,7 +274,7 @@ def _unread_chunked(scope: Any, meta: Any) -> bool:
     the entry says the body was not captured."""
     if scope is not None or meta.get("CONTENT_LENGTH"):
         return False
-    return "chunked" in str(meta.get("HTTP_TRANSFER_ENCODING", "")).lower()
+    return is_chunked(meta.get("HTTP_TRANSFER_ENCODING"))
 
 
 class _Sent:
@@ -349,9 +345,7 @@ class _End:
         elif not self.exchange.t_response:
             # Under WSGI before its first chunk: no header has gone out yet, so the server
             # answers 500 itself (under ASGI Django has sent the response start already).
-            self.exchange.status = 500
-            self.exchange.reason = ""
-            self.exchange.response_headers = ()
+            self.exchange.answered_by_server()
         self.abandoned()
 
     def abandoned(self) -> None:

@@ -310,11 +310,7 @@ class _Responder:
             self._finish()
 
     def _as_500(self) -> None:
-        # Nothing reached the client yet, so the server answers 500 itself.
-        exchange = self.exchange
-        exchange.status = 500
-        exchange.reason = ""
-        exchange.response_headers = ()
+        self.exchange.answered_by_server()
 
     def fail(self) -> None:
         """The app raised before returning its iterable."""
@@ -375,7 +371,8 @@ class _Responder:
         hand_over(self._worker, exchange)
 
 
-def _is_chunked(value: object) -> bool:
+def is_chunked(value: object) -> bool:
+    """A ``Transfer-Encoding`` value (PEP 3333 text) that says chunked."""
     return isinstance(value, str) and "chunked" in value.lower()
 
 
@@ -500,5 +497,5 @@ def read_environ(environ: WSGIEnvironment) -> RequestInfo:
         peer=str(remote) if remote else None,
         server_ip=_server_ip(environ),
         content_length=content_length,
-        chunked=content_length is None and _is_chunked(get("HTTP_TRANSFER_ENCODING")),
+        chunked=content_length is None and is_chunked(get("HTTP_TRANSFER_ENCODING")),
     )
