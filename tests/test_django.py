@@ -13,7 +13,7 @@ import gc
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from typing import Any
 from wsgiref.util import FileWrapper
 
@@ -811,40 +811,40 @@ def test_django_under_gunicorn(collector: Collector) -> None:
         server.close()
 
 
-@pytest.mark.slow
-def test_django_under_uvicorn(collector: Collector) -> None:
-    """Django under uvicorn (ASGI): every exchange arrives schema-valid while it serves."""
+@contextmanager
+def _under_uvicorn(collector: Collector) -> Iterator[Server]:
+    """The test project under uvicorn, ready, its batches sent after 0.1 s; stopped after."""
     env = {**server_env(collector.url), "DJANGOPROJECT_ALF_DELAY": "0.1"}
     server = Server([*UVICORN, "tests.djangoproject.asgi:application"], env)
     try:
         server.wait_ready()
-        responses = _exercise(server, "/astream")
-        _check_server_entries(collector, responses)
-        assert responses["/astream"].content == b"".join(views.STREAM_CHUNKS)
-        assert responses["/body"].content == b"chunked body"
+        yield server
         server.stop()  # uvicorn re-raises SIGTERM after its graceful shutdown
     finally:
         server.close()
 
 
 @pytest.mark.slow
+def test_django_under_uvicorn(collector: Collector) -> None:
+    """Django under uvicorn (ASGI): every exchange arrives schema-valid while it serves."""
+    with _under_uvicorn(collector) as server:
+        responses = _exercise(server, "/astream")
+        _check_server_entries(collector, responses)
+        assert responses["/astream"].content == b"".join(views.STREAM_CHUNKS)
+        assert responses["/body"].content == b"chunked body"
+
+
+@pytest.mark.slow
 def test_django_under_uvicorn_records_a_stream_that_raised(collector: Collector) -> None:
     """Under a real server, the response Django never closed is still recorded, soon."""
-    env = {**server_env(collector.url), "DJANGOPROJECT_ALF_DELAY": "0.1"}
-    server = Server([*UVICORN, "tests.djangoproject.asgi:application"], env)
-    try:
-        server.wait_ready()
-        with httpx.Client(timeout=30) as client:
-            with pytest.raises(httpx.RemoteProtocolError):  # uvicorn cuts the stream
-                client.get(server.url + "/stream-boom", params={"kind": "async"})
-            client.get(server.url + "/sync")
+    with _under_uvicorn(collector) as server, httpx.Client(timeout=30) as client:
+        with pytest.raises(httpx.RemoteProtocolError):  # uvicorn cuts the stream
+            client.get(server.url + "/stream-boom", params={"kind": "async"})
+        client.get(server.url + "/sync")
         entries = received_entries(collector, 3, timeout=15)  # wait_ready's /sync too
         [boom] = [e for e in entries if "/stream-boom" in e["request"]["url"]]
         assert boom["response"]["status"] == 200
         assert boom["response"]["bodySize"] == len(views.STREAM_CHUNKS[0])
-        server.stop()
-    finally:
-        server.close()
 
 
 @pytest.mark.slow
