@@ -35,9 +35,7 @@ _installed = False
 
 
 def _default_timeout() -> float:
-    workers = list(getattr(_worker, "_workers", {}).values())
-    timeouts = [float(getattr(w, "shutdown_timeout", 5.0)) for w in workers]
-    return max(timeouts, default=5.0)
+    return _worker.largest_shutdown_timeout(5.0)
 
 
 class _FlushThenChain:

@@ -1221,11 +1221,16 @@ def flush(timeout: float | None = 5.0) -> bool:
     return ok
 
 
+def largest_shutdown_timeout(default: float) -> float:
+    """The largest ``shutdown_timeout`` in force among this process's workers."""
+    return max((w.shutdown_timeout for w in list(_workers.values())), default=default)
+
+
 def close(timeout: float | None = None) -> bool:
     """Flush with a bounded wait and stop the worker threads (they restart if used again)."""
     workers = list(_workers.values())
     if timeout is None:
-        timeout = max((w.shutdown_timeout for w in workers), default=0.0)
+        timeout = largest_shutdown_timeout(0.0)
     deadline = time.monotonic() + timeout
     ok = True
     for worker in workers:
@@ -1290,8 +1295,7 @@ def shutdown_bound(timeout: float) -> float:
 def _at_exit() -> None:
     global _finalizing
     try:
-        workers = list(_workers.values())
-        if not close(shutdown_bound(max((w.shutdown_timeout for w in workers), default=0.0))):
+        if not close(shutdown_bound(largest_shutdown_timeout(0.0))):
             left = stats()["queued"]
             if left:
                 logger.warning(
