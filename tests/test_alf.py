@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from alf_analytics._alf import alf_envelope, build_entry, dumps
+from alf_analytics._alf import CONSUMER_HEADER, alf_envelope, build_entry, dumps
 from alf_analytics._config import REDACTED, Config, make_config
 from alf_analytics._record import Exchange, RequestInfo
 
@@ -516,6 +516,31 @@ def test_custom_redact_headers() -> None:
     assert header(entry["response"]["headers"], "x-session") == [REDACTED]
     assert header(entry["response"]["headers"], "x-ok") == ["1"]
     assert "secret" not in json.dumps(entry)
+
+
+def test_a_header_name_seen_before_keeps_its_rule_for_every_new_value() -> None:
+    """The builder remembers what a header's name decides (kept, redacted, left out): a name
+    seen with one value is redacted, kept or left out the same way with each new value,
+    whatever byte type (WSGI text, ASGI bytes) it comes in."""
+    cfg = config(log_body=False, redact_headers=["X-Api-Key"])
+    for n in range(3):
+        info = request_info(
+            headers=[
+                ("X-Api-Key", f"key-{n}"),
+                (b"authorization", f"Bearer tok-{n}".encode()),
+                ("Referer", f"https://example.com/?token=tok-{n}&page={n}"),
+                ("X-Request-Id", f"id-{n}"),
+                (CONSUMER_HEADER, f"posing-{n}"),
+            ]
+        )
+        entry = entry_of(exchange(info, cfg=cfg))
+        pairs = entry["request"]["headers"]
+        assert header(pairs, "x-api-key") == [REDACTED]
+        assert header(pairs, "authorization") == [f"Bearer {REDACTED}"]
+        assert header(pairs, "referer") == [f"https://example.com/?token=%5BREDACTED%5D&page={n}"]
+        assert header(pairs, "x-request-id") == [f"id-{n}"]
+        assert header(pairs, CONSUMER_HEADER) == []
+        assert f"tok-{n}" not in json.dumps(entry) and f"key-{n}" not in json.dumps(entry)
 
 
 # -- addresses ---------------------------------------------------------------------------------

@@ -70,6 +70,8 @@ _HTTP_VERSIONS = {
 }
 _PHRASES = {status.value: status.phrase for status in HTTPStatus}
 _CACHE_SIZE = 4096
+# What a header's name says of its value: kept as sent, passed to the redactor, or left out.
+_KEEP, _CHECK, _LEAVE_OUT = object(), object(), object()
 _QUERY_CACHE_SIZE = 512
 # The latest second a datetime can show (9999-12-31T23:59:59).
 _MAX_TIMESTAMP = 253_402_300_799
@@ -188,6 +190,7 @@ class _Plan:
         "header_pairs",
         "queries",
         "paths",
+        "names",
     )
 
     def __init__(self, config: Config) -> None:
@@ -204,6 +207,8 @@ class _Plan:
         self.queries: dict[str, tuple[str, list[dict[str, str]]]] = {}
         #: raw path -> path for the URL
         self.paths: dict[str, str] = {}
+        #: raw header name -> (ALF name, wire size, rule: kept, checked or left out)
+        self.names: dict[Any, tuple[str, int, object]] = {}
 
     def pairs(self, headers: Sequence[RawHeader]) -> tuple[list[dict[str, str]], int]:
         """Headers as ALF name/value pairs (repeats kept, names lower-cased), and wire size."""
@@ -241,12 +246,34 @@ class _Plan:
         return out, size
 
     def _pair(self, raw_name: Any, raw_value: Any) -> tuple[dict[str, str] | None, int]:
-        size = wire_length(raw_name) + wire_length(raw_value) + 4  # ": " and CRLF
-        name = text(raw_name).lower()
-        if name == CONSUMER_HEADER:
+        # A pair not seen before often has a name seen before (a request id, a cookie): what
+        # the name decides (its text, size and redaction rule) is looked up, not redone.
+        known = self.names.get(raw_name)
+        if known is None:
+            known = self._name(raw_name)
+        name, size, rule = known
+        size += wire_length(raw_value) + 4  # ": " and CRLF
+        if rule is _LEAVE_OUT:
             # Sent by the client: it would pose as the consumer id. Left out (still counted).
             return None, size
-        return {"name": name, "value": self.redactor.header(name, text(raw_value))}, size
+        value = text(raw_value)
+        if rule is _CHECK:
+            value = self.redactor.header(name, value)
+        return {"name": name, "value": value}, size
+
+    def _name(self, raw_name: Any) -> tuple[str, int, object]:
+        name = text(raw_name).lower()
+        if name == CONSUMER_HEADER:
+            rule = _LEAVE_OUT
+        elif self.redactor.header_kept(name):
+            rule = _KEEP
+        else:
+            rule = _CHECK
+        known = (name, wire_length(raw_name), rule)
+        if len(self.names) >= _CACHE_SIZE:
+            self.names.clear()
+        self.names[raw_name] = known
+        return known
 
     def query(self, query: str) -> tuple[str, list[dict[str, str]]]:
         """The query for the URL (redacted, escaped) and the queryString pairs."""

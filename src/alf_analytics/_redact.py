@@ -146,6 +146,17 @@ class Redactor:
                 return f"{scheme} {REDACTED}"
         return REDACTED
 
+    def header_kept(self, name: str) -> bool:
+        """True when :meth:`header` returns any value of the header ``name`` unchanged."""
+        if "_" in name:
+            name = name.replace("_", "-")
+        return (
+            name not in self.header_names
+            and not any(s in name for s in self.header_substrings)
+            and name not in _URL_HEADERS
+            and name != "host"
+        )
+
     def url(self, value: str) -> str:
         """A URL-valued header (``Referer``, ``Location``...) with its secrets replaced.
 
