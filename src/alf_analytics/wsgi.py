@@ -478,13 +478,16 @@ def read_environ(environ: WSGIEnvironment) -> RequestInfo:
         value = get(key)
         if value and isinstance(value, str):
             headers.append((name, value))
-    content_length: int | None
-    try:
-        content_length = int(get("CONTENT_LENGTH") or "")
-        if content_length < 0:
-            content_length = None
-    except (TypeError, ValueError):
-        content_length = None
+    content_length: int | None = None
+    declared = get("CONTENT_LENGTH")
+    if declared:  # most requests declare none: no exception raised and caught for them
+        try:
+            content_length = int(declared)
+        except (TypeError, ValueError):
+            pass
+        else:
+            if content_length < 0:
+                content_length = None
     remote = get("REMOTE_ADDR")
     return RequestInfo(
         method=str(get("REQUEST_METHOD", "GET")),
