@@ -94,11 +94,13 @@ FILTER_KEYS: Final = (
 _LOGIN_BODY_LIMIT: Final = 4096
 _COOKIE_MAX_AGE: Final = 30 * 24 * 3600
 _STATUS_CLASSES: Final = {
+    0: "no response",  # an agent records 0 when the client left before the answer
     1: "informational",
     2: "success",
     3: "redirect",
     4: "client error",
     5: "server error",
+    **dict.fromkeys(range(6, 10), "non-standard"),  # ALF allows any status up to 999
 }
 _SECURITY_HEADERS: Final = {
     # No script but ours, no inline script, no framing: a second wall behind autoescaping.
@@ -181,10 +183,21 @@ def iso(value: str | datetime | None) -> str:
 
 
 def status_class(status: int | None) -> str:
-    """``404`` -> ``"4xx"``; ``None`` or out of range -> ``"other"``."""
-    if status is None or not 100 <= status <= 599:
+    """``404`` -> ``"4xx"``, ``0`` -> ``"0xx"`` (as the API groups them); ``None`` or out of
+    ALF's range (0 to 999) -> ``"other"``."""
+    if status is None or not 0 <= status <= 999:
         return "other"
     return f"{status // 100}xx"
+
+
+def status_filter(value: object) -> bool:
+    """Whether ``value`` (a status code or class) is a ``status`` filter the API takes, so a
+    link to the log filtered by it lists its entries instead of answering a 400 page."""
+    try:
+        queries.Filters.from_query({"status": str(value)})
+    except queries.FilterError:
+        return False
+    return True
 
 
 def status_label(status_class_name: str) -> str:
@@ -234,6 +247,7 @@ def _environment() -> jinja2.Environment:
         status_class=status_class,
         status_label=status_label,
     )
+    env.tests["status_filter"] = status_filter
     return env
 
 
