@@ -112,3 +112,47 @@ def test_every_link_on_a_page_answers(reader: httpx.Client, path: str) -> None:
         text = re.sub(r"<[^>]+>", "", classes.group(1))
         assert "0xx no response: 1" in text and "6xx non-standard: 1" in text
         assert "9xx non-standard: 1" in text and "2xx success" in text
+
+
+# -- odd traffic reads well --------------------------------------------------------------------
+
+
+def test_a_long_route_never_hides_the_figures(web: Watched) -> None:
+    """A 2,048-character route wraps and is cut after three lines (whole in its title): the
+    endpoints table keeps its figures in view on a laptop (it pushed them off to the right,
+    behind a sideways scroll), and no row of a table fills the screen."""
+    web.goto(f"/?environment={ENV}")
+    box = web.page.locator("div.scroll:has(> table.endpoints)")
+    assert box.evaluate("b => b.scrollWidth <= b.clientWidth"), "the figures scroll out of view"
+    link = web.page.locator(f'table.endpoints a[title="Show only GET {LONG_ROUTE}"]')
+    assert link.text_content() == LONG_ROUTE
+    for table in ("endpoints", "entries"):
+        heights = web.page.locator(f"table.{table} tbody tr").evaluate_all(
+            "rows => rows.map(r => r.getBoundingClientRect().height)"
+        )
+        assert heights and max(heights) < 90, (table, heights)
+    web.goto(f"/requests?environment={ENV}&path={LONG_ROUTE}")
+    row = web.page.locator("table.log tbody tr[data-entry-id]")
+    assert row.count() == 1
+    assert row.evaluate("r => r.getBoundingClientRect().height") < 120
+    assert row.locator("td.path a").get_attribute("title") == f"shop.test{LONG_ROUTE}"
+
+
+def test_without_javascript_no_dead_control_shows(
+    browser: Any, audited: tuple[Collector, Traffic]
+) -> None:
+    """The Live button needs the script: without it, it stays hidden (a CSS display rule
+    showed it, doing nothing), and the chart panels say why they are empty."""
+    context = browser.new_context(java_script_enabled=False)
+    try:
+        web = watch(context.new_page(), audited[0].url)
+        web.page.set_extra_http_headers({"Authorization": f"Bearer {READ_KEY}"})
+        for path in (f"/?environment={ENV}", f"/requests?environment={ENV}"):
+            web.goto(path)
+            assert web.page.locator("[data-live-toggle]").is_hidden(), path
+        web.goto(f"/?environment={ENV}")
+        notes = web.page.locator("[data-chart] noscript p")
+        assert notes.count() == 2 and notes.first.is_visible()
+        assert web.problems == []
+    finally:
+        context.close()
