@@ -2220,7 +2220,7 @@ def test_openapi_documents_every_route_and_every_status_it_answers(
     # Every route of the ALF protocol, /health and the API is in it (the dashboard's pages
     # are HTML, not part of it).
     served = {
-        getattr(route, "path", "").replace("{entry_id:int}", "{entry_id}")
+        re.sub(r"\{(\w+):\w+\}", r"{\1}", getattr(route, "path", ""))
         for route in collector.app.routes
     }
     api = {path for path in served if path.startswith(("/1.", "/health", "/api"))}

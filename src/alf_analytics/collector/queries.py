@@ -231,12 +231,26 @@ def _parse_status(text: str) -> tuple[int, int]:
     return code, code
 
 
+_WHOLE: Final = re.compile(r"[0-9]{1,18}")
+
+
+def whole_number(text: str, low: int, high: int) -> int | None:
+    """``text`` as an integer from ``low`` to ``high`` when it is one in ASCII digits, else
+    ``None``: ``str.isdigit`` also takes ``①`` and ``²`` (which ``int`` refuses) and
+    thousands of digits (which ``int`` refuses past 4,300), both once a 500."""
+    if _WHOLE.fullmatch(text) is None:
+        return None
+    value = int(text)
+    return value if low <= value <= high else None
+
+
 def parse_limit(text: str | None, default: int, maximum: int = MAX_LIMIT) -> int:
     if text is None or text == "":
         return default
-    if not text.isdigit() or not 1 <= int(text) <= maximum:
+    value = whole_number(text, 1, maximum)
+    if value is None:
         raise FilterError(f"limit must be an integer from 1 to {maximum}")
-    return int(text)
+    return value
 
 
 # -- where clauses ----------------------------------------------------------------------------

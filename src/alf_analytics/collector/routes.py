@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Final
 
 import orjson
 from starlette.concurrency import run_in_threadpool
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
@@ -20,12 +21,32 @@ from . import queries
 from .auth import read_refusal
 from .openapi import openapi_document
 from .storage import STORAGE_RETRY_AFTER, Store, is_storage_failure
+from .storage.base import INT64_MAX
 
 __all__ = ["api_routes"]
 
 logger = logging.getLogger("alf_analytics.collector")
 
 Handler = Callable[[Request], Awaitable[Response]]
+
+
+class EntryIdConvertor(Convertor[int]):
+    """An entry id in a path (``{entry_id:entry_id}``): digits, as Starlette's ``int``, but
+    one too long for any row reads as an id no row has (a 404), never as ``int()``'s
+    ``ValueError`` past 4,300 digits (a 500)."""
+
+    regex = "[0-9]+"
+
+    def convert(self, value: str) -> int:
+        return int(value) if len(value) <= 19 else INT64_MAX + 1
+
+    def to_string(self, value: int) -> str:
+        return str(int(value))
+
+
+ENTRY_ID: Final = "entry_id"
+"""The convertor's name, registered with Starlette on import."""
+register_url_convertor(ENTRY_ID, EntryIdConvertor())
 
 
 def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -82,10 +103,10 @@ def _services(request: Request, store: Store) -> Any:
 
 
 def _stats(request: Request, store: Store) -> Any:
-    text = request.query_params.get("interval") or "60"
-    if not text.isdigit() or not 60 <= int(text) <= 86_400 * 31:
+    interval = queries.whole_number(request.query_params.get("interval") or "60", 60, 86_400 * 31)
+    if interval is None:
         raise queries.FilterError("interval must be whole seconds from 60 to 2678400")
-    return queries.stats(store, _filters(request), int(text))
+    return queries.stats(store, _filters(request), interval)
 
 
 def _endpoints(request: Request, store: Store) -> Any:
@@ -136,9 +157,10 @@ def api_routes() -> list[BaseRoute]:
         Route("/api/consumers", _guarded(_consumers)),
         Route("/api/entries", _guarded(_entries)),
         Route(
-            "/api/entries/{entry_id:int}.har", _guarded(_entry_har, download="entry-{entry_id}.har")
+            "/api/entries/{entry_id:entry_id}.har",
+            _guarded(_entry_har, download="entry-{entry_id}.har"),
         ),
-        Route("/api/entries/{entry_id:int}", _guarded(_entry)),
+        Route("/api/entries/{entry_id:entry_id}", _guarded(_entry)),
         Route("/api/export.har", _guarded(_export, download="alf-export.har")),
         Route("/openapi.json", _openapi),
     ]

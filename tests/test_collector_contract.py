@@ -1,0 +1,83 @@
+"""The collector service as README.md's "The collector service" promises it, probed as a
+client would: what an audit from outside found the service doing otherwise.
+
+Each test drives the real app under uvicorn (:class:`~alf_analytics.collector.Collector`)
+over loopback HTTP.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from alf_analytics.collector import Collector
+
+FIXTURES = Path(__file__).parent / "fixtures" / "alf"
+TOKEN = "contract-write-token-4321"
+READ_KEY = "contract-read-key-8765"
+
+
+def minimal_alf(token: str = TOKEN) -> dict[str, Any]:
+    alf: dict[str, Any] = json.loads((FIXTURES / "1.1.0" / "minimal.json").read_text("utf-8"))
+    alf = copy.deepcopy(alf)
+    alf["serviceToken"] = token
+    return alf
+
+
+@pytest.fixture
+def guarded() -> Iterator[Collector]:
+    with Collector(tokens=[f"billing={TOKEN}"], read_key=READ_KEY) as running:
+        yield running
+
+
+@pytest.fixture
+def reader() -> Iterator[httpx.Client]:
+    headers = {"Authorization": f"Bearer {READ_KEY}"}
+    with httpx.Client(trust_env=False, timeout=10.0, headers=headers) as http:
+        yield http
+
+
+# README: "A bad filter gets a 400 naming it ... never a 500." str.isdigit() takes "①" and
+# "²", which int() refuses, and int() refuses more than 4,300 digits: each was a 500.
+MANY_DIGITS = "9" * 5000
+
+
+@pytest.mark.parametrize(
+    ("path", "named"),
+    [
+        ("/api/endpoints?limit=%E2%91%A0", "limit"),
+        ("/api/entries?limit=%C2%B2", "limit"),
+        ("/api/consumers?limit=%C2%B2", "limit"),
+        ("/api/export.har?limit=%C2%B2", "limit"),
+        (f"/api/entries?limit={MANY_DIGITS}", "limit"),
+        ("/api/stats?interval=%E2%91%A0", "interval"),
+        (f"/api/stats?interval={MANY_DIGITS}", "interval"),
+        ("/api/stats?interval=%D9%A1%D9%A2%D9%A0", "interval"),  # Arabic-Indic 120
+    ],
+)
+def test_numbers_in_other_digits_are_a_400_naming_the_parameter(
+    guarded: Collector, reader: httpx.Client, path: str, named: str
+) -> None:
+    response = reader.get(guarded.url + path)
+    assert response.status_code == 400, response.text
+    [error] = response.json()["errors"]
+    assert error.startswith(named)
+
+
+@pytest.mark.parametrize("suffix", ["", ".har"])
+def test_an_entry_id_of_thousands_of_digits_is_a_404(
+    guarded: Collector, reader: httpx.Client, suffix: str
+) -> None:
+    assert guarded.count() == 0
+    response = reader.get(f"{guarded.url}/api/entries/{MANY_DIGITS}{suffix}")
+    assert response.status_code == 404, response.text
+    assert response.json() == {"errors": ["no such entry"]}
+    # Ids within 64 bits still route as before.
+    assert reader.get(f"{guarded.url}/api/entries/12{suffix}").status_code == 404
+    assert reader.get(f"{guarded.url}/api/entries/x{suffix}").status_code == 404
