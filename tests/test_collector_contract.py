@@ -81,3 +81,23 @@ def test_an_entry_id_of_thousands_of_digits_is_a_404(
     # Ids within 64 bits still route as before.
     assert reader.get(f"{guarded.url}/api/entries/12{suffix}").status_code == 404
     assert reader.get(f"{guarded.url}/api/entries/x{suffix}").status_code == 404
+
+
+# README: ingest "answers {"errors": [...], "sent": N, "saved": M, "refused": K} with ...
+# 405". A method Starlette's route did not list got Starlette's own 405, without the counts
+# and with an Allow naming GET, PUT, DELETE, ..., all of them 405s too.
+@pytest.mark.parametrize("method", ["PROPFIND", "TRACE", "CONNECT", "FOO"])
+def test_any_other_method_on_an_alf_endpoint_is_the_ingest_405(
+    guarded: Collector, method: str
+) -> None:
+    with httpx.Client(trust_env=False, timeout=10.0) as client:
+        response = client.request(method, guarded.endpoint("1.1.0", "batch"))
+        assert response.status_code == 405
+        assert response.headers["allow"] == "POST"
+        body = response.json()
+        assert set(body) == {"errors", "sent", "saved", "refused"}
+        assert body["sent"] == body["saved"] == body["refused"] == 0
+        health = client.request(method, guarded.url + "/health")
+        assert health.status_code == 405
+        assert health.headers["allow"] == "GET, HEAD"
+    assert [record.method for record in guarded.requests()] == [method]

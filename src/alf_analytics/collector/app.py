@@ -18,7 +18,7 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -30,6 +30,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
+from starlette.types import Receive, Scope, Send
 
 from . import routes
 from .auth import ReadAccess
@@ -303,21 +304,27 @@ def _fewer_gc_passes() -> Iterator[None]:
             gc.set_threshold(*before)
 
 
+class _AnyMethod:
+    """An endpoint as a plain ASGI app, so that its route takes every method (Starlette's
+    routes of functions list theirs, and answer any other, ``PROPFIND`` or ``TRACE``, with
+    their own 405: no ingest counts, and an ``Allow`` naming methods that are 405s too)."""
+
+    def __init__(self, handler: Callable[[Request], Awaitable[Response]], **scope: str) -> None:
+        self.handler = handler
+        self.scope = scope
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope.update(self.scope)
+        response = await self.handler(Request(scope, receive, send))
+        await response(scope, receive, send)
+
+
 def _alf_routes(ingest: _Ingest) -> list[BaseRoute]:
-    result: list[BaseRoute] = []
-    methods = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
-    for version in SUPPORTED_VERSIONS:
-        for kind in ("single", "batch"):
-
-            async def endpoint(
-                request: Request, version: str = version, kind: str = kind
-            ) -> Response:
-                request.scope["route_version"] = version
-                request.scope["route_kind"] = kind
-                return await ingest(request)
-
-            result.append(Route(f"/{version}/{kind}", endpoint, methods=methods))
-    return result
+    return [
+        Route(f"/{version}/{kind}", _AnyMethod(ingest, route_version=version, route_kind=kind))
+        for version in SUPPORTED_VERSIONS
+        for kind in ("single", "batch")
+    ]
 
 
 async def _health(request: Request) -> Response:
@@ -466,7 +473,7 @@ def create_app(
 
     app_routes: list[BaseRoute] = [
         *_alf_routes(ingest),
-        Route("/health", _health, methods=["GET", "HEAD", "POST", "PUT", "DELETE"]),
+        Route("/health", _AnyMethod(_health)),
         *routes.api_routes(),
     ]
     if dashboard:
