@@ -153,7 +153,7 @@ _WAKE = object()
 class _Group:
     """The pending entries of one (service token, environment)."""
 
-    __slots__ = ("config", "prefix", "entries", "size", "oldest")
+    __slots__ = ("config", "prefix", "overhead", "entries", "size", "oldest")
 
     def __init__(self, config: Config, key: tuple[str, str | None]) -> None:
         self.config = config
@@ -161,14 +161,12 @@ class _Group:
         tail = b'"entries":[]}}}'
         assert envelope.endswith(tail)
         self.prefix = envelope[: -len(b"]}}}")]
+        #: '[' + prefix + ']}}}' + ']' around the entries, in a request body of its own.
+        self.overhead = 1 + len(self.prefix) + 4 + 1
         self.entries: list[bytes] = []
         #: Bytes this group's ALF object takes in a request body, commas included.
         self.size = 0
         self.oldest = 0.0
-
-    def overhead(self) -> int:
-        # '[' + prefix + ']}}}' + ']' around the entries.
-        return 1 + len(self.prefix) + 4 + 1
 
 
 _SUFFIX = b"]}}}"
@@ -690,7 +688,7 @@ class Worker:
             group = self._groups[key] = _Group(config, key)
         group.config = config
         limit = config.max_batch_bytes
-        if group.overhead() + len(data) > limit:
+        if group.overhead + len(data) > limit:
             self._lose_entry(
                 "too_large",
                 "an entry of %d bytes exceeds max_batch_bytes=%d; entry dropped",
@@ -698,7 +696,7 @@ class Worker:
                 limit,
             )
             return
-        if group.entries and group.overhead() + group.size + 1 + len(data) > limit:
+        if group.entries and group.overhead + group.size + 1 + len(data) > limit:
             self._cut([group])
         if not group.entries:
             # From when it was handed over: it may have waited in the queue (see submit).
