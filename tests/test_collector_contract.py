@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -101,3 +102,58 @@ def test_any_other_method_on_an_alf_endpoint_is_the_ingest_405(
         assert health.status_code == 405
         assert health.headers["allow"] == "GET, HEAD"
     assert [record.method for record in guarded.requests()] == [method]
+
+
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+# README: "--verbose: log every request (uvicorn's access log, on stdout; tokens masked)" and
+# "Tokens and keys never appear in full in logs". The access log wrote request targets as
+# sent, and /api/...?service= takes the token itself.
+def test_the_access_log_masks_tokens_and_the_read_key(reader: httpx.Client) -> None:
+    open_token = "open-collector-token-5555"
+    options = {"access_log": True, "log_level": "info"}
+    lines = _Lines()
+    access = logging.getLogger("uvicorn.access")
+    with Collector(
+        tokens=[f"billing={TOKEN}"], read_key=READ_KEY, server_options=options
+    ) as collector:
+        access.addHandler(lines)  # after uvicorn configured its logging
+        try:
+            assert reader.post(collector.endpoint(), json=[minimal_alf()]).status_code == 200
+            for query in (
+                f"service={TOKEN}",
+                f"service={TOKEN.replace('-', '%2D')}&x={READ_KEY}",
+                "service=billing",
+            ):
+                response = reader.get(f"{collector.url}/api/entries?{query}")
+                assert response.status_code == 200
+                assert len(response.json()["entries"]) == 1
+        finally:
+            access.removeHandler(lines)
+    assert len(lines.lines) == 4, lines.lines
+    text = "\n".join(lines.lines)
+    assert TOKEN not in text and TOKEN.replace("-", "%2D") not in text
+    assert READ_KEY not in text
+    assert text.count("service=billing") == 3
+    # An open collector (any token, loopback only) masks what a service filter names, unless
+    # it is a token id.
+    with Collector(server_options=options) as collector:
+        access.addHandler(lines)
+        try:
+            response = httpx.get(f"{collector.url}/api/entries?service={open_token}")
+            assert response.status_code == 200
+            response = httpx.get(f"{collector.url}/api/entries?service=svc_0123456789ab")
+            assert response.status_code == 200
+        finally:
+            access.removeHandler(lines)
+    assert open_token not in "\n".join(lines.lines)
+    assert "service=...5555" in lines.lines[-2]
+    assert "service=svc_0123456789ab" in lines.lines[-1]
+    assert access.filters == []  # each app took its mask away when it stopped

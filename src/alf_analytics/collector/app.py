@@ -35,7 +35,14 @@ from starlette.types import Receive, Scope, Send
 from . import routes
 from .auth import ReadAccess
 from .ingest import IngestError, Prepared, decode_body, prepare
-from .settings import SUPPORTED_VERSIONS, CollectorError, Limits, TokenSet, parse_duration
+from .settings import (
+    SUPPORTED_VERSIONS,
+    AccessLogMask,
+    CollectorError,
+    Limits,
+    TokenSet,
+    parse_duration,
+)
 from .storage import (
     STORAGE_RETRY_AFTER,
     SaveRequest,
@@ -458,16 +465,23 @@ def create_app(
         store, _duration(retention, "retention"), window, housekeeping_interval
     )
     ingest = _Ingest(store, token_set, limits, ingest_concurrency, observer, window)
+    access_mask = AccessLogMask(token_set, read_key)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        with _fewer_gc_passes():
-            async with anyio.create_task_group() as group:
-                group.start_soon(housekeeping.loop)
-                try:
-                    yield
-                finally:
-                    group.cancel_scope.cancel()
+        # The server has configured its logging by now: the mask goes on the access logger.
+        access_log = logging.getLogger("uvicorn.access")
+        access_log.addFilter(access_mask)
+        try:
+            with _fewer_gc_passes():
+                async with anyio.create_task_group() as group:
+                    group.start_soon(housekeeping.loop)
+                    try:
+                        yield
+                    finally:
+                        group.cancel_scope.cancel()
+        finally:
+            access_log.removeFilter(access_mask)
         if owns_store:
             store.close()
 

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import logging
 import os
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Final
+from urllib.parse import unquote_plus
 
 __all__ = [
+    "AccessLogMask",
     "CollectorError",
     "Limits",
     "ServiceToken",
@@ -169,6 +172,69 @@ class TokenSet:
 
     def is_service_token(self, value: str) -> bool:
         return value in self._by_token
+
+
+def _spelled_in_a_url(secret: str) -> str:
+    """A pattern of ``secret`` as a request target may spell it: each character as itself
+    or percent-encoded (its UTF-8 bytes, hex digits in either case), a space also as ``+``."""
+    parts = []
+    for char in secret:
+        encoded = "".join(
+            "%" + "".join(f"[{d}{d.lower()}]" if d.isalpha() else d for d in f"{byte:02X}")
+            for byte in char.encode("utf-8", "surrogatepass")
+        )
+        spellings = [re.escape(char), encoded, *([r"\+"] if char == " " else [])]
+        parts.append(f"(?:{'|'.join(spellings)})")
+    return "".join(parts)
+
+
+_SERVICE_PARAMETER: Final = re.compile(r"([?&](?:service|service_token)=)([^&#\s]*)")
+_TOKEN_ID: Final = re.compile(r"svc_[0-9a-f]{12}")
+
+
+class AccessLogMask(logging.Filter):
+    """Masks secrets in the lines of uvicorn's access log (``--verbose``), whose request
+    targets are logged as sent: ``/api/entries?service=TOKEN`` filters by a token itself.
+
+    Each accepted service token becomes its name (or :func:`mask`), the read key its mask,
+    however the URL spelled them; and, since an open collector (no tokens listed) knows no
+    token to look for, the value of a ``service`` parameter that is neither a token's name
+    nor a :func:`token_id` is masked too.
+    """
+
+    def __init__(self, tokens: TokenSet, read_key: str | None) -> None:
+        super().__init__()
+        shown = {token.token: token.shown for token in tokens}
+        if read_key:
+            shown[read_key] = mask(read_key)
+        self._names = {token.name for token in tokens if token.name}
+        secrets = sorted(shown, key=len, reverse=True)  # the longest first: one may hold another
+        self._shown = [shown[secret] for secret in secrets]
+        self._pattern = (
+            re.compile("|".join(f"(?P<s{i}>{_spelled_in_a_url(s)})" for i, s in enumerate(secrets)))
+            if secrets
+            else None
+        )
+
+    def _masked(self, text: str) -> str:
+        if self._pattern is not None:
+            text = self._pattern.sub(lambda m: self._shown[int(str(m.lastgroup)[1:])], text)
+        return _SERVICE_PARAMETER.sub(self._service, text)
+
+    def _service(self, match: re.Match[str]) -> str:
+        value = unquote_plus(match.group(2))
+        if not value or value in self._names or _TOKEN_ID.fullmatch(value) or value in self._shown:
+            return match.group(0)
+        return match.group(1) + mask(value)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                self._masked(arg) if isinstance(arg, str) else arg for arg in record.args
+            )
+        elif isinstance(record.msg, str) and not record.args:
+            record.msg = self._masked(record.msg)
+        return True
 
 
 def is_loopback(host: str) -> bool:
