@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from datetime import datetime, timezone
 from html import unescape
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
@@ -156,3 +157,107 @@ def test_without_javascript_no_dead_control_shows(
         assert web.problems == []
     finally:
         context.close()
+
+
+# -- keyboard and live use keep their place ----------------------------------------------------
+
+
+def query_of(url: str) -> dict[str, list[str]]:
+    return parse_qs(urlsplit(url).query, keep_blank_values=True)
+
+
+def test_the_arrow_keys_browse_a_selector_and_enter_applies_it(web: Watched) -> None:
+    """With the keyboard, the arrows step through the ranges without loading a page per
+    step (each step loaded one and dropped the focus to the page's top); Enter applies the
+    choice, and the selector has the focus again on the new page."""
+    web.goto(f"/?environment={ENV}")
+    select = web.page.locator("form.scope select[name=range]")
+    select.focus()
+    web.page.keyboard.press("ArrowDown")
+    web.page.keyboard.press("ArrowDown")
+    web.page.wait_for_timeout(300)
+    assert urlsplit(web.page.url).query == f"environment={ENV}", web.page.url
+    assert select.input_value() == "24h"
+    with web.page.expect_navigation():
+        web.page.keyboard.press("Enter")
+    assert query_of(web.page.url) == {"environment": [ENV], "range": ["24h"]}
+    assert web.page.evaluate("document.activeElement.name") == "range"
+    # Leaving the selector after stepping applies it too; the mouse applies at once.
+    web.page.keyboard.press("ArrowUp")
+    with web.page.expect_navigation():
+        web.page.keyboard.press("Tab")
+    assert query_of(web.page.url)["range"] == ["6h"]
+    with web.page.expect_navigation():
+        web.page.select_option("form.scope select[name=range]", "7d")
+    assert query_of(web.page.url)["range"] == ["7d"]
+
+
+def test_a_filtered_view_is_a_clean_link(web: Watched) -> None:
+    """The log's filters send only what is filled in: ``?status=5xx``, not ``&path=&route=
+    &consumer=&since=&until=`` after it (and the scope form no ``service=&environment=``)."""
+    web.goto(f"/requests?environment={ENV}")
+    web.page.fill("form.filters input[name=status]", "5xx")
+    with web.page.expect_navigation():
+        web.page.click("form.filters button[type=submit]")
+    assert query_of(web.page.url) == {"environment": [ENV], "status": ["5xx"]}
+    assert len(web.page.locator("table.log tbody tr[data-entry-id]").all()) == 3
+    with web.page.expect_navigation():
+        web.page.select_option("form.scope select[name=range]", "6h")
+    assert query_of(web.page.url) == {"environment": [ENV], "range": ["6h"], "status": ["5xx"]}
+
+
+def live_state(web: Watched, state: str) -> None:
+    """Run the page's clock on until the Live button says ``state``."""
+    for _ in range(10):
+        web.page.clock.run_for(5_000)
+        if web.page.locator("[data-live-toggle]").text_content() == f"Live: {state}":
+            return
+    raise AssertionError(web.page.locator("[data-live-toggle]").text_content())
+
+
+def test_live_mode_keeps_the_focus_and_outlasts_a_failed_poll(
+    web: Watched, audited: tuple[Collector, Traffic]
+) -> None:
+    """A refresh gives the focus back to the link it was on (it fell to the page's start
+    every 5 s); a poll answered 503 (the store away) says "retrying" and the next one
+    refreshes again (live mode stopped for good, still saying "on"); a new environment
+    shows in the selector without a reload."""
+    collector, _ = audited
+    answers = {"down": False}
+
+    def route(request: Any) -> None:
+        if answers["down"]:
+            request.fulfill(status=503, body="unavailable", headers={"Retry-After": "1"})
+        else:
+            request.continue_()
+
+    web.page.clock.install()
+    web.page.route(re.compile(r".*live=1.*"), route)
+    web.goto(f"/?environment={ENV}&live=1")
+    sort = web.page.locator("table.endpoints th a[data-sort-key=p95]")
+    sort.focus()
+    live_state(web, "on")
+    web.page.clock.run_for(5_000)
+    assert web.page.evaluate("document.activeElement.dataset.sortKey") == "p95"
+
+    answers["down"] = True
+    live_state(web, "retrying")
+    assert web.page.locator("[data-figure=count]").text_content() != ""
+    with httpx.Client(base_url=collector.url, timeout=10) as client:
+        alf = make_alf([("GET", "https://shop.test/new", 200, 1.0)], token=TOKEN)
+        alf["environment"] = "audit-new"
+        alf["har"]["log"]["entries"][0]["startedDateTime"] = now_iso()
+        assert client.post("/1.1.0/single", json=alf).status_code == 200
+    answers["down"] = False
+    options = web.page.locator("form.scope select[name=environment] option")
+    for _ in range(6):  # the selectors' list is cached for up to 10 s
+        live_state(web, "on")
+        if "audit-new" in options.all_text_contents():
+            break
+        web.page.wait_for_timeout(2_000)
+    assert "audit-new" in options.all_text_contents()
+    assert web.page.locator("form.scope select[name=environment]").input_value() == ENV
+    # The two 503s were this test's own doing.
+    expected = [p for p in web.problems if "status of 503" in p]
+    assert len(expected) >= 1
+    web.problems[:] = [p for p in web.problems if p not in expected]

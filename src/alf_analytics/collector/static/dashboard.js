@@ -217,21 +217,76 @@
   // Live mode (?live=1): fetch this same URL every few seconds and swap the live regions.
   var timer = null;
   var busy = false;
+  var FOCUSABLE = "a[href], button, input, select, textarea, summary, [tabindex]";
 
   function liveEnabled() {
     return new URLSearchParams(location.search).get("live") === "1";
   }
 
+  // What the Live button says: "on", "retrying" (the last poll failed: the collector is
+  // restarting or cannot read its store; polling goes on) or "stopped" (logged out).
+  function liveState(state, detail) {
+    document.querySelectorAll("[data-live-toggle]").forEach(function (button) {
+      button.setAttribute("data-live-state", state);
+      button.textContent = "Live: " + state;
+      button.title = detail || "";
+    });
+  }
+
+  // The keyboard focus inside a region about to be replaced: which control it was on, so
+  // the same control of the fresh region gets it back (replacing a region drops the focus
+  // to the page's start, every 5 s, for anyone reading it with the keyboard).
+  function focusOf(region) {
+    var active = document.activeElement;
+    if (!active || active === document.body || !region.contains(active)) return null;
+    var all = Array.prototype.slice.call(region.querySelectorAll(FOCUSABLE));
+    return { index: all.indexOf(active), href: active.getAttribute("href"), text: active.textContent };
+  }
+
+  function restoreFocus(region, focus) {
+    if (!focus) return;
+    var all = Array.prototype.slice.call(region.querySelectorAll(FOCUSABLE));
+    var same = all.filter(function (node) {
+      return node.getAttribute("href") === focus.href && node.textContent === focus.text;
+    });
+    var target = same[0] || all[Math.min(focus.index, all.length - 1)];
+    if (target) target.focus({ preventScroll: true });
+  }
+
+  // The service and environment selectors follow the store too (a new service shows up
+  // without a reload), unless the viewer is choosing in one.
+  function refreshChoices(fresh) {
+    document.querySelectorAll("form.scope select").forEach(function (select) {
+      if (select === document.activeElement || !select.name) return;
+      var other = fresh.querySelector("form.scope select[name=" + select.name + "]");
+      if (!other) return;
+      var values = function (node) {
+        return Array.prototype.map.call(node.options, function (o) {
+          return o.value + "\u0000" + o.text;
+        }).join("\u0001");
+      };
+      if (values(select) === values(other)) return;
+      var value = select.value;
+      while (select.firstChild) select.removeChild(select.firstChild);
+      Array.prototype.forEach.call(other.childNodes, function (node) {
+        select.appendChild(document.importNode(node, true));
+      });
+      select.value = value;
+    });
+  }
+
   function refresh() {
-    if (busy || document.hidden) return;
+    if (busy || document.hidden || !timer) return;
     busy = true;
     fetch(location.href, { credentials: "same-origin", headers: { Accept: "text/html" } })
       .then(function (response) {
-        if (!response.ok || response.redirected) {
-          // Logged out or the collector went away: stop quietly, a reload shows why.
+        if (response.redirected && new URL(response.url).pathname === "/login") {
+          // Logged out (or the read key changed): nothing to poll until a new login.
           stopLive();
+          liveState("stopped", "Logged out: reload the page to log in again.");
           return null;
         }
+        if (!response.ok) throw new Error("HTTP " + response.status);
         return response.text();
       })
       .then(function (html) {
@@ -240,14 +295,24 @@
         document.querySelectorAll("[data-live-region]").forEach(function (region) {
           if (region.hasAttribute("data-live-frozen") || !region.id) return;
           var replacement = fresh.getElementById(region.id);
-          if (replacement) region.replaceWith(document.importNode(replacement, true));
+          if (!replacement) return;
+          var focus = focusOf(region);
+          var node = document.importNode(replacement, true);
+          region.replaceWith(node);
+          restoreFocus(node, focus);
         });
+        refreshChoices(fresh);
         localizeTimes(document);
         drawCharts();
+        liveState("on");
         document.documentElement.setAttribute("data-refreshed", String(Date.now()));
       })
-      .catch(function () {
-        /* a failed poll is retried on the next tick */
+      .catch(function (err) {
+        // The collector restarting, or a 503 while it cannot read its store: keep the
+        // figures shown, say so, and try again on the next tick.
+        var when = new Date();
+        var clock = pad(when.getHours()) + ":" + pad(when.getMinutes()) + ":" + pad(when.getSeconds());
+        liveState("retrying", "The refresh at " + clock + " failed (" + err.message + "); retrying every " + LIVE_SECONDS + " s.");
       })
       .then(function () {
         busy = false;
@@ -272,30 +337,11 @@
         location.assign(url.toString());
       });
     });
-    if (on) timer = setInterval(refresh, LIVE_SECONDS * 1000);
-  }
-
-  // Choosing a service, environment or range applies it at once. A range chosen while a
-  // "From" is set (the selector reads "Custom") replaces From and To: it counts back from now.
-  function dropCustomTimes(form) {
-    var range = form.querySelector("select[data-range][data-custom]");
-    if (!range || !range.value) return;
-    form.querySelectorAll("input[name=since], input[name=until]").forEach(function (input) {
-      input.remove();
-    });
-  }
-
-  function setupAutosubmit() {
-    document.querySelectorAll("form[data-autosubmit]").forEach(function (form) {
-      form.addEventListener("submit", function () {
-        dropCustomTimes(form);
-      });
-      form.querySelectorAll("select").forEach(function (select) {
-        select.addEventListener("change", function () {
-          dropCustomTimes(form);
-          form.submit();
-        });
-      });
+    if (!on) return;
+    timer = setInterval(refresh, LIVE_SECONDS * 1000);
+    // Back on a tab hidden for a while: fresh figures at once, not up to 5 s later.
+    document.addEventListener("visibilitychange", function () {
+      if (!document.hidden) refresh();
     });
   }
 
@@ -308,24 +354,105 @@
   }
 
   function setupTimeInputs() {
-    var inputs = document.querySelectorAll("input[data-utc]");
-    inputs.forEach(function (input) {
+    document.querySelectorAll("input[data-utc]").forEach(function (input) {
       if (input.value) {
         var date = new Date(input.value + "Z");
         if (!isNaN(date.getTime())) input.value = toInput(date);
       }
       var label = input.parentNode.querySelector("[data-tz-label]");
       if (label) label.textContent = "(local time)";
-      input.form.addEventListener("submit", function () {
-        var local = new Date(input.value);
-        if (!input.value || isNaN(local.getTime())) return;
-        // Send the UTC instant in a hidden field; the visible one keeps what was typed.
-        var hidden = document.createElement("input");
-        hidden.type = "hidden";
-        hidden.name = input.name;
-        hidden.value = local.toISOString().slice(0, 19);
-        input.removeAttribute("name");
-        input.form.appendChild(hidden);
+    });
+  }
+
+  // A form of the pages, sent as a link to share: the filled fields only (no "path=&route="),
+  // local From/To times as the UTC instants they are, and, when a range is chosen while the
+  // Range selector reads "Custom", without From and To (a range counts back from now).
+  function formQuery(form) {
+    var range = form.querySelector("select[data-range][data-custom]");
+    var dropTimes = Boolean(range && range.value);
+    var params = new URLSearchParams();
+    Array.prototype.forEach.call(form.elements, function (field) {
+      if (!field.name || field.disabled || !field.value) return;
+      if (field.type === "submit" || field.type === "button") return;
+      if (dropTimes && (field.name === "since" || field.name === "until")) return;
+      var value = field.value;
+      if (field.hasAttribute("data-utc")) {
+        var local = new Date(value);
+        if (!isNaN(local.getTime())) value = local.toISOString().slice(0, 19);
+      }
+      params.append(field.name, value);
+    });
+    return params.toString();
+  }
+
+  function send(form) {
+    var query = formQuery(form);
+    location.assign(form.getAttribute("action") + (query ? "?" + query : ""));
+  }
+
+  // Choosing a service, environment or range applies it at once: picked with the mouse or
+  // a touch screen, on the change; with the keyboard (arrows, Home/End, typing its first
+  // letters step through the choices and each one is a change), on Enter or on leaving the
+  // selector, so the arrows browse the choices instead of loading a page per step. After a
+  // choice made with the keyboard the selector has the focus again on the new page.
+  var STEP_KEYS = /^(ArrowUp|ArrowDown|ArrowLeft|ArrowRight|Home|End|PageUp|PageDown|.)$/;
+  var REFOCUS = "alf-refocus";
+
+  function setupAutosubmit() {
+    document.querySelectorAll("form[data-autosubmit]").forEach(function (form) {
+      form.querySelectorAll("select").forEach(function (select) {
+        var initial = select.value;
+        var stepping = false;
+        var apply = function (byKeyboard) {
+          if (select.value === initial) return;
+          initial = select.value;
+          if (byKeyboard) {
+            try {
+              sessionStorage.setItem(REFOCUS, select.name);
+            } catch (err) {
+              /* no session storage: the focus starts at the page's top */
+            }
+          }
+          send(form);
+        };
+        select.addEventListener("keydown", function (event) {
+          if (event.key === "Enter") {
+            event.preventDefault();
+            apply(true);
+          } else if (!event.altKey && !event.ctrlKey && !event.metaKey && event.key !== " " && STEP_KEYS.test(event.key)) {
+            stepping = true;
+          }
+        });
+        select.addEventListener("mousedown", function () {
+          stepping = false;
+        });
+        select.addEventListener("change", function () {
+          if (!stepping) apply(false);
+        });
+        select.addEventListener("blur", function () {
+          if (stepping) apply(true);
+          stepping = false;
+        });
+      });
+    });
+    var again = null;
+    try {
+      again = sessionStorage.getItem(REFOCUS);
+      sessionStorage.removeItem(REFOCUS);
+    } catch (err) {
+      again = null;
+    }
+    if (again) {
+      var select = document.querySelector("form[data-autosubmit] select[name=" + again + "]");
+      if (select) select.focus();
+    }
+  }
+
+  function setupForms() {
+    document.querySelectorAll("main form[method=get]").forEach(function (form) {
+      form.addEventListener("submit", function (event) {
+        event.preventDefault();
+        send(form);
       });
     });
   }
@@ -355,6 +482,7 @@
     localizeTimes(document);
     drawCharts();
     setupLive();
+    setupForms();
     setupAutosubmit();
     var pending = null;
     window.addEventListener("resize", function () {
