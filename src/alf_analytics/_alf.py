@@ -29,7 +29,7 @@ from urllib.parse import unquote_plus
 
 from . import _net
 from ._config import REDACTED, Config
-from ._record import Exchange, RawHeader, RequestInfo
+from ._record import Capture, Exchange, RawHeader, RequestInfo
 from ._redact import Redactor, body_kind, decoded, redacted_query
 from ._version import __version__
 
@@ -319,7 +319,7 @@ class _Plan:
 
     def body(
         self,
-        captured: bytearray | None,
+        captured: Capture | None,
         size: int,
         headers: Sequence[RawHeader],
         ended: bool = True,
@@ -511,7 +511,7 @@ def build_entry(exchange: Exchange) -> dict[str, Any]:
     if info.method == "HEAD" or status in (204, 304) or 100 <= status < 200:
         # The server sends no body for these, whatever the app produced (RFC 9110 6.4.1).
         response_size = 0
-        response_body = None if response_body is None else bytearray()
+        response_body = None if response_body is None else Capture()
     response: dict[str, Any] = {
         "status": status,
         "statusText": reason,

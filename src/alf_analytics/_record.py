@@ -72,6 +72,66 @@ class RequestInfo(NamedTuple):
     chunked: bool = False
 
 
+#: A ``bytes`` chunk at least this long is captured by reference (see :class:`Capture`).
+_SHARED_CHUNK = 1024
+
+
+class Capture:
+    """A captured body prefix, at most the cap given to :meth:`add`.
+
+    The request path must not pay for a copy: a ``bytes`` chunk (immutable) that fits is kept
+    as it is, and the parts are joined on the worker thread (``bytes(capture)``). Other chunks
+    (a ``bytearray`` or ``memoryview`` the app may reuse, the cut end of a chunk past the cap)
+    and short ones are copied into a buffer, so a body sent a byte at a time is not a list of
+    tiny objects.
+    """
+
+    __slots__ = ("_parts", "_size")
+
+    def __init__(self, data: bytes = b"") -> None:
+        self._parts: list[bytes | bytearray] = [bytearray(data)] if data else []
+        self._size = len(data)
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __bytes__(self) -> bytes:
+        parts = self._parts
+        if len(parts) == 1:
+            return bytes(parts[0])
+        return b"".join(parts)
+
+    def __repr__(self) -> str:
+        return f"Capture({bytes(self)!r})"
+
+    def add(self, chunk: bytes | bytearray | memoryview, limit: int) -> None:
+        """Append what of ``chunk`` fits within ``limit`` bytes in all."""
+        room = limit - self._size
+        if room <= 0 or not chunk:
+            return
+        parts = self._parts
+        size = len(chunk)
+        if size <= room and size >= _SHARED_CHUNK and type(chunk) is bytes:
+            parts.append(chunk)
+        else:
+            if size > room:
+                chunk = chunk[:room]
+                size = room
+            tail = parts[-1] if parts else None
+            if type(tail) is bytearray:
+                tail += chunk
+            else:
+                parts.append(bytearray(chunk))
+        self._size += size
+
+    def truncate(self, size: int) -> None:
+        """Keep the first ``size`` bytes (a request body stream rewound by the app)."""
+        if size < self._size:
+            kept = bytes(self)[: max(0, size)]
+            self._parts = [bytearray(kept)] if kept else []
+            self._size = len(kept)
+
+
 class Exchange:
     """Everything observed about one HTTP exchange, in raw form."""
 
@@ -120,14 +180,14 @@ class Exchange:
         self.request_body_size = 0
         #: Captured request body prefix (``None`` when not captured: ``log_body`` or
         #: ``log_body_types`` say no, decided by the adapter before any byte is kept).
-        self.request_body: bytearray | None = bytearray() if config.log_request_body else None
+        self.request_body: Capture | None = Capture() if config.log_request_body else None
         #: True once the app read the request body to its end.
         self.request_complete = False
         self.status = 0
         self.reason = ""
         self.response_headers: Sequence[RawHeader] = ()
         self.response_body_size = 0
-        self.response_body: bytearray | None = bytearray() if config.log_response_body else None
+        self.response_body: Capture | None = Capture() if config.log_response_body else None
         #: Set when the response is passed through unobserved (a file wrapper).
         self.response_content_length: int | None = None
 
@@ -163,9 +223,7 @@ class Exchange:
         self.request_body_size += len(chunk)
         body = self.request_body
         if body is not None:
-            room = self.config.max_body_bytes - len(body)
-            if room > 0:
-                body += chunk[:room]
+            body.add(chunk, self.config.max_body_bytes)
 
     def answered_by_server(self) -> None:
         """The app failed before any header reached the client: the server answers its
@@ -179,9 +237,7 @@ class Exchange:
         self.response_body_size += len(chunk)
         body = self.response_body
         if body is not None:
-            room = self.config.max_body_bytes - len(body)
-            if room > 0:
-                body += chunk[:room]
+            body.add(chunk, self.config.max_body_bytes)
 
 
 #: (log_body_types, content type) -> allowed: a service answers with few content types, and
@@ -322,8 +378,8 @@ class InputTee:
         exchange.request_body_size = position
         exchange.request_complete = False
         body = exchange.request_body
-        if body is not None and len(body) > position:
-            del body[position:]
+        if body is not None:
+            body.truncate(position)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)
