@@ -12,7 +12,7 @@ import pytest
 
 from alf_analytics._alf import CONSUMER_HEADER, alf_envelope, build_entry, dumps
 from alf_analytics._config import REDACTED, Config, make_config
-from alf_analytics._record import Exchange, RequestInfo
+from alf_analytics._record import Capture, Exchange, RequestInfo
 
 from .conftest import assert_valid_alf
 
@@ -477,6 +477,30 @@ def test_bodiless_responses_report_no_body(method: str, status: int) -> None:
     entry = entry_of(record)
     assert entry["response"]["bodySize"] == 0
     assert "content" not in entry["response"]
+
+
+def test_a_capture_keeps_the_cap_and_copies_what_the_app_may_change() -> None:
+    """Immutable chunks that fit are kept as they are; a bytearray or memoryview the app may
+    reuse is copied as it was when sent; the chunk crossing the cap is cut; short chunks
+    share one buffer rather than a list of tiny objects."""
+    capture = Capture()
+    shared = b"s" * 2048
+    buffer = bytearray(b"b" * 1500)
+    capture.add(shared, 8192)
+    capture.add(buffer, 8192)
+    capture.add(memoryview(buffer), 8192)
+    buffer[:] = b"X" * 1500  # the app reuses its buffer after sending it
+    for _ in range(100):
+        capture.add(b"t", 8192)
+    capture.add(b"c" * 9000, 8192)  # crosses the cap: cut
+    capture.add(b"late", 8192)  # past the cap: nothing
+    expected = shared + b"b" * 3000 + b"t" * 100 + b"c" * (8192 - 2048 - 3100)
+    assert len(capture) == 8192 and bytes(capture) == expected
+    assert len(capture._parts) == 2  # the shared chunk, then one buffer for the rest
+    capture.truncate(2050)  # the app rewound its input stream
+    assert (len(capture), bytes(capture)) == (2050, shared + b"bb")
+    capture.truncate(0)
+    assert (len(capture), bytes(capture), bool(capture)) == (0, b"", False)
 
 
 # -- redaction ---------------------------------------------------------------------------------
