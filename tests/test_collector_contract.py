@@ -16,10 +16,12 @@ from typing import Any
 
 import httpx
 import pytest
+from jsonschema import Draft4Validator, FormatChecker
 
 from alf_analytics.collector import Collector
 
 FIXTURES = Path(__file__).parent / "fixtures" / "alf"
+SCHEMAS = Path(__file__).resolve().parents[1] / "src" / "alf_analytics" / "schemas"
 TOKEN = "contract-write-token-4321"
 READ_KEY = "contract-read-key-8765"
 
@@ -157,3 +159,41 @@ def test_the_access_log_masks_tokens_and_the_read_key(reader: httpx.Client) -> N
     assert "service=...5555" in lines.lines[-2]
     assert "service=svc_0123456789ab" in lines.lines[-1]
     assert access.filters == []  # each app took its mask away when it stopped
+
+
+# README: "/api/entries/42.har: one entry as HAR 1.2". An ALF 1.0.0 entry is a HAR 1.2 entry,
+# yet its export lost postData.params, content.compression and comment, the entry's
+# connection, pageref, comment and cache, and took content.size (the decoded length) from
+# bodySize (the bytes transferred).
+def test_the_har_of_an_alf_1_0_0_entry_keeps_its_har_fields(
+    guarded: Collector, reader: httpx.Client
+) -> None:
+    alf = json.loads((FIXTURES / "1.0.0" / "full.json").read_text("utf-8"))
+    alf["serviceToken"] = TOKEN
+    [sent] = alf["har"]["log"]["entries"]
+    sent.update(pageref="page_1", comment="an entry", cache={"comment": "not cached"})
+    sent["response"]["content"]["comment"] = "a body"
+    sent["request"]["postData"]["comment"] = "a form"
+    form_only = copy.deepcopy(sent)
+    del form_only["request"]["postData"]["text"]
+    alf["har"]["log"]["entries"] = [sent, form_only]
+    assert reader.post(guarded.endpoint("1.0.0", "single"), json=alf).status_code == 200
+    validator = Draft4Validator(
+        json.loads((SCHEMAS / "1.0.0.json").read_text("utf-8")), format_checker=FormatChecker()
+    )
+    exported = reader.get(guarded.url + "/api/export.har").json()
+    one = reader.get(guarded.url + "/api/entries/1.har").json()
+    for document in (exported, one):
+        errors = list(
+            validator.iter_errors({"version": "1.0.0", "serviceToken": "x", "har": document})
+        )
+        assert errors == []
+    [har, _] = exported["log"]["entries"]
+    assert one["log"]["entries"] == [har]
+    for key in ("connection", "pageref", "comment", "cache", "serverIPAddress"):
+        assert har[key] == sent[key]
+    assert har["request"]["postData"] == sent["request"]["postData"]
+    assert har["response"]["content"] == sent["response"]["content"]  # size 23, compression
+    assert har["response"]["content"]["size"] != sent["response"]["bodySize"]
+    # params alone stay alone (HAR: params or text).
+    assert exported["log"]["entries"][1]["request"]["postData"] == form_only["request"]["postData"]

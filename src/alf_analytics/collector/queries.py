@@ -1006,20 +1006,29 @@ def _har_entry(entry: Mapping[str, Any]) -> dict[str, Any]:
     content = response.pop("content", None)
     size = response.get("bodySize", -1)
     if isinstance(content, dict):
+        # HAR's content.size is the body's decoded length, which ALF 1.0.0 (HAR itself)
+        # carries; 1.1.0 has none, and its bodySize is the nearest.
+        own_size = content.get("size")
+        if isinstance(own_size, int) and not isinstance(own_size, bool):
+            size = own_size
         response["content"] = {"size": size, **_har_content(content, for_request=False)}
     else:
         response["content"] = {"size": size, "mimeType": ""}
     timings = dict(entry.get("timings") or {})
     for key in ("blocked", "dns", "connect", "ssl"):
         timings.setdefault(key, -1)
+    cache = entry.get("cache")
     har: dict[str, Any] = {
         "startedDateTime": entry.get("startedDateTime"),
         "time": entry.get("time", 0),
         "request": request,
         "response": response,
-        "cache": {},
+        "cache": cache if isinstance(cache, dict) else {},
         "timings": timings,
     }
+    for key in _HAR_ENTRY_FIELDS:  # an ALF 1.0.0 entry is a HAR entry: what it held stays
+        if key in entry:
+            har[key] = entry[key]
     if entry.get("serverIPAddress"):
         har["serverIPAddress"] = entry["serverIPAddress"]
     if entry.get("clientIPAddress"):
@@ -1027,17 +1036,33 @@ def _har_entry(entry: Mapping[str, Any]) -> dict[str, Any]:
     return har
 
 
+_HAR_ENTRY_FIELDS: Final = ("pageref", "connection", "comment")
+"""Optional HAR 1.2 entry fields an ALF 1.0.0 entry may hold, kept as they came."""
+_HAR_CONTENT_FIELDS: Final = {
+    "postData": ("params", "comment"),
+    "content": ("compression", "comment"),
+}
+"""The same of ``request.postData`` and ``response.content``."""
+
+
 def _har_content(part: Mapping[str, Any], *, for_request: bool) -> dict[str, Any]:
     mime_type = str(part.get("mimeType") or "")
     text = part.get("text") if isinstance(part.get("text"), str) else ""
+    kept = {
+        key: part[key]
+        for key in _HAR_CONTENT_FIELDS["postData" if for_request else "content"]
+        if key in part
+    }
     if part.get("encoding") == "base64":
         if for_request:  # HAR postData has no encoding: decode when it is text
             body = _body(part)
             if body["kind"] in ("json", "text"):
-                return {"mimeType": mime_type, "text": _plain_text(part)}
-            return {"mimeType": mime_type, "text": "", "comment": "binary body left out"}
-        return {"mimeType": mime_type, "text": text, "encoding": "base64"}
-    return {"mimeType": mime_type, "text": text}
+                return {"mimeType": mime_type, "text": _plain_text(part), **kept}
+            return {**kept, "mimeType": mime_type, "text": "", "comment": "binary body left out"}
+        return {"mimeType": mime_type, "text": text, "encoding": "base64", **kept}
+    if for_request and "text" not in part and isinstance(part.get("params"), list):
+        return {"mimeType": mime_type, **kept}  # HAR: params or text, never both required
+    return {"mimeType": mime_type, "text": text, **kept}
 
 
 def _plain_text(part: Mapping[str, Any]) -> str:
