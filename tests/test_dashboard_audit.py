@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 import alf_analytics
-from alf_analytics.collector import Collector
+from alf_analytics.collector import Collector, dashboard
 from tests.test_collector import make_alf
 from tests.test_dashboard import (
     READ_KEY,
@@ -216,13 +216,14 @@ def live_state(web: Watched, state: str) -> None:
 
 
 def test_live_mode_keeps_the_focus_and_outlasts_a_failed_poll(
-    web: Watched, audited: tuple[Collector, Traffic]
+    web: Watched, audited: tuple[Collector, Traffic], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A refresh gives the focus back to the link it was on (it fell to the page's start
     every 5 s); a poll answered 503 (the store away) says "retrying" and the next one
     refreshes again (live mode stopped for good, still saying "on"); a new environment
     shows in the selector without a reload."""
     collector, _ = audited
+    monkeypatch.setattr(dashboard, "SERVICES_TTL", 0.0)  # the collector runs in this process
     answers = {"down": False}
 
     def route(request: Any) -> None:
@@ -250,14 +251,53 @@ def test_live_mode_keeps_the_focus_and_outlasts_a_failed_poll(
         assert client.post("/1.1.0/single", json=alf).status_code == 200
     answers["down"] = False
     options = web.page.locator("form.scope select[name=environment] option")
-    for _ in range(6):  # the selectors' list is cached for up to 10 s
-        live_state(web, "on")
-        if "audit-new" in options.all_text_contents():
-            break
-        web.page.wait_for_timeout(2_000)
+    live_state(web, "on")
     assert "audit-new" in options.all_text_contents()
     assert web.page.locator("form.scope select[name=environment]").input_value() == ENV
     # The two 503s were this test's own doing.
     expected = [p for p in web.problems if "status of 503" in p]
     assert len(expected) >= 1
     web.problems[:] = [p for p in web.problems if p not in expected]
+
+
+# -- what the page says matches what it shows --------------------------------------------------
+
+
+def selected(page: str, name: str) -> str:
+    select = re.search(rf'<select name="{name}">(.*?)</select>', page, re.S)
+    assert select is not None, name
+    option = re.search(r'<option value="([^"]*)" selected>([^<]*)</option>', select.group(1))
+    return unescape(option.group(2)) if option else "(none)"
+
+
+@pytest.mark.parametrize("path", ["/", "/requests"])
+def test_the_selectors_show_the_filter_in_force(reader: httpx.Client, path: str) -> None:
+    """``service`` takes an id, a name or the token, as on the API: the selector shows that
+    service (it read "All services" over its figures); a service or environment the store
+    holds nothing for is shown as such, not as "All"."""
+    for value in ("web", TOKEN):
+        page = reader.get(path, params={"service": value, "environment": ENV})
+        assert page.status_code == 200
+        assert selected(page.text, "service") == "web", value
+        assert selected(page.text, "environment") == ENV
+        assert TOKEN not in re.search(r'<form class="scope".*?</form>', page.text, re.S).group(0)
+    page = reader.get(path, params={"service": "nobody", "environment": "nowhere"})
+    assert selected(page.text, "service") == "nobody (no entries)"
+    assert selected(page.text, "environment") == "nowhere (no entries)"
+
+
+@pytest.mark.parametrize("tail", ["abc", "-1", "9" * 5000, "%3Cscript%3E"])
+def test_any_entry_address_is_the_detail_pages_404(reader: httpx.Client, tail: str) -> None:
+    """Not a number, or one of 5,000 digits (the int route converter raised: a 500), is the
+    HTML 404 page, under the same headers as every page."""
+    answer = reader.get(f"/requests/{tail}")
+    assert answer.status_code == 404
+    assert answer.headers["content-type"].startswith("text/html")
+    assert "script-src 'self'" in answer.headers["content-security-policy"]
+    assert "There is no entry" in answer.text and "<script>" not in answer.text
+
+
+def test_the_detail_page_names_the_consumer(reader: httpx.Client) -> None:
+    listed = reader.get("/api/entries", params={"consumer": "alice", "limit": 1}).json()
+    page = reader.get(f"/requests/{listed['entries'][0]['id']}").text
+    assert '<dt>Consumer</dt><dd><a href="/requests?consumer=alice&amp;range=all"' in page

@@ -449,7 +449,10 @@ async def _page(request: Request, template: str, build: PageData) -> Response:
         context = _frame(request, None, services, error=str(exc))
         return render(request, template, {**context, "failed": True}, status=400)
     services = data.pop("_services")
-    return render(request, template, {**_frame(request, selection, services), **data})
+    service = data.pop("_service")
+    return render(
+        request, template, {**_frame(request, selection, services, service=service), **data}
+    )
 
 
 def _frame(
@@ -457,17 +460,31 @@ def _frame(
     selection: Selection | None,
     services: Mapping[str, Any],
     error: str | None = None,
+    service: str | None = None,
 ) -> dict[str, Any]:
-    """What every page's header needs: the service and environment choices, the range."""
+    """What every page's header needs: the service and environment choices, the range.
+
+    ``service`` is the selector's value for the page's ``service`` filter (see
+    :func:`_service_choice`). A filter the store holds nothing for is a choice of its own,
+    "(no entries)", so the selectors never read "All" on a page that is filtered.
+    """
     sort = _endpoint_sort(request)
     if sort not in ENDPOINT_SORTS:  # the forms of the 400 page naming it do not carry it on
         sort = "count"
+    params = dict(selection.params) if selection else {}
     rows = list(services.get("services", []))
     choices = {str(row["service_token_id"]): str(row["service"]) for row in rows}
-    environments = sorted({str(row["environment"]) for row in rows if row.get("environment")})
+    names = {str(row["environment"]) for row in rows if row.get("environment")}
+    environments = [(name, name) for name in sorted(names)]
+    if "service" in params:
+        params["service"] = service or params["service"]
+        if params["service"] not in choices:
+            choices[params["service"]] = f"{params['service']} (no entries)"
+    if "environment" in params and params["environment"] not in names:
+        environments.append((params["environment"], f"{params['environment']} (no entries)"))
     return {
         "selection": selection,
-        "params": selection.params if selection else {},
+        "params": params,
         "services": sorted(choices.items(), key=lambda item: item[1]),
         "environments": environments,
         "ranges": list(RANGES),
@@ -514,6 +531,24 @@ def _all_services(store: Any) -> dict[str, Any]:
     return _services_cache.get(store)
 
 
+def _service_choice(store: Any, services: Mapping[str, Any], selection: Selection) -> str | None:
+    """The service selector's value (a ``service_token_id``) for the page's ``service``
+    filter, which, as on the API, may name a service by its id, its name or its token: a
+    link with ``service=billing`` or the token selects that service instead of reading "All
+    services" over billing's figures. ``None`` when no stored service matches."""
+    value = selection.params.get("service")
+    if value is None:
+        return None
+    rows = services.get("services", [])
+    for key in ("service_token_id", "service"):
+        for row in rows:
+            if str(row[key]) == value:
+                return str(row["service_token_id"])
+    # A token, or a service newer than the cached list: the store knows.
+    found = queries.services(store, queries.Filters.from_query({"service": value}))
+    return next((str(row["service_token_id"]) for row in found["services"]), None)
+
+
 def _overview_data(store: Any, selection: Selection, sort: str) -> dict[str, Any]:
     if sort not in ENDPOINT_SORTS:  # before any query: a 400 page naming the choices
         raise SelectionError(f"sort must be one of: {', '.join(ENDPOINT_SORTS)}")
@@ -537,6 +572,7 @@ def _overview_data(store: Any, selection: Selection, sort: str) -> dict[str, Any
     codes = sorted(stats["status_codes"].items(), key=lambda item: str(item[0]))
     return {
         "_services": services,
+        "_service": _service_choice(store, services, selection),
         "stats": stats,
         "chart": {**chart_data(stats["series"], interval, since, until), "total": stats["count"]},
         "status_codes": [(code, count, count / total if total else 0) for code, count in codes],
@@ -566,8 +602,10 @@ def _recent_failures(store: Any, selection: Selection) -> list[dict[str, Any]]:
 
 def _log_data(store: Any, selection: Selection, cursor: str | None) -> dict[str, Any]:
     page = queries.entries(store, selection.filters, limit=LOG_PAGE_SIZE, cursor=cursor)
+    services = _all_services(store)
     return {
-        "_services": _all_services(store),
+        "_services": services,
+        "_service": _service_choice(store, services, selection),
         "entries": page["entries"],
         "next_cursor": page["next_cursor"],
         "cursor": cursor,
@@ -593,13 +631,17 @@ async def request_log(request: Request) -> Response:
 async def entry_detail(request: Request) -> Response:
     if not auth.read_allowed(request):
         return _login_redirect(request)
-    entry_id = request.path_params["id"]
+    # Any last segment is this page's: /requests/abc is its 404 page (not the app's JSON).
+    raw_id = str(request.path_params["id"])
     store = _store(request)
-    detail = await run_in_threadpool(queries.entry_detail, store, entry_id)
+    detail = None
+    if raw_id.isascii() and raw_id.isdigit() and len(raw_id) <= 19:  # ids fit 64 bits
+        detail = await run_in_threadpool(queries.entry_detail, store, int(raw_id))
     services = await run_in_threadpool(_all_services, store)
     context = _frame(request, None, services)
     if detail is None:
-        context["error"] = f"There is no entry {entry_id} in this store."
+        shown = raw_id if len(raw_id) <= 40 else raw_id[:40] + "…"
+        context["error"] = f"There is no entry {shown} in this store."
         return render(request, "detail.html", {**context, "detail": None}, status=404)
     return render(request, "detail.html", {**context, "detail": detail, "view": EntryView(detail)})
 
@@ -848,7 +890,7 @@ def dashboard_routes() -> list[BaseRoute]:
             name="dashboard:requests",
         ),
         Route(
-            "/requests/{id:int}",
+            "/requests/{id}",
             _unless_store_down(entry_detail, "detail.html"),
             methods=["GET"],
             name="dashboard:entry",
