@@ -147,7 +147,9 @@ def sending_threads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     names: list[str] = []
     send = HTTPTransport.send
 
-    def recording(self: HTTPTransport, payload: bytes, idempotency_key: str | None = None) -> Any:
+    def recording(
+        self: HTTPTransport, payload: bytes | list[bytes], idempotency_key: str | None = None
+    ) -> Any:
         names.append(threading.current_thread().name)
         return send(self, payload, idempotency_key)
 

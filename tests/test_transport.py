@@ -67,6 +67,21 @@ def test_posts_gzip_json_array_to_the_batch_endpoint(
     assert faulty.count() == 3
 
 
+def test_a_body_given_in_parts_is_sent_as_their_join(
+    faulty: FaultyCollector, transport: HTTPTransport
+) -> None:
+    """The worker hands a batch over in parts (never joined into one large object): they are
+    compressed in turn into one gzip member of exactly their concatenation."""
+    body = payload(300)
+    cuts = [0, 1, 17, 4000, 4001, len(body) - 1, len(body)]
+    parts = [body[start:end] for start, end in zip(cuts[:-1], cuts[1:], strict=True)]
+    assert transport.send(parts).status == 200
+    (seen,) = faulty.seen()
+    assert int(seen.headers["content-length"]) == seen.wire_bytes < len(body)
+    assert gzip.decompress(seen.body) == body
+    assert faulty.count() == 300
+
+
 def test_one_connection_is_reused_for_many_sends(
     faulty: FaultyCollector, transport: HTTPTransport
 ) -> None:

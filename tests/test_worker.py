@@ -119,8 +119,8 @@ class ScriptedTransport:
         self.release.set()
         self.closed = 0
 
-    def send(self, payload: bytes, idempotency_key: str | None = None) -> Outcome:
-        data = json.loads(payload)
+    def send(self, payload: bytes | list[bytes], idempotency_key: str | None = None) -> Outcome:
+        data = json.loads(payload if isinstance(payload, bytes) else b"".join(payload))
         self.payloads.append(data)
         self.keys.append(idempotency_key)
         self.times.append(time.monotonic())
@@ -330,6 +330,19 @@ def test_connections_are_bounded_by_max_inflight() -> None:
         assert faulty.count() == 100
         assert len(faulty.seen()) == 50
         assert 1 <= faulty.connections <= 3
+
+
+def test_a_request_body_is_made_of_parts_that_join_into_the_batch() -> None:
+    """Every group's ALF object in one JSON array, as parts of a bounded size: an entry of
+    _PART_BYTES or more is a part by itself (not copied), small ones are joined."""
+    big = b'"' + b"x" * _worker._PART_BYTES + b'"'
+    small = [b"%d" % n for n in range(5000)]
+    batch = [(b'{"a":[', [b"1", big, b"2"]), (b'{"b":[', small), (b'{"c":[', [big])]
+    parts = _worker._body(batch)
+    expected = b"[" + b",".join(p + b",".join(items) + b"]}}}" for p, items in batch) + b"]"
+    assert b"".join(parts) == expected
+    assert all(parts) and sum(part is big for part in parts) == 2
+    assert max(len(part) for part in parts if part is not big) < 2 * _worker._PART_BYTES
 
 
 # -- answers and retries ----------------------------------------------------------------------

@@ -172,20 +172,37 @@ class _Group:
 _SUFFIX = b"]}}}"
 
 
-def _body(batch: list[tuple[bytes, list[bytes]]]) -> bytes:
-    """The request body: a JSON array of one ALF object per group, made by a single copy of
-    the entries (a batch of large entries is a large object: each intermediate one cost its
-    own allocation, page faults and copy)."""
-    pieces: list[bytes] = []
+#: Entries are joined into request body parts of about this size (see :func:`_body`).
+_PART_BYTES = 32_768
+
+
+def _body(batch: list[tuple[bytes, list[bytes]]]) -> list[bytes]:
+    """The request body, a JSON array of one ALF object per group, as parts to compress in
+    turn: never one object of the whole batch (past the allocator's threshold, every body
+    would be a fresh mapping, with its page faults), and a large entry is a part by itself,
+    not copied at all."""
+    parts: list[bytes] = []
+    pending: list[bytes] = []
+    size = 0
     for prefix, items in batch:
-        pieces.append(b"," + prefix if pieces else b"[" + prefix)
+        pending.append(b"," + prefix if parts or pending else b"[" + prefix)
         for index, item in enumerate(items):
             if index:
-                pieces.append(b",")
-            pieces.append(item)
-        pieces.append(_SUFFIX)
-    pieces.append(b"]")
-    return b"".join(pieces)
+                pending.append(b",")
+            if len(item) >= _PART_BYTES:
+                parts.append(b"".join(pending))
+                parts.append(item)
+                pending, size = [], 0
+                continue
+            pending.append(item)
+            size += len(item)
+            if size >= _PART_BYTES:
+                parts.append(b"".join(pending))
+                pending, size = [], 0
+        pending.append(_SUFFIX)
+    pending.append(b"]")
+    parts.append(b"".join(pending))
+    return parts
 
 
 def raw_size(exchange: Exchange) -> int:
