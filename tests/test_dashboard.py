@@ -304,7 +304,14 @@ def test_clicking_an_endpoint_filters_everything(
     codes = web.page.locator("table.codes tbody td:first-child").all_text_contents()
     assert [code.strip() for code in codes] == ["500"]
     assert web.page.locator("table.endpoints tbody tr").count() == 1
-    assert "route: /boom" in (web.page.locator(".chips").text_content() or "")
+    # The endpoint is one chip, and clicking it removes the whole filter: removing only the
+    # route (two chips, method and route) left the page filtered to GET.
+    chips = web.page.locator(".chips .chip")
+    assert chips.count() == 1
+    assert "endpoint: GET /boom" in (chips.text_content() or "")
+    chips.click()
+    web.page.wait_for_url(re.compile(rf"/\?environment={ENV}$"))
+    assert web.page.locator("[data-figure=count]").text_content() == f"{traffic.total:,}"
 
 
 def test_endpoints_table_sorts_by_a_column(web: Watched) -> None:
