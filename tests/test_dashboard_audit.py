@@ -301,3 +301,13 @@ def test_the_detail_page_names_the_consumer(reader: httpx.Client) -> None:
     listed = reader.get("/api/entries", params={"consumer": "alice", "limit": 1}).json()
     page = reader.get(f"/requests/{listed['entries'][0]['id']}").text
     assert '<dt>Consumer</dt><dd><a href="/requests?consumer=alice&amp;range=all"' in page
+
+
+def test_a_new_collector_says_how_to_send_it_traffic() -> None:
+    """An empty store's overview shows how to point an agent at this collector (its own
+    URL), and no error rate ("–", like the percentiles: there is no rate of nothing)."""
+    with Collector(":memory:") as collector, httpx.Client(base_url=collector.url) as client:
+        page = client.get("/").text
+        assert "No traffic stored yet" in page
+        assert f'collector_url="{collector.url}"' in page
+        assert re.search(r'data-figure="error_rate">–<', page)

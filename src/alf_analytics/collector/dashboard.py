@@ -491,6 +491,8 @@ def _frame(
         "range_name": selection.range_name if selection else DEFAULT_RANGE,
         "error": error,
         "failed": False,
+        # Nothing stored at all (a new collector): the overview says how to send traffic.
+        "store_empty": not rows and selection is not None,
         "live": request.query_params.get("live") == "1",
         "sort": sort,
     }
