@@ -311,3 +311,26 @@ def test_a_new_collector_says_how_to_send_it_traffic() -> None:
         assert "No traffic stored yet" in page
         assert f'collector_url="{collector.url}"' in page
         assert re.search(r'data-figure="error_rate">–<', page)
+
+
+def test_a_live_refresh_keeps_a_phones_sideways_scroll(
+    browser: Any, audited: tuple[Collector, Traffic]
+) -> None:
+    """On a phone the log scrolls sideways to show its status column; a live refresh kept
+    the rows but put the box back to its left edge every 5 s."""
+    context = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True)
+    try:
+        web = watch(context.new_page(), audited[0].url)
+        web.page.set_extra_http_headers({"Authorization": f"Bearer {READ_KEY}"})
+        web.page.clock.install()
+        web.goto(f"/requests?environment={ENV}&live=1")
+        box = web.page.locator("#live-log div.scroll")
+        assert box.evaluate("b => b.scrollWidth > b.clientWidth")
+        box.evaluate("b => { b.scrollLeft = 200; }")
+        live_state(web, "on")
+        web.page.clock.run_for(5_000)
+        assert web.page.evaluate("document.documentElement.hasAttribute('data-refreshed')")
+        assert box.evaluate("b => b.scrollLeft") == 200
+        assert web.problems == []
+    finally:
+        context.close()

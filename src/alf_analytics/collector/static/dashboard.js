@@ -253,6 +253,20 @@
     if (target) target.focus({ preventScroll: true });
   }
 
+  // How far each table box of a region is scrolled sideways: on a phone the log scrolls to
+  // show its status column, and a refresh put it back to the left edge every 5 s.
+  function scrollsOf(region) {
+    return Array.prototype.map.call(region.querySelectorAll(".scroll"), function (box) {
+      return box.scrollLeft;
+    });
+  }
+
+  function restoreScrolls(region, scrolled) {
+    Array.prototype.forEach.call(region.querySelectorAll(".scroll"), function (box, i) {
+      if (scrolled[i]) box.scrollLeft = scrolled[i];
+    });
+  }
+
   // The service and environment selectors follow the store too (a new service shows up
   // without a reload), unless the viewer is choosing in one.
   function refreshChoices(fresh) {
@@ -297,8 +311,10 @@
           var replacement = fresh.getElementById(region.id);
           if (!replacement) return;
           var focus = focusOf(region);
+          var scrolled = scrollsOf(region);
           var node = document.importNode(replacement, true);
           region.replaceWith(node);
+          restoreScrolls(node, scrolled);
           restoreFocus(node, focus);
         });
         refreshChoices(fresh);
