@@ -334,3 +334,15 @@ def test_a_live_refresh_keeps_a_phones_sideways_scroll(
         assert web.problems == []
     finally:
         context.close()
+
+
+@pytest.mark.parametrize(("value", "shown"), [("get", "GET"), ("PROPFIND", "PROPFIND")])
+def test_the_method_selector_shows_the_method_filtered_by(
+    reader: httpx.Client, value: str, shown: str
+) -> None:
+    """``method=get`` filters GET (the API reads it in upper case) and ``PROPFIND`` is a
+    method too: the log's Method selector said "Any" over either."""
+    page = reader.get("/requests", params={"environment": ENV, "method": value}).text
+    form = re.search(r'<form class="filters".*?</form>', page, re.S)
+    assert form is not None
+    assert re.findall(r"<option selected>([^<]*)</option>", form.group(0)) == [shown]
