@@ -346,3 +346,25 @@ def test_the_method_selector_shows_the_method_filtered_by(
     form = re.search(r'<form class="filters".*?</form>', page, re.S)
     assert form is not None
     assert re.findall(r"<option selected>([^<]*)</option>", form.group(0)) == [shown]
+
+
+def test_a_phone_sees_each_requests_status_without_scrolling(
+    browser: Any, audited: tuple[Collector, Traffic]
+) -> None:
+    """At 390 px the log still scrolls sideways for its figures, but time, method, path and
+    status are in view at once (the status column started past the screen's edge)."""
+    context = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True)
+    try:
+        web = watch(context.new_page(), audited[0].url)
+        web.page.set_extra_http_headers({"Authorization": f"Bearer {READ_KEY}"})
+        web.goto(f"/requests?environment={ENV}")
+        for cell in ("thead th", "tbody tr[data-entry-id] td"):
+            status = web.page.locator(f"table.log {cell}:nth-child(4)").first
+            box = status.bounding_box()
+            assert box is not None and box["x"] + box["width"] <= 390, (cell, box)
+        assert web.page.locator("div.scroll:has(> table.log)").evaluate(
+            "b => b.scrollWidth > b.clientWidth"
+        )
+        assert web.problems == []
+    finally:
+        context.close()
