@@ -533,22 +533,23 @@ def _all_services(store: Any) -> dict[str, Any]:
     return _services_cache.get(store)
 
 
-def _service_choice(store: Any, services: Mapping[str, Any], selection: Selection) -> str | None:
+def _service_choice(
+    services: Mapping[str, Any], selection: Selection, rows: Sequence[Mapping[str, Any]]
+) -> str | None:
     """The service selector's value (a ``service_token_id``) for the page's ``service``
     filter, which, as on the API, may name a service by its id, its name or its token: a
     link with ``service=billing`` or the token selects that service instead of reading "All
-    services" over billing's figures. ``None`` when no stored service matches."""
+    services" over billing's figures. A token is not in the selectors' list: the entries the
+    page lists (all of that service) name its id. ``None`` when nothing matches."""
     value = selection.params.get("service")
     if value is None:
         return None
-    rows = services.get("services", [])
+    listed = services.get("services", [])
     for key in ("service_token_id", "service"):
-        for row in rows:
+        for row in listed:
             if str(row[key]) == value:
                 return str(row["service_token_id"])
-    # A token, or a service newer than the cached list: the store knows.
-    found = queries.services(store, queries.Filters.from_query({"service": value}))
-    return next((str(row["service_token_id"]) for row in found["services"]), None)
+    return next((str(row["service_token_id"]) for row in rows), None)
 
 
 def _overview_data(store: Any, selection: Selection, sort: str) -> dict[str, Any]:
@@ -574,7 +575,7 @@ def _overview_data(store: Any, selection: Selection, sort: str) -> dict[str, Any
     codes = sorted(stats["status_codes"].items(), key=lambda item: str(item[0]))
     return {
         "_services": services,
-        "_service": _service_choice(store, services, selection),
+        "_service": _service_choice(services, selection, slowest["entries"]),
         "stats": stats,
         "chart": {**chart_data(stats["series"], interval, since, until), "total": stats["count"]},
         "status_codes": [(code, count, count / total if total else 0) for code, count in codes],
@@ -607,7 +608,7 @@ def _log_data(store: Any, selection: Selection, cursor: str | None) -> dict[str,
     services = _all_services(store)
     return {
         "_services": services,
-        "_service": _service_choice(store, services, selection),
+        "_service": _service_choice(services, selection, page["entries"]),
         "entries": page["entries"],
         "next_cursor": page["next_cursor"],
         "cursor": cursor,
