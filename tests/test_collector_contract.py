@@ -19,6 +19,7 @@ import pytest
 from jsonschema import Draft4Validator, FormatChecker
 
 from alf_analytics.collector import Collector
+from alf_analytics.collector.settings import TokenSet
 
 FIXTURES = Path(__file__).parent / "fixtures" / "alf"
 SCHEMAS = Path(__file__).resolve().parents[1] / "src" / "alf_analytics" / "schemas"
@@ -197,3 +198,16 @@ def test_the_har_of_an_alf_1_0_0_entry_keeps_its_har_fields(
     assert har["response"]["content"]["size"] != sent["response"]["bodySize"]
     # params alone stay alone (HAR: params or text).
     assert exported["log"]["entries"][1]["request"]["postData"] == form_only["request"]["postData"]
+
+
+# README: "--tokens-file FILE: accepted tokens, one [NAME=]TOKEN a line (blank lines and lines
+# starting with # skipped)". A file saved with a byte order mark (Notepad's UTF-8) and CRLF
+# line ends was a startup error: its first token "holds whitespace or control characters".
+def test_a_tokens_file_with_a_byte_order_mark_and_crlf_reads_as_its_lines(tmp_path: Path) -> None:
+    path = tmp_path / "tokens.txt"
+    path.write_bytes(f"\ufeffbilling={TOKEN}\r\n# a comment\r\n\r\nplain-token-0001\r\n".encode())
+    tokens = TokenSet.from_sources(tokens_file=str(path), environ={})
+    assert [(token.token, token.name) for token in tokens] == [
+        (TOKEN, "billing"),
+        ("plain-token-0001", None),
+    ]

@@ -125,7 +125,9 @@ class TokenSet:
         specs = list(tokens)
         if tokens_file is not None:
             try:
-                with open(tokens_file, encoding="utf-8") as file:
+                # utf-8-sig: a file saved with a byte order mark (Notepad's UTF-8) reads as
+                # its editor shows it, not with U+FEFF glued to the first token.
+                with open(tokens_file, encoding="utf-8-sig") as file:
                     lines = file.read().splitlines()
             except (OSError, UnicodeDecodeError) as exc:
                 raise CollectorError(f"cannot read tokens file {tokens_file}: {exc}") from exc
