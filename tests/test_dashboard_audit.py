@@ -226,11 +226,11 @@ def test_live_mode_keeps_the_focus_and_outlasts_a_failed_poll(
     monkeypatch.setattr(dashboard, "SERVICES_TTL", 0.0)  # the collector runs in this process
     answers = {"down": False}
 
-    def route(request: Any) -> None:
+    def route(handled: Any) -> None:
         if answers["down"]:
-            request.fulfill(status=503, body="unavailable", headers={"Retry-After": "1"})
+            handled.fulfill(status=503, body="unavailable", headers={"Retry-After": "1"})
         else:
-            request.continue_()
+            handled.continue_()
 
     web.page.clock.install()
     web.page.route(re.compile(r".*live=1.*"), route)
@@ -368,3 +368,31 @@ def test_a_phone_sees_each_requests_status_without_scrolling(
         assert web.problems == []
     finally:
         context.close()
+
+
+def test_live_mode_on_the_unavailable_page_loads_the_page_once_the_store_answers(
+    web: Watched, reader: httpx.Client
+) -> None:
+    """A page opened while the store was away (the HTML 503, with no figures) and left in
+    live mode shows the figures once the store answers again (it said "Live: on" over the
+    error for ever: there was nothing to swap)."""
+    error_page = reader.get("/", params={"range": "bogus", "live": "1"}).text
+    assert 'id="live-overview"' not in error_page
+    served = {"first": True}
+
+    def route(handled: Any) -> None:
+        if served["first"] and handled.request.resource_type == "document":
+            served["first"] = False
+            handled.fulfill(status=503, body=error_page, content_type="text/html")
+        else:
+            handled.continue_()
+
+    web.page.route(re.compile(r".*live=1.*"), route)
+    web.page.clock.install()
+    web.goto(f"/?environment={ENV}&live=1")
+    assert web.page.locator("[data-figure=count]").count() == 0
+    with web.page.expect_navigation():
+        web.page.clock.run_for(5_000)
+    web.page.locator("[data-figure=count]").wait_for()
+    assert web.page.locator("[data-figure=count]").text_content() != "0"
+    web.problems[:] = [p for p in web.problems if "status of 503" not in p]

@@ -306,6 +306,12 @@
       .then(function (html) {
         if (html == null) return;
         var fresh = new DOMParser().parseFromString(html, "text/html");
+        if (!document.querySelector("[data-live-region]") && fresh.querySelector("[data-live-region]")) {
+          // This page is the 503 one (the store was away when it loaded: no figures to swap)
+          // and the store answers again: load the page itself.
+          location.reload();
+          return;
+        }
         document.querySelectorAll("[data-live-region]").forEach(function (region) {
           if (region.hasAttribute("data-live-frozen") || !region.id) return;
           var replacement = fresh.getElementById(region.id);
