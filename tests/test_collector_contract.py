@@ -18,7 +18,7 @@ import httpx
 import pytest
 from jsonschema import Draft4Validator, FormatChecker
 
-from alf_analytics.collector import Collector
+from alf_analytics.collector import Collector, create_app
 from alf_analytics.collector.settings import TokenSet
 
 FIXTURES = Path(__file__).parent / "fixtures" / "alf"
@@ -211,3 +211,19 @@ def test_a_tokens_file_with_a_byte_order_mark_and_crlf_reads_as_its_lines(tmp_pa
         (TOKEN, "billing"),
         ("plain-token-0001", None),
     ]
+
+
+# README: create_app's "db, tokens and key fall back to ALF_COLLECTOR_DB, ..." and --db's
+# default is alf.sqlite. An empty ALF_COLLECTOR_DB (unset, as an empty ALF_COLLECTOR_READ_KEY
+# or ALF_COLLECTOR_RETENTION is) opened SQLite's "": a database thrown away at each restart.
+def test_an_empty_alf_collector_db_is_the_default_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ALF_COLLECTOR_DB", "")
+    app = create_app(tokens=[])
+    try:
+        assert app.state.store.display_name == "alf.sqlite"
+        assert (tmp_path / "alf.sqlite").exists()
+    finally:
+        app.state.store.close()

@@ -456,7 +456,9 @@ def create_app(
         store = db
         owns_store = False
     else:
-        store = open_store(db or env.get("ALF_COLLECTOR_DB", "alf.sqlite"), tokens=token_set)
+        # An empty variable is an unset one, as for the others (SQLite's "" is a
+        # throw-away database: everything stored would be lost at the next restart).
+        store = open_store(db or env.get("ALF_COLLECTOR_DB") or "alf.sqlite", tokens=token_set)
         owns_store = True
     if store.tokens is not token_set:
         store.tokens = token_set
