@@ -368,10 +368,10 @@ def test_demo_in_a_terminal_serves_the_dashboard_until_ctrl_c(tmp_path: Path) ->
                 assert f">{environment}</option>" in page.text
             # The Consumers panel lists the demo's accounts, and the log filters by one.
             panel = page.text.split("<h2>Consumers</h2>", 1)[1].split("</table>", 1)[0]
-            assert set(re.findall(r'consumer=[^"]*">([^<]+)</a>', panel)) == DEMO_ACCOUNTS
+            assert set(re.findall(r'consumer=[^"]*"[^>]*>([^<]+)</a>', panel)) == DEMO_ACCOUNTS
             log = browser.get("/requests", params={"service": "demo", "consumer": "hooli"})
             assert log.status_code == 200 and "data-entry-id=" in log.text
-            assert set(re.findall(r'consumer=[^"]*">([^<]+)</a></td>', log.text)) == {"hooli"}
+            assert set(re.findall(r'consumer=[^"]*"[^>]*>([^<]+)</a></td>', log.text)) == {"hooli"}
         stats = httpx.get(f"{url}/api/stats", headers={"Authorization": f"Bearer {key}"})
         assert stats.json()["count"] == sent
 
