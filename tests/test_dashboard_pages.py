@@ -626,6 +626,9 @@ def test_formatting() -> None:
     assert dashboard.iso("1796198400.5") == "2026-12-02T08:00:00.500000+00:00"
     assert dashboard.iso("-99999999999") == "" and dashboard.iso("soon") == ""
     assert dashboard.status_label("4xx") == "4xx client error"
+    assert dashboard.status_label("0xx") == "0xx no response"
+    buckets = [dashboard.fmt_bucket(s) for s in (300, 1800, 3600, 10_800, 43_200, 86_400)]
+    assert buckets == ["5-minute", "30-minute", "1-hour", "3-hour", "12-hour", "1-day"]
     assert dashboard.status_class(503) == "5xx" and dashboard.status_class(None) == "other"
 
 

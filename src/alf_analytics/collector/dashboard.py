@@ -168,6 +168,15 @@ def fmt_time(value: str | datetime | None) -> str:
     return moment.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
 
 
+def fmt_bucket(seconds: int) -> str:
+    """A chart bucket's length as its caption says it: ``300`` -> ``"5-minute"``,
+    ``43200`` -> ``"12-hour"`` (not "720-minute"), ``86400`` -> ``"1-day"``."""
+    for unit, size in (("day", 86_400), ("hour", 3600)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds // size}-{unit}"
+    return f"{seconds // 60}-minute"
+
+
 def local_input(value: str) -> str:
     """A ``since``/``until`` value as ``<input type=datetime-local>`` shows it (UTC, naive)."""
     moment = _parse_instant(value)
@@ -241,6 +250,7 @@ def _environment() -> jinja2.Environment:
         ms=fmt_ms,
         bytes=fmt_bytes,
         rate=fmt_rate,
+        bucket=fmt_bucket,
         time=fmt_time,
         iso=iso,
         local_input=local_input,
