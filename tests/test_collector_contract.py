@@ -227,3 +227,24 @@ def test_an_empty_alf_collector_db_is_the_default_file(
         assert (tmp_path / "alf.sqlite").exists()
     finally:
         app.state.store.close()
+
+
+# README: "The read side takes Authorization: Bearer READ_KEY". A key with a non-ASCII
+# character opened the login page but never the header: the server decodes header bytes
+# as Latin-1, so the UTF-8 bytes of "clé" compared as "clÃ©".
+def test_a_non_ascii_read_key_works_as_a_bearer_header() -> None:
+    key, token = "clé-de-lecture-2468", "jeton-écriture-1357"
+    with Collector(tokens=[token], read_key=key) as collector:
+        with httpx.Client(trust_env=False, timeout=10.0) as client:
+            url = collector.url + "/api/stats"
+
+            def bearer(value: str) -> int:
+                auth = [(b"authorization", f"Bearer {value}".encode())]
+                return client.get(url, headers=auth).status_code
+
+            assert bearer(key) == 200
+            assert bearer(token) == 403
+            assert bearer("clé-de-lecture-2469") == 401
+            latin1 = [(b"authorization", f"Bearer {key}".encode("latin-1"))]
+            # Bytes that are not UTF-8 are read as before (Latin-1): the same characters.
+            assert client.get(url, headers=latin1).status_code == 200

@@ -62,7 +62,7 @@ class ReadAccess:
             return None
         header = connection.headers.get("authorization")
         if header is not None:
-            scheme, _, credentials = header.partition(" ")
+            scheme, _, credentials = _as_sent(header).partition(" ")
             credentials = credentials.strip()
             if scheme.lower() == "bearer" and credentials:
                 if self.key_matches(credentials):
@@ -74,6 +74,18 @@ class ReadAccess:
         if cookie is not None and self.cookie_matches(cookie):
             return None
         return 401, "this collector needs its read key: send Authorization: Bearer <read key>"
+
+
+def _as_sent(value: str) -> str:
+    """A header value in the characters its client wrote: the server hands its bytes over
+    decoded as Latin-1, so a read key typed in UTF-8 (``clé``) arrives as ``clÃ©`` and
+    could never match; bytes that are not UTF-8 stay as they were read."""
+    if value.isascii():
+        return value
+    try:
+        return value.encode("latin-1").decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):
+        return value
 
 
 def _access(connection: HTTPConnection) -> ReadAccess:
