@@ -396,3 +396,27 @@ def test_live_mode_on_the_unavailable_page_loads_the_page_once_the_store_answers
     web.page.locator("[data-figure=count]").wait_for()
     assert web.page.locator("[data-figure=count]").text_content() != "0"
     web.problems[:] = [p for p in web.problems if "status of 503" not in p]
+
+
+def test_live_mode_says_when_a_logout_stopped_it(
+    browser: Any, audited: tuple[Collector, Traffic]
+) -> None:
+    """Logged out (in another tab, or the cookie gone), the poll lands on the login page:
+    live mode stops and its button says so instead of "Live: on" over stale figures."""
+    collector, _ = audited
+    context = browser.new_context()
+    try:
+        web = watch(context.new_page(), collector.url)
+        web.goto("/login")
+        web.page.fill("input[name=key]", READ_KEY)
+        with web.page.expect_navigation():
+            web.page.click("button[type=submit]")
+        web.page.clock.install()
+        web.goto(f"/?environment={ENV}&live=1")
+        live_state(web, "on")
+        context.clear_cookies()
+        live_state(web, "stopped")
+        assert web.page.locator("[data-figure=count]").count() == 1  # the page stays
+        assert web.problems == []
+    finally:
+        context.close()
