@@ -420,3 +420,19 @@ def test_live_mode_says_when_a_logout_stopped_it(
         assert web.problems == []
     finally:
         context.close()
+
+
+def test_a_filter_newer_than_the_selectors_list_is_not_called_empty(
+    reader: httpx.Client, audited: tuple[Collector, Traffic]
+) -> None:
+    """The selectors' list is cached for 10 s: an environment that started sending since is
+    selected by its name, not "(no entries)" over its entries."""
+    assert reader.get("/", params={"environment": ENV}).status_code == 200  # the list cached
+    alf = make_alf([("GET", "https://shop.test/fresh", 200, 1.0)], token=TOKEN)
+    alf["environment"] = "audit-fresh"
+    alf["har"]["log"]["entries"][0]["startedDateTime"] = now_iso()
+    assert reader.post("/1.1.0/single", json=alf).status_code == 200
+    assert audited[0].wait_for_entries(audited[0].count(), 10)
+    for path in ("/", "/requests"):
+        page = reader.get(path, params={"environment": "audit-fresh"}).text
+        assert selected(page, "environment") == "audit-fresh", path

@@ -459,10 +459,8 @@ async def _page(request: Request, template: str, build: PageData) -> Response:
         context = _frame(request, None, services, error=str(exc))
         return render(request, template, {**context, "failed": True}, status=400)
     services = data.pop("_services")
-    service = data.pop("_service")
-    return render(
-        request, template, {**_frame(request, selection, services, service=service), **data}
-    )
+    scope = data.pop("_scope")
+    return render(request, template, {**_frame(request, selection, services, scope=scope), **data})
 
 
 def _frame(
@@ -470,13 +468,14 @@ def _frame(
     selection: Selection | None,
     services: Mapping[str, Any],
     error: str | None = None,
-    service: str | None = None,
+    scope: Scope | None = None,
 ) -> dict[str, Any]:
     """What every page's header needs: the service and environment choices, the range.
 
-    ``service`` is the selector's value for the page's ``service`` filter (see
-    :func:`_service_choice`). A filter the store holds nothing for is a choice of its own,
-    "(no entries)", so the selectors never read "All" on a page that is filtered.
+    ``scope`` says what the page's data found for its ``service`` and ``environment``
+    filters. A filter the selectors' list does not hold is a choice of its own (the store
+    holds nothing for it, "(no entries)", or it is newer than the cached list), so the
+    selectors never read "All" on a page that is filtered.
     """
     sort = _endpoint_sort(request)
     if sort not in ENDPOINT_SORTS:  # the forms of the 400 page naming it do not carry it on
@@ -486,12 +485,17 @@ def _frame(
     choices = {str(row["service_token_id"]): str(row["service"]) for row in rows}
     names = {str(row["environment"]) for row in rows if row.get("environment")}
     environments = [(name, name) for name in sorted(names)]
+    scope = scope or Scope()
     if "service" in params:
-        params["service"] = service or params["service"]
-        if params["service"] not in choices:
+        if scope.service is not None:
+            params["service"] = scope.service[0]
+            choices.setdefault(*scope.service)
+        elif params["service"] not in choices:
             choices[params["service"]] = f"{params['service']} (no entries)"
-    if "environment" in params and params["environment"] not in names:
-        environments.append((params["environment"], f"{params['environment']} (no entries)"))
+    environment = params.get("environment")
+    if environment is not None and environment not in names:
+        label = environment if scope.listed else f"{environment} (no entries)"
+        environments.append((environment, label))
     return {
         "selection": selection,
         "params": params,
@@ -543,23 +547,37 @@ def _all_services(store: Any) -> dict[str, Any]:
     return _services_cache.get(store)
 
 
-def _service_choice(
+@dataclass(frozen=True)
+class Scope:
+    """What a page's data says about its service and environment filters (for ``_frame``)."""
+
+    #: The service the ``service`` filter names, as ``(service_token_id, name)``.
+    service: tuple[str, str] | None = None
+    #: The page lists entries (so its filters match some, cached list or not).
+    listed: bool = False
+
+
+def _scope(
     services: Mapping[str, Any], selection: Selection, rows: Sequence[Mapping[str, Any]]
-) -> str | None:
-    """The service selector's value (a ``service_token_id``) for the page's ``service``
-    filter, which, as on the API, may name a service by its id, its name or its token: a
-    link with ``service=billing`` or the token selects that service instead of reading "All
-    services" over billing's figures. A token is not in the selectors' list: the entries the
-    page lists (all of that service) name its id. ``None`` when nothing matches."""
+) -> Scope:
+    """The service selector's choice for the page's ``service`` filter, which, as on the
+    API, may name a service by its id, its name or its token: a link with
+    ``service=billing`` or the token selects that service instead of reading "All services"
+    over billing's figures. A token, or a service newer than the cached list, is not in the
+    selectors' list: the entries the page lists (all of that service) name it."""
+    listed = bool(rows)
     value = selection.params.get("service")
     if value is None:
-        return None
-    listed = services.get("services", [])
+        return Scope(None, listed)
+    candidates = [*services.get("services", []), *rows]
     for key in ("service_token_id", "service"):
-        for row in listed:
+        for row in candidates:
             if str(row[key]) == value:
-                return str(row["service_token_id"])
-    return next((str(row["service_token_id"]) for row in rows), None)
+                return Scope((str(row["service_token_id"]), str(row["service"])), listed)
+    found = next(iter(rows), None)
+    if found is None:
+        return Scope(None, listed)
+    return Scope((str(found["service_token_id"]), str(found["service"])), listed)
 
 
 def _overview_data(store: Any, selection: Selection, sort: str) -> dict[str, Any]:
@@ -585,7 +603,7 @@ def _overview_data(store: Any, selection: Selection, sort: str) -> dict[str, Any
     codes = sorted(stats["status_codes"].items(), key=lambda item: str(item[0]))
     return {
         "_services": services,
-        "_service": _service_choice(services, selection, slowest["entries"]),
+        "_scope": _scope(services, selection, slowest["entries"]),
         "stats": stats,
         "chart": {**chart_data(stats["series"], interval, since, until), "total": stats["count"]},
         "status_codes": [(code, count, count / total if total else 0) for code, count in codes],
@@ -618,7 +636,7 @@ def _log_data(store: Any, selection: Selection, cursor: str | None) -> dict[str,
     services = _all_services(store)
     return {
         "_services": services,
-        "_service": _service_choice(services, selection, page["entries"]),
+        "_scope": _scope(services, selection, page["entries"]),
         "entries": page["entries"],
         "next_cursor": page["next_cursor"],
         "cursor": cursor,
