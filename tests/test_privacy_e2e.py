@@ -825,6 +825,17 @@ _IN_URL = "%5BREDACTED%5D"
         ),
         pytest.param("referer", "https://app.test/page?tab=1", None, id="nothing-to-redact"),
         pytest.param("referer", "https://app.test/a@b", None, id="at-in-the-path"),
+        pytest.param(
+            "referer",
+            "//bob:pw@app.test/page?token=a",
+            f"//{_IN_URL}@app.test/page?token={_IN_URL}",
+            id="scheme-relative-userinfo",
+        ),
+        pytest.param(
+            "location", " //alice:pw@files.test/x", f" //{_IN_URL}@files.test/x", id="relative-loc"
+        ),
+        pytest.param("location", "/a//b@c", None, id="double-slash-in-a-path"),
+        pytest.param("origin", "http://u:pw@o.test", f"http://{_IN_URL}@o.test", id="origin"),
         pytest.param("content-location", "mailto:someone@app.test", None, id="no-authority"),
         pytest.param("host", "u:p@api.test:8080", f"{_IN_URL}@api.test:8080", id="host"),
         pytest.param("host", "api.test:8080", None, id="plain-host"),

@@ -54,11 +54,12 @@ _AUTH_HEADERS = frozenset({"authorization", "proxy-authorization"})
 #: Headers whose value is a URL that may carry the same secrets as the request's own URL (an
 #: OAuth callback's ``?code=`` in ``Location``, a page's ``?token=`` in ``Referer``).
 _URL_HEADERS = frozenset(
-    {"referer", "location", "content-location", "x-original-url", "x-forwarded-uri"}
+    {"referer", "location", "content-location", "x-original-url", "x-forwarded-uri", "origin"}
 )
-#: ``scheme://user:password@`` at the start of a URL: up to the authority's last ``@`` (a
-#: password may hold a raw one), the authority ending at ``/``, ``?`` or ``#``.
-_USERINFO = re.compile(r"^(\s*[A-Za-z][A-Za-z0-9+.\-]*://)[^/?#]*@")
+#: ``scheme://user:password@`` at the start of a URL, or ``//user:password@`` (a
+#: scheme-relative reference, valid in ``Location`` and ``Referer``): up to the authority's
+#: last ``@`` (a password may hold a raw one), the authority ending at ``/``, ``?`` or ``#``.
+_USERINFO = re.compile(r"^(\s*(?:[A-Za-z][A-Za-z0-9+.\-]*:)?//)[^/?#]*@")
 _REDACTED_IN_URL = "%5BREDACTED%5D"  # '[' and ']' may not appear unescaped in a query
 _REDACTED_BYTES = _REDACTED_IN_URL.encode("ascii")
 
