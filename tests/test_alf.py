@@ -295,15 +295,17 @@ def test_headers_size_counts_bytes_not_characters() -> None:
 
 
 def test_status_text_defaults_to_the_standard_phrase() -> None:
-    """An empty reason becomes the standard phrase; a status without one gets ''."""
-    assert entry_of(exchange(status=404, reason=""))["response"]["statusText"] == "Not Found"
-    assert entry_of(exchange(status=599, reason=""))["response"]["statusText"] == ""
+    """No reason known (ASGI: the server writes its own) is the standard phrase, '' for a
+    status without one; a reason the app wrote (WSGI, Django), even empty, is kept."""
+    assert entry_of(exchange(status=404, reason=None))["response"]["statusText"] == "Not Found"
+    assert entry_of(exchange(status=599, reason=None))["response"]["statusText"] == ""
     assert entry_of(exchange(status=200, reason="Fine"))["response"]["statusText"] == "Fine"
+    assert entry_of(exchange(status=200, reason=""))["response"]["statusText"] == ""
 
 
 def test_missing_status_is_recorded_as_500() -> None:
     """An exchange that never got a status (the app failed) is a 500."""
-    assert entry_of(exchange(status=0, reason=""))["response"]["status"] == 500
+    assert entry_of(exchange(status=0, reason=None))["response"]["status"] == 500
 
 
 # -- bodies ------------------------------------------------------------------------------------

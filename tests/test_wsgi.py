@@ -278,6 +278,37 @@ def test_exc_info_after_output_keeps_the_real_status(collector: Collector) -> No
     assert entry["response"]["bodySize"] == len(b"partial body")
 
 
+@pytest.mark.parametrize(
+    ("status_line", "status", "text"),
+    [
+        pytest.param("200 OK", 200, "OK", id="plain"),
+        pytest.param("404 Not  Found ", 404, "Not  Found ", id="reason-as-written"),
+        pytest.param("200", 200, "", id="no-reason-stays-empty"),
+        pytest.param("20 OK", 20, "OK", id="two-digits"),
+        pytest.param("2000000 OK", 0, "OK", id="too-long"),
+        pytest.param("1000 Big", 0, "Big", id="four-digits"),
+        pytest.param(" 200 OK", 0, "200 OK", id="leading-space"),
+        pytest.param("２００ OK", 0, "OK", id="not-ascii-digits"),
+        pytest.param("abc Bad", 0, "Bad", id="not-a-number"),
+    ],
+)
+def test_the_status_line_is_read_as_the_server_writes_it(
+    collector: Collector, status_line: str, status: int, text: str
+) -> None:
+    """The code is the digits before the first space (1 to 3 of them, else 0, unknown: never
+    the digits it starts with), the reason everything after it, even empty."""
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        start_response(status_line, [("Content-Type", "text/plain")])
+        return [b"x"]
+
+    result = middleware(app, collector)(create_environ("/"), lambda *args: None)
+    assert b"".join(result) == b"x"
+    result.close()  # type: ignore[attr-defined]
+    (entry,) = received_entries(collector, 1)
+    assert (entry["response"]["status"], entry["response"]["statusText"]) == (status, text)
+
+
 def test_generator_response_is_not_buffered(collector: Collector) -> None:
     """Each chunk reaches the client before the app is asked for the next one."""
     events: list[str] = []

@@ -497,7 +497,9 @@ def build_entry(exchange: Exchange) -> dict[str, Any]:
     if type(status) is not int or not 0 < status <= 999:
         status = _status(status) if status else 500
     response_headers, response_headers_size = plan.pairs(exchange.response_headers)
-    reason = exchange.reason or _PHRASES.get(status, "")
+    reason = exchange.reason
+    if reason is None:
+        reason = _PHRASES.get(status, "")
     # The status line: version SP status SP reason CRLF, then the CRLF ending the headers.
     if reason.isascii():
         response_headers_size += len(version) + len(str(status)) + len(reason) + 6

@@ -184,7 +184,8 @@ class Exchange:
         #: True once the app read the request body to its end.
         self.request_complete = False
         self.status = 0
-        self.reason = ""
+        #: The status line's reason as the server writes it; None: the server's own phrase.
+        self.reason: str | None = None
         self.response_headers: Sequence[RawHeader] = ()
         self.response_body_size = 0
         self.response_body: Capture | None = Capture() if config.log_response_body else None
@@ -229,7 +230,7 @@ class Exchange:
         """The app failed before any header reached the client: the server answers its
         own 500, without the app's status line or headers."""
         self.status = 500
-        self.reason = ""
+        self.reason = None
         self.response_headers = ()
 
     def response_data(self, chunk: bytes) -> None:

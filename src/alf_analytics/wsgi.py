@@ -23,7 +23,7 @@ from urllib.parse import unquote_to_bytes
 from ._config import Config, make_config
 from ._consumer import ConsumerHolder, enter, leave
 from ._gate import Gate, is_async_callable, made_with
-from ._record import Exchange, InputTee, RequestInfo, log_internal_error
+from ._record import NO_RESPONSE, Exchange, InputTee, RequestInfo, log_internal_error
 from ._signals import check_exit_flush_wsgi
 from ._worker import Worker, get_worker, hand_over
 
@@ -210,11 +210,12 @@ class _Responder:
         exchange = self.exchange
         try:
             # A second call (with exc_info) replaces the first, as it does for the server.
-            try:
-                exchange.status = int(status[:3])
-                exchange.reason = status[4:].strip()
-            except (TypeError, ValueError):
-                exchange.status = 0
+            code, _, reason = (status if isinstance(status, str) else str(status)).partition(" ")
+            # "NNN Reason" (PEP 3333): a code that is not 1 to 3 digits is no status the
+            # entry can hold (written as 0, unknown, not read as the digits it starts with).
+            valid = code.isascii() and code.isdigit() and len(code) <= 3
+            exchange.status = int(code) if valid else NO_RESPONSE
+            exchange.reason = reason  # as the server writes it, even empty
             exchange.response_headers = headers
             exchange.decide_response_capture()
             identify = self._identify
