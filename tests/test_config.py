@@ -506,6 +506,23 @@ def test_a_malformed_collector_url_is_refused_without_its_password(
 
 
 @pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1 :8700",
+        "http://127.0.0.1:8700/a b",
+        "http://collector\t.internal",
+        "http://collector.internal/x\x00y",
+        "http://collector.internal/\x7f",
+    ],
+)
+def test_a_collector_url_with_spaces_or_control_characters_is_refused(url: str) -> None:
+    """urlsplit takes them, but no request could ever be sent there: every batch would be
+    lost, so the option is refused at configuration time."""
+    with pytest.raises(ValueError, match="collector_url.*spaces or control characters"):
+        make_config({"service_token": TOKEN, "collector_url": url}, environ={})
+
+
+@pytest.mark.parametrize(
     ("log_body", "max_body_bytes", "refused"),
     [
         (True, 400_000, True),  # 2 x 533,336 base64 bytes > 1,000,000

@@ -458,6 +458,9 @@ def _collector_url(src: _Source, value: object) -> str:
         raise src.bad(mask_url(value), f"not a URL ({exc})") from None
     if parts.scheme not in {"http", "https"} or not parts.hostname:
         raise src.bad(mask_url(value), "must be an absolute http:// or https:// URL")
+    if any(ch.isspace() or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in url):
+        # urlsplit takes them; the request could never be sent (every batch would be lost).
+        raise src.bad(mask_url(value), "must not hold spaces or control characters")
     if parts.query or parts.fragment:
         # The query may be a credential (?api_key=...): the error shows the URL without it.
         shown = mask_url(url.partition("?")[0].partition("#")[0]) + "?..."
