@@ -159,6 +159,27 @@ def _wrapped(collector: Collector) -> Any:
 
 
 @pytest.mark.anyio
+async def test_a_start_the_server_refuses_records_no_answer(collector: Collector) -> None:
+    """uvicorn's send raises for a status it cannot write (99) and nothing reaches the client:
+    the entry records no answer (status 0, no headers), not the app's refused status."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 99, "headers": [(b"x-a", b"1")]})
+        await send({"type": "http.response.body", "body": b"never"})
+
+    def refuse(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            raise KeyError(99)
+
+    server = Server(on_send=refuse)
+    with pytest.raises(KeyError):
+        await analytics(app, collector)(http_scope(), server.receive, server.send)
+    entry = only_entry(collector)
+    assert entry["response"]["status"] == 0
+    assert entry["response"]["headers"] == [] and entry["response"]["bodySize"] == 0
+
+
+@pytest.mark.anyio
 @pytest.mark.parametrize(
     "install", [pytest.param(_added, id="add_middleware"), pytest.param(_wrapped, id="wrapped")]
 )

@@ -194,7 +194,16 @@ class AnalyticsASGIMiddleware:
                 message_type = None
             # Forward first, count after: the chunk reaches the client without waiting for
             # its capture, and a chunk the server could not send is not counted as sent.
-            await send(message)
+            try:
+                await send(message)
+            except BaseException:
+                if message_type == "http.response.start" and not done:
+                    # The server refused the start (uvicorn raises for status 99): nothing
+                    # was answered, so no status or headers of the app's are recorded.
+                    exchange.status = NO_RESPONSE
+                    exchange.response_headers = ()
+                    exchange.response_body = None
+                raise
             if done:
                 return
             try:
