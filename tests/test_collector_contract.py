@@ -229,6 +229,18 @@ def test_an_empty_alf_collector_db_is_the_default_file(
         app.state.store.close()
 
 
+@pytest.mark.parametrize("command", ["collector", "summary"])
+def test_an_empty_alf_collector_db_is_the_default_file_on_the_command_line(
+    command: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same for both commands' --db: an empty variable is an unset one."""
+    from alf_analytics import cli
+
+    monkeypatch.setenv("ALF_COLLECTOR_DB", "")
+    args = cli._build_parser().parse_args([command])
+    assert args.db == "alf.sqlite"
+
+
 # README: "The read side takes Authorization: Bearer READ_KEY". A key with a non-ASCII
 # character opened the login page but never the header: the server decodes header bytes
 # as Latin-1, so the UTF-8 bytes of "clé" compared as "clÃ©".

@@ -77,7 +77,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--db",
-        default=env.get("ALF_COLLECTOR_DB", _DEFAULT_DB),
+        default=env.get("ALF_COLLECTOR_DB") or _DEFAULT_DB,
         help="SQLite file, :memory:, or a postgresql:// URL (ALF_COLLECTOR_DB; %(default)s)",
     )
     run.add_argument(
@@ -171,7 +171,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     summary.add_argument(
         "--db",
-        default=os.environ.get("ALF_COLLECTOR_DB", _DEFAULT_DB),
+        default=os.environ.get("ALF_COLLECTOR_DB") or _DEFAULT_DB,
         help="SQLite file or postgresql:// URL (ALF_COLLECTOR_DB; %(default)s)",
     )
     summary.add_argument("--json", action="store_true", help="print JSON instead of a table")
