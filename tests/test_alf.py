@@ -294,6 +294,24 @@ def test_headers_size_counts_bytes_not_characters() -> None:
     assert sizes == {21 + (6 + 2 + 5 + 2) + 2}
 
 
+@pytest.mark.parametrize(
+    ("raw", "written", "wire"),
+    [("HTTP/1.1", "HTTP/1.1", "HTTP/1.1"), ("1.1", "HTTP/1.1", "HTTP/1.1"),
+     ("HTTP/1.2", "unknown", "HTTP/1.2"), ("2.0", "HTTP/2", "HTTP/2.0")],
+)  # fmt: skip
+def test_header_sizes_count_the_version_as_the_server_read_it(
+    raw: str, written: str, wire: str
+) -> None:
+    """``httpVersion`` is the schema's name for it, but the request and status lines are
+    counted with the version as it was on the wire."""
+    entry = entry_of(exchange(request_info(http_version=raw, headers=[("Host", "h")])))
+    assert entry["request"]["httpVersion"] == written
+    assert entry["request"]["headersSize"] == len(f"GET /items {wire}\r\nHost: h\r\n\r\n")
+    assert entry["response"]["headersSize"] == len(
+        f"{wire} 200 OK\r\nContent-Type: text/plain\r\n\r\n"
+    )
+
+
 def test_status_text_defaults_to_the_standard_phrase() -> None:
     """No reason known (ASGI: the server writes its own) is the standard phrase, '' for a
     status without one; a reason the app wrote (WSGI, Django), even empty, is kept."""

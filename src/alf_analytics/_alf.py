@@ -434,6 +434,9 @@ def build_entry(exchange: Exchange) -> dict[str, Any]:
     info = exchange.reader(exchange.source)
     raw_version = info.http_version
     version = _VERSIONS_SEEN.get(raw_version) or http_version(raw_version)
+    # The sizes count the version as the server read it ("HTTP/1.2", "HTTP/2.0"), not the
+    # schema's name for it ("unknown", "HTTP/2"); ASGI gives it without "HTTP/".
+    wire_version = len(raw_version) if raw_version[:5].upper() == "HTTP/" else 5 + len(raw_version)
 
     # -- request
     method = info.method
@@ -445,7 +448,7 @@ def build_entry(exchange: Exchange) -> dict[str, Any]:
     # The request line: method SP target SP version CRLF, then the CRLF ending the headers.
     target = f"{method} {path}?{query}" if query else f"{method} {path}"
     request_headers_size += (
-        (len(target) if target.isascii() else wire_length(target)) + len(version) + 5
+        (len(target) if target.isascii() else wire_length(target)) + wire_version + 5
     )
     consumer = exchange.consumer
     if consumer:
@@ -502,10 +505,10 @@ def build_entry(exchange: Exchange) -> dict[str, Any]:
         reason = _PHRASES.get(status, "")
     # The status line: version SP status SP reason CRLF, then the CRLF ending the headers.
     if reason.isascii():
-        response_headers_size += len(version) + len(str(status)) + len(reason) + 6
+        response_headers_size += wire_version + len(str(status)) + len(reason) + 6
     else:
         reason = _net.clean(reason)
-        response_headers_size += len(version) + len(str(status)) + wire_length(reason) + 6
+        response_headers_size += wire_version + len(str(status)) + wire_length(reason) + 6
     response_size = exchange.response_body_size
     if exchange.response_content_length is not None:
         response_size = max(response_size, _declared(exchange.response_content_length))
