@@ -423,6 +423,22 @@ def test_a_request_body_of_unknown_length_read_in_part_is_not_called_captured() 
     assert entry_of(record)["request"]["bodyCaptured"] is True
 
 
+def test_a_request_body_that_ended_before_its_declared_length_is_not_called_captured() -> None:
+    """The client declared 1,000 bytes, sent 100 and left: the app's stream ended there (as
+    gunicorn's does). bodySize is what crossed; bodyCaptured does not claim the whole body,
+    and a JSON body, which could not be redacted whole, is left out."""
+    for content_type, kept in (("text/plain", True), ("application/json", False)):
+        info = request_info(
+            method="POST", content_length=1000, headers=[("content-type", content_type)]
+        )
+        record = exchange(info)
+        record.request_data(b"a" * 100)
+        record.request_complete = True
+        request = entry_of(record)["request"]
+        assert (request["bodySize"], request["bodyCaptured"]) == (100, False)
+        assert ("postData" in request) is kept
+
+
 def test_a_body_that_redaction_makes_longer_than_the_cap_is_left_out() -> None:
     """The marker is longer than a ``0``: a JSON body within max_body_bytes can pass it once
     redacted. It is left out, as a longer body is, so a captured body never exceeds the cap

@@ -472,12 +472,16 @@ def build_entry(exchange: Exchange) -> dict[str, Any]:
     # declared more (ALF.md 1.6: measure; else Content-Length, within bounds; else 0).
     request_size = exchange.request_body_size
     ended = True
+    declared = info.content_length
     if not exchange.request_complete:
-        declared = info.content_length
         if declared is not None:
             request_size = max(request_size, _declared(declared))
         elif request_size or info.chunked:
             ended = False  # read in part, length unknown (chunked): more may have followed
+    elif declared is not None and request_size < declared:
+        # The input ended before the length the client declared: it left mid-body (gunicorn
+        # then ends wsgi.input early). What crossed is the size, and it is not the whole body.
+        ended = False
     request: dict[str, Any] = {
         "method": method,
         "url": url,
