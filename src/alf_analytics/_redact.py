@@ -130,11 +130,16 @@ class Redactor:
 
     # -- headers -------------------------------------------------------------------------------
 
-    def header(self, name: str, value: str) -> str:
-        """The value to record for a header (``name`` lower-cased)."""
+    def _secret_name(self, name: str) -> tuple[str, bool]:
+        """``name`` as names compare (``_`` as ``-``), and whether its value is redacted."""
         if "_" in name:  # uvicorn passes "X-Api_Key" on as sent: "_" matches as "-" does
             name = name.replace("_", "-")
-        if name not in self.header_names and not any(s in name for s in self.header_substrings):
+        return name, name in self.header_names or any(s in name for s in self.header_substrings)
+
+    def header(self, name: str, value: str) -> str:
+        """The value to record for a header (``name`` lower-cased)."""
+        name, secret = self._secret_name(name)
+        if not secret:
             if name in _URL_HEADERS:
                 return self.url(value)
             if name == "host" and "@" in value:
@@ -149,14 +154,8 @@ class Redactor:
 
     def header_kept(self, name: str) -> bool:
         """True when :meth:`header` returns any value of the header ``name`` unchanged."""
-        if "_" in name:
-            name = name.replace("_", "-")
-        return (
-            name not in self.header_names
-            and not any(s in name for s in self.header_substrings)
-            and name not in _URL_HEADERS
-            and name != "host"
-        )
+        name, secret = self._secret_name(name)
+        return not secret and name not in _URL_HEADERS and name != "host"
 
     def url(self, value: str) -> str:
         """A URL-valued header (``Referer``, ``Location``...) with its secrets replaced.
