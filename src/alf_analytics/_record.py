@@ -88,9 +88,9 @@ class Capture:
 
     __slots__ = ("_parts", "_size")
 
-    def __init__(self, data: bytes = b"") -> None:
-        self._parts: list[bytes | bytearray] = [bytearray(data)] if data else []
-        self._size = len(data)
+    def __init__(self) -> None:
+        self._parts: list[bytes | bytearray] = []
+        self._size = 0
 
     def __len__(self) -> int:
         return self._size
