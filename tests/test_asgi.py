@@ -1158,6 +1158,73 @@ async def test_send_failing_mid_response_yields_one_entry(
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("how", ["raises", "returns"])
+async def test_a_body_the_app_broke_off_is_not_called_captured(
+    anyio_backend: str, collector: Collector, how: str
+) -> None:
+    """An app that raises, or returns, after part of its body: the client got a cut body, so
+    the entry keeps what crossed but does not claim the whole body (bodyCaptured false)."""
+
+    async def breaks_off(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"first", "more_body": True})
+        if how == "raises":
+            raise RuntimeError("the database went away")
+
+    server = Server()
+    app = analytics(breaks_off, collector, log_body=True)
+    if how == "raises":
+        with pytest.raises(RuntimeError, match="database"):
+            await app(http_scope("/cut"), server.receive, server.send)
+    else:
+        await app(http_scope("/cut"), server.receive, server.send)
+    response = only_entry(collector)["response"]
+    assert (response["status"], response["bodySize"], response["bodyCaptured"]) == (200, 5, False)
+    assert base64.b64decode(response["content"]["text"]) == b"first"
+
+
+@pytest.mark.anyio
+async def test_an_app_that_never_answered_a_client_who_left_is_no_response(
+    anyio_backend: str, collector: Collector
+) -> None:
+    """The client left and the app raised without answering: nobody got the server's 500,
+    so the entry records no answer (status 0) and no body."""
+
+    async def fails(scope: Any, receive: Any, send: Any) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        raise RuntimeError("too late")
+
+    server = Server([{"type": "http.disconnect"}])
+    with pytest.raises(RuntimeError, match="too late"):
+        await analytics(fails, collector, log_body=True)(
+            http_scope("/left"), server.receive, server.send
+        )
+    response = only_entry(collector)["response"]
+    assert (response["status"], response["bodySize"], response["bodyCaptured"]) == (0, 0, False)
+
+
+@pytest.mark.anyio
+async def test_the_servers_own_500_is_not_called_a_captured_empty_body(
+    anyio_backend: str, collector: Collector
+) -> None:
+    """The app raised before answering: the server sends its own 500, whose body we never
+    see, so the entry does not claim an empty body."""
+
+    async def fails(scope: Any, receive: Any, send: Any) -> None:
+        raise RuntimeError("boom")
+
+    server = Server()
+    with pytest.raises(RuntimeError, match="boom"):
+        await analytics(fails, collector, log_body=True)(
+            http_scope("/boom"), server.receive, server.send
+        )
+    response = only_entry(collector)["response"]
+    assert (response["status"], response["bodyCaptured"]) == (500, False)
+    assert "content" not in response
+
+
+@pytest.mark.anyio
 async def test_a_chunk_the_server_refused_is_not_counted(
     anyio_backend: str, collector: Collector
 ) -> None:
@@ -1180,7 +1247,9 @@ async def test_a_chunk_the_server_refused_is_not_counted(
         )
     response = only_entry(collector)["response"]
     assert response["bodySize"] == 4
+    # What crossed is kept, but it is not the whole body.
     assert base64.b64decode(response["content"]["text"]) == b"sent"
+    assert response["bodyCaptured"] is False
 
 
 @pytest.mark.anyio

@@ -638,6 +638,7 @@ def test_asgi_stream_that_raises_is_recorded(
     # Django reads a sync iterator to its end before sending: then nothing went out.
     assert body == (views.STREAM_CHUNKS[0] if kind == "async" else b"")
     assert response["bodySize"] == len(body)
+    assert response["bodyCaptured"] is False  # cut mid-stream: not the whole body
     if body:
         assert decoded(response["content"]) == body
     assert alf_analytics.stats()["captured"] == 1
@@ -659,6 +660,7 @@ def test_asgi_response_the_server_refused_is_recorded_without_its_body(
     gc.collect()
     response = one_entry(collector)["response"]
     assert (response["status"], response["bodySize"]) == (200, 0)
+    assert response["bodyCaptured"] is False  # not an empty body: one that did not go out
     assert "content" not in response or response["content"].get("text") in (None, "")
 
 
@@ -694,6 +696,7 @@ def test_wsgi_chunk_whose_write_failed_is_not_counted(
     response = one_entry(collector)["response"]
     sent = b"".join(server.written)
     assert response["bodySize"] == len(sent)
+    assert response["bodyCaptured"] is False
     if sent:
         assert decoded(response["content"]) == sent
 

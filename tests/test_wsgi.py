@@ -681,7 +681,55 @@ def test_a_chunk_the_server_failed_to_write_is_not_counted(
         serve()
     (entry,) = received_entries(collector, 1)
     assert (entry["response"]["status"], entry["response"]["bodySize"]) == (200, 5)
+    # What crossed is kept, but it is not the whole body.
     assert base64.b64decode(entry["response"]["content"]["text"]) == b"first"
+    assert entry["response"]["bodyCaptured"] is False
+
+
+@pytest.mark.parametrize("log_body", [True, False])
+def test_a_body_the_app_broke_off_is_not_called_captured(
+    collector: Collector, log_body: bool
+) -> None:
+    """An app whose iterable raises after its first chunk: the client got a cut body, so the
+    entry keeps what crossed but does not claim the whole body (bodyCaptured false)."""
+
+    def breaks_off(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        yield b"first"
+        raise RuntimeError("the database went away")
+
+    result = middleware(breaks_off, collector, log_body=log_body)(
+        create_environ("/"), lambda *args: None
+    )
+    with pytest.raises(RuntimeError, match="database"):
+        try:
+            for _chunk in result:
+                pass
+        finally:
+            result.close()  # type: ignore[attr-defined]
+    (entry,) = received_entries(collector, 1)
+    response = entry["response"]
+    assert (response["status"], response["bodySize"], response["bodyCaptured"]) == (200, 5, False)
+    if log_body:
+        assert base64.b64decode(response["content"]["text"]) == b"first"
+    else:
+        assert "content" not in response
+
+
+def test_a_complete_streamed_body_is_captured(collector: Collector) -> None:
+    """The counterpart: every chunk crossed, the iterable ended, the body is whole."""
+
+    def streams(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        yield b"first"
+        yield b"second"
+
+    result = middleware(streams, collector, log_body=True)(create_environ("/"), lambda *a: None)
+    assert b"".join(result) == b"firstsecond"
+    result.close()  # type: ignore[attr-defined]
+    (entry,) = received_entries(collector, 1)
+    assert entry["response"]["bodyCaptured"] is True
+    assert base64.b64decode(entry["response"]["content"]["text"]) == b"firstsecond"
 
 
 def test_a_bytearray_chunk_changed_after_it_is_sent_is_captured_as_sent(
@@ -726,6 +774,7 @@ def test_a_write_the_server_refused_is_not_counted(collector: Collector) -> None
     (entry,) = received_entries(collector, 1)
     assert entry["response"]["bodySize"] == 0
     assert entry["response"]["status"] == 200
+    assert entry["response"]["bodyCaptured"] is False  # not an empty body: a cut one
 
 
 def _paced_app(before_first: float, before_last: float) -> App:

@@ -327,7 +327,8 @@ class _Plan:
         """The body object (or None) and ``bodyCaptured`` for a captured body prefix.
 
         ``ended``: False when more of the body may follow what was counted (a request body
-        of no declared length that the app stopped reading before its end).
+        of no declared length that the app stopped reading before its end, a response body
+        cut short).
         """
         if captured is None:
             return None, False
@@ -532,7 +533,7 @@ def build_entry(exchange: Exchange) -> dict[str, Any]:
     }
     if response_body is not None:
         content, response["bodyCaptured"] = plan.body(
-            response_body, response_size, exchange.response_headers
+            response_body, response_size, exchange.response_headers, exchange.response_ended
         )
         if content is not None:
             response["content"] = content

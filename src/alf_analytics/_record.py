@@ -153,6 +153,7 @@ class Exchange:
         "response_headers",
         "response_body_size",
         "response_body",
+        "response_ended",
         "response_content_length",
     )
 
@@ -189,6 +190,8 @@ class Exchange:
         self.response_headers: Sequence[RawHeader] = ()
         self.response_body_size = 0
         self.response_body: Capture | None = Capture() if config.log_response_body else None
+        #: False once the response body was cut short (see :meth:`cut_response`).
+        self.response_ended = True
         #: Set when the response is passed through unobserved (a file wrapper).
         self.response_content_length: int | None = None
 
@@ -232,6 +235,13 @@ class Exchange:
         self.status = 500
         self.reason = None
         self.response_headers = ()
+        self.response_body = None  # the server's own body, which we never see
+
+    def cut_response(self) -> None:
+        """The response body stopped before its end (the client left, the server could not
+        send a chunk, the app raised mid-body): the bytes that crossed are counted and kept,
+        but they are not the whole body (``bodyCaptured`` false, as past ``max_body_bytes``)."""
+        self.response_ended = False
 
     def response_data(self, chunk: bytes) -> None:
         """Count (and capture, up to the cap) response body bytes as they are sent."""

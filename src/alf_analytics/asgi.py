@@ -140,6 +140,16 @@ class AnalyticsASGIMiddleware:
                 exchange.consumer = gate.identify(request_of(scope))
             hand_over(worker, exchange)
 
+        def unfinished() -> None:
+            # The app raised or returned before its response was complete.
+            if exchange.t_response:
+                exchange.cut_response()  # a started body is cut
+            elif gone:
+                exchange.status = NO_RESPONSE  # nobody was there to get the server's 500
+                exchange.response_body = None
+            else:
+                exchange.answered_by_server()
+
         def abandon(where: str) -> None:
             # Our own failure: the app and the server carry on exactly as without us, and
             # this request is not recorded (an entry built from half a capture would lie).
@@ -203,14 +213,19 @@ class AnalyticsASGIMiddleware:
                     exchange.status = NO_RESPONSE
                     exchange.response_headers = ()
                     exchange.response_body = None
+                elif message_type == "http.response.body" and not done:
+                    exchange.cut_response()  # that chunk did not cross
                 raise
             if done:
                 return
             try:
                 if message_type == "http.response.body":
                     body = message.get("body")
-                    if body and not gone:  # after a disconnect nothing crosses
-                        exchange.response_data(body)
+                    if body:
+                        if gone:  # after a disconnect nothing crosses: the body is cut
+                            exchange.cut_response()
+                        else:
+                            exchange.response_data(body)
                     if not message.get("more_body", False):
                         # The response is complete: background tasks that run after this
                         # point must not count as response time.
@@ -237,8 +252,7 @@ class AnalyticsASGIMiddleware:
             if not done:
                 done = True
                 try:
-                    if not exchange.t_response:
-                        exchange.status = 500
+                    unfinished()
                     finish()
                 except Exception:
                     log_internal_error("capture")
@@ -251,6 +265,7 @@ class AnalyticsASGIMiddleware:
         if not done:
             # The app returned without completing its response (client gone, or a bug).
             try:
+                unfinished()
                 finish()
             except Exception:
                 log_internal_error("capture")

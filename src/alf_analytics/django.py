@@ -300,7 +300,9 @@ class _Sent:
         pending = self.pending
         if pending:
             self.pending = []
-            if crossed:
+            if not crossed:
+                self.exchange.cut_response()
+            else:
                 try:
                     for chunk in pending:
                         self.exchange.response_data(chunk)
@@ -346,6 +348,8 @@ class _End:
             # Under WSGI before its first chunk: no header has gone out yet, so the server
             # answers 500 itself (under ASGI Django has sent the response start already).
             self.exchange.answered_by_server()
+        if self.exchange.t_response:
+            self.exchange.cut_response()  # the stream raised mid-body
         self.abandoned()
 
     def abandoned(self) -> None:

@@ -245,7 +245,12 @@ class _Responder:
             exchange.t_response = perf_counter()
         # Written first, counted after (as the iterable's chunks): the bytes reach the client
         # without waiting for their capture, and a write the server refused is not counted.
-        written = self._write(data)
+        try:
+            written = self._write(data)
+        except BaseException:
+            if not self._done:
+                exchange.cut_response()  # the server could not send it
+            raise
         if not self._done and isinstance(data, (bytes, bytearray)):
             try:
                 exchange.response_data(data)
@@ -268,6 +273,8 @@ class _Responder:
         except BaseException:
             if not self.exchange.t_response:
                 self._as_500()
+            elif not self._done:
+                self.exchange.cut_response()  # the app raised mid-body
             raise
         if chunk.__class__ is bytes or isinstance(chunk, (bytes, bytearray)):
             # Anything else (str, int: a broken app) goes to the server untouched, which
@@ -361,6 +368,7 @@ class _Responder:
                 # the server's write of that chunk failed (the client left, a chunk that is
                 # not bytes), so it did not cross.
                 self._pending = None
+                self.exchange.cut_response()
         exchange = self.exchange
         holder = self._holder
         if holder is not None and holder.value is not None:
