@@ -543,12 +543,34 @@ def test_refused_credentials_pause_every_send_and_say_why_once(
         assert worker.flush(0.3) is False
         assert len(transport.payloads) == 1
         assert worker.close(0.2) is False
+    # close() does not give up untried: the refused batch probes once more, refused again.
+    assert len(transport.payloads) == 2
     stats = worker.stats()
     assert stats["dropped"]["rejected"] == 0
     assert stats["dropped"]["shutdown"] == 6
     assert stats["queued"] == 0
     pauses = [r.getMessage() for r in caplog.records if "sends pause" in r.getMessage()]
     assert len(pauses) == 1 and str(status) in pauses[0]
+    (given_up,) = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
+    assert "6 queued entries dropped (the collector refused our credentials, and the next " in (
+        given_up
+    )
+
+
+def test_a_token_fixed_during_the_pause_is_found_out_at_close(
+    workers: Callable[..., tuple[Worker, ScriptedTransport]],
+) -> None:
+    """The process exits during the 60 s pause after a 401, after the operator added the
+    token: close() probes at once instead of dropping, and everything is delivered."""
+    cfg = config(batch_size=2)
+    transport = ScriptedTransport([Outcome(401)], default=Outcome(200))
+    worker, _ = workers(cfg, transport)
+    for i in range(5):
+        worker.submit(exchange(cfg, i))
+    assert worker.flush(0.3) is False  # paused for AUTH_PAUSE (60 s)
+    assert worker.close(5) is True
+    stats = worker.stats()
+    assert (stats["sent"], stats["dropped_total"], stats["queued"]) == (5, 0, 0)
 
 
 def test_a_token_fixed_on_the_collector_during_the_pause_loses_nothing(

@@ -299,6 +299,10 @@ class Worker:
         self._blocked_until = 0.0
         #: After a pause, one batch at a time until one is accepted.
         self._probing = False
+        #: Why sends are paused, for the shutdown's log line ("" when not paused).
+        self._paused_by = ""
+        #: The close() deadline for which a paused worker probed once before giving up.
+        self._probed_for: float | None = None
         self._streak_400 = 0
         #: True while the "unreachable" warning stands (a recovery is then logged once).
         self._outage = False
@@ -905,6 +909,7 @@ class Worker:
         now = time.monotonic()
         self._blocked_until = max(self._blocked_until, now + AUTH_PAUSE)
         self._probing = True
+        self._paused_by = "the collector refused our credentials"
         batch.attempt += 1
         if batch.attempt > self.retries:
             self._settle(batch, "rejected")
@@ -951,6 +956,7 @@ class Worker:
         self._streak_400 = 0
         self._blocked_until = 0.0
         self._probing = False
+        self._paused_by = ""
         if self._outage:
             self._outage = False
             logger.warning("alf_analytics (%s): delivery recovered", self.shown_url)
@@ -997,6 +1003,7 @@ class Worker:
             pause = backoff(self._failures, self.retry_backoff, outcome.retry_after)
             self._blocked_until = max(self._blocked_until, now + pause)
             self._probing = True
+            self._paused_by = "the collector is failing"
             batch.due = max(batch.due, self._blocked_until)
         self._counts["retried"] += batch.count
         self._retry.append(batch)
@@ -1013,7 +1020,21 @@ class Worker:
             self._ready.extendleft(reversed(due))
 
     def _give_up_late(self, deadline: float, now: float) -> None:
-        """close() is under way: a batch that cannot be sent before its bound never will."""
+        """close() is under way: a batch that cannot be sent before its bound never will.
+
+        Batches whose next attempt falls past the bound (sends paused after a 401/403 or by a
+        failing collector's backoff) are not given up untried: one batch probes at once, and
+        only if it fails too is the rest dropped.
+        """
+        paused = self._blocked_until > deadline or any(b.due > deadline for b in self._retry)
+        if paused and now < deadline and self._probed_for != deadline:
+            self._probed_for = deadline
+            self._blocked_until = now
+            self._probing = True
+            for batch in self._retry:
+                batch.due = min(batch.due, now)
+            self._retry_due(now)
+            return
         late = [
             batch
             for batch in self._retry
@@ -1030,7 +1051,13 @@ class Worker:
             self._settle(batch, "shutdown")
             count += batch.count
         if count:
-            self._warn("shutdown", "shutdown bound reached: %d queued entries dropped", count)
+            if now >= deadline:
+                why = "the shutdown bound was reached"
+            else:
+                why = "the next attempt falls past the shutdown bound"
+                if self._paused_by:
+                    why = f"{self._paused_by}, and {why}"
+            self._warn("shutdown", "shutdown: %d queued entries dropped (%s)", count, why)
 
     # -- accounting -------------------------------------------------------------------------
 
