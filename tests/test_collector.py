@@ -1521,7 +1521,7 @@ def test_api_services_stats_endpoints_and_consumers(filled: tuple[Collector, dat
         for path, params in [
             ("/api/stats", {"interval": "61"}),
             ("/api/stats", {"since": "yesterday"}),
-            ("/api/entries", {"status": "6xx"}),
+            ("/api/entries", {"status": "10xx"}),
             ("/api/entries", {"limit": "0"}),
             ("/api/entries", {"cursor": "not-a-cursor"}),
             ("/api/endpoints", {"sort": "name"}),

@@ -23,7 +23,12 @@ _FILTERS = [
     _param("environment", "Exact environment."),
     _param("since", "Start of the range (inclusive): epoch seconds or ISO 8601."),
     _param("until", "End of the range (exclusive): epoch seconds or ISO 8601."),
-    _param("status", "A status code (404) or class (5xx)."),
+    _param(
+        "status",
+        "A status code, 0 to 999 in 1 to 3 digits (404; 0 is an agent's 'no response'), or a "
+        "class, 0xx to 9xx (5xx; 0xx is 0 to 99).",
+        {"type": "string", "pattern": "^(?:[0-9]{1,3}|[0-9][xX]{2})$"},
+    ),
     _param("method", "HTTP method."),
     _param("path", "Request path prefix."),
     _param("route", "Route template, such as /items/{id}."),

@@ -44,7 +44,10 @@ _MIN_INT64: Final = -(2**63)
 MAX_LIMIT: Final = 1_000
 MAX_EXPORT: Final = 10_000
 _MAX_SERIES_POINTS: Final = 2_000
-_STATUS: Final = re.compile(r"([1-5])(?:xx|XX)|(\d{3})")
+# A code in 1 to 3 ASCII digits (0 to 999; "099" is 99) or a class, one digit and "xx" in
+# either case ("0xx" is 0 to 99: agents record 0 when the client left before the answer).
+# Not r"\d": it and int() take other digits too ("٤٠٤" would have filtered by 404).
+_STATUS: Final = re.compile(r"([0-9])[xX]{2}|([0-9]{1,3})")
 ENDPOINT_SORTS: Final = ("count", "errors", "error_rate", "p50", "p95", "p99")
 
 
@@ -136,7 +139,8 @@ def _environment(value: str | None) -> str | None:
 
 @dataclass(frozen=True)
 class Filters:
-    """What to look at. ``status`` is an inclusive range (``"500"`` or ``"5xx"``).
+    """What to look at. ``status`` is an inclusive range: ``"500"`` is (500, 500), ``"5xx"``
+    (500, 599), ``"0"`` (0, 0) and ``"0xx"`` (0, 99); any code 0 to 999 or class 0xx to 9xx.
 
     ``service`` matches a service token's id (``service_token_id`` in answers), its name,
     or the token itself; ``environment`` matches exactly; ``path`` is a prefix of the
@@ -215,16 +219,20 @@ class Filters:
             if value is not None:
                 query[name] = iso(value) or ""
         if self.status is not None:
-            low, high = self.status
+            low, high = self.status  # a code is (n, n); a class (n00, n99), never one value
             query["status"] = str(low) if low == high else f"{low // 100}xx"
         return query
 
 
 def _parse_status(text: str) -> tuple[int, int]:
+    """``"404"`` -> (404, 404), ``"4xx"`` -> (400, 499), ``"0xx"`` -> (0, 99), else a 400."""
     match = _STATUS.fullmatch(text.strip())
     if match is None:
-        raise FilterError(f"status: {text[:20]!r} is neither a code (404) nor a class (4xx)")
-    if match.group(1):
+        raise FilterError(
+            f"status: {text[:20]!r} is neither a code (0 to 999, such as 404) "
+            "nor a class (0xx to 9xx, such as 4xx)"
+        )
+    if match.group(1) is not None:
         low = int(match.group(1)) * 100
         return low, low + 99
     code = int(match.group(2))
