@@ -97,9 +97,9 @@ def links(page: str) -> list[str]:
 
 @pytest.mark.parametrize("path", [f"/?environment={ENV}", f"/requests?environment={ENV}"])
 def test_every_link_on_a_page_answers(reader: httpx.Client, path: str) -> None:
-    """A status 0 (the client left) or 600 is stored and counted like any other, but the log
-    cannot be filtered by "0xx" or "0": those classes and codes are shown, named, not linked
-    (they linked to a 400 page)."""
+    """A status 0 (the client left) or 600 is stored and counted like any other, and the log
+    filters by "0xx" and "0" as by "4xx" and "404": those classes and codes are linked too
+    (once shown unlinked, since the API refused them), and each link lists its entries."""
     page = reader.get(path)
     assert page.status_code == 200
     hrefs = links(page.text)
@@ -113,6 +113,8 @@ def test_every_link_on_a_page_answers(reader: httpx.Client, path: str) -> None:
         text = re.sub(r"<[^>]+>", "", classes.group(1))
         assert "0xx no response: 1" in text and "6xx non-standard: 1" in text
         assert "9xx non-standard: 1" in text and "2xx success" in text
+        for status in ("0xx", "6xx", "9xx", "0", "600", "999"):
+            assert f"/requests?environment={ENV}&status={status}" in hrefs, status
 
 
 # -- odd traffic reads well --------------------------------------------------------------------

@@ -201,7 +201,11 @@ def status_class(status: int | None) -> str:
 
 def status_filter(value: object) -> bool:
     """Whether ``value`` (a status code or class) is a ``status`` filter the API takes, so a
-    link to the log filtered by it lists its entries instead of answering a 400 page."""
+    link to the log filtered by it lists its entries instead of answering a 400 page.
+
+    Every status ingest checks (0 to 999, and their classes 0xx to 9xx) is one; only a
+    negative status, which an ALF 1.0.0 entry may carry (its schema sets no minimum), is not.
+    """
     try:
         queries.Filters.from_query({"status": str(value)})
     except queries.FilterError:
@@ -600,7 +604,7 @@ def _overview_data(store: Any, selection: Selection, sort: str) -> dict[str, Any
     slowest = queries.entries(store, filters, limit=_TABLE_ROWS, sort="slowest")
     consumers = queries.consumers(store, filters, limit=_TABLE_ROWS)
     total = stats["count"] or 0
-    codes = sorted(stats["status_codes"].items(), key=lambda item: str(item[0]))
+    codes = sorted(stats["status_codes"].items(), key=lambda item: int(item[0]))  # 42 < 404
     return {
         "_services": services,
         "_scope": _scope(services, selection, slowest["entries"]),
@@ -618,9 +622,10 @@ def _overview_data(store: Any, selection: Selection, sort: str) -> dict[str, Any
 
 def _recent_failures(store: Any, selection: Selection) -> list[dict[str, Any]]:
     """The newest 4xx and 5xx answers together; a status filter narrows them further."""
-    status = selection.params.get("status")
-    if status is not None:  # "404", "5xx": already failures only; "200", "2xx": none
-        if status[:1] not in ("4", "5"):
+    status = selection.filters.status
+    if status is not None:  # "404", "5xx": already failures only; "200", "2xx", "4": none
+        low, high = status
+        if not (400 <= low and high <= 599):
             return []
         return list(queries.entries(store, selection.filters, limit=_TABLE_ROWS)["entries"])
     rows: list[dict[str, Any]] = []
