@@ -1,27 +1,35 @@
-"""The ``status`` filter takes every status the collector stores.
+"""The ``status`` filter takes every status the collector stores, and a read key is never a
+service token.
 
 Agents record status 0 when the client left before the response, and ingest stores any
 status from 0 to 999: the API and the dashboard filter by each code (``0``, ``42``,
 ``999``) and each class (``0xx`` to ``9xx``), on SQLite and on PostgreSQL (``collector_db``
-of :mod:`tests.pg`), through a real collector over loopback.
+of :mod:`tests.pg`), through a real collector over loopback. A read key equal to one of the
+accepted service tokens is refused when the collector is configured (CLI and factory).
 """
 
 from __future__ import annotations
 
 import copy
+import os
 import re
+import subprocess
 from collections import Counter
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from html import unescape
+from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
-from alf_analytics.collector import Collector
+from alf_analytics.collector import Collector, CollectorError, create_app
 from alf_analytics.collector.queries import FilterError, Filters
+from alf_analytics.collector.settings import SettingsError, TokenSet
+from alf_analytics.collector.storage import open_store
 from tests.pg import collector_db, pg_server
-from tests.test_collector import load, make_alf
+from tests.test_collector import SRC, cli_command, load, make_alf
 
 __all__ = ["collector_db", "pg_server"]  # fixtures, imported for pytest
 
@@ -262,3 +270,94 @@ def test_the_requests_page_offers_and_keeps_every_status_class(api: httpx.Client
     offered = re.findall(r'<option value="([^"]+)"', choices.group(1))
     assert offered == [f"{digit}xx" for digit in range(10)]
     assert 'label="0xx no response"' in choices.group(1)
+
+
+# -- a read key that is a service token --------------------------------------------------------
+
+SHARED = "shared-secret-value-8642"
+
+
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    environ = {
+        key: value for key, value in os.environ.items() if not key.startswith("ALF_COLLECTOR_")
+    }
+    environ["PYTHONPATH"] = os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])
+    environ.update(env or {})
+    return subprocess.run(
+        cli_command("collector", "--port", "0", "--db", ":memory:", *args),
+        capture_output=True,
+        text=True,
+        env=environ,
+        timeout=60,
+        check=False,
+    )
+
+
+def _assert_refused(done: subprocess.CompletedProcess[str], name: str | None) -> None:
+    assert done.returncode == 2, (done.returncode, done.stdout, done.stderr)
+    assert done.stdout == ""
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr
+    [line] = lines
+    assert line.startswith("alf-analytics: the read key is also "), line
+    assert "could read all stored data" in line
+    if name is not None:
+        assert f"the service token {name!r}" in line
+    assert SHARED not in line and SHARED[-4:] not in line  # not even its mask
+
+
+@pytest.mark.parametrize("spec", [f"billing={SHARED}", SHARED], ids=["named", "unnamed"])
+def test_the_cli_refuses_a_read_key_that_is_a_token_option(spec: str) -> None:
+    done = _cli("--token", "other-token-1111", "--token", spec, "--read-key", SHARED)
+    _assert_refused(done, "billing" if "=" in spec else None)
+
+
+def test_the_cli_refuses_it_from_a_tokens_file_and_the_environment(tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text(f"# comment\nbilling={SHARED}\n", encoding="utf-8")
+    _assert_refused(_cli("--tokens-file", str(tokens), "--read-key", SHARED), "billing")
+    from_env = {"ALF_COLLECTOR_TOKENS": f"a-token-0000,{SHARED}", "ALF_COLLECTOR_READ_KEY": SHARED}
+    _assert_refused(_cli(env=from_env), None)
+    # Refused before anything else: also with --workers (whose processes never start).
+    _assert_refused(_cli("--workers", "2", "--token", SHARED, "--read-key", SHARED), None)
+
+
+def _assert_settings_error(error: pytest.ExceptionInfo[SettingsError]) -> None:
+    assert isinstance(error.value, ValueError) and isinstance(error.value, CollectorError)
+    message = str(error.value)
+    assert message.startswith("the read key is also ") and SHARED[-4:] not in message
+
+
+def test_the_factory_refuses_a_read_key_that_is_a_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(SettingsError) as error:
+        create_app(":memory:", tokens=[f"billing={SHARED}"], read_key=SHARED)
+    _assert_settings_error(error)
+    assert "'billing'" in str(error.value)
+    with pytest.raises(ValueError, match="^the read key is also an accepted service token"):
+        create_app(":memory:", tokens=TokenSet.parse([SHARED]), read_key=SHARED)
+    with pytest.raises(SettingsError) as error:
+        Collector(tokens=[SHARED], read_key=SHARED)
+    _assert_settings_error(error)
+    monkeypatch.setenv("ALF_COLLECTOR_TOKENS", f"one-token-2222,{SHARED}")
+    monkeypatch.setenv("ALF_COLLECTOR_READ_KEY", SHARED)
+    with pytest.raises(SettingsError) as error:
+        create_app(":memory:")  # both read from the environment
+    _assert_settings_error(error)
+
+
+def test_a_read_key_that_only_resembles_a_token_is_accepted() -> None:
+    """Only the very same string is refused: a token that holds the key, or a token's name
+    equal to it, leaves agents without the key."""
+    store = open_store(":memory:")
+    try:
+        for tokens, key in [
+            ([f"{SHARED}-x"], SHARED),
+            ([SHARED.upper()], SHARED),
+            ([f"{SHARED}=other-token-3333"], SHARED),  # a token named like the key
+            ([f"billing={SHARED}"], "billing"),
+            ([], SHARED),
+        ]:
+            app: Any = create_app(store, tokens=tokens, read_key=key)
+            assert app.state.read_access.read_key == key
+    finally:
+        store.close()

@@ -257,7 +257,13 @@ def _run_collector(args: argparse.Namespace) -> int:
     try:
         from .collector.app import create_app
         from .collector.server import uvicorn_config
-        from .collector.settings import CollectorError, Limits, TokenSet, parse_duration
+        from .collector.settings import (
+            CollectorError,
+            Limits,
+            TokenSet,
+            check_read_key,
+            parse_duration,
+        )
         from .collector.storage import is_postgres_url, masked_url, open_store
     except ImportError as exc:
         print(
@@ -268,6 +274,7 @@ def _run_collector(args: argparse.Namespace) -> int:
         return 1
     try:
         tokens = TokenSet.from_sources(args.token, args.tokens_file)
+        check_read_key(args.read_key, tokens)  # else every agent's token could read all
         for value in (args.retention, args.idempotency_window):
             if value:
                 parse_duration(value)

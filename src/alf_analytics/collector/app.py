@@ -41,6 +41,7 @@ from .settings import (
     CollectorError,
     Limits,
     TokenSet,
+    check_read_key,
     parse_duration,
 )
 from .storage import (
@@ -430,10 +431,11 @@ def create_app(
     ``alf.sqlite``). ``tokens`` are the accepted service tokens (``TOKEN`` or
     ``NAME=TOKEN``; ``None`` reads ``ALF_COLLECTOR_TOKENS``; empty accepts any token).
     ``read_key`` guards ``/api`` and the dashboard (``None`` reads
-    ``ALF_COLLECTOR_READ_KEY``; unset leaves reading open). ``retention`` (seconds or
-    ``"30d"``) deletes older entries in the background; idempotency keys are remembered
-    for ``idempotency_window``. At most ``ingest_concurrency`` requests are decoded and
-    stored at once (the rest wait, their bodies already read within ``limits``).
+    ``ALF_COLLECTOR_READ_KEY``; unset leaves reading open; one that equals an accepted
+    service token is a :class:`~.settings.SettingsError`, a ``ValueError``). ``retention``
+    (seconds or ``"30d"``) deletes older entries in the background; idempotency keys are
+    remembered for ``idempotency_window``. At most ``ingest_concurrency`` requests are
+    decoded and stored at once (the rest wait, their bodies already read within ``limits``).
     ``observer`` is called with a :class:`RequestRecord` after each ALF request.
 
     This factory does not check where the app will listen: ``alf-analytics collector``
@@ -449,6 +451,7 @@ def create_app(
         token_set = TokenSet.parse(tokens)
     if read_key is None:
         read_key = env.get("ALF_COLLECTOR_READ_KEY") or None
+    check_read_key(read_key, token_set)  # before a store is opened: nothing to close
     if retention is None and env.get("ALF_COLLECTOR_RETENTION"):
         retention = env["ALF_COLLECTOR_RETENTION"]
     limits = limits or Limits()

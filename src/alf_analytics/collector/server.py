@@ -30,7 +30,7 @@ import uvicorn
 
 from .app import RequestRecord, create_app
 from .queries import utc_datetime
-from .settings import SUPPORTED_VERSIONS, CollectorError, Limits, TokenSet
+from .settings import SUPPORTED_VERSIONS, CollectorError, Limits, TokenSet, check_read_key
 from .storage import Store, open_store
 from .summary import Summary, summarize_store
 
@@ -135,6 +135,7 @@ class Collector:
         self.host = host
         self._port = port
         self._tokens = TokenSet.parse(tokens)
+        check_read_key(read_key, self._tokens)  # as create_app would, before a store is open
         self._records: collections.deque[RequestRecord] = collections.deque(maxlen=history)
         self._answered = 0
         self._cond = threading.Condition()

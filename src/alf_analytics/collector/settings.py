@@ -21,7 +21,9 @@ __all__ = [
     "CollectorError",
     "Limits",
     "ServiceToken",
+    "SettingsError",
     "TokenSet",
+    "check_read_key",
     "is_loopback",
     "mask",
     "parse_duration",
@@ -34,6 +36,13 @@ SUPPORTED_VERSIONS: Final = ("1.0.0", "1.1.0")
 
 class CollectorError(Exception):
     """The collector cannot do what was asked (bad settings, or a database it cannot use)."""
+
+
+class SettingsError(CollectorError, ValueError):
+    """Settings that are each valid but unsafe together (a read key that is a service token).
+
+    A :class:`CollectorError` (the CLI answers it with exit code 2, as other bad settings)
+    and a :class:`ValueError` (a bad value given to :func:`~.app.create_app`)."""
 
 
 def mask(secret: str) -> str:
@@ -174,6 +183,23 @@ class TokenSet:
 
     def is_service_token(self, value: str) -> bool:
         return value in self._by_token
+
+
+def check_read_key(read_key: str | None, tokens: TokenSet) -> None:
+    """Refuse a read key that is also an accepted service token (:class:`SettingsError`).
+
+    Service tokens are embedded in every agent's configuration (often less guarded than the
+    collector): one that is the read key too would let each of them read all stored data.
+    The message names the token by its name when it has one, never by any part of its value.
+    """
+    if not read_key or not tokens.is_service_token(read_key):
+        return
+    name = tokens.lookup(read_key).name
+    which = f"the service token {name!r}" if name else "an accepted service token"
+    raise SettingsError(
+        f"the read key is also {which}: every agent holding that token could read all stored "
+        "data. Use a read key (--read-key, ALF_COLLECTOR_READ_KEY) no service token equals."
+    )
 
 
 def _spelled_in_a_url(secret: str) -> str:
