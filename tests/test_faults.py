@@ -370,7 +370,7 @@ def test_memory_is_bounded_by_the_queue_not_the_traffic(faulty: FaultyCollector)
         assert wait_until(
             lambda: (
                 not worker._entries
-                and all(marker.target for marker in worker._flushes)
+                and all(marker.target for marker in worker._books.flushes)
                 and worker.stats()["requests"] >= 1
                 and worker.stats()["in_flight"] == 0
             )

@@ -19,7 +19,7 @@ from wsgiref.util import setup_testing_defaults
 import pytest
 
 import alf_analytics
-from alf_analytics import AnalyticsWSGIMiddleware, _worker
+from alf_analytics import AnalyticsWSGIMiddleware, _delivery, _worker
 from alf_analytics._config import Config, make_config
 from alf_analytics._record import Exchange
 from alf_analytics._transport import Outcome
@@ -335,14 +335,14 @@ def test_connections_are_bounded_by_max_inflight() -> None:
 def test_a_request_body_is_made_of_parts_that_join_into_the_batch() -> None:
     """Every group's ALF object in one JSON array, as parts of a bounded size: an entry of
     _PART_BYTES or more is a part by itself (not copied), small ones are joined."""
-    big = b'"' + b"x" * _worker._PART_BYTES + b'"'
+    big = b'"' + b"x" * _delivery._PART_BYTES + b'"'
     small = [b"%d" % n for n in range(5000)]
     batch = [(b'{"a":[', [b"1", big, b"2"]), (b'{"b":[', small), (b'{"c":[', [big])]
-    parts = _worker._body(batch)
+    parts = _delivery._body(batch)
     expected = b"[" + b",".join(p + b",".join(items) + b"]}}}" for p, items in batch) + b"]"
     assert b"".join(parts) == expected
     assert all(parts) and sum(part is big for part in parts) == 2
-    assert max(len(part) for part in parts if part is not big) < 2 * _worker._PART_BYTES
+    assert max(len(part) for part in parts if part is not big) < 2 * _delivery._PART_BYTES
 
 
 # -- answers and retries ----------------------------------------------------------------------
@@ -384,7 +384,7 @@ def test_answer_decides_sent_rejected_or_retried(
 
     flush() says True only when everything was delivered.
     """
-    monkeypatch.setattr(_worker, "AUTH_PAUSE", 0.05)
+    monkeypatch.setattr(_delivery, "AUTH_PAUSE", 0.05)
     worker, transport = workers(config(retries=2), ScriptedTransport(default=answer))
     cfg = config(retries=2)
     for i in range(4):
@@ -428,7 +428,7 @@ def test_an_outage_is_warned_soon_rate_limited_and_its_recovery_said_once(
     """One warning at the first failure (not when retries run out), none while it lasts, one
     "delivery recovered"; an outage that starts within the rate limit of the last warning is
     still warned once the limit allows, so its recovery is said too."""
-    monkeypatch.setattr(_worker, "_LOG_INTERVAL", 2.5)
+    monkeypatch.setattr(_delivery, "_LOG_INTERVAL", 2.5)
     down = threading.Event()
     down.set()
 
@@ -578,7 +578,7 @@ def test_a_token_fixed_on_the_collector_during_the_pause_loses_nothing(
 ) -> None:
     """The batch refused with 401 is the probe after the pause: once the collector knows the
     token, it is delivered, with the entries queued meanwhile."""
-    monkeypatch.setattr(_worker, "AUTH_PAUSE", 0.2)
+    monkeypatch.setattr(_delivery, "AUTH_PAUSE", 0.2)
     transport = ScriptedTransport([Outcome(401)], default=Outcome(200))
     worker, _ = workers(config(batch_size=2), transport)
     for i in range(5):
@@ -693,7 +693,7 @@ def test_request_path_wakes_the_thread_only_when_it_must_act(
     cfg = config(batch_size=10, delay=60.0)
     worker, transport = workers(cfg, ScriptedTransport())
     worker.submit(exchange(cfg, 0))  # the sleeping thread must wake for the first one
-    assert wait_until(lambda: worker._held_count == 1 and worker._idle is False)
+    assert wait_until(lambda: worker._books.held_count == 1 and worker._idle is False)
     assert wait_until(lambda: worker._wake_at == 9)  # room left in the timed batch
     assert wait_until(lambda: worker._queue.qsize() == 0)  # a token put at start-up is taken
     for i in range(1, 9):
@@ -705,7 +705,7 @@ def test_request_path_wakes_the_thread_only_when_it_must_act(
     assert wait_until(lambda: transport.entry_count() == 10)
     assert [ids(p) for p in transport.payloads] == [[str(i) for i in range(10)]]
     worker.submit(exchange(cfg, 10))  # nothing to time again: the next entry wakes it
-    assert wait_until(lambda: worker._held_count == 1 and not worker._entries)
+    assert wait_until(lambda: worker._books.held_count == 1 and not worker._entries)
     assert worker.flush(10)
     assert transport.entry_count() == 11
 
@@ -718,13 +718,13 @@ def test_a_slice_of_waiting_entries_wakes_the_thread_before_a_batch_fills(
     cfg = config(batch_size=1000, delay=60.0)
     worker, transport = workers(cfg, ScriptedTransport())
     worker.submit(exchange(cfg, 0))
-    assert wait_until(lambda: worker._held_count == 1 and worker._wake_at == 64)
+    assert wait_until(lambda: worker._books.held_count == 1 and worker._wake_at == 64)
     assert wait_until(lambda: worker._queue.qsize() == 0)
     for i in range(1, 64):
         worker.submit(exchange(cfg, i))
     assert worker._queue.qsize() == 0 and len(worker._entries) == 63
     worker.submit(exchange(cfg, 64))
-    assert wait_until(lambda: worker._held_count == 65 and not worker._entries)
+    assert wait_until(lambda: worker._books.held_count == 65 and not worker._entries)
     assert transport.payloads == []  # built and held: the batch is not due yet
     assert worker.flush(10)
     assert transport.entry_count() == 65
@@ -738,13 +738,13 @@ def test_entries_waiting_unseen_keep_their_own_delay(
     other = config(batch_size=100, delay=1.0, environment="other")
     worker, transport = workers(cfg, ScriptedTransport())
     worker.submit(exchange(cfg, 0))
-    assert wait_until(lambda: worker._held_count == 1)
+    assert wait_until(lambda: worker._books.held_count == 1)
     time.sleep(0.5)
     late = exchange(other, 1)
     handed_over = time.monotonic()
     worker.submit(late)  # waits in the deque until the first batch is due, 0.5 s from now
     assert wait_until(lambda: transport.entry_count() == 1)
-    assert wait_until(lambda: worker._held_count == 1 and not worker._entries)
+    assert wait_until(lambda: worker._books.held_count == 1 and not worker._entries)
     # Its batch is timed from when it was handed over, not from when the thread took it.
     assert worker._groups[late.group].oldest < handed_over + 0.25
     assert wait_until(lambda: transport.entry_count() == 2)
