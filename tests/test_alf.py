@@ -835,3 +835,33 @@ def test_malformed_response_header_lists_still_give_a_valid_entry() -> None:
     assert base64.b64decode(entry["response"]["content"]["text"]) == b"body"
     pairs = {(p["name"], p["value"]) for p in entry["response"]["headers"]}
     assert pairs == {("x-ok", "1"), ("x-int", "5"), ("x-none", "None")}
+
+
+@pytest.mark.parametrize("size", [*range(9), 57, 4096, 65_537])
+def test_body_base64_is_the_standard_encoding_at_every_length(size: int) -> None:
+    """Bodies are encoded with pybase64 (SIMD) where it is installed: the same standard,
+    padded, unwrapped base64 as the standard library's, whatever the length's remainder."""
+    import pybase64
+
+    from alf_analytics import _alf
+
+    assert _alf._b64encode is pybase64.b64encode  # a dependency on CPython
+    data = bytes((i * 131 + 7) % 256 for i in range(size))
+    assert _alf._b64encode(data) == base64.b64encode(data)
+
+
+def test_without_pybase64_the_standard_library_encodes() -> None:
+    """pybase64 is optional at run time (no wheel, another interpreter): the builder falls
+    back to the standard library, with the same output."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, base64; sys.modules['pybase64'] = None\n"
+        "from alf_analytics import _alf\n"
+        "assert _alf._b64encode is base64.b64encode, _alf._b64encode\n"
+        "print('fallback ok')"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "fallback ok"
