@@ -168,6 +168,7 @@ class _Responder:
         "_holder",
         "_identify",
         "_request",
+        "_consumer",
         "_pending",
         "_closed",
     )
@@ -184,6 +185,8 @@ class _Responder:
         self._identify = identify
         #: What ``identify`` gets, made when the response starts (see start_response).
         self._request: Any = None
+        #: What ``identify`` said while Flask's context was live (_UNSET: not asked yet).
+        self._consumer: Any = _UNSET
         self._start_response = start_response
         self._worker = worker
         self._write: Any = None
@@ -223,6 +226,13 @@ class _Responder:
                 # Flask's own request (view_args, endpoint, g's user) is in the environ while
                 # the response starts, and cleared once Flask's context ends.
                 self._request = identify[1](identify[2])
+                holder = self._holder
+                if identify[2].get("werkzeug.request") is not None and (
+                    holder is None or holder.value is None
+                ):
+                    # Flask's app context (flask.g, flask.request, a login extension's
+                    # current_user) is live now and gone by the server's close(): ask now.
+                    self._consumer = identify[0].identify(self._request)
         except Exception:
             self._abandon("response capture")
             return self._write
@@ -373,11 +383,17 @@ class _Responder:
         holder = self._holder
         if holder is not None and holder.value is not None:
             exchange.consumer = holder.value
+        elif self._consumer is not _UNSET:
+            exchange.consumer = self._consumer
         elif self._identify is not None:
             gate, request_of, environ = self._identify
             request = self._request if self._request is not None else request_of(environ)
             exchange.consumer = gate.identify(request)
         hand_over(self._worker, exchange)
+
+
+#: No consumer asked of ``identify`` yet (None is an answer: no consumer).
+_UNSET: Any = object()
 
 
 def is_chunked(value: object) -> bool:
