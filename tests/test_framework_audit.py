@@ -7,19 +7,29 @@ tests can run beside servers that must stay inside a known range.
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
+import anyio
+import httpx
 import pytest
+import uvicorn
 from flask import Flask, Response, g, stream_with_context
 from flask import request as flask_request
+from starlette.applications import Starlette
+from starlette.middleware.base import BaseHTTPMiddleware
+from starlette.requests import Request
+from starlette.responses import Response as StarletteResponse
+from starlette.responses import StreamingResponse
+from starlette.routing import Route
 from werkzeug.test import Client as WerkzeugClient
 
-from alf_analytics import AnalyticsWSGIMiddleware
+from alf_analytics import AnalyticsASGIMiddleware, AnalyticsWSGIMiddleware
 from alf_analytics._alf import CONSUMER_HEADER
 from alf_analytics.collector import Collector
 
-from .conftest import received_entries
+from .conftest import received_entries, wait_until
 
 TOKEN = "framework-audit-token-0123456789"
 
@@ -83,3 +93,65 @@ def test_flask_identify_can_read_flask_g_and_the_request_proxy(collector: Collec
         response.close()
     entries = received_entries(collector, 2)
     assert sorted(map(str, map(consumer_of, entries))) == ["alice@plain", "bob@stream"]
+
+
+@pytest.fixture
+def uvicorn_serving() -> Iterator[Callable[[Any], str]]:
+    """Serve an ASGI app with uvicorn in a thread (a port in the audit's range); its URL."""
+    servers: list[tuple[uvicorn.Server, threading.Thread]] = []
+
+    def serve(app: Any) -> str:
+        port = _port_in_range()
+        config = uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off", log_level="error")
+        server = uvicorn.Server(config)
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        servers.append((server, thread))
+        assert wait_until(lambda: server.started, 10.0)
+        return f"http://127.0.0.1:{port}"
+
+    yield serve
+    for server, thread in servers:
+        server.should_exit = True
+        thread.join(10)
+
+
+def test_a_stream_the_client_left_is_cut_behind_base_http_middleware(
+    collector: Collector, uvicorn_serving: Callable[[Any], str]
+) -> None:
+    """Starlette's BaseHTTPMiddleware (FastAPI's @app.middleware("http")) ends a stream the
+    client left with an empty last body message: the entry must still show the body as cut
+    (bodyCaptured false, only the bytes sent before the disconnect), not as complete."""
+
+    async def slow(request: Request) -> StarletteResponse:
+        async def chunks() -> AsyncIterator[bytes]:
+            for _ in range(200):
+                yield b"x" * 1000
+                await anyio.sleep(0.01)
+
+        return StreamingResponse(chunks(), media_type="text/plain")
+
+    async def passthrough(
+        request: Request, call_next: Callable[[Request], Awaitable[StarletteResponse]]
+    ) -> StarletteResponse:
+        return await call_next(request)
+
+    app = Starlette(routes=[Route("/slow", slow)])
+    app.add_middleware(BaseHTTPMiddleware, dispatch=passthrough)
+    app.add_middleware(
+        AnalyticsASGIMiddleware,
+        service_token=TOKEN,
+        collector_url=collector.url,
+        log_body=True,
+    )
+    url = uvicorn_serving(app)
+    with httpx.Client() as client, client.stream("GET", f"{url}/slow") as response:
+        received = 0
+        for chunk in response.iter_raw():
+            received += len(chunk)
+            if received >= 3000:
+                break
+    (entry,) = received_entries(collector, 1)
+    assert entry["response"]["status"] == 200
+    assert entry["response"]["bodyCaptured"] is False
+    assert 3000 <= entry["response"]["bodySize"] < 200_000

@@ -227,6 +227,10 @@ class AnalyticsASGIMiddleware:
                         else:
                             exchange.response_data(body)
                     if not message.get("more_body", False):
+                        if gone:
+                            # Ended after the client left (BaseHTTPMiddleware closes a stream
+                            # it cancelled with an empty last message): the body was cut.
+                            exchange.cut_response()
                         # The response is complete: background tasks that run after this
                         # point must not count as response time.
                         done = True
