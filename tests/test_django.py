@@ -701,6 +701,36 @@ def test_wsgi_chunk_whose_write_failed_is_not_counted(
         assert decoded(response["content"]) == sent
 
 
+@pytest.mark.parametrize("fail_at", [1, 2])
+def test_wsgi_async_stream_whose_write_failed_is_not_counted(
+    collector: Collector, configure: Configure, fail_at: int
+) -> None:
+    """Under WSGI Django reads an async iterator to its end before the server writes any of
+    it: a write that then fails must not leave every chunk counted as sent (and the body as
+    captured whole). Which chunks crossed cannot be told, so none is counted."""
+    server = _FailingWrite(fail_at)
+    with pytest.raises(BrokenPipeError), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Django warns that it consumes the iterator whole
+        server.serve(wsgi_environ("GET", "/astream"))
+    response = one_entry(collector)["response"]
+    assert response["bodyCaptured"] is False
+    assert response["bodySize"] <= len(b"".join(server.written))
+
+
+def test_wsgi_async_stream_that_went_out_is_counted_whole(
+    collector: Collector, configure: Configure
+) -> None:
+    server = _FailingWrite(fail_at=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        server.serve(wsgi_environ("GET", "/astream"))
+    response = one_entry(collector)["response"]
+    body = b"".join(views.STREAM_CHUNKS)
+    assert b"".join(server.written) == body
+    assert (response["bodySize"], response["bodyCaptured"]) == (len(body), True)
+    assert decoded(response["content"]) == body
+
+
 @pytest.mark.parametrize(("kind", "status", "sent"), [("sync", 200, 1), ("early", 500, 0)])
 def test_wsgi_stream_that_raises_is_recorded_as_the_server_answers(
     collector: Collector, configure: Configure, kind: str, status: int, sent: int

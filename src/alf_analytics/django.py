@@ -217,7 +217,9 @@ class AnalyticsMiddleware:
             exchange.decide_response_capture()
             end = _End(self, exchange, holder, request, _Sent(exchange))
             if isinstance(response, StreamingHttpResponse):
-                end.sent.hold_all = is_async and not response.is_async
+                # Django reads an iterator of the other kind (sync under ASGI, async under
+                # WSGI) to its end before the server sends any of it.
+                end.sent.hold_all = is_async != response.is_async
                 self._observe_stream(exchange, response, end)
             else:
                 exchange.t_response = perf_counter()
@@ -278,8 +280,9 @@ def _unread_chunked(scope: Any, meta: Any) -> bool:
 
 
 class _Sent:
-    """The body chunks the server has been handed but may not have sent yet: one, or under
-    ASGI for a sync iterator (which Django reads to its end before sending anything) all."""
+    """The body chunks the server has been handed but may not have sent yet: one, or all for
+    an iterator Django reads to its end before sending anything (a sync one under ASGI, an
+    async one under WSGI)."""
 
     __slots__ = ("exchange", "pending", "hold_all")
 
@@ -386,7 +389,8 @@ async def _observe_async(
             data = make_bytes(chunk)
             sent.took(data)
             yield data
-            sent.settle(True)
+            if not sent.hold_all:
+                sent.settle(True)
     except GeneratorExit:
         raise
     except BaseException:
