@@ -731,6 +731,30 @@ def test_wsgi_async_stream_that_went_out_is_counted_whole(
     assert decoded(response["content"]) == body
 
 
+@pytest.mark.parametrize("server", ["wsgi", "asgi"])
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_set_consumer_inside_a_streamed_body_names_the_consumer(
+    collector: Collector, configure: Configure, server: str, kind: str
+) -> None:
+    """Django's handler iterates a StreamingHttpResponse after the middleware returned: a
+    set_consumer() in the stream is still the request's (it used to return False)."""
+    query = f"user=streamer-{kind}&kind={kind}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Django warns when it consumes an iterator whole
+        if server == "wsgi":
+            status, _, body = call_wsgi(
+                WSGIHandler(), wsgi_environ("GET", "/stream-consumer", query=query)
+            )
+            assert status.startswith("200")
+        else:
+            scope = asgi_scope("GET", "/stream-consumer", query=query)
+            code, _, body = asyncio.run(call_asgi(ASGIHandler(), scope, [b""]))
+            assert code == 200
+    assert body == f"{kind} stream".encode()
+    headers = one_entry(collector)["request"]["headers"]
+    assert {"name": "x-alf-consumer", "value": f"streamer-{kind}"} in headers
+
+
 @pytest.mark.parametrize(("kind", "status", "sent"), [("sync", 200, 1), ("early", 500, 0)])
 def test_wsgi_stream_that_raises_is_recorded_as_the_server_answers(
     collector: Collector, configure: Configure, kind: str, status: int, sent: int

@@ -25,6 +25,7 @@ from starlette.responses import StreamingResponse
 from starlette.routing import Route
 from werkzeug.test import Client as WerkzeugClient
 
+import alf_analytics
 from alf_analytics import AnalyticsASGIMiddleware, AnalyticsWSGIMiddleware
 from alf_analytics._alf import CONSUMER_HEADER
 from alf_analytics.collector import Collector
@@ -155,3 +156,34 @@ def test_a_stream_the_client_left_is_cut_behind_base_http_middleware(
     assert entry["response"]["status"] == 200
     assert entry["response"]["bodyCaptured"] is False
     assert 3000 <= entry["response"]["bodySize"] < 200_000
+
+
+def test_set_consumer_in_a_streamed_flask_body_names_the_consumer(collector: Collector) -> None:
+    """Under WSGI the server iterates the body after the app returned: set_consumer() in a
+    streamed generator (with or without stream_with_context) is still inside the request."""
+    app = Flask(__name__)
+    took: list[bool] = []
+
+    def chunks(name: str) -> Iterator[bytes]:
+        took.append(alf_analytics.set_consumer(name))
+        yield b"a"
+
+    @app.get("/with-context")
+    def with_context() -> Response:
+        return Response(stream_with_context(chunks("with-context")), mimetype="text/plain")
+
+    @app.get("/plain")
+    def plain() -> Response:
+        return Response(chunks("plain"), mimetype="text/plain")
+
+    app.wsgi_app = AnalyticsWSGIMiddleware(  # type: ignore[method-assign]
+        app.wsgi_app, service_token=TOKEN, collector_url=collector.url
+    )
+    client = WerkzeugClient(app)
+    for path in ("/with-context", "/plain"):
+        response = client.get(path)
+        assert response.get_data() == b"a"
+        response.close()
+    assert took == [True, True]
+    entries = received_entries(collector, 2)
+    assert sorted(map(str, map(consumer_of, entries))) == ["plain", "with-context"]

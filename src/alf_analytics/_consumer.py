@@ -50,6 +50,12 @@ def enter() -> tuple[ConsumerHolder, Token[ConsumerHolder | None]]:
     return holder, _current.set(holder)
 
 
+def resume(holder: ConsumerHolder) -> Token[ConsumerHolder | None]:
+    """Give back a request's holder to code that runs after the app returned (a WSGI server
+    iterating a streamed body); :func:`leave` with the token after."""
+    return _current.set(holder)
+
+
 def leave(token: Token[ConsumerHolder | None]) -> None:
     try:
         _current.reset(token)

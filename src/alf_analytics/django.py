@@ -36,7 +36,7 @@ from django.http.response import HttpResponseBase, StreamingHttpResponse
 from . import _checks
 from ._checks import django_terms
 from ._config import Config, make_config
-from ._consumer import ConsumerHolder, enter, leave
+from ._consumer import ConsumerHolder, enter, leave, resume
 from ._gate import Gate
 from ._record import NO_RESPONSE, Exchange, InputTee, log_internal_error
 from ._signals import check_django_asgi, check_exit_flush_wsgi
@@ -270,6 +270,14 @@ def _leave(token: Any) -> None:
         log_internal_error("capture")
 
 
+def _resume(holder: ConsumerHolder) -> Any:
+    try:
+        return resume(holder)
+    except Exception:  # never break the host app (PITFALLS #20)
+        log_internal_error("capture")
+        return None
+
+
 def _unread_chunked(scope: Any, meta: Any) -> bool:
     """A chunked request body under WSGI, which Django never reads (it reads only up to a
     Content-Length): its empty stream is not the body's end, so it is left unwatched and
@@ -365,8 +373,20 @@ def _observe_sync(
     chunks: Iterator[Any], end: _End, make_bytes: Callable[[Any], bytes]
 ) -> Iterator[bytes]:
     sent = end.sent
+    holder = end.holder
+    iterator = iter(chunks)
     try:
-        for chunk in chunks:
+        while True:
+            # Django's handler iterates after the middleware returned: the stream's code is
+            # still the request's, and set_consumer() there must find its holder.
+            token = _resume(holder)
+            try:
+                chunk = next(iterator)
+            except StopIteration:
+                break
+            finally:
+                if token is not None:
+                    _leave(token)
             # As Django would make it (str, memoryview): the bytes the client gets.
             data = make_bytes(chunk)
             sent.took(data)
@@ -384,8 +404,18 @@ async def _observe_async(
     chunks: AsyncIterator[Any], end: _End, make_bytes: Callable[[Any], bytes]
 ) -> AsyncIterator[bytes]:
     sent = end.sent
+    holder = end.holder
+    iterator = aiter(chunks)
     try:
-        async for chunk in chunks:
+        while True:
+            token = _resume(holder)  # as in _observe_sync
+            try:
+                chunk = await anext(iterator)
+            except StopAsyncIteration:
+                break
+            finally:
+                if token is not None:
+                    _leave(token)
             data = make_bytes(chunk)
             sent.took(data)
             yield data

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_to_bytes
 
 from ._config import Config, make_config
-from ._consumer import ConsumerHolder, enter, leave
+from ._consumer import ConsumerHolder, enter, leave, resume
 from ._gate import Gate, is_async_callable, made_with
 from ._record import NO_RESPONSE, Exchange, InputTee, RequestInfo, log_internal_error
 from ._signals import check_exit_flush_wsgi
@@ -273,6 +273,10 @@ class _Responder:
 
     def __next__(self) -> bytes:
         self._capture_pending()  # the server asks for the next chunk: it sent the last one
+        holder = self._holder
+        # The server iterates after the app returned: a streamed body's code is still the
+        # request's, and set_consumer() there must find its holder.
+        token = _resume(holder) if holder is not None else None
         try:
             iterator = self._iterator
             if iterator is None:
@@ -286,6 +290,9 @@ class _Responder:
             elif not self._done:
                 self.exchange.cut_response()  # the app raised mid-body
             raise
+        finally:
+            if token is not None:
+                _leave(token)
         if chunk.__class__ is bytes or isinstance(chunk, (bytes, bytearray)):
             # Anything else (str, int: a broken app) goes to the server untouched, which
             # answers it as it would without us.
@@ -320,11 +327,15 @@ class _Responder:
         if self._closed:
             return
         self._closed = True  # once, even when our capture was abandoned: the app's close()
+        holder = self._holder
+        token = _resume(holder) if holder is not None else None
         try:
             close = getattr(self.result, "close", None)
             if close is not None:
                 close()
         finally:
+            if token is not None:
+                _leave(token)
             self._finish()
 
     def _as_500(self) -> None:
@@ -390,6 +401,21 @@ class _Responder:
             request = self._request if self._request is not None else request_of(environ)
             exchange.consumer = gate.identify(request)
         hand_over(self._worker, exchange)
+
+
+def _resume(holder: ConsumerHolder) -> Any:
+    try:
+        return resume(holder)
+    except Exception:  # never break the host app (PITFALLS #20)
+        log_internal_error("capture")
+        return None
+
+
+def _leave(token: Any) -> None:
+    try:
+        leave(token)
+    except Exception:  # never break the host app (PITFALLS #20)
+        log_internal_error("capture")
 
 
 #: No consumer asked of ``identify`` yet (None is an answer: no consumer).

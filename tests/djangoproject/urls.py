@@ -6,6 +6,7 @@ from . import views
 
 urlpatterns = [
     path("sync", views.sync_view),
+    path("stream-consumer", views.stream_consumer_view),
     path("async", views.async_view),
     path("body", views.body_view),
     path("post", views.post_view),

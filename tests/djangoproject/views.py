@@ -138,3 +138,19 @@ def echo_view(request: HttpRequest) -> HttpResponse:
         response[name] = value
     response.set_cookie("session", "s3cr3t", httponly=True)
     return response
+
+
+def stream_consumer_view(request: HttpRequest) -> HttpResponse:
+    """set_consumer() from inside a streamed body, which the server iterates later."""
+    import alf_analytics
+
+    def chunks() -> Iterator[bytes]:
+        alf_analytics.set_consumer(request.GET["user"])
+        yield b"sync stream"
+
+    async def achunks() -> AsyncIterator[bytes]:
+        alf_analytics.set_consumer(request.GET["user"])
+        yield b"async stream"
+
+    content = achunks() if request.GET.get("kind") == "async" else chunks()
+    return StreamingHttpResponse(content, content_type="text/plain")
