@@ -6,6 +6,8 @@ tests can run beside servers that must stay inside a known range.
 
 from __future__ import annotations
 
+import base64
+import json
 import socket
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -15,8 +17,10 @@ import anyio
 import httpx
 import pytest
 import uvicorn
+from fastapi import FastAPI
 from flask import Flask, Response, g, stream_with_context
 from flask import request as flask_request
+from pydantic import BaseModel
 from starlette.applications import Starlette
 from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.requests import Request
@@ -187,3 +191,34 @@ def test_set_consumer_in_a_streamed_flask_body_names_the_consumer(collector: Col
     assert took == [True, True]
     entries = received_entries(collector, 2)
     assert sorted(map(str, map(consumer_of, entries))) == ["plain", "with-context"]
+
+
+class Login(BaseModel):
+    username: str
+    password: int
+    max_tokens: int
+
+
+def test_a_fastapi_validation_error_does_not_echo_a_secret(
+    collector: Collector, uvicorn_serving: Callable[[Any], str]
+) -> None:
+    """FastAPI's 422 (pydantic's errors) repeats the rejected value under "input", naming its
+    field in "loc": a password that failed validation must not reach the collector there."""
+    app = FastAPI()
+
+    @app.post("/login")
+    def login(body: Login) -> dict[str, bool]:
+        return {"ok": True}
+
+    app.add_middleware(
+        AnalyticsASGIMiddleware, service_token=TOKEN, collector_url=collector.url, log_body=True
+    )
+    url = uvicorn_serving(app)
+    sent = {"username": "bob", "password": "hunter2-secret", "max_tokens": "many"}
+    answer = httpx.post(f"{url}/login", json=sent)
+    assert answer.status_code == 422 and "hunter2-secret" in answer.text
+    (entry,) = received_entries(collector, 1)
+    stored = json.loads(base64.b64decode(entry["response"]["content"]["text"]))
+    inputs = {tuple(error["loc"]): error["input"] for error in stored["detail"]}
+    assert inputs == {("body", "password"): "[REDACTED]", ("body", "max_tokens"): "[REDACTED]"}
+    assert "hunter2-secret" not in json.dumps(entry)

@@ -280,9 +280,31 @@ class Redactor:
                 # raw bytes may hold an earlier one ({"x_token": "secret", "x_token": 1}) that
                 # only re-encoding the parsed document leaves out.
                 changed = True
+            elif key == "input":
+                # Never cached as safe: a validation error (pydantic's, FastAPI's 422)
+                # repeats the rejected value under "input" and names its field in "loc".
+                if self._echoes_secret(node):
+                    node[key] = REDACTED
+                    changed = True
             elif len(safe) < 4096:
                 safe.add(key)
         return changed
+
+    def _echoes_secret(self, node: dict[str, Any]) -> bool:
+        """Whether ``node`` is a validation error whose ``input`` is the value of a field
+        redacted by name (the last name in ``loc``), judged as that field's value would be."""
+        loc = node.get("loc")
+        if type(loc) is not list:
+            return False
+        field = next((part for part in reversed(loc) if type(part) is str), None)
+        if field is None:
+            return False
+        name = normalized(field)
+        if name in self.body_keys:
+            return True
+        return type(node["input"]) not in _SCALARS and any(
+            part in name for part in self.key_substrings
+        )
 
     def _form(self, data: bytes) -> bytes:
         parts = data.split(b"&")
