@@ -222,3 +222,47 @@ def test_a_fastapi_validation_error_does_not_echo_a_secret(
     inputs = {tuple(error["loc"]): error["input"] for error in stored["detail"]}
     assert inputs == {("body", "password"): "[REDACTED]", ("body", "max_tokens"): "[REDACTED]"}
     assert "hunter2-secret" not in json.dumps(entry)
+
+
+def test_wsgiref_default_content_type_is_not_recorded_as_sent(collector: Collector) -> None:
+    """wsgiref's server (and Django's runserver, built on it) puts CONTENT_TYPE "text/plain"
+    in the environ of every request that sent none: a GET must not be recorded with a
+    Content-Type header its client never sent (nor headersSize count it)."""
+    from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"ok"]
+
+    class Quiet(WSGIRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    wrapped = AnalyticsWSGIMiddleware(app, service_token=TOKEN, collector_url=collector.url)
+    server = make_server("127.0.0.1", _port_in_range(), wrapped, handler_class=Quiet)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        head = b"GET /plain HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n"
+        with socket.create_connection(server.server_address[:2], timeout=10) as sock:
+            sock.sendall(head)
+            while sock.recv(65536):
+                pass
+        sent_type = b"text/plain; charset=utf-8"
+        with httpx.Client() as client:
+            port = server.server_address[1]
+            client.post(
+                f"http://127.0.0.1:{port}/typed",
+                content=b"x",
+                headers={"content-type": sent_type.decode()},
+            )
+    finally:
+        server.shutdown()
+        thread.join(10)
+    entries = {e["request"]["url"].rpartition("/")[2]: e for e in received_entries(collector, 2)}
+    request = entries["plain"]["request"]
+    assert [h["name"] for h in request["headers"]] == ["host", "connection"]
+    assert request["headersSize"] == len(head)
+    assert request["bodyCaptured"] is False
+    typed = entries["typed"]["request"]["headers"]
+    assert {"name": "content-type", "value": "text/plain; charset=utf-8"} in typed

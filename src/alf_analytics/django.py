@@ -42,7 +42,7 @@ from ._record import NO_RESPONSE, Exchange, InputTee, log_internal_error
 from ._signals import check_django_asgi, check_exit_flush_wsgi
 from ._worker import Worker, get_worker, hand_over
 from .asgi import as_wire_text, read_scope, scope_snapshot
-from .wsgi import is_chunked, read_environ
+from .wsgi import is_chunked, read_environ, request_content_type
 
 _checks.register()
 
@@ -181,7 +181,7 @@ class AnalyticsMiddleware:
                     environ[key] = as_wire_text(text)
             exchange = Exchange(self.config, environ, read_environ, group)
         if exchange.request_body is not None:
-            exchange.decide_request_capture(meta.get("CONTENT_TYPE"))
+            exchange.decide_request_capture(request_content_type(meta))
         stream = getattr(request, "_stream", None)
         if stream is not None and not _unread_chunked(scope, meta):
             # HttpRequest.read(), .body, .POST and the upload handlers all read _stream.

@@ -145,7 +145,7 @@ class AnalyticsWSGIMiddleware:
         stream = snapshot.pop("wsgi.input", None)
         exchange = Exchange(self.config, snapshot, read_environ, group)
         if exchange.request_body is not None:
-            exchange.decide_request_capture(environ.get("CONTENT_TYPE"))
+            exchange.decide_request_capture(request_content_type(environ))
         if stream is not None:
             environ["wsgi.input"] = InputTee(stream, exchange)
         identify = None
@@ -461,6 +461,22 @@ def _request_maker(app: Any) -> Callable[[WSGIEnvironment], Any]:
     return make
 
 
+def request_content_type(environ: WSGIEnvironment) -> Any:
+    """The request's ``CONTENT_TYPE`` as its client sent it (None: none sent)."""
+    value = environ.get("CONTENT_TYPE")
+    if value == "text/plain" and _invented(environ):
+        return None
+    return value
+
+
+def _invented(environ: WSGIEnvironment) -> bool:
+    """Whether ``CONTENT_TYPE: text/plain`` is wsgiref's own: its server (and Django's
+    runserver, built on it) writes email's default type for a request that sent none. Taken
+    so only for a request that declares no body, which no client labels."""
+    software = str(environ.get("SERVER_SOFTWARE", ""))
+    return not environ.get("CONTENT_LENGTH") and software.startswith("WSGIServer/")
+
+
 def _server_ip(environ: WSGIEnvironment) -> str | None:
     address = environ.get("SERVER_ADDR")
     if address:
@@ -527,7 +543,7 @@ def read_environ(environ: WSGIEnvironment) -> RequestInfo:
     headers = [(name, value) for key, name in layout if isinstance(value := environ[key], str)]
     for key, name in (("CONTENT_TYPE", "content-type"), ("CONTENT_LENGTH", "content-length")):
         value = get(key)
-        if value and isinstance(value, str):
+        if value and isinstance(value, str) and not (value == "text/plain" and _invented(environ)):
             headers.append((name, value))
     content_length: int | None = None
     declared = get("CONTENT_LENGTH")
