@@ -56,6 +56,12 @@ def resume(holder: ConsumerHolder) -> Token[ConsumerHolder | None]:
     return _current.set(holder)
 
 
+def forget() -> None:
+    """Drop whatever holder this context has: after :func:`leave` itself failed, so that the
+    thread's next request (or a skipped one) does not find a finished request's holder."""
+    _current.set(None)
+
+
 def leave(token: Token[ConsumerHolder | None]) -> None:
     try:
         _current.reset(token)

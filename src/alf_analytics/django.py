@@ -36,7 +36,7 @@ from django.http.response import HttpResponseBase, StreamingHttpResponse
 from . import _checks
 from ._checks import django_terms
 from ._config import Config, make_config
-from ._consumer import ConsumerHolder, enter, leave, resume
+from ._consumer import ConsumerHolder, enter, forget, leave, resume
 from ._gate import Gate
 from ._record import NO_RESPONSE, Exchange, InputTee, log_internal_error
 from ._signals import check_django_asgi, check_exit_flush_wsgi
@@ -268,6 +268,7 @@ def _leave(token: Any) -> None:
         leave(token)
     except Exception:  # never break the host app (PITFALLS #20)
         log_internal_error("capture")
+        forget()
 
 
 def _resume(holder: ConsumerHolder) -> Any:

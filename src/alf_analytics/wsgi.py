@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_to_bytes
 
 from ._config import Config, make_config
-from ._consumer import ConsumerHolder, enter, leave, resume
+from ._consumer import ConsumerHolder, enter, forget, leave, resume
+from ._consumer import _current as _consumer_var
 from ._gate import Gate, is_async_callable, made_with
 from ._record import NO_RESPONSE, Exchange, InputTee, RequestInfo, log_internal_error
 from ._signals import check_exit_flush_wsgi
@@ -99,10 +100,7 @@ class AnalyticsWSGIMiddleware:
             responder.fail()
             raise
         finally:
-            try:
-                leave(token)
-            except Exception:
-                log_internal_error("capture")
+            _leave(token)
         if type(result) is not list and iscoroutine(result):
             result.close()
             responder.fail()
@@ -273,10 +271,16 @@ class _Responder:
 
     def __next__(self) -> bytes:
         self._capture_pending()  # the server asks for the next chunk: it sent the last one
-        holder = self._holder
         # The server iterates after the app returned: a streamed body's code is still the
-        # request's, and set_consumer() there must find its holder.
-        token = _resume(holder) if holder is not None else None
+        # request's, and set_consumer() there must find its holder. Inline, not through
+        # enter()/leave(): this runs for every chunk of every response.
+        holder = self._holder
+        token = None
+        if holder is not None:
+            try:
+                token = _consumer_var.set(holder)
+            except Exception:  # never break the host app (PITFALLS #20)
+                log_internal_error("capture")
         try:
             iterator = self._iterator
             if iterator is None:
@@ -292,7 +296,10 @@ class _Responder:
             raise
         finally:
             if token is not None:
-                _leave(token)
+                try:
+                    _consumer_var.reset(token)
+                except Exception:  # reset in another context, or an error of ours
+                    _leave(token)
         if chunk.__class__ is bytes or isinstance(chunk, (bytes, bytearray)):
             # Anything else (str, int: a broken app) goes to the server untouched, which
             # answers it as it would without us.
@@ -327,12 +334,14 @@ class _Responder:
         if self._closed:
             return
         self._closed = True  # once, even when our capture was abandoned: the app's close()
-        holder = self._holder
+        close = getattr(self.result, "close", None)
+        if close is None:
+            self._finish()
+            return
+        holder = self._holder  # the app's close() may name the consumer too (see __next__)
         token = _resume(holder) if holder is not None else None
         try:
-            close = getattr(self.result, "close", None)
-            if close is not None:
-                close()
+            close()
         finally:
             if token is not None:
                 _leave(token)
@@ -416,6 +425,7 @@ def _leave(token: Any) -> None:
         leave(token)
     except Exception:  # never break the host app (PITFALLS #20)
         log_internal_error("capture")
+        forget()
 
 
 #: No consumer asked of ``identify`` yet (None is an answer: no consumer).
