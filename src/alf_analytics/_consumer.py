@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from contextvars import ContextVar, Token
 
+from ._record import log_internal_error
+
 __all__ = ["ConsumerHolder", "set_consumer"]
 
 
@@ -50,20 +52,30 @@ def enter() -> tuple[ConsumerHolder, Token[ConsumerHolder | None]]:
     return holder, _current.set(holder)
 
 
-def resume(holder: ConsumerHolder) -> Token[ConsumerHolder | None]:
+def resume(holder: ConsumerHolder) -> Token[ConsumerHolder | None] | None:
     """Give back a request's holder to code that runs after the app returned (a WSGI server
-    iterating a streamed body); :func:`leave` with the token after."""
-    return _current.set(holder)
-
-
-def forget() -> None:
-    """Drop whatever holder this context has: after :func:`leave` itself failed, so that the
-    thread's next request (or a skipped one) does not find a finished request's holder."""
-    _current.set(None)
+    iterating a streamed body); :func:`leave_quietly` with the token after. Never raises: a
+    failure is logged (PITFALLS #20) and None returned."""
+    try:
+        return _current.set(holder)
+    except Exception:
+        log_internal_error("capture")
+        return None
 
 
 def leave(token: Token[ConsumerHolder | None]) -> None:
     try:
         _current.reset(token)
     except ValueError:  # reset in another context (a server that switched contexts): unset
+        _current.set(None)
+
+
+def leave_quietly(token: Token[ConsumerHolder | None]) -> None:
+    """:func:`leave`, for the request path: a failure is logged (PITFALLS #20), never raised,
+    and the holder is dropped all the same, so that the thread's next request (or a skipped
+    one) never finds a finished request's holder."""
+    try:
+        leave(token)
+    except Exception:
+        log_internal_error("capture")
         _current.set(None)

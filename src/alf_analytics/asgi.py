@@ -22,7 +22,7 @@ from urllib.parse import quote
 
 from . import _signals
 from ._config import Config, make_config, validate_option
-from ._consumer import enter, leave
+from ._consumer import enter, leave_quietly
 from ._gate import Gate, is_async_callable, made_with, takes_two_arguments
 from ._record import NO_RESPONSE, Exchange, RequestInfo, log_internal_error
 from ._signals import check_exit_flush_asgi
@@ -262,10 +262,7 @@ class AnalyticsASGIMiddleware:
                     log_internal_error("capture")
             raise
         finally:
-            try:
-                leave(token)
-            except Exception:
-                log_internal_error("capture")
+            leave_quietly(token)
         if not done:
             # The app returned without completing its response (client gone, or a bug).
             try:

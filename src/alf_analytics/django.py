@@ -36,7 +36,7 @@ from django.http.response import HttpResponseBase, StreamingHttpResponse
 from . import _checks
 from ._checks import django_terms
 from ._config import Config, make_config
-from ._consumer import ConsumerHolder, enter, forget, leave, resume
+from ._consumer import ConsumerHolder, enter, leave_quietly, resume
 from ._gate import Gate
 from ._record import NO_RESPONSE, Exchange, InputTee, log_internal_error
 from ._signals import check_django_asgi, check_exit_flush_wsgi
@@ -112,7 +112,7 @@ class AnalyticsMiddleware:
             self._fail(exchange, holder, request)
             raise
         finally:
-            _leave(token)
+            leave_quietly(token)
         self._observe(exchange, response, holder, request, is_async=False)
         return response
 
@@ -133,7 +133,7 @@ class AnalyticsMiddleware:
             self._fail(exchange, holder, request)
             raise
         finally:
-            _leave(token)
+            leave_quietly(token)
         self._observe(exchange, response, holder, request, is_async=True)
         return response
 
@@ -263,22 +263,6 @@ class AnalyticsMiddleware:
         hand_over(self._worker, exchange)
 
 
-def _leave(token: Any) -> None:
-    try:
-        leave(token)
-    except Exception:  # never break the host app (PITFALLS #20)
-        log_internal_error("capture")
-        forget()
-
-
-def _resume(holder: ConsumerHolder) -> Any:
-    try:
-        return resume(holder)
-    except Exception:  # never break the host app (PITFALLS #20)
-        log_internal_error("capture")
-        return None
-
-
 def _unread_chunked(scope: Any, meta: Any) -> bool:
     """A chunked request body under WSGI, which Django never reads (it reads only up to a
     Content-Length): its empty stream is not the body's end, so it is left unwatched and
@@ -380,14 +364,14 @@ def _observe_sync(
         while True:
             # Django's handler iterates after the middleware returned: the stream's code is
             # still the request's, and set_consumer() there must find its holder.
-            token = _resume(holder)
+            token = resume(holder)
             try:
                 chunk = next(iterator)
             except StopIteration:
                 break
             finally:
                 if token is not None:
-                    _leave(token)
+                    leave_quietly(token)
             # As Django would make it (str, memoryview): the bytes the client gets.
             data = make_bytes(chunk)
             sent.took(data)
@@ -409,14 +393,14 @@ async def _observe_async(
     iterator = aiter(chunks)
     try:
         while True:
-            token = _resume(holder)  # as in _observe_sync
+            token = resume(holder)  # as in _observe_sync
             try:
                 chunk = await anext(iterator)
             except StopAsyncIteration:
                 break
             finally:
                 if token is not None:
-                    _leave(token)
+                    leave_quietly(token)
             data = make_bytes(chunk)
             sent.took(data)
             yield data

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_to_bytes
 
 from ._config import Config, make_config
-from ._consumer import ConsumerHolder, enter, forget, leave, resume
+from ._consumer import ConsumerHolder, enter, leave_quietly, resume
 from ._consumer import _current as _consumer_var
 from ._gate import Gate, is_async_callable, made_with
 from ._record import NO_RESPONSE, Exchange, InputTee, RequestInfo, log_internal_error
@@ -100,7 +100,7 @@ class AnalyticsWSGIMiddleware:
             responder.fail()
             raise
         finally:
-            _leave(token)
+            leave_quietly(token)
         if type(result) is not list and iscoroutine(result):
             result.close()
             responder.fail()
@@ -299,7 +299,7 @@ class _Responder:
                 try:
                     _consumer_var.reset(token)
                 except Exception:  # reset in another context, or an error of ours
-                    _leave(token)
+                    leave_quietly(token)
         if chunk.__class__ is bytes or isinstance(chunk, (bytes, bytearray)):
             # Anything else (str, int: a broken app) goes to the server untouched, which
             # answers it as it would without us.
@@ -339,12 +339,12 @@ class _Responder:
             self._finish()
             return
         holder = self._holder  # the app's close() may name the consumer too (see __next__)
-        token = _resume(holder) if holder is not None else None
+        token = resume(holder) if holder is not None else None
         try:
             close()
         finally:
             if token is not None:
-                _leave(token)
+                leave_quietly(token)
             self._finish()
 
     def _as_500(self) -> None:
@@ -410,22 +410,6 @@ class _Responder:
             request = self._request if self._request is not None else request_of(environ)
             exchange.consumer = gate.identify(request)
         hand_over(self._worker, exchange)
-
-
-def _resume(holder: ConsumerHolder) -> Any:
-    try:
-        return resume(holder)
-    except Exception:  # never break the host app (PITFALLS #20)
-        log_internal_error("capture")
-        return None
-
-
-def _leave(token: Any) -> None:
-    try:
-        leave(token)
-    except Exception:  # never break the host app (PITFALLS #20)
-        log_internal_error("capture")
-        forget()
 
 
 #: No consumer asked of ``identify`` yet (None is an answer: no consumer).
