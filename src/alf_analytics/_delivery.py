@@ -21,7 +21,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from queue import SimpleQueue
+from queue import Empty, SimpleQueue
 from typing import TYPE_CHECKING, Any
 
 from ._config import mask_token
@@ -276,12 +276,7 @@ class Delivery:
         """Use a job queue of ``kind`` (see ``Worker._cooperative_queues``), while no sender
         waits on the old one."""
         if type(self.jobs) is not kind and not self.senders:
-            old, self.jobs = self.jobs, kind()
-            while True:
-                try:
-                    self.jobs.put(old.get_nowait())
-                except queue.Empty:
-                    break
+            self.jobs = moved(self.jobs, kind())
 
     def limit(self) -> int:
         return 1 if self.probing else self.max_inflight
@@ -586,6 +581,15 @@ def _close(line: list[Transport]) -> None:
         except Exception:  # closing is best effort
             pass
     line.clear()
+
+
+def moved(old: Any, new: Any) -> Any:
+    """``new``, holding what ``old`` held (nothing takes from ``old`` meanwhile)."""
+    while True:
+        try:
+            new.put(old.get_nowait())
+        except Empty:
+            return new
 
 
 def _answer(outcome: Outcome) -> Any:

@@ -41,6 +41,7 @@ from ._delivery import (
     Done,
     Log,
     backoff,
+    moved,
 )
 from ._record import Exchange
 from ._transport import HTTPTransport, Transport
@@ -309,7 +310,7 @@ class Worker:
         ``get()`` froze the whole worker process, and every request after the first hung."""
         kind = queue.SimpleQueue
         if type(self._queue) is not kind:
-            self._queue = _moved(self._queue, kind())
+            self._queue = moved(self._queue, kind())
         self._delivery.answers = self._queue
         self._delivery.cooperative(kind)
 
@@ -684,15 +685,6 @@ def hand_over(worker: Any, exchange: Exchange) -> None:
         worker.submit(exchange)
     except Exception:  # defensive: an agent failure must never reach the host app
         logger.exception("alf_analytics: could not queue an entry")
-
-
-def _moved(old: Any, new: Any) -> Any:
-    """``new``, holding what ``old`` held (nothing takes from ``old`` meanwhile)."""
-    while True:
-        try:
-            new.put(old.get_nowait())
-        except Empty:
-            return new
 
 
 def _value(counter: itertools.count[int]) -> int:
