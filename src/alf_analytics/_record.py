@@ -155,6 +155,7 @@ class Exchange:
         "response_body",
         "response_ended",
         "response_content_length",
+        "queued_bytes",
     )
 
     def __init__(
@@ -194,6 +195,8 @@ class Exchange:
         self.response_ended = True
         #: Set when the response is passed through unobserved (a file wrapper).
         self.response_content_length: int | None = None
+        #: What the worker charged for it when it was queued (set by ``Worker.submit``).
+        self.queued_bytes = 0
 
     def decide_request_capture(self, content_type: str | bytes | None) -> None:
         """Keep no request bytes when ``log_body_types`` does not allow this content type."""

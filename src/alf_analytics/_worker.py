@@ -245,7 +245,7 @@ class Worker:
         if not self._running and not self._start():
             next(self._refused)
             return False
-        size = raw_size(exchange)
+        size = exchange.queued_bytes = raw_size(exchange)
         with self._admit:
             books = self._books
             count = self._put_count - self._taken_count + books.held_count
@@ -570,7 +570,7 @@ class Worker:
     # -- building and batching --------------------------------------------------------------
 
     def _add(self, exchange: Exchange) -> None:
-        raw = raw_size(exchange)
+        raw = exchange.queued_bytes  # as submit() charged it, not measured again
         self._loose = 1
         self._taken_count += 1
         self._taken_bytes += raw
