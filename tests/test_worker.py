@@ -557,6 +557,23 @@ def test_refused_credentials_pause_every_send_and_say_why_once(
     )
 
 
+def test_a_collector_back_during_a_long_backoff_is_found_out_at_close(
+    workers: Callable[..., tuple[Worker, ScriptedTransport]],
+) -> None:
+    """Two failures in a row pause every send for the backoff (here at least 15 s, past the
+    bound of close()); the collector came back meanwhile: close() probes at once and
+    delivers everything instead of dropping it untried."""
+    cfg = config(batch_size=2, retry_backoff=30.0)
+    transport = ScriptedTransport([Outcome(503), Outcome(503)], default=Outcome(200))
+    worker, _ = workers(cfg, transport)
+    for i in range(4):
+        worker.submit(exchange(cfg, i))
+    assert worker.flush(0.5) is False  # both batches failed: sends paused for the backoff
+    assert worker.close(5) is True
+    stats = worker.stats()
+    assert (stats["sent"], stats["dropped_total"], stats["queued"]) == (4, 0, 0)
+
+
 def test_a_token_fixed_during_the_pause_is_found_out_at_close(
     workers: Callable[..., tuple[Worker, ScriptedTransport]],
 ) -> None:
