@@ -19,7 +19,7 @@ from wsgiref.util import setup_testing_defaults
 import pytest
 
 import alf_analytics
-from alf_analytics import AnalyticsWSGIMiddleware, _delivery, _worker
+from alf_analytics import AnalyticsWSGIMiddleware, _batching, _delivery, _worker
 from alf_analytics._config import Config, make_config
 from alf_analytics._record import Exchange
 from alf_analytics._transport import Outcome
@@ -763,7 +763,7 @@ def test_entries_waiting_unseen_keep_their_own_delay(
     assert wait_until(lambda: transport.entry_count() == 1)
     assert wait_until(lambda: worker._books.held_count == 1 and not worker._entries)
     # Its batch is timed from when it was handed over, not from when the thread took it.
-    assert worker._groups[late.group].oldest < handed_over + 0.25
+    assert worker._batcher.groups[late.group].oldest < handed_over + 0.25
     assert wait_until(lambda: transport.entry_count() == 2)
 
 
@@ -952,7 +952,7 @@ def test_worker_killed_by_builder_error_restarts_on_next_entry(
     internal_errors: list[logging.LogRecord],
 ) -> None:
     """A BaseException in the builder kills the thread once; it is logged once and restarted."""
-    real = _worker.build_entry
+    real = _batching.build_entry
     calls = {"n": 0}
 
     def flaky(exchange: Exchange) -> dict[str, Any]:
@@ -961,7 +961,7 @@ def test_worker_killed_by_builder_error_restarts_on_next_entry(
             raise Boom("injected")
         return real(exchange)
 
-    monkeypatch.setattr(_worker, "build_entry", flaky)
+    monkeypatch.setattr(_batching, "build_entry", flaky)
     middleware = wrap(collector.url, delay=0.05)
     assert call(middleware, "id=0") == b"ok"
     started = time.monotonic()

@@ -1,14 +1,15 @@
-"""The worker: a bounded queue, building entries, batching per (service token, environment).
+"""The worker: a bounded queue and the thread that empties it.
 
 One :class:`Worker` serves every middleware that sends to the same collector in this process.
 Its daemon thread starts lazily on the first entry, so it also starts in each child of a
 pre-forking server. The request path only calls :meth:`Worker.submit`, which never blocks: when
 the queue is full (in entries or in bytes) the entry is dropped and counted.
 
-Everything else happens off the request path, on the worker thread: it builds each ALF entry,
-runs ``before_send``, cuts batches, and hands them to its :class:`~alf_analytics._delivery.
-Delivery`, which sends them (several POSTs in flight at once) and decides what each answer
-means. Flush, close, stats and fork safety are here.
+Everything else happens off the request path, on the worker thread: its
+:class:`~alf_analytics._batching.Batcher` builds each ALF entry, runs ``before_send`` and cuts
+batches per (service token, environment), and its :class:`~alf_analytics._delivery.Delivery`
+sends them (several POSTs in flight at once) and decides what each answer means. Flush, close,
+stats and fork safety are here.
 """
 
 from __future__ import annotations
@@ -21,21 +22,17 @@ import os
 import queue
 import threading
 import time
-import traceback
 import weakref
 from collections.abc import Callable
 from queue import Empty, SimpleQueue
 from typing import Any
 
-from ._alf import alf_envelope, build_entry
-from ._alf import dumps as _dumps
+from ._batching import Batcher
 from ._config import Config, mask_token, mask_url
 from ._delivery import (
     DROP_REASONS,
-    ENTRY_OVERHEAD_BYTES,
     MAX_BACKOFF,
     MAX_RETRY_AFTER,
-    Batch,
     Books,
     Delivery,
     Done,
@@ -110,25 +107,6 @@ class _Stop:
 _WAKE = object()
 
 
-class _Group:
-    """The pending entries of one (service token, environment)."""
-
-    __slots__ = ("config", "prefix", "overhead", "entries", "size", "oldest")
-
-    def __init__(self, config: Config, key: tuple[str, str | None]) -> None:
-        self.config = config
-        envelope = _dumps(alf_envelope(*key))
-        tail = b'"entries":[]}}}'
-        assert envelope.endswith(tail)
-        self.prefix = envelope[: -len(b"]}}}")]
-        #: '[' + prefix + ']}}}' + ']' around the entries, in a request body of its own.
-        self.overhead = 1 + len(self.prefix) + 4 + 1
-        self.entries: list[bytes] = []
-        #: Bytes this group's ALF object takes in a request body, commas included.
-        self.size = 0
-        self.oldest = 0.0
-
-
 def raw_size(exchange: Exchange) -> int:
     """What a queued exchange costs in memory, estimated cheaply (no walk over its headers)."""
     size = RAW_RECORD_BYTES + RAW_HEADER_BYTES * len(exchange.response_headers)
@@ -178,7 +156,7 @@ class Worker:
         self._log.debug_on = value
 
     def _tokens(self) -> list[str]:
-        return [token for token, _ in list(self._groups)]
+        return self._batcher.tokens()
 
     def _reset(self) -> None:
         """Fresh state: at construction, and in a forked child (the parent keeps its queue)."""
@@ -202,7 +180,6 @@ class Worker:
         self._nudged = False
         self._thread: threading.Thread | None = None
         self._running = False
-        self._groups: dict[tuple[str, str | None], _Group] = {}
         #: Set by close(): sends that cannot happen before it give up (counted "shutdown").
         self._deadline: float | None = None
         self._stopping = False
@@ -215,7 +192,6 @@ class Worker:
         self._taken_bytes = 0
         #: An entry taken off the queue and not placed yet: a crash counts it as "error".
         self._loose = 0
-        self._seq = 0
         self._log = Log(self.shown_url, self._log.debug_on, self._tokens)
         self._books = books = Books(self._log)
         self._delivery = Delivery(
@@ -228,6 +204,7 @@ class Worker:
             retry_backoff=self.retry_backoff,
             shown_url=self.shown_url,
         )
+        self._batcher = Batcher(books, self._log, self._delivery.ready)
         # Counters on the request path are itertools counters: next() is atomic under the GIL.
         self._captured = itertools.count()
         self._queue_full = itertools.count()
@@ -489,13 +466,7 @@ class Worker:
     def _room(self) -> tuple[int, bool]:
         """Entries that may wait unseen (fewer than any batch, pending or new, has room for),
         and whether a pending batch is being timed."""
-        room = min(_WAKE_AT, self._least_batch)
-        timing = False
-        for group in self._groups.values():
-            if group.entries:
-                timing = True
-                room = min(room, group.config.batch_size - len(group.entries))
-        return max(1, room), timing
+        return self._batcher.room(self._least_batch, _WAKE_AT)
 
     def _drain(self, limit: int | None) -> None:
         """Build and batch up to ``limit`` queued entries (``None``: all of them)."""
@@ -515,8 +486,8 @@ class Worker:
             # then cut everything. Held first, so a crash while building re-queues it.
             self._books.flushes.append(item)
             self._drain(None)
-            self._cut(list(self._groups.values()))
-            item.target = self._seq
+            self._batcher.cut_all()
+            item.target = self._batcher.seq
             if self._books.lost != item.lost_before:
                 item.ok = False
         elif kind is _Stop:
@@ -528,13 +499,9 @@ class Worker:
         """Cut due batches, start due retries and sends, answer flushes. True: stop now."""
         now = time.monotonic()
         if self._stopping:
-            self._cut(list(self._groups.values()))
+            self._batcher.cut_all()
         else:
-            due = [
-                g for g in self._groups.values() if g.entries and now - g.oldest >= g.config.delay
-            ]
-            if due:
-                self._cut(due)
+            self._batcher.cut_due(now)
         delivery = self._delivery
         delivery.retry_due(now)
         deadline = self._deadline
@@ -550,7 +517,7 @@ class Worker:
         return False
 
     def _next_wake(self) -> float | None:
-        pending = [g.oldest + g.config.delay for g in self._groups.values() if g.entries]
+        pending = self._batcher.due_times()
         pending.extend(self._delivery.next_due())
         if self._deadline is not None and (self._delivery.waiting or self._stopping):
             pending.append(self._deadline)
@@ -567,115 +534,14 @@ class Worker:
                 flushes.remove(marker)
                 marker.done.set()
 
-    # -- building and batching --------------------------------------------------------------
+    # -- building and batching (see _batching.Batcher) ------------------------------------
 
     def _add(self, exchange: Exchange) -> None:
-        raw = exchange.queued_bytes  # as submit() charged it, not measured again
         self._loose = 1
         self._taken_count += 1
-        self._taken_bytes += raw
-        config = exchange.config
-        try:
-            entry: Any = build_entry(exchange)
-        except Exception as exc:
-            self._lose_entry("error", "could not build an ALF entry (%r); entry dropped", exc)
-            return
-        hook = config.before_send
-        if hook is not None:
-            try:
-                entry = hook(entry)
-            except Exception as exc:
-                # Its type and where it was raised, not its message: the message may quote the
-                # entry (a header value, a body), and no request secret is logged.
-                where = traceback.extract_tb(exc.__traceback__)[-1:]
-                place = f" at {where[0].filename}:{where[0].lineno}" if where else ""
-                self._lose_entry(
-                    "hook",
-                    "before_send raised %s%s; entry dropped (counted as 'hook')",
-                    type(exc).__name__,
-                    place,
-                )
-                return
-            if entry is None:
-                self._loose = 0
-                self._books.drops["filtered"] += 1
-                self._log.debug("left 1 entry out (before_send returned None)")
-                return
-            if not isinstance(entry, dict):
-                self._lose_entry(
-                    "hook",
-                    "before_send returned a %s, not a dict or None; entry dropped",
-                    type(entry).__name__,
-                )
-                return
-        try:
-            data = _dumps(entry)
-        except Exception as exc:  # only a before_send edit can make an entry unencodable
-            self._lose_entry("hook", "entry cannot be encoded as JSON (%r); dropped", exc)
-            return
-        key = exchange.group
-        group = self._groups.get(key)
-        if group is None:
-            group = self._groups[key] = _Group(config, key)
-        group.config = config
-        limit = config.max_batch_bytes
-        if group.overhead + len(data) > limit:
-            self._lose_entry(
-                "too_large",
-                "an entry of %d bytes exceeds max_batch_bytes=%d; entry dropped",
-                len(data),
-                limit,
-            )
-            return
-        if group.entries and group.overhead + group.size + 1 + len(data) > limit:
-            self._cut([group])
-        if not group.entries:
-            # From when it was handed over: it may have waited in the queue (see submit).
-            group.oldest = time.monotonic() - max(0.0, time.perf_counter() - exchange.t_end)
-            group.size = len(data)
-        else:
-            group.size += 1 + len(data)
-        group.entries.append(data)
-        books = self._books
-        books.held_count += 1
-        books.held_bytes += len(data) + ENTRY_OVERHEAD_BYTES
+        self._taken_bytes += exchange.queued_bytes  # as submit() charged it, not measured again
+        self._batcher.add(exchange)
         self._loose = 0
-        if len(group.entries) >= config.batch_size:
-            self._cut([group])
-
-    def _lose_entry(self, reason: str, message: str, *args: Any) -> None:
-        self._loose = 0
-        self._books.drops[reason] += 1
-        self._books.lost += 1
-        if reason == "hook":
-            # The user's own code failed: say it once, with what it raised.
-            self._log.warn("hook", message, *args)
-        else:
-            self._log.warn(reason, message, *args)
-        self._log.debug("dropped 1 entry (%s)", reason)
-
-    def _cut(self, groups: list[_Group]) -> None:
-        """Turn the pending entries of ``groups`` into batches, packing several groups each."""
-        parts: list[tuple[bytes, list[bytes]]] = []
-        size = 2
-        limit = min((g.config.max_batch_bytes for g in groups), default=0)
-        for group in groups:
-            if not group.entries:
-                continue
-            part = len(group.prefix) + 4 + group.size
-            if parts and size + 1 + part > limit:
-                self._enqueue(parts)
-                parts, size = [], 2
-            parts.append((group.prefix, group.entries))
-            size += part + (1 if len(parts) > 1 else 0)
-            group.entries = []
-            group.size = 0
-        if parts:
-            self._enqueue(parts)
-
-    def _enqueue(self, parts: list[tuple[bytes, list[bytes]]]) -> None:
-        self._seq += 1
-        self._delivery.ready.append(Batch(parts, self._seq))
 
 
 def hand_over(worker: Any, exchange: Exchange) -> None:
