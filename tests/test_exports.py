@@ -32,6 +32,28 @@ def test_importing_the_package_imports_no_framework() -> None:
     assert out.stdout.strip() == ""
 
 
+def test_the_django_adapter_without_django_says_to_install_it() -> None:
+    """Without Django, ``import alf_analytics.django`` failed with "No module named 'asgiref'"
+    (Django's dependency, imported first): nothing said Django or the extra was missing."""
+    code = (
+        "import sys\n"
+        "class NoDjango:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.partition('.')[0] in ('django', 'asgiref'):\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, NoDjango())\n"
+        "import alf_analytics, alf_analytics.wsgi, alf_analytics.asgi\n"
+        "try:\n"
+        "    import alf_analytics.django\n"
+        "except ImportError as exc:\n"
+        "    print(type(exc).__name__, exc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("ModuleNotFoundError "), out.stdout
+    assert "needs Django" in out.stdout, out.stdout
+    assert "pip install 'alf-analytics[django]'" in out.stdout, out.stdout
+
+
 def test_importing_the_package_leaves_the_root_logger_alone() -> None:
     code = (
         "import logging\n"

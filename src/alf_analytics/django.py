@@ -27,6 +27,14 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from time import perf_counter
 from typing import Any
 
+try:
+    import django  # noqa: F401  (first: without Django the error names Django, not asgiref)
+except ModuleNotFoundError as exc:
+    raise ModuleNotFoundError(
+        "alf_analytics.django needs Django (4.2 or newer): pip install 'alf-analytics[django]'",
+        name=exc.name,
+    ) from exc
+
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
