@@ -105,3 +105,23 @@ def test_extras_and_classifiers_match_tox() -> None:
         if re.fullmatch(r"Programming Language :: Python :: 3\.\d+", c)
     }
     assert classified == tested
+
+
+def test_the_collector_extra_excludes_an_anyio_it_cannot_start_with() -> None:
+    """``anyio>=4`` let pip keep anyio 4.0 or 4.1, whose ``CapacityLimiter`` cannot be made
+    outside an event loop: ``create_app()`` (so ``alf-analytics collector``) then died with
+    sniffio's AsyncLibraryNotFoundError. 4.2 is the first that works."""
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    root = Path(__file__).parent.parent
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    for req in map(Requirement, project["optional-dependencies"]["collector"]):
+        if req.name == "anyio":
+            assert not req.specifier.contains("4.1.0"), req
+            assert req.specifier.contains("4.2.0"), req
+            break
+    else:
+        raise AssertionError("the collector extra does not list anyio")
