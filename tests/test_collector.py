@@ -2178,6 +2178,28 @@ def test_workers_need_a_fixed_port(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--workers needs a fixed --port (not 0)" in capsys.readouterr().err
 
 
+def test_workers_refuse_an_unusable_database(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With --workers the database was first opened by each worker: the supervisor printed
+    its "listening" line, and workers that could not open the store died at startup and were
+    restarted forever, a traceback each. It is opened once first, as without --workers."""
+    from alf_analytics.collector import storage
+
+    def unusable(db: str, **kwargs: object) -> storage.Store:
+        raise CollectorError(f"cannot connect to {storage.masked_url(db)}: refused")
+
+    served: list[object] = []
+    monkeypatch.setattr(storage, "open_store", unusable)
+    monkeypatch.setattr("uvicorn.run", lambda *args, **kwargs: served.append(args))
+    db = "postgresql://nobody:secret@127.0.0.1:1/none"
+    assert main(["collector", "--workers", "2", "--port", "9140", "--db", db]) == 2
+    assert served == []
+    captured = capsys.readouterr()
+    assert "cannot use database postgresql://nobody:***@127.0.0.1:1/none" in captured.err
+    assert "secret" not in captured.err and "listening" not in captured.out
+
+
 # --- the OpenAPI document ------------------------------------------------------------------------
 
 DOCUMENTED_STATUSES = {

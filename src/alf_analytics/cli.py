@@ -364,6 +364,8 @@ def _run_workers(args: argparse.Namespace, tokens: Any, limits: Any, postgres: b
     import uvicorn
 
     from .collector.server import uvicorn_settings
+    from .collector.settings import CollectorError
+    from .collector.storage import masked_url, open_store
 
     if not postgres:
         print(
@@ -373,6 +375,13 @@ def _run_workers(args: argparse.Namespace, tokens: Any, limits: Any, postgres: b
         return 2
     if args.port == 0:
         print("alf-analytics: --workers needs a fixed --port (not 0)", file=sys.stderr)
+        return 2
+    # Opened once here, as without --workers: an unusable database is exit 2 (the workers,
+    # each failing at startup, would be restarted forever), and the schema is migrated once.
+    try:
+        open_store(args.db, tokens=tokens).close()
+    except CollectorError as exc:
+        print(f"alf-analytics: cannot use database {masked_url(args.db)}: {exc}", file=sys.stderr)
         return 2
     os.environ["ALF_COLLECTOR_DB"] = args.db
     os.environ["ALF_COLLECTOR_READ_KEY"] = args.read_key or ""
