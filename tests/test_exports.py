@@ -125,3 +125,24 @@ def test_the_collector_extra_excludes_an_anyio_it_cannot_start_with() -> None:
             break
     else:
         raise AssertionError("the collector extra does not list anyio")
+
+
+def test_every_docstring_is_valid_utf_8() -> None:
+    """A docstring in asgi.py wrote a lone surrogate as the escape ``\\ud800``, not as text:
+    from Python 3.13 the compiler encodes docstrings as strict UTF-8 to dedent them, so
+    ``import alf_analytics`` failed there with UnicodeEncodeError (3.13 and 3.14 are
+    supported)."""
+    import ast
+    from pathlib import Path
+
+    package = Path(alf_analytics.__file__).parent
+    bad = []
+    for path in sorted(package.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text("utf-8"), str(path))):
+            if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+                doc = ast.get_docstring(node, clean=False)
+                try:
+                    (doc or "").encode("utf-8")
+                except UnicodeEncodeError:
+                    bad.append(f"{path.relative_to(package)}:{getattr(node, 'lineno', 1)}")
+    assert bad == []

@@ -446,7 +446,7 @@ def _latin1(value: Any) -> str:
 
 def as_wire_text(text: str) -> str:
     """Decoded text back to its UTF-8 bytes, shown as Latin-1. A lone surrogate that is not
-    an escaped byte ("/\ud800") is kept as its UTF-8 form."""
+    an escaped byte ("/\\ud800") is kept as its UTF-8 form."""
     try:
         encoded = text.encode("utf-8", "surrogateescape")
     except UnicodeEncodeError:
