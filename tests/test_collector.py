@@ -2200,6 +2200,30 @@ def test_workers_refuse_an_unusable_database(
     assert "secret" not in captured.err and "listening" not in captured.out
 
 
+def test_workers_refuse_an_address_they_cannot_listen_on(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without --workers an address that cannot be bound is "cannot listen on ..." and
+    exit 1. With --workers the supervisor printed "listening" first, then uvicorn failed to
+    bind and exited 3. 192.0.2.1 (TEST-NET-1) is no address of this machine."""
+    from alf_analytics.collector import storage
+
+    class Opened:
+        def close(self) -> None:
+            pass
+
+    served: list[object] = []
+    monkeypatch.setattr(storage, "open_store", lambda db, **kwargs: Opened())
+    monkeypatch.setattr("uvicorn.run", lambda *args, **kwargs: served.append(args))
+    argv = ["collector", "--workers", "2", "--host", "192.0.2.1", "--port", "9141"]
+    db = "postgresql://nobody@127.0.0.1:1/none"
+    assert main([*argv, "--insecure", "--db", db]) == 1
+    assert served == []
+    captured = capsys.readouterr()
+    assert "cannot listen on 192.0.2.1:9141" in captured.err
+    assert "listening" not in captured.out
+
+
 # --- the OpenAPI document ------------------------------------------------------------------------
 
 DOCUMENTED_STATUSES = {

@@ -383,6 +383,18 @@ def _run_workers(args: argparse.Namespace, tokens: Any, limits: Any, postgres: b
     except CollectorError as exc:
         print(f"alf-analytics: cannot use database {masked_url(args.db)}: {exc}", file=sys.stderr)
         return 2
+    # uvicorn binds in the supervisor, after our "listening" line, and exits 3 if it cannot:
+    # refuse first, as without --workers (exit 1, saying why).
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((args.host, args.port))
+        except OSError as exc:
+            print(
+                f"alf-analytics: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr
+            )
+            return 1
     os.environ["ALF_COLLECTOR_DB"] = args.db
     os.environ["ALF_COLLECTOR_READ_KEY"] = args.read_key or ""
     os.environ["ALF_COLLECTOR_RETENTION"] = args.retention or ""
