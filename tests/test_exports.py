@@ -146,3 +146,25 @@ def test_every_docstring_is_valid_utf_8() -> None:
                 except UnicodeEncodeError:
                     bad.append(f"{path.relative_to(package)}:{getattr(node, 'lineno', 1)}")
     assert bad == []
+
+
+def test_each_declared_floor_can_be_installed_with_the_others() -> None:
+    """Floors that pip can never pick, given the floors beside them: httpx 0.24 and 0.25.0
+    need httpcore<1 (the agent needs httpcore>=1.0; httpx 0.25.1 is the first on 1.x), and
+    fastapi 0.110.0 needs starlette<0.37 (its extra needs starlette>=0.37; fastapi 0.110.1 is
+    the first on 0.37). Installing "the lowest allowed versions" then failed to resolve."""
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    root = Path(__file__).parent.parent
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    never = {"httpx": ["0.24.0", "0.25.0"], "fastapi": ["0.110.0"]}
+    declared = [
+        *project["dependencies"],
+        *project["optional-dependencies"]["fastapi"],
+    ]
+    for req in map(Requirement, declared):
+        for version in never.get(req.name, []):
+            assert not req.specifier.contains(version), (req, version)
