@@ -170,6 +170,27 @@ def agent_threads(url: str) -> list[threading.Thread]:
 # -- one worker per collector -----------------------------------------------------------------
 
 
+def test_counters_are_read_without_itertools_pickling() -> None:
+    """The counters were read through ``itertools.count.__reduce__``, which warns since
+    Python 3.12 and is gone in 3.14: ``stats()`` and the bound of every shutdown flush
+    (atexit, lifespan, FlushOnShutdown, the SIGTERM helper) raised a DeprecationWarning
+    under ``-W error`` on 3.12 and 3.13 (this suite's setting) and a TypeError on 3.14, so
+    the flush at exit never ran there. Fails before the fix on 3.12+."""
+    import itertools
+    import warnings
+
+    counter = itertools.count()
+    for _ in range(41):
+        next(counter)
+    AnalyticsWSGIMiddleware(lambda e, s: [], service_token="counter-token")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _worker._value(counter) == 41
+        assert alf_analytics.stats()["captured"] == 0
+        assert _worker.shutdown_bound(1.0) == 1.0
+    assert next(counter) == 41  # read, not advanced
+
+
 def test_middlewares_share_one_worker_per_collector(collector: Collector) -> None:
     """Middlewares for one collector share one worker whatever their tokens; not across URLs."""
     first = wrap(collector.url)

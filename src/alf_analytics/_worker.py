@@ -554,8 +554,10 @@ def hand_over(worker: Any, exchange: Exchange) -> None:
 
 
 def _value(counter: itertools.count[int]) -> int:
-    """The next value of an itertools.count without advancing it."""
-    return int(counter.__reduce__()[1][0])
+    """The next value of an itertools.count without advancing it, read from its repr
+    (``count(N)``): its ``__reduce__`` warns (DeprecationWarning) since Python 3.12 and is
+    gone in 3.14."""
+    return int(repr(counter)[6:-1])
 
 
 # -- the process-wide registry ------------------------------------------------------------------
