@@ -323,13 +323,19 @@ def test_redact_body_keys_adds_keys_and_default_redactions_false_replaces() -> N
 DOCUMENT = json.dumps({"id": 7, "token": SECRET, "items": list(range(50))}).encode()
 
 
+def _raw_deflate(data: bytes) -> bytes:
+    # zlib.compress() takes wbits only from Python 3.11; the suite runs on 3.10 too.
+    compressor = zlib.compressobj(wbits=-15)
+    return compressor.compress(data) + compressor.flush()
+
+
 @pytest.mark.parametrize(
     ("coding", "compress"),
     [
         pytest.param("gzip", gzip.compress, id="gzip"),
         pytest.param("x-gzip", gzip.compress, id="x-gzip"),
         pytest.param("deflate", zlib.compress, id="deflate-zlib"),
-        pytest.param("deflate", lambda b: zlib.compress(b, wbits=-15), id="deflate-raw"),
+        pytest.param("deflate", _raw_deflate, id="deflate-raw"),
         pytest.param("gzip, deflate", lambda b: zlib.compress(gzip.compress(b)), id="stacked"),
     ],
 )
