@@ -359,6 +359,51 @@ def test_bodies_are_base64_with_mime_type() -> None:
     assert entry["request"]["bodyCaptured"] is entry["response"]["bodyCaptured"] is True
 
 
+@pytest.mark.parametrize(
+    "types",
+    [
+        pytest.param(["application/json", "x/garbage"], id="json-then-other"),
+        pytest.param(["application/json", ""], id="json-then-empty"),
+        pytest.param(["application/x-www-form-urlencoded", "text/plain"], id="form-then-text"),
+    ],
+)
+def test_a_body_with_conflicting_content_types_is_left_out(types: list[str]) -> None:
+    """Several Content-Type pairs that disagree (an ASGI scope, an app's response headers
+    keep them all): the capture was decided on one, the redaction would follow another, so
+    the body cannot be redacted reliably and is left out, never sent as it came."""
+    secret = b'{"password": "hunter2"}' if "json" in types[0] else b"password=hunter2"
+    record = exchange(
+        request_info(
+            method="POST",
+            headers=[("content-type", value) for value in types],
+            content_length=len(secret),
+        ),
+        response_headers=[("Content-Type", value) for value in types],
+    )
+    record.request_data(secret)
+    record.request_complete = True
+    record.response_data(secret)
+    entry = entry_of(record)
+    assert "postData" not in entry["request"] and "content" not in entry["response"]
+    assert entry["request"]["bodyCaptured"] is entry["response"]["bodyCaptured"] is False
+    assert (entry["request"]["bodySize"], entry["response"]["bodySize"]) == (len(secret),) * 2
+
+
+def test_a_repeated_identical_content_type_is_one() -> None:
+    """The same Content-Type twice is no conflict: the body is captured and redacted."""
+    record = exchange(
+        request_info(
+            method="POST",
+            headers=[("content-type", "application/json")] * 2,
+            content_length=23,
+        ),
+    )
+    record.request_data(b'{"password": "hunter2"}')
+    record.request_complete = True
+    post_data = entry_of(record)["request"]["postData"]
+    assert base64.b64decode(post_data["text"]) == b'{"password":"[REDACTED]"}'
+
+
 def test_body_without_content_type_is_octet_stream() -> None:
     """A body without Content-Type is labelled application/octet-stream."""
     record = exchange(request_info(method="PUT"), response_headers=[])

@@ -423,6 +423,36 @@ async def test_a_chunked_body_the_app_never_read_is_not_called_captured(
     assert (request["bodySize"], request["bodyCaptured"]) == (0, False)
 
 
+@pytest.mark.anyio
+async def test_a_second_content_type_cannot_carry_a_secret_past_redaction(
+    anyio_backend: str, collector: Collector
+) -> None:
+    """uvicorn and hypercorn pass every Content-Type pair on: JSON first (the capture is
+    decided on it), another type last. The JSON body is never sent unredacted."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        body = (await receive())["body"]
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": body})
+
+    secret = b'{"password": "hunter2"}'
+    headers = [
+        (b"host", b"testserver"),
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(secret)).encode()),
+        (b"content-type", b"x/other"),
+    ]
+    server = Server(body_messages(secret, 100))
+    scope = http_scope("/in", method="POST", headers=headers)
+    with anyio.fail_after(10):
+        await analytics(app, collector, log_body=True, log_body_types=None)(
+            scope, server.receive, server.send
+        )
+    request = only_entry(collector)["request"]
+    assert "postData" not in request
+    assert (request["bodySize"], request["bodyCaptured"]) == (len(secret), False)
+
+
 def _leaving(at: str) -> tuple[Any, Any]:
     """``receive``/``send`` of a client that leaves right after its request (``"request"``)
     or once the first body bytes reached it (``"body"``)."""

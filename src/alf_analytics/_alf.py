@@ -346,6 +346,10 @@ class _Plan:
             content_type, coding = _body_headers(
                 [_as_text_pair(item) for item in headers if _is_pair(item)]
             )
+        if content_type is None:
+            # Content-Type pairs that disagree: the capture was decided on one, the app may
+            # have parsed by another; no redaction can be sure to apply, so leave it out.
+            return None, False
         data = bytes(captured)
         if coding:
             # Never compressed bytes labelled JSON: decoded (bounded), or left out.
@@ -371,16 +375,21 @@ class _Plan:
         return body, complete
 
 
-def _body_headers(headers: Sequence[RawHeader]) -> tuple[str, str]:
-    """The ``Content-Type`` and ``Content-Encoding`` values ("" when absent)."""
-    content_type = coding = ""
+def _body_headers(headers: Sequence[RawHeader]) -> tuple[str | None, str]:
+    """The ``Content-Type`` and ``Content-Encoding`` values ("" when absent); the type is
+    None when several ``Content-Type`` pairs disagree (an ASGI scope keeps them all)."""
+    content_type: str | None = None
+    coding = ""
     for raw_name, raw_value in headers:
         name = raw_name.lower()
         if name in ("content-type", b"content-type"):
-            content_type = text(raw_value)
+            value = text(raw_value)
+            if content_type is not None and value != content_type:
+                return None, coding
+            content_type = value
         elif name in ("content-encoding", b"content-encoding"):
             coding = text(raw_value)
-    return content_type, coding
+    return content_type or "", coding
 
 
 def _is_pair(item: Any) -> bool:
