@@ -648,6 +648,36 @@ def test_a_header_name_seen_before_keeps_its_rule_for_every_new_value() -> None:
         assert f"tok-{n}" not in json.dumps(entry) and f"key-{n}" not in json.dumps(entry)
 
 
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        pytest.param(
+            "http://a.example/?x=1,http://u:pw-1@b.example/?token=tok-1",
+            "http://a.example/?x=1,http://%5BREDACTED%5D@b.example/?token=%5BREDACTED%5D",
+            id="second-absolute",
+        ),
+        pytest.param(
+            "/a?x=1,//u:pw-1@b.example/p?api_key=tok-1#sig=tok-2",
+            "/a?x=1,//%5BREDACTED%5D@b.example/p?api_key=%5BREDACTED%5D#sig=%5BREDACTED%5D",
+            id="second-scheme-relative",
+        ),
+        pytest.param(
+            "http://a.example/?x=1,2&token=tok-1",
+            "http://a.example/?x=1,2&token=%5BREDACTED%5D",
+            id="one-url-with-a-comma",
+        ),
+    ],
+)
+def test_a_folded_url_header_has_every_url_in_it_redacted(value: str, expected: str) -> None:
+    """A WSGI server folds a repeated Referer (or Location...) into one value joined by
+    ``,``: the userinfo and query secrets of every URL in it are redacted, not only the
+    first's."""
+    info = request_info(headers=[("host", "api.example.com"), ("referer", value)])
+    entry = entry_of(exchange(info))
+    assert header(entry["request"]["headers"], "referer") == [expected]
+    assert "pw-1" not in json.dumps(entry) and "tok-" not in json.dumps(entry)
+
+
 # -- addresses ---------------------------------------------------------------------------------
 
 PROXIES = ["10.0.0.0/8", "fd00::/8"]

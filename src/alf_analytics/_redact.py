@@ -163,7 +163,16 @@ class Redactor:
         Userinfo (``user:password@``) always; query parameter values as ``redact_query``
         says, as in ``request.url``, and so in a fragment of ``name=value`` pairs (an OAuth
         implicit grant redirects to ``...#access_token=...``). The rest is kept as it was.
+        A WSGI server folds a repeated header into one value joined by ``,``: each part is
+        then redacted again as a URL of its own, so a second URL's userinfo and query cannot
+        pass as text inside the first one's query.
         """
+        redacted = self._url(value)
+        if "," not in redacted:
+            return redacted
+        return ",".join(self._url(part) for part in redacted.split(","))
+
+    def _url(self, value: str) -> str:
         if "@" in value:
             value = _USERINFO.sub(r"\1" + _REDACTED_IN_URL + "@", value, count=1)
         if "?" not in value and "=" not in value:
