@@ -401,6 +401,24 @@ def test_wsgi_request_without_content_length(collector: Collector, configure: Co
     assert ("content-length" not in [h["name"] for h in request["headers"]]) is True
 
 
+def test_wsgi_request_body_cut_short_counts_what_crossed(
+    collector: Collector, configure: Configure
+) -> None:
+    """A client that leaves mid-upload under WSGI (gunicorn then ends wsgi.input early):
+    Django reads ``request.body`` with one sized read, which comes back short. The entry
+    counts the bytes that crossed, not the Content-Length, as for a plain WSGI app."""
+    environ = wsgi_environ(
+        "POST",
+        "/body",
+        body=b"partial",
+        headers=[("content-type", "text/plain"), ("content-length", "1000")],
+    )
+    status, _, body = call_wsgi(WSGIHandler(), environ)
+    assert (status, body) == ("200 OK", b"partial")
+    request = one_entry(collector)["request"]
+    assert (request["bodySize"], request["bodyCaptured"]) == (7, False)
+
+
 def test_asgi_request_without_content_length(collector: Collector, configure: Configure) -> None:
     """An ASGI POST without content-length, in several body messages, is captured exactly."""
     scope = asgi_scope("POST", "/body", headers=[("content-type", "text/plain")])

@@ -463,6 +463,25 @@ def test_read_without_a_size_gets_the_whole_body(collector: Collector) -> None:
     assert body_of(entry["request"], "postData") == BODY
 
 
+def test_sized_read_cut_short_counts_what_crossed(collector: Collector) -> None:
+    """The client left mid-upload: gunicorn's wsgi.input then returns fewer bytes than a
+    read(Content-Length) asked for. The entry counts the bytes that crossed (not the
+    declared length) and says the body is not whole."""
+
+    def read_declared_app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        data = environ["wsgi.input"].read(int(environ["CONTENT_LENGTH"]))
+        start_response("200 OK", [("Content-Type", "application/octet-stream")])
+        return [data]
+
+    environ = create_environ("/", method="POST", input_stream=io.BytesIO(b"partial"))
+    environ["CONTENT_LENGTH"] = "1000"
+    status, _, echoed = run(middleware(read_declared_app, collector), environ)
+    assert (status, echoed) == ("200 OK", b"partial")
+    (entry,) = received_entries(collector, 1)
+    assert (entry["request"]["bodySize"], entry["request"]["bodyCaptured"]) == (7, False)
+    assert body_of(entry["request"], "postData") == b"partial"
+
+
 @pytest.mark.parametrize(
     "path",
     [pytest.param("/echo", id="get-data"), pytest.param("/json", id="get-json")],

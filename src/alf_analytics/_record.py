@@ -286,14 +286,16 @@ class InputTee:
         self._stream = stream
         self._exchange = exchange
 
-    def _seen(self, data: bytes, size: Any) -> bytes:
+    def _seen(self, data: bytes, size: Any, short_is_end: bool = True) -> bytes:
         exchange = self._exchange
         try:
             asked = size if isinstance(size, int) else -1
             if data:
                 exchange.request_data(data)
-            if asked < 0 or (not data and asked != 0):
-                # read() without a size returns everything; an empty read means end of input.
+            if asked < 0 or (len(data) < asked if short_is_end else not data and asked != 0):
+                # read() without a size returns everything; read(n) returns fewer than n
+                # bytes only at the end of input (gunicorn's when the client left mid-upload:
+                # Django reads request.body with one sized read); an empty read is the end.
                 exchange.request_complete = True
         except Exception:
             self._failed()
@@ -322,7 +324,8 @@ class InputTee:
 
     def read1(self, *args: Any, **kwargs: Any) -> bytes:
         size = args[0] if args else kwargs.get("size", kwargs.get("n"))
-        return self._seen(self._stream.read1(*args, **kwargs), size)
+        # read1() may return fewer bytes than asked before the end.
+        return self._seen(self._stream.read1(*args, **kwargs), size, False)
 
     def readinto(self, buffer: Any) -> int:
         # Werkzeug's LimitedStream prefers readinto() when the stream has one, and ours always
