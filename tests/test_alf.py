@@ -389,6 +389,27 @@ def test_a_body_with_conflicting_content_types_is_left_out(types: list[str]) -> 
     assert (entry["request"]["bodySize"], entry["response"]["bodySize"]) == (len(secret),) * 2
 
 
+def test_content_encoding_pairs_combine_as_one_list() -> None:
+    """Two Content-Encoding pairs are one list (RFC 9110 5.3): ``br`` then ``identity`` is
+    still a brotli body, left out as any ``br`` body is, not sent as if it were plain."""
+    record = exchange(
+        request_info(
+            method="POST",
+            headers=[
+                ("content-type", "text/plain"),
+                ("content-encoding", "br"),
+                ("content-encoding", "identity"),
+            ],
+            content_length=6,
+        ),
+    )
+    record.request_data(b"\x0b\x02\x80hi\x03")
+    record.request_complete = True
+    request = entry_of(record)["request"]
+    assert "postData" not in request
+    assert (request["bodySize"], request["bodyCaptured"]) == (6, False)
+
+
 def test_a_repeated_identical_content_type_is_one() -> None:
     """The same Content-Type twice is no conflict: the body is captured and redacted."""
     record = exchange(

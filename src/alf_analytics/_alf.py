@@ -388,7 +388,8 @@ def _body_headers(headers: Sequence[RawHeader]) -> tuple[str | None, str]:
                 return None, coding
             content_type = value
         elif name in ("content-encoding", b"content-encoding"):
-            coding = text(raw_value)
+            # Several pairs are one list, applied in order (RFC 9110 5.3).
+            coding = f"{coding}, {text(raw_value)}" if coding else text(raw_value)
     return content_type or "", coding
 
 
