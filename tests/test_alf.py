@@ -155,6 +155,16 @@ def test_url_omits_a_default_port_from_the_host_header(scheme: str, host: str) -
     assert entry["request"]["url"] == f"{scheme}://api.example.com/items"
 
 
+def test_a_host_with_userinfo_is_invalid_and_its_header_pair_loses_the_userinfo() -> None:
+    """README placeholders: ``user:pass@host`` makes the URL's host ``invalid``; the ``host``
+    pair keeps the rest of the value sent, but never the userinfo ("What leaves")."""
+    host = "user:hunter2@api.example.com"
+    entry = entry_of(exchange(request_info(host=host, headers=[("host", host)])))
+    assert entry["request"]["url"] == "http://invalid/items"
+    assert header(entry["request"]["headers"], "host") == ["%5BREDACTED%5D@api.example.com"]
+    assert "hunter2" not in json.dumps(entry)
+
+
 @pytest.mark.parametrize(
     "host",
     [
