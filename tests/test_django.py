@@ -419,6 +419,34 @@ def test_wsgi_request_body_cut_short_counts_what_crossed(
     assert (request["bodySize"], request["bodyCaptured"]) == (7, False)
 
 
+def test_asgi_client_leaving_mid_upload_is_not_recorded(
+    collector: Collector, configure: Configure
+) -> None:
+    """Django's ASGI handler reads the whole request body before any middleware runs and
+    gives up on a client that left mid-upload: such a request never reaches ours, so it
+    builds no entry (README, "What an entry holds"), and the books are untouched."""
+    scope = asgi_scope(
+        "POST", "/body", headers=[("content-type", "text/plain"), ("content-length", "1000")]
+    )
+    messages: list[dict[str, Any]] = [
+        {"type": "http.request", "body": b"partial", "more_body": True},
+    ]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    captured = alf_analytics.stats()["captured"]
+    asyncio.run(ASGIHandler()(scope, receive, send))
+    assert sent == []
+    assert alf_analytics.flush(5.0) is True
+    assert alf_analytics.stats()["captured"] == captured
+    assert collector.count() == 0
+
+
 def test_asgi_request_without_content_length(collector: Collector, configure: Configure) -> None:
     """An ASGI POST without content-length, in several body messages, is captured exactly."""
     scope = asgi_scope("POST", "/body", headers=[("content-type", "text/plain")])
