@@ -795,6 +795,31 @@ async def test_lifespan_shutdown_is_forwarded_after_the_flush(
     assert collector.entries()[0].path == "/before-shutdown"
 
 
+@pytest.mark.anyio
+async def test_lifespan_flush_that_runs_out_of_time_says_what_stays_unsent(
+    anyio_backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """uvicorn exits after the lifespan shutdown without running atexit: when the flush runs
+    out of time, the lifespan flush is the last chance to say entries stay unsent."""
+    app = AnalyticsASGIMiddleware(
+        lifespan_app({"type": "lifespan.shutdown.complete"}, []),
+        service_token=TOKEN,
+        collector_url=f"http://127.0.0.1:{free_port()}",  # nothing listens: refused, retried
+        shutdown_timeout=0.3,
+    )
+    server = Server()
+    await app(http_scope("/unsent"), server.receive, server.send)
+    lifespan = LifespanServer()
+    scope = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}
+    with caplog.at_level("WARNING", logger="alf_analytics"), anyio.fail_after(10):
+        await app(scope, lifespan.receive, lifespan.send)
+    assert lifespan.sent[-1]["type"] == "lifespan.shutdown.complete"
+    said = [r.getMessage() for r in caplog.records if "unsent" in r.getMessage()]
+    assert said == [
+        "alf_analytics: lifespan shutdown with 1 entries unsent (shutdown_timeout reached)"
+    ]
+
+
 class _Clock:
     def __init__(self) -> None:
         self.now = 1000.0

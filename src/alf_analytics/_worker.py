@@ -681,15 +681,20 @@ def shutdown_bound(timeout: float) -> float:
     return timeout
 
 
+def warn_unsent(when: str) -> None:
+    """After a shutdown flush ran out of time: say how many entries stay unsent, if any."""
+    left = stats()["queued"]
+    if left:
+        logger.warning(
+            "alf_analytics: %s with %d entries unsent (shutdown_timeout reached)", when, left
+        )
+
+
 def _at_exit() -> None:
     global _finalizing
     try:
         if not close(shutdown_bound(largest_shutdown_timeout(0.0))):
-            left = stats()["queued"]
-            if left:
-                logger.warning(
-                    "alf_analytics: exiting with %d entries unsent (shutdown_timeout reached)", left
-                )
+            warn_unsent("exiting")
     finally:
         _finalizing = True
 

@@ -26,7 +26,7 @@ from ._consumer import enter, leave_quietly
 from ._gate import Gate, is_async_callable, made_with, takes_two_arguments
 from ._record import NO_RESPONSE, Exchange, RequestInfo, log_internal_error
 from ._signals import check_exit_flush_asgi
-from ._worker import Worker, flush, get_worker, hand_over, shutdown_bound
+from ._worker import Worker, flush, get_worker, hand_over, shutdown_bound, warn_unsent
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -393,7 +393,10 @@ async def _flush_off_loop(flush_queued: Callable[[float], bool], timeout: float)
 
         # Shared with the other shutdown hooks: nested middlewares, the SIGTERM helper and
         # atexit do not each wait a full shutdown_timeout for the same unsent entries.
-        await anyio.to_thread.run_sync(flush_queued, shutdown_bound(timeout))
+        done = await anyio.to_thread.run_sync(flush_queued, shutdown_bound(timeout))
+        if not done:
+            # uvicorn then exits without atexit: this is the last word on what was not sent.
+            warn_unsent("lifespan shutdown")
     except Exception:  # never let our flush break the server's shutdown
         logger.warning("alf_analytics: flush at lifespan shutdown failed", exc_info=True)
 
