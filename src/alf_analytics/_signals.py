@@ -157,8 +157,9 @@ def check_django_asgi() -> None:
     if _warned or flush_wrapper_seen:
         return
     _warn(
-        "alf_analytics: Django under ASGI without FlushOnShutdown: entries still queued when "
-        "the server stops are lost. In asgi.py: application = "
+        "alf_analytics: Django under ASGI without FlushOnShutdown: Django refuses the lifespan "
+        "protocol, so under a server that exits without atexit (uvicorn) entries still queued "
+        "when it stops are lost. In asgi.py: application = "
         "FlushOnShutdown(get_asgi_application())  (from alf_analytics.asgi import "
         "FlushOnShutdown)"
     )
