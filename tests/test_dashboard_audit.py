@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from datetime import datetime, timezone
 from html import unescape
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote_plus, urlsplit
 
 import httpx
 import pytest
@@ -285,6 +285,19 @@ def test_the_selectors_show_the_filter_in_force(reader: httpx.Client, path: str)
     page = reader.get(path, params={"service": "nobody", "environment": "nowhere"})
     assert selected(page.text, "service") == "nobody (no entries)"
     assert selected(page.text, "environment") == "nowhere (no entries)"
+
+
+@pytest.mark.parametrize("path", ["/", "/requests"])
+def test_a_page_filtered_by_the_token_never_shows_it(reader: httpx.Client, path: str) -> None:
+    """``service=TOKEN`` selects that service, and every link the page shows (the other
+    page, the chips, the status codes, the consumers, the HAR download) names it by its id:
+    a page is an answer, and tokens never appear in answers (the access log masks them
+    too). They repeated the token, so the next click or a shared link carried it."""
+    page = reader.get(path, params={"service": TOKEN, "environment": ENV, "status": "5xx"})
+    assert page.status_code == 200
+    assert selected(page.text, "service") == "web"
+    assert TOKEN not in unquote_plus(unescape(page.text))
+    assert "/requests?service=web&amp;" in page.text
 
 
 @pytest.mark.parametrize("tail", ["abc", "-1", "9" * 5000, "%3Cscript%3E"])

@@ -271,7 +271,7 @@ _TEMPLATES: Final = _environment()
 def render(request: Request, name: str, context: Mapping[str, Any], status: int = 200) -> Response:
     values = {
         "request": request,
-        "url_with": _url_builder(request),
+        "url_with": _url_builder(request, context.get("params", {}).get("service")),
         "static": _static_url,
         "logout": auth.read_key_configured(request),
         **context,
@@ -284,15 +284,19 @@ def _static_url(path: str) -> str:
     return f"/static/{path}"
 
 
-def _url_builder(request: Request) -> Callable[..., str]:
+def _url_builder(request: Request, service: str | None = None) -> Callable[..., str]:
     """``url_with(sort="p95", cursor=None)``: this page's URL with some parameters changed.
 
     ``None`` removes a parameter; ``path=`` changes the page. The cursor is dropped whenever
-    anything else changes (it belongs to one filtered listing).
+    anything else changes (it belongs to one filtered listing). ``service`` is the id of the
+    service the page's ``service`` filter found: links name it so, never by the token the
+    URL may have used.
     """
 
     def url_with(_path: str | None = None, **changes: str | int | None) -> str:
         params = dict(request.query_params)
+        if service is not None and "service" in params:
+            params["service"] = service
         if "cursor" not in changes:
             params.pop("cursor", None)
         for key, value in changes.items():
@@ -639,13 +643,17 @@ def _recent_failures(store: Any, selection: Selection) -> list[dict[str, Any]]:
 def _log_data(store: Any, selection: Selection, cursor: str | None) -> dict[str, Any]:
     page = queries.entries(store, selection.filters, limit=LOG_PAGE_SIZE, cursor=cursor)
     services = _all_services(store)
+    scope = _scope(services, selection, page["entries"])
+    har_params = dict(selection.api_params)
+    if scope.service is not None and "service" in har_params:
+        har_params["service"] = scope.service[0]  # its id, never the token the URL used
     return {
         "_services": services,
-        "_scope": _scope(services, selection, page["entries"]),
+        "_scope": scope,
         "entries": page["entries"],
         "next_cursor": page["next_cursor"],
         "cursor": cursor,
-        "har_query": urlencode(selection.api_params),
+        "har_query": urlencode(har_params),
     }
 
 
