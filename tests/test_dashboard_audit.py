@@ -298,6 +298,10 @@ def test_a_page_filtered_by_the_token_never_shows_it(reader: httpx.Client, path:
     assert selected(page.text, "service") == "web"
     assert TOKEN not in unquote_plus(unescape(page.text))
     assert "/requests?service=web&amp;" in page.text
+    page = reader.get(path, params={"service": TOKEN, "status": "bogus"})  # the 400 page too
+    assert page.status_code == 400
+    assert TOKEN not in unquote_plus(unescape(page.text))
+    assert "service=web&amp;status=bogus" in page.text
 
 
 @pytest.mark.parametrize("tail", ["abc", "-1", "9" * 5000, "%3Cscript%3E"])

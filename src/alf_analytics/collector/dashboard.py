@@ -271,7 +271,9 @@ _TEMPLATES: Final = _environment()
 def render(request: Request, name: str, context: Mapping[str, Any], status: int = 200) -> Response:
     values = {
         "request": request,
-        "url_with": _url_builder(request, context.get("params", {}).get("service")),
+        "url_with": _url_builder(
+            request, context.get("link_service") or context.get("params", {}).get("service")
+        ),
         "static": _static_url,
         "logout": auth.read_key_configured(request),
         **context,
@@ -465,10 +467,27 @@ async def _page(request: Request, template: str, build: PageData) -> Response:
     except (SelectionError, queries.FilterError) as exc:  # a bad filter, sort or cursor
         services = await run_in_threadpool(_all_services, store)
         context = _frame(request, None, services, error=str(exc))
-        return render(request, template, {**context, "failed": True}, status=400)
+        link = await run_in_threadpool(_service_link, store, request.query_params.get("service"))
+        context = {**context, "failed": True, "link_service": link}
+        return render(request, template, context, status=400)
     services = data.pop("_services")
     scope = data.pop("_scope")
     return render(request, template, {**_frame(request, selection, services, scope=scope), **data})
+
+
+def _service_link(store: Any, value: str | None) -> str | None:
+    """The id of the service a 400 page's ``service`` names (by id, name or token), which
+    its links carry instead of the value: the page read no data that would name it."""
+    try:
+        service = queries.Filters.create(service=value.strip() if value else None).service
+    except queries.FilterError:
+        return None
+    if service is None:
+        return None
+    rows = store.fetchall(
+        "SELECT token_id FROM streams WHERE token_id = ? OR name = ? OR token = ?", [service] * 3
+    )
+    return str(rows[0][0]) if rows else None
 
 
 def _frame(
