@@ -131,7 +131,7 @@ def test_entries_stats_and_endpoints_filter_by_every_status(
         assert answer["status_codes"] == {str(code): 1 for code in wanted}, status
         classes = Counter(f"{code // 100}xx" for code in wanted)
         assert answer["status_classes"] == classes, status
-        assert answer["errors"] == sum(1 for code in wanted if code >= 400), status
+        assert answer["errors"] == sum(1 for code in wanted if 400 <= code <= 599), status
 
         endpoints = api.get("/api/endpoints", params={"status": status, **span})
         assert endpoints.status_code == 200, (status, endpoints.text)
@@ -143,6 +143,31 @@ def test_entries_stats_and_endpoints_filter_by_every_status(
         assert har.status_code == 200, (status, har.text)
         exported = [entry["response"]["status"] for entry in har.json()["log"]["entries"]]
         assert sorted(exported) == wanted, status
+
+
+@pytest.mark.parametrize("window", ["all", "partial", "whole"])
+def test_errors_are_the_4xx_and_5xx_answers_only(
+    api: httpx.Client, base: datetime, window: str
+) -> None:
+    """The README's error rate is that of "the 4xx+5xx count", the overview says "N errors
+    (4xx, 5xx)" beside its "All 4xx" and "All 5xx" links and draws a 4xx and a 5xx line:
+    the non-standard 650 and 999 (the dashboard's "6xx-9xx non-standard") are neither.
+    They counted as errors, and as 5xx in the series."""
+    span = _span(window, base)
+    stats = api.get("/api/stats", params={**span, "interval": "3600"}).json()
+    assert stats["count"] == len(STATUSES)
+    assert stats["errors"] == 1  # the 404
+    assert stats["error_rate"] == round(1 / len(STATUSES), 6)
+    series = stats["series"]
+    assert sum(point["client_errors"] for point in series) == 1
+    assert sum(point["server_errors"] for point in series) == 0
+    assert sum(point["errors"] for point in series) == 1
+    rows = api.get("/api/endpoints", params=span).json()["endpoints"]
+    assert {row["route"]: row["errors"] for row in rows} == {
+        path: int(code == 404) for code, path in STATUSES.items()
+    }
+    services = api.get("/api/services", params=span).json()["services"]
+    assert [row["errors"] for row in services] == [1]
 
 
 BAD = ["1000", "0404", "xx", "x", "4x", "4xxx", "10xx", "-1", "+1", "-0", "1e2", "4.0",

@@ -349,7 +349,7 @@ class Agg:
 
     def add(self, status: int, bucket: int, n: int, time_sum: float, b_in: int, b_out: int) -> None:
         self.count += n
-        if status >= 400:
+        if 400 <= status <= 599:  # 4xx and 5xx; 0xx and 6xx to 9xx are no errors
             self.errors += n
             if status >= 500:
                 self.server_errors += n
