@@ -304,6 +304,31 @@ def test_a_page_filtered_by_the_token_never_shows_it(reader: httpx.Client, path:
     assert "service=web&amp;status=bogus" in page.text
 
 
+QUIET_TOKEN = "quiet-service-token-0123456789"
+
+
+@pytest.mark.parametrize("path", ["/", "/requests"])
+def test_an_accepted_token_with_no_entries_yet_is_not_shown_either(path: str) -> None:
+    """A service that has not sent anything yet, filtered by its token: the selector reads
+    its name (or the token's mask) "(no entries)" and the links name it by its id; they
+    showed the token in full, as the label of the choice and in every link."""
+    tokens = [f"web={TOKEN}", f"quiet={QUIET_TOKEN}", "unnamed-service-token-abcdef"]
+    with Collector(":memory:", read_key=READ_KEY, tokens=tokens) as collector:
+        headers = {"Authorization": f"Bearer {READ_KEY}"}
+        with httpx.Client(base_url=collector.url, headers=headers, timeout=10) as client:
+            page = client.get(path, params={"service": QUIET_TOKEN})
+            assert page.status_code == 200
+            assert selected(page.text, "service") == "quiet (no entries)"
+            assert QUIET_TOKEN not in unquote_plus(unescape(page.text))
+            assert "service=quiet" in page.text
+            page = client.get(path, params={"service": "unnamed-service-token-abcdef"})
+            assert selected(page.text, "service") == "...cdef (no entries)"
+            assert "unnamed-service-token" not in unquote_plus(unescape(page.text))
+            page = client.get(path, params={"service": QUIET_TOKEN, "status": "bogus"})
+            assert page.status_code == 400
+            assert QUIET_TOKEN not in unquote_plus(unescape(page.text))
+
+
 @pytest.mark.parametrize("tail", ["abc", "-1", "9" * 5000, "%3Cscript%3E"])
 def test_any_entry_address_is_the_detail_pages_404(reader: httpx.Client, tail: str) -> None:
     """Not a number, or one of 5,000 digits (the int route converter raised: a 500), is the

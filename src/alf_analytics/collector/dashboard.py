@@ -40,6 +40,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from . import auth, queries
+from .settings import TokenSet
 from .storage import STORAGE_RETRY_AFTER, is_storage_failure
 
 __all__ = ["dashboard_routes"]
@@ -467,17 +468,26 @@ async def _page(request: Request, template: str, build: PageData) -> Response:
     except (SelectionError, queries.FilterError) as exc:  # a bad filter, sort or cursor
         services = await run_in_threadpool(_all_services, store)
         context = _frame(request, None, services, error=str(exc))
-        link = await run_in_threadpool(_service_link, store, request.query_params.get("service"))
+        value = request.query_params.get("service")
+        link = await run_in_threadpool(_service_link, store, request.app.state.tokens, value)
         context = {**context, "failed": True, "link_service": link}
         return render(request, template, context, status=400)
     services = data.pop("_services")
     scope = data.pop("_scope")
-    return render(request, template, {**_frame(request, selection, services, scope=scope), **data})
+    frame = _frame(request, selection, services, scope=scope)
+    if "_har_params" in data:  # the HAR download names the service as the links do
+        har_params = dict(data.pop("_har_params"))
+        if "service" in har_params:
+            har_params["service"] = frame["params"]["service"]
+        data["har_query"] = urlencode(har_params)
+    return render(request, template, {**frame, **data})
 
 
-def _service_link(store: Any, value: str | None) -> str | None:
+def _service_link(store: Any, tokens: TokenSet, value: str | None) -> str | None:
     """The id of the service a 400 page's ``service`` names (by id, name or token), which
     its links carry instead of the value: the page read no data that would name it."""
+    if value and tokens.is_service_token(value.strip()):
+        return tokens.lookup(value.strip()).id
     try:
         service = queries.Filters.create(service=value.strip() if value else None).service
     except queries.FilterError:
@@ -518,7 +528,13 @@ def _frame(
             params["service"] = scope.service[0]
             choices.setdefault(*scope.service)
         elif params["service"] not in choices:
-            choices[params["service"]] = f"{params['service']} (no entries)"
+            tokens = request.app.state.tokens
+            if tokens.is_service_token(params["service"]):  # accepted, nothing sent yet
+                token = tokens.lookup(params["service"])
+                params["service"] = token.id  # named so, as in the links, never in full
+                choices[token.id] = f"{token.shown} (no entries)"
+            else:
+                choices[params["service"]] = f"{params['service']} (no entries)"
     environment = params.get("environment")
     if environment is not None and environment not in names:
         label = environment if scope.listed else f"{environment} (no entries)"
@@ -662,17 +678,13 @@ def _recent_failures(store: Any, selection: Selection) -> list[dict[str, Any]]:
 def _log_data(store: Any, selection: Selection, cursor: str | None) -> dict[str, Any]:
     page = queries.entries(store, selection.filters, limit=LOG_PAGE_SIZE, cursor=cursor)
     services = _all_services(store)
-    scope = _scope(services, selection, page["entries"])
-    har_params = dict(selection.api_params)
-    if scope.service is not None and "service" in har_params:
-        har_params["service"] = scope.service[0]  # its id, never the token the URL used
     return {
         "_services": services,
-        "_scope": scope,
+        "_scope": _scope(services, selection, page["entries"]),
         "entries": page["entries"],
         "next_cursor": page["next_cursor"],
         "cursor": cursor,
-        "har_query": urlencode(har_params),
+        "_har_params": selection.api_params,
     }
 
 
