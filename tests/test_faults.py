@@ -307,7 +307,7 @@ BROKEN = [
     pytest.param(lambda f: f.fail(503, body=b"<html>down</html>"), "retries_exhausted", id="503"),
     pytest.param(lambda f: f.fail(429, retry_after="0"), "retries_exhausted", id="429"),
     pytest.param(lambda f: f.fail(400), "rejected", id="400"),
-    # A 401 pauses every send (AUTH_PAUSE), the refused batches waiting to probe again:
+    # A 401 pauses the token's sends (AUTH_PAUSE), the refused batches waiting to probe again:
     # all of it is given up at close().
     pytest.param(lambda f: f.fail(401), "shutdown", id="401"),
     pytest.param(lambda f: f.too_large_above(0), "too_large", id="413-always"),

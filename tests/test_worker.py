@@ -20,7 +20,7 @@ import pytest
 
 import alf_analytics
 from alf_analytics import AnalyticsWSGIMiddleware, _batching, _delivery, _worker
-from alf_analytics._config import Config, make_config
+from alf_analytics._config import Config, make_config, mask_token
 from alf_analytics._record import Exchange
 from alf_analytics._transport import Outcome
 from alf_analytics._worker import MAX_BACKOFF, MAX_RETRY_AFTER, Worker, backoff, get_worker
@@ -547,7 +547,7 @@ def test_rejection_is_logged_once(
 
 
 @pytest.mark.parametrize("status", [401, 403])
-def test_refused_credentials_pause_every_send_and_say_why_once(
+def test_refused_credentials_pause_every_send_of_the_token_and_say_why_once(
     workers: Callable[..., tuple[Worker, ScriptedTransport]],
     caplog: pytest.LogCaptureFixture,
     status: int,
@@ -625,6 +625,134 @@ def test_a_token_fixed_on_the_collector_during_the_pause_loses_nothing(
     stats = worker.stats()
     assert (stats["sent"], stats["dropped_total"], stats["queued"]) == (5, 0, 0)
     assert stats["retried"] == 2
+
+
+def refusing(token: str) -> Callable[[list[dict[str, Any]]], Outcome]:
+    """A collector that refuses (401) every request carrying ``token``, as one revoking it."""
+
+    def answer(payload: list[dict[str, Any]]) -> Outcome:
+        if any(alf["serviceToken"] == token for alf in payload):
+            return Outcome(401, b'{"errors": ["service token not accepted"]}')
+        return OK
+
+    return answer
+
+
+def sent_ids(transport: ScriptedTransport, token: str) -> list[str]:
+    return [
+        e["request"]["url"].rpartition("id=")[2]
+        for payload in transport.payloads
+        for alf in payload
+        if alf["serviceToken"] == token
+        for e in alf_entries(alf)
+    ]
+
+
+def test_a_refused_token_pauses_only_its_own_sends(
+    workers: Callable[..., tuple[Worker, ScriptedTransport]], caplog: pytest.LogCaptureFixture
+) -> None:
+    """One tenant's revoked token must not hold the others back: its group pauses for
+    AUTH_PAUSE (one request refused, the rest kept back), the other token's entries go on."""
+    bad, good = config(batch_size=1), config(batch_size=1, service_token=OTHER_TOKEN)
+    worker, transport = workers(bad, ScriptedTransport(default=refusing(TOKEN)))
+    with caplog.at_level(logging.WARNING, logger="alf_analytics"):
+        worker.submit(exchange(bad, 0))
+        assert worker.flush(0.3) is False
+        for i in range(1, 6):
+            worker.submit(exchange(bad, i))
+            worker.submit(exchange(good, i))
+        assert worker.flush(0.5) is False  # the refused token's entries wait
+    assert sent_ids(transport, OTHER_TOKEN) == ["1", "2", "3", "4", "5"]
+    assert sent_ids(transport, TOKEN) == ["0"]  # refused once, nothing more sent meanwhile
+    stats = worker.stats()
+    assert (stats["sent"], stats["queued"], stats["dropped_total"]) == (5, 6, 0)
+    (pause,) = [r.getMessage() for r in caplog.records if "sends pause" in r.getMessage()]
+    assert TOKEN not in pause and f"service token {mask_token(TOKEN)} " in pause  # masked
+    assert worker.close(0.2) is False
+    assert worker.stats()["dropped"]["shutdown"] == 6
+
+
+def test_a_batch_refused_whole_finds_out_group_by_group(
+    workers: Callable[..., tuple[Worker, ScriptedTransport]],
+) -> None:
+    """A collector that refuses a whole request for one of its ALF objects' tokens: the
+    batch is tried again as one request per group, so the accepted group is delivered."""
+    bad, good = config(batch_size=4), config(batch_size=4, service_token=OTHER_TOKEN)
+    worker, transport = workers(bad, ScriptedTransport(default=refusing(TOKEN)))
+    for i in range(3):
+        worker.submit(exchange(bad, i))
+        worker.submit(exchange(good, i))
+    assert worker.flush(0.5) is False  # cut together at the flush: one request, refused
+    assert sent_ids(transport, OTHER_TOKEN) == ["0", "1", "2", "0", "1", "2"]
+    assert [len(payload) for payload in transport.payloads] == [2, 1, 1]
+    stats = worker.stats()
+    assert (stats["sent"], stats["queued"], stats["dropped_total"]) == (3, 3, 0)
+
+
+def test_a_token_accepted_again_delivers_what_its_group_kept_back(
+    workers: Callable[..., tuple[Worker, ScriptedTransport]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The token is added to the collector during the pause: the refused batch probes, is
+    accepted, and every batch its group kept back follows, in order; nothing is lost."""
+    monkeypatch.setattr(_delivery, "AUTH_PAUSE", 0.3)
+    bad, good = config(batch_size=1), config(batch_size=1, service_token=OTHER_TOKEN)
+    refuse = refusing(TOKEN)
+    fixed = threading.Event()
+    transport = ScriptedTransport(default=lambda data: OK if fixed.is_set() else refuse(data))
+    worker, _ = workers(bad, transport)
+    worker.submit(exchange(bad, 0))
+    assert worker.flush(0.1) is False
+    for i in range(1, 4):
+        worker.submit(exchange(bad, i))
+        worker.submit(exchange(good, i))
+    fixed.set()
+    assert worker.flush(10) is True
+    assert sent_ids(transport, TOKEN) == ["0", "0", "1", "2", "3"]  # refused, then accepted
+    stats = worker.stats()
+    assert (stats["sent"], stats["queued"], stats["dropped_total"]) == (7, 0, 0)
+
+
+def test_a_token_refused_at_every_probe_drops_what_its_group_kept_back(
+    workers: Callable[..., tuple[Worker, ScriptedTransport]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After ``retries`` refused probes the group's batches are rejected, not kept until the
+    queue is full of them; the other token was never held back."""
+    monkeypatch.setattr(_delivery, "AUTH_PAUSE", 0.05)
+    bad, good = config(batch_size=1, retries=2), config(batch_size=1, service_token=OTHER_TOKEN)
+    worker, transport = workers(bad, ScriptedTransport(default=refusing(TOKEN)))
+    for i in range(4):
+        worker.submit(exchange(bad, i))
+        worker.submit(exchange(good, i))
+    assert worker.flush(10) is False  # entries were rejected meanwhile
+    assert sent_ids(transport, TOKEN) == ["0", "0", "0"]  # refused, then 2 probes
+    stats = worker.stats()
+    assert (stats["sent"], stats["queued"]) == (4, 0)
+    assert stats["dropped"]["rejected"] == 4
+
+
+def test_a_revoked_tenant_does_not_delay_the_others_at_the_real_collector() -> None:
+    """Per-request tokens, one of them unknown to the collector: the known tenant's entries
+    are all stored within the flush, while the unknown one's wait for their probe."""
+    with Collector(tokens=[OTHER_TOKEN]) as collector:
+        middleware = wrap(
+            collector.url,
+            service_token=lambda environ: (
+                TOKEN if "bad" in environ["QUERY_STRING"] else OTHER_TOKEN
+            ),
+            batch_size=2,
+            delay=0.05,
+        )
+        for i in range(4):
+            call(middleware, f"bad&id={i}")
+        assert alf_analytics.flush(1) is False  # refused: that token's sends pause
+        for i in range(10):
+            call(middleware, f"good&id={i}")
+            call(middleware, f"bad&id={i + 4}")
+        assert alf_analytics.flush(3) is False  # the unknown token's entries wait
+        stored = sorted(int(e.url.rpartition("=")[2]) for e in collector.entries())
+        assert stored == list(range(10))
+        stats = alf_analytics.stats()
+        assert (stats["sent"], stats["queued"], stats["dropped_total"]) == (10, 14, 0)
 
 
 def test_207_errors_are_logged(

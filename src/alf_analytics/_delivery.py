@@ -45,7 +45,8 @@ DROP_REASONS = (
 )
 MAX_BACKOFF = 30.0
 MAX_RETRY_AFTER = 120.0
-#: After a 401 or 403 nothing is sent for this long; then one batch probes the collector.
+#: After a 401 or 403 nothing of that service token (and environment) is sent for this long;
+#: then one of its batches probes the collector. Other tokens' entries keep going.
 AUTH_PAUSE = 60.0
 #: A 400 splits the batch to find the entries the collector objects to, unless this many
 #: requests in a row were answered 400: then the collector refuses everything, and a 400
@@ -196,12 +197,100 @@ class Done:
         self.crash = crash
 
 
+class _Refusal:
+    """One group's standing refusal: its batches wait until ``until``, then one probes."""
+
+    __slots__ = ("until", "held", "probe")
+
+    def __init__(self, until: float) -> None:
+        self.until = until
+        #: Batches of this group kept back, oldest first (the first one probes next).
+        self.held: list[Batch] = []
+        #: The batch out to find out whether the collector accepts the group now.
+        self.probe: Batch | None = None
+
+
+class Refusals:
+    """The groups whose credentials the collector refused (401/403), by their ALF prefix
+    (service token and environment), with the batches kept back for them.
+
+    One tenant's revoked token must not hold the others' entries back (nor fill the queue
+    until they are dropped): only the refused group pauses, and its own batches wait here,
+    still counted against ``queue_size``.
+    """
+
+    __slots__ = ("groups",)
+
+    def __init__(self) -> None:
+        self.groups: dict[bytes, _Refusal] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.groups)
+
+    def pause(self, prefix: bytes, until: float) -> _Refusal:
+        refusal = self.groups.get(prefix)
+        if refusal is None:
+            refusal = self.groups[prefix] = _Refusal(until)
+        refusal.until = until
+        return refusal
+
+    def answered(self, batch: Batch) -> None:
+        """An answer came for ``batch``: if it was a probe, the group may probe again."""
+        for refusal in self.groups.values():
+            if refusal.probe is batch:
+                refusal.probe = None
+
+    def accepted(self, batch: Batch) -> list[Batch]:
+        """The collector took ``batch``: its groups are no longer refused; their batches."""
+        freed: list[Batch] = []
+        for prefix, _ in batch.parts:
+            refusal = self.groups.pop(prefix, None)
+            if refusal is not None:
+                freed += refusal.held
+        freed.sort(key=lambda b: b.seq)
+        return freed
+
+    def probes(self, now: float) -> list[Batch]:
+        """For each group whose pause is over and that has no probe out: its next probe."""
+        out = []
+        for refusal in self.groups.values():
+            if refusal.held and refusal.probe is None and now >= refusal.until:
+                refusal.probe = refusal.held.pop(0)
+                out.append(refusal.probe)
+        return out
+
+    def batches(self) -> list[Batch]:
+        return [batch for refusal in self.groups.values() for batch in refusal.held]
+
+    def next_due(self) -> list[float]:
+        return [r.until for r in self.groups.values() if r.held and r.probe is None]
+
+    def past(self, deadline: float) -> bool:
+        """Whether a group's batches wait past ``deadline``."""
+        return any(r.held and r.until > deadline for r in self.groups.values())
+
+    def lift(self, now: float) -> None:
+        """Every refused group may probe now (close() tries once before giving up)."""
+        for refusal in self.groups.values():
+            refusal.until = min(refusal.until, now)
+
+    def late(self, deadline: float, now: float) -> list[Batch]:
+        """Take out the batches that wait past ``deadline`` (all of them once it passed)."""
+        out: list[Batch] = []
+        for refusal in self.groups.values():
+            if now >= deadline or refusal.until > deadline:
+                out += refusal.held
+                refusal.held = []
+        return out
+
+
 class Delivery:
     """The batches cut and not settled yet, and what each answer of the collector means.
 
     A batch is ready (oldest first), in flight (at most ``max_inflight``, one while probing),
-    or waiting for its retry time; a 401/403 or two failures in a row pause every send, and
-    the next attempt is a probe. Runs on the worker thread; only the senders' loop does not.
+    or waiting for its retry time; two failures in a row pause every send, a 401/403 the sends
+    of the refused group (:class:`Refusals`), and the next attempt is a probe. Runs on the
+    worker thread; only the senders' loop does not.
     """
 
     def __init__(
@@ -238,6 +327,8 @@ class Delivery:
         self.blocked_until = 0.0
         #: After a pause, one batch at a time until one is accepted.
         self.probing = False
+        #: Groups whose credentials the collector refused, with their batches kept back.
+        self.refused = Refusals()
         #: Why sends are paused, for the shutdown's log line ("" when not paused).
         self.paused_by = ""
         #: The close() deadline for which a paused delivery probed once before giving up.
@@ -249,16 +340,17 @@ class Delivery:
     @property
     def waiting(self) -> bool:
         """Batches ready or waiting for a retry (not counting those in flight)."""
-        return bool(self.ready or self.retry)
+        return bool(self.ready or self.retry or self.refused.batches())
 
     @property
     def idle(self) -> bool:
         """Nothing left to send: no batch ready, waiting for a retry or in flight."""
-        return not (self.ready or self.retry or self.flying)
+        return not (self.ready or self.retry or self.flying or self.refused.batches())
 
     def oldest(self) -> int | None:
         """The sequence number of the oldest unsettled batch (None: all settled)."""
-        return min((b.seq for b in (*self.ready, *self.retry, *self.flying)), default=None)
+        batches = (*self.ready, *self.retry, *self.flying, *self.refused.batches())
+        return min((b.seq for b in batches), default=None)
 
     def next_due(self) -> list[float]:
         """When a retry falls due, and when a pause ends that holds a ready batch back."""
@@ -267,6 +359,8 @@ class Delivery:
             due.append(min(b.due for b in self.retry))
         if self.ready and len(self.flying) < self.limit():
             due.append(self.blocked_until)
+        if self.refused:
+            due += self.refused.next_due()
         return due
 
     def in_flight(self) -> int:
@@ -284,10 +378,19 @@ class Delivery:
     def pump(self) -> None:
         """Start sends for ready batches, up to the in-flight limit, unless sends are paused."""
         ready = self.ready
+        refused = self.refused
+        if refused:
+            # A refused group whose pause is over probes first.
+            ready.extendleft(reversed(refused.probes(time.monotonic())))
         if not ready or time.monotonic() < self.blocked_until:
             return
         while ready and len(self.flying) < self.limit():
             batch = ready.popleft()
+            if refused:
+                kept = self._keep_back(batch)
+                if kept is None:
+                    continue
+                batch = kept
             self.flying.append(batch)
             self.books.counts["requests"] += 1
             batch.started = time.monotonic()
@@ -296,6 +399,32 @@ class Delivery:
                 self.on_done(Done(batch, self._post(self.inline, batch)))
                 continue
             self.jobs.put(batch)
+
+    def _keep_back(self, batch: Batch) -> Batch | None:
+        """What of ``batch`` may go now: the groups the collector refuses wait (see
+        :class:`Refusals`), unless this batch is their probe."""
+        groups = self.refused.groups
+        stay = [
+            part
+            for part in batch.parts
+            if (refusal := groups.get(part[0])) is not None and refusal.probe is not batch
+        ]
+        if not stay:
+            return batch
+        if len(stay) == len(batch.parts) == 1:
+            groups[stay[0][0]].held.append(batch)  # the same body, its Idempotency-Key kept
+            return None
+        self.books.release(batch)
+        for part in stay:
+            held = Batch([part], batch.seq, batch.attempt)
+            self.books.hold(held)
+            groups[part[0]].held.append(held)
+        rest = [part for part in batch.parts if part not in stay]
+        if not rest:
+            return None
+        going = Batch(rest, batch.seq, batch.attempt)
+        self.books.hold(going)
+        return going
 
     def _start_sender(self) -> bool:
         thread = threading.Thread(
@@ -349,6 +478,8 @@ class Delivery:
         except ValueError:  # settled already (given up at the shutdown bound)
             return
         outcome = done.outcome
+        if self.refused:
+            self.refused.answered(batch)
         if outcome is None:
             # A sender died of a BaseException in the middle of this batch.
             self.senders = max(0, self.senders - 1)
@@ -402,40 +533,60 @@ class Delivery:
 
     def _refused_credentials(self, batch: Batch, outcome: Outcome) -> None:
         """401/403: the token (or the URL's credentials) will not work any better in a
-        second. Every send pauses for ``AUTH_PAUSE``, then this batch itself finds out
-        (PITFALLS #44); it is kept for up to ``retries`` such probes, so a token that an
-        operator adds to the collector meanwhile costs no entry."""
+        second. The sends of its group pause for ``AUTH_PAUSE`` (other groups' go on), then
+        this batch itself finds out (PITFALLS #44); it is kept for up to ``retries`` such
+        probes, so a token that an operator adds to the collector meanwhile costs no entry."""
         status = outcome.status
-        now = time.monotonic()
-        self.blocked_until = max(self.blocked_until, now + AUTH_PAUSE)
-        self.probing = True
+        if len(batch.parts) > 1:
+            # Several groups in one request, refused together: each finds out on its own
+            # which the collector refuses (ours answers 207 when only some are).
+            self.books.counts["retried"] += batch.count
+            self.books.release(batch)
+            for part in reversed(batch.parts):
+                single = Batch([part], batch.seq, batch.attempt)
+                self.books.hold(single)
+                self.ready.appendleft(single)
+            return
+        prefix = batch.parts[0][0]
+        refusal = self.refused.pause(prefix, time.monotonic() + AUTH_PAUSE)
         self.paused_by = "the collector refused our credentials"
         batch.attempt += 1
+        shown = mask_token(_token_of(prefix))
         if batch.attempt > self.retries:
-            self.books.settle(batch, "rejected")
+            # Refused every time it probed: so is what its group kept back meanwhile (the
+            # next batch of the group probes again after the pause).
+            dropped = [batch, *refusal.held]
+            refusal.held = []
+            for settled in dropped:
+                self.books.settle(settled, "rejected")
             self.log.warn(
                 f"http{status}",
-                "collector refused our credentials (%d %s) %d times; %d entries dropped",
+                "collector refused our credentials for service token %s (%d %s) %d times; "
+                "%d entries dropped",
+                shown,
                 status,
                 self.log.errors(outcome),
                 batch.attempt,
-                batch.count,
+                sum(settled.count for settled in dropped),
             )
             return
         self.log.warn(
-            "auth",
-            "collector refused our credentials (%d %s): sends pause for %.0f s, then the "
-            "refused batch is tried again (entries wait, bounded by queue_size and "
-            "max_queue_bytes)",
+            f"auth:{shown}",
+            "collector refused our credentials for service token %s (%d %s): its sends pause "
+            "for %.0f s, then the refused batch is tried again (entries wait, bounded by "
+            "queue_size and max_queue_bytes; other tokens' entries keep going)",
+            shown,
             status,
             self.log.errors(outcome),
             AUTH_PAUSE,
         )
-        batch.due = self.blocked_until
         self.books.counts["retried"] += batch.count
-        self.retry.append(batch)
+        refusal.held.insert(0, batch)
 
     def _delivered(self, batch: Batch, outcome: Outcome) -> None:
+        if self.refused:
+            # Accepted again (a token added meanwhile): what its group kept back goes now.
+            self.ready.extendleft(reversed(self.refused.accepted(batch)))
         refused = _refused_entries(batch, outcome) if outcome.status == 207 else 0
         self.books.counts["sent"] += batch.count - refused
         self.books.counts["batches"] += 1
@@ -526,7 +677,11 @@ class Delivery:
         failing collector's backoff) are not given up untried: one batch probes at once, and
         only if it fails too is the rest dropped.
         """
-        paused = self.blocked_until > deadline or any(b.due > deadline for b in self.retry)
+        paused = (
+            self.blocked_until > deadline
+            or any(b.due > deadline for b in self.retry)
+            or self.refused.past(deadline)
+        )
         if paused and now < deadline and self.probed_for != deadline:
             self.probed_for = deadline
             self.blocked_until = now
@@ -534,6 +689,7 @@ class Delivery:
             for batch in self.retry:
                 batch.due = min(batch.due, now)
             self.retry_due(now)
+            self.refused.lift(now)
             return
         late = [
             batch
@@ -546,6 +702,8 @@ class Delivery:
         for batch in late:
             if batch in self.retry:
                 self.retry.remove(batch)
+        refused_late = self.refused.late(deadline, now)
+        late += refused_late
         count = 0
         for batch in late:
             self.books.settle(batch, "shutdown")
@@ -555,8 +713,11 @@ class Delivery:
                 why = "the shutdown bound was reached"
             else:
                 why = "the next attempt falls past the shutdown bound"
-                if self.paused_by:
-                    why = f"{self.paused_by}, and {why}"
+                paused_by = self.paused_by
+                if refused_late:
+                    paused_by = "the collector refused our credentials"
+                if paused_by:
+                    why = f"{paused_by}, and {why}"
             self.log.warn("shutdown", "shutdown: %d queued entries dropped (%s)", count, why)
 
 
@@ -590,6 +751,15 @@ def moved(old: Any, new: Any) -> Any:
             new.put(old.get_nowait())
         except Empty:
             return new
+
+
+def _token_of(prefix: bytes) -> str:
+    """The service token in a group's ALF prefix (for a masked log line)."""
+    try:
+        token = json.loads(prefix + _SUFFIX)["serviceToken"]
+    except Exception:  # not ours to fail on
+        return ""
+    return token if isinstance(token, str) else ""
 
 
 def _answer(outcome: Outcome) -> Any:
