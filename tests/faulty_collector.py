@@ -7,7 +7,8 @@ can be switched at runtime between::
     refuse()                         stop listening (connections are refused), drop open ones
     blackhole()                      accept and read requests, never answer
     slow(seconds, store=True)        store, then answer 200 after ``seconds``
-    fail(status, times=None, ...)    answer ``status`` (with Retry-After, a body) K times
+    fail(status, times=None, ...)    answer ``status`` (with Retry-After, a body, headers)
+                                     K times
     too_large_above(size)            413 when the decompressed body is larger than ``size``
     reject_containing(marker)        400 (storing nothing) when the decompressed body holds
                                      ``marker``, as a validating collector refuses a batch
@@ -32,6 +33,11 @@ from typing import Any
 
 _REASONS = {
     200: "OK",
+    203: "Non-Authoritative Information",
+    301: "Moved Permanently",
+    302: "Found",
+    307: "Temporary Redirect",
+    308: "Permanent Redirect",
     207: "Multi-Status",
     400: "Bad Request",
     401: "Unauthorized",
@@ -81,6 +87,7 @@ class _Mode:
     store: bool = True
     size: int = 0
     marker: bytes = b""
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 class FaultyCollector:
@@ -187,6 +194,7 @@ class FaultyCollector:
         retry_after: str | None = None,
         body: bytes = b"",
         content_type: str = "application/json",
+        headers: tuple[tuple[str, str], ...] = (),
     ) -> None:
         if not body:
             body = json.dumps({"errors": [f"injected {status}"]}).encode()
@@ -198,6 +206,7 @@ class FaultyCollector:
                 retry_after=retry_after,
                 body=body,
                 content_type=content_type,
+                headers=headers,
             )
         )
 
@@ -325,6 +334,7 @@ class FaultyCollector:
             return False
         if name == "fail":
             extra = {"Retry-After": mode.retry_after} if mode.retry_after is not None else {}
+            extra.update(mode.headers)
             return self._send(sock, request, mode.status, mode.body, mode.content_type, extra)
         try:
             decoded = self._decode(request)

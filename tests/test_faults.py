@@ -397,3 +397,41 @@ def test_memory_is_bounded_by_the_queue_not_the_traffic(faulty: FaultyCollector)
     assert after - held < 0.1 * held, (held, after)
     # And that is proportional to the bound: a few KiB per queued entry.
     assert after < (1000 + 100) * 8192, after
+
+
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+def test_a_redirect_is_dropped_at_once_and_says_where_it_points(
+    faulty: FaultyCollector, caplog: pytest.LogCaptureFixture, status: int
+) -> None:
+    """Redirects are not followed and would not change on a retry: the batch is dropped as
+    rejected at the first answer (not retried quietly until retries run out), with one warning
+    naming the Location, its credentials and query left out."""
+    caplog.set_level(logging.WARNING, logger="alf_analytics")
+    location = "https://user:secret@elsewhere.example/analytics?key=hunter2"
+    faulty.fail(status, headers=(("Location", location),))
+    middleware = AnalyticsWSGIMiddleware(
+        app, service_token=TOKEN, collector_url=faulty.url, retries=3, retry_backoff=0.01
+    )
+    call(middleware, 0)
+    assert alf_analytics.flush(5) is False
+    stats = alf_analytics.stats()
+    assert len(faulty.seen()) == 1
+    assert stats["dropped"]["rejected"] == 1 == stats["captured"]
+    assert stats["sent"] + stats["dropped_total"] + stats["unknown"] + stats["queued"] == 1
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "alf_analytics"]
+    assert f"answered {status}" in warning and "redirects are not followed" in warning
+    assert "https://***@elsewhere.example/analytics?..." in warning
+    assert "secret" not in warning and "hunter2" not in warning
+
+
+def test_any_2xx_is_delivered_never_resent(faulty: FaultyCollector) -> None:
+    """A collector answering a 2xx we do not name (203) has stored the batch: resending it
+    would store it twice."""
+    faulty.fail(203, body=b"{}")
+    middleware = AnalyticsWSGIMiddleware(
+        app, service_token=TOKEN, collector_url=faulty.url, retries=3, retry_backoff=0.01
+    )
+    call(middleware, 0)
+    assert alf_analytics.flush(5)
+    assert len(faulty.seen()) == 1
+    assert alf_analytics.stats()["sent"] == 1

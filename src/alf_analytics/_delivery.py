@@ -24,7 +24,7 @@ from collections.abc import Callable
 from queue import Empty, SimpleQueue
 from typing import TYPE_CHECKING, Any
 
-from ._config import mask_token
+from ._config import mask_token, mask_url
 from ._transport import Outcome, Transport
 
 if TYPE_CHECKING:
@@ -497,8 +497,21 @@ class Delivery:
                 self.log.errors(outcome),
             )
         status = outcome.status
-        if status in (200, 201, 202, 204, 207):
+        if 200 <= status < 300:
             self._delivered(batch, outcome)
+            return
+        if 300 <= status < 400:
+            # Redirects are not followed (a POST body is not re-sent to wherever an answer
+            # points): a retry would be redirected again, so say where collector_url should be.
+            self.books.settle(batch, "rejected")
+            self.log.warn(
+                f"http{status}",
+                "collector answered %d (Location: %s): redirects are not followed, set "
+                "collector_url to the collector's base URL; %d entries dropped",
+                status,
+                _shown_location(outcome.location),
+                batch.count,
+            )
             return
         self.streak_400 = self.streak_400 + 1 if status == 400 else 0
         if status == 413 or (status == 400 and self.streak_400 < MAX_400_STREAK):
@@ -719,6 +732,14 @@ class Delivery:
                 if paused_by:
                     why = f"{paused_by}, and {why}"
             self.log.warn("shutdown", "shutdown: %d queued entries dropped (%s)", count, why)
+
+
+def _shown_location(location: str | None) -> str:
+    """A redirect's target for the log: credentials masked, a query (maybe a key) left out."""
+    if not location:
+        return "none"
+    base, query, _ = location.partition("?")
+    return mask_url(base) + ("?..." if query else "")
 
 
 def backoff(attempt: int, base: float, retry_after: float | None = None) -> float:

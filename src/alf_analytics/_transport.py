@@ -57,6 +57,8 @@ class Outcome:
     error: str | None = None
     #: True when the request may have reached the collector (no answer after it was written).
     maybe_delivered: bool = False
+    #: The ``Location`` of a 3xx answer (redirects are not followed).
+    location: str | None = None
 
 
 #: A request body: bytes, or a list of parts that, joined, are the body.
@@ -266,11 +268,13 @@ class HTTPTransport:
             # A read timeout, a reset or a connection closed before the answer, after the
             # request was written: the outcome is unknown, the collector may have stored it.
             return Outcome(0, error=_describe(exc), maybe_delivered=True)
-        retry_after = None
+        retry_after = location = None
         for name, value in response.headers:
             if name.lower() == b"retry-after":
                 retry_after = parse_retry_after(value.decode("latin-1"))
-        return Outcome(response.status, bytes(answer), retry_after)
+            elif name.lower() == b"location":
+                location = value.decode("latin-1")
+        return Outcome(response.status, bytes(answer), retry_after, location=location)
 
     def close(self) -> None:
         connection, self._connection = self._connection, None
