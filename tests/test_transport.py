@@ -6,14 +6,18 @@ import base64
 import email.utils
 import gzip
 import json
+import os
 import re
+import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -345,3 +349,114 @@ def test_without_isal_batches_are_gzipped_by_zlib() -> None:
     )
     assert done.returncode == 0, done.stderr.decode()
     assert gzip.decompress(base64.b64decode(done.stdout)) == body
+
+
+def _openssl(*args: str | os.PathLike[str]) -> None:
+    subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def private_ca(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A CA of our own and a certificate it signed for 127.0.0.1 (``server.pem``/``.key``)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command")
+    where = tmp_path_factory.mktemp("ca")
+    ca, ca_key = where / "ca.pem", where / "ca.key"
+    _openssl(
+        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test CA",
+        "-keyout", ca_key, "-out", ca, "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,keyCertSign",
+    )  # fmt: skip
+    csr = where / "server.csr"
+    _openssl(
+        "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
+        "-keyout", where / "server.key", "-out", csr,
+    )  # fmt: skip
+    extensions = where / "ext.cnf"
+    extensions.write_text("subjectAltName=IP:127.0.0.1\n")
+    _openssl(
+        "x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
+        "-days", "2", "-out", where / "server.pem", "-extfile", extensions,
+    )  # fmt: skip
+    hashed = where / "hashed"
+    hashed.mkdir()
+    shutil.copy(ca, hashed / "ca.pem")
+    _openssl("rehash", hashed)
+    return where
+
+
+@pytest.fixture
+def tls_collector(private_ca: Path) -> Iterator[str]:
+    """An https collector on loopback whose certificate only ``private_ca`` vouches for."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(private_ca / "server.pem", private_ca / "server.key")
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve() -> None:
+        listener.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                raw, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            try:
+                with context.wrap_socket(raw, server_side=True) as conn:
+                    conn.settimeout(2)
+                    data = b""
+                    while b"\r\n\r\n" not in data:
+                        data += conn.recv(65536)
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+                    conn.recv(65536)
+            except OSError:  # the client refused our certificate, or left
+                pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield f"https://127.0.0.1:{listener.getsockname()[1]}"
+    stop.set()
+    listener.close()
+    thread.join(5)
+
+
+@pytest.mark.parametrize("variable", ["SSL_CERT_FILE", "SSL_CERT_DIR"])
+def test_an_https_collector_with_a_private_ca_is_trusted_through_the_environment(
+    private_ca: Path, tls_collector: str, monkeypatch: pytest.MonkeyPatch, variable: str
+) -> None:
+    """As with httpx, ``SSL_CERT_FILE`` (a bundle) or ``SSL_CERT_DIR`` (a hashed directory)
+    names the CAs an https collector is verified against; without them it is refused, as a
+    failure that never reached the collector."""
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    untrusting = HTTPTransport(tls_collector, timeout=2.0)
+    refused = untrusting.send(payload())
+    untrusting.close()
+    assert refused.status == 0 and not refused.maybe_delivered
+    assert refused.error is not None and "CERTIFICATE_VERIFY_FAILED" in refused.error
+    where = private_ca / ("ca.pem" if variable == "SSL_CERT_FILE" else "hashed")
+    monkeypatch.setenv(variable, str(where))
+    trusting = HTTPTransport(tls_collector, timeout=2.0)
+    try:
+        assert trusting.send(payload()).status == 200
+    finally:
+        trusting.close()
+
+
+def test_proxy_variables_are_not_read(
+    faulty: FaultyCollector, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As the README says (unlike httpx's trust_env): batches go straight to the collector
+    even when the environment names a proxy (here one that refuses every connection)."""
+    for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "ALL_PROXY", "all_proxy"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    sender = HTTPTransport(faulty.url, timeout=2.0)
+    try:
+        assert sender.send(payload()).status == 200
+    finally:
+        sender.close()
+    (seen,) = faulty.seen()
+    assert seen.path == "/1.1.0/batch"
