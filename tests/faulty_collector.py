@@ -16,6 +16,9 @@ can be switched at runtime between::
     partial()                        store, answer 207 with per-ALF errors
     not_json()                       store, answer 200 with an HTML body
     cut(times=None)                  read the request, store nothing, close mid-response
+    one_per_connection(linger)       store and answer 200 (kept alive), then read nothing more
+                                     and close after ``linger`` s: a keep-alive timeout that
+                                     crosses the client's next request
 
 Modes with ``times`` return to healthy after that many requests. It counts TCP connections and
 records every request (so tests can check batches, sizes on the wire and connection reuse).
@@ -227,6 +230,9 @@ class FaultyCollector:
 
     # -- queries ------------------------------------------------------------------------------
 
+    def one_per_connection(self, linger: float) -> None:
+        self._set(_Mode("one_per_connection", seconds=linger))
+
     def entries(self) -> list[tuple[str, str | None, dict[str, Any]]]:
         """Every stored entry as (serviceToken, environment, entry), in arrival order."""
         with self._cond:
@@ -360,7 +366,12 @@ class FaultyCollector:
             return self._send_json(sock, request, 207, answer)
         if name == "not_json":
             return self._send(sock, request, 200, b"<html>stored, thanks</html>", "text/html")
-        return self._send_json(sock, request, 200, answer)
+        answered = self._send_json(sock, request, 200, answer)
+        if name == "one_per_connection":
+            # Whatever the client sends meanwhile is never read: the close resets it.
+            self._stopped.wait(mode.seconds)
+            return False
+        return answered
 
     @staticmethod
     def _decode(request: SeenRequest) -> bytes:

@@ -460,3 +460,29 @@ def test_proxy_variables_are_not_read(
         sender.close()
     (seen,) = faulty.seen()
     assert seen.path == "/1.1.0/batch"
+
+
+def test_a_keep_alive_close_that_crosses_the_next_request_is_retried_on_a_fresh_connection(
+    faulty: FaultyCollector, transport: HTTPTransport
+) -> None:
+    """The collector closes a kept-alive connection (its keep-alive timeout) just as the next
+    POST goes out on it, unread: that POST is sent once more on a new connection and succeeds,
+    instead of failing as if the collector were down (a warning, a backoff, maybe ``unknown``).
+    """
+    faulty.one_per_connection(linger=0.3)
+    assert transport.send(payload()).status == 200
+    second = transport.send(payload())
+    assert (second.status, second.error) == (200, None)
+    assert faulty.count() == 2
+    assert [seen.connection for seen in faulty.seen()] == [1, 2]
+
+
+def test_a_fresh_connection_closed_without_an_answer_is_not_resent(
+    faulty: FaultyCollector, transport: HTTPTransport
+) -> None:
+    """Only a kept-alive connection earns the immediate second try: on a new one, a close
+    with no answer is the collector's doing, and the worker retries it with backoff."""
+    faulty.cut()
+    outcome = transport.send(payload())
+    assert outcome.status == 0 and outcome.maybe_delivered
+    assert len(faulty.seen()) == 1

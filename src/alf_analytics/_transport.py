@@ -221,6 +221,8 @@ class HTTPTransport:
         self._backend = _DeadlineBackend(self._deadline)
         self._origin = self._url.origin
         self._connection: httpcore.HTTPConnection | None = None
+        #: The connection has answered a request before (it was kept alive).
+        self._answered = False
 
     def _get_connection(self) -> httpcore.HTTPConnection:
         # One connection, no pool: the worker runs one transport per sender thread, and the
@@ -235,7 +237,25 @@ class HTTPTransport:
             connection = self._connection = httpcore.HTTPConnection(
                 self._origin, retries=0, network_backend=self._backend
             )
+            self._answered = False
         return connection
+
+    def _open(self, request: httpcore.Request) -> httpcore.Response:
+        connection = self._get_connection()
+        try:
+            response = connection.handle_request(request)
+        except (httpcore.ReadError, httpcore.RemoteProtocolError, httpcore.WriteError):
+            if not self._answered:
+                raise
+            # A kept-alive connection that reset or closed with no answer: the collector
+            # closed it (its keep-alive timeout) as this request went out, unread. Once more
+            # on a fresh connection, as browsers and Go's net/http do (the batch carries an
+            # Idempotency-Key); otherwise a routine close would read as an outage.
+            connection.close()
+            self._connection = None
+            response = self._get_connection().handle_request(request)
+        self._answered = True
+        return response
 
     def send(self, payload: Payload, idempotency_key: str | None = None) -> Outcome:
         body = gzip_compress(payload)
@@ -248,7 +268,7 @@ class HTTPTransport:
         # ``timeout`` bounds the whole exchange: connect, send, and the answer to its end.
         self._deadline.at = time.monotonic() + self._timeout
         try:
-            response = self._get_connection().handle_request(request)
+            response = self._open(request)
             try:
                 # The answer only feeds log lines and the 207 accounting: read at most
                 # MAX_ANSWER_BYTES of it (a longer answer costs its connection).
