@@ -12,6 +12,7 @@ from __future__ import annotations
 import email.utils
 import gc
 import io
+import json
 import logging
 import statistics
 import threading
@@ -435,3 +436,21 @@ def test_any_2xx_is_delivered_never_resent(faulty: FaultyCollector) -> None:
     assert alf_analytics.flush(5)
     assert len(faulty.seen()) == 1
     assert alf_analytics.stats()["sent"] == 1
+
+
+def test_a_collector_answer_quoting_the_url_password_is_masked_in_the_log(
+    faulty: FaultyCollector, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A collector of someone else's may quote what it was sent (the Basic credentials of
+    ``collector_url``) in its error: the log line masks the password, as it masks tokens."""
+    caplog.set_level(logging.WARNING, logger="alf_analytics")
+    password = "s3cr%40t-password"  # percent-encoded in the URL, sent (and quoted) decoded
+    quoted = {"errors": ["bad credentials bob:s3cr@t-password"]}
+    faulty.fail(404, body=json.dumps(quoted).encode())
+    url = faulty.url.replace("http://", f"http://bob:{password}@")
+    middleware = AnalyticsWSGIMiddleware(app, service_token=TOKEN, collector_url=url)
+    call(middleware, 0)
+    assert alf_analytics.flush(5) is False
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "alf_analytics"]
+    assert "bad credentials bob:***" in warning
+    assert "s3cr@t" not in warning and "s3cr%40t" not in warning

@@ -23,6 +23,7 @@ import uuid
 from collections.abc import Callable
 from queue import Empty, SimpleQueue
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlsplit
 
 from ._config import mask_token, mask_url
 from ._transport import Outcome, Transport
@@ -61,13 +62,21 @@ class Log:
     """The worker's log lines: a problem once, then at most once a minute per kind; debug lines
     when any middleware of the collector asked for them; never a service token."""
 
-    __slots__ = ("shown_url", "debug_on", "tokens", "_logged")
+    __slots__ = ("shown_url", "debug_on", "tokens", "passwords", "_logged")
 
-    def __init__(self, shown_url: str, debug_on: bool, tokens: Callable[[], list[str]]) -> None:
+    def __init__(
+        self,
+        shown_url: str,
+        debug_on: bool,
+        tokens: Callable[[], list[str]],
+        passwords: tuple[str, ...] = (),
+    ) -> None:
         self.shown_url = shown_url
         self.debug_on = debug_on
         #: The service tokens a collector answer may quote (masked in log lines).
         self.tokens = tokens
+        #: The password of ``collector_url`` (as written and decoded): an answer may quote it.
+        self.passwords = passwords
         self._logged: dict[str, float] = {}
 
     def errors(self, outcome: Outcome) -> str:
@@ -76,6 +85,8 @@ class Log:
         for token in self.tokens():
             if token and token in text:
                 text = text.replace(token, mask_token(token))
+        for password in self.passwords:
+            text = text.replace(password, "***")
         return text
 
     def debug(self, message: str, *args: Any) -> None:
@@ -732,6 +743,17 @@ class Delivery:
                 if paused_by:
                     why = f"{paused_by}, and {why}"
             self.log.warn("shutdown", "shutdown: %d queued entries dropped (%s)", count, why)
+
+
+def url_passwords(url: str) -> tuple[str, ...]:
+    """The password in ``url``, as written and percent-decoded (for :meth:`Log.errors`)."""
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        return ()
+    # Shorter than 4 characters, masking it would garble every line and hide next to nothing.
+    found = {value for value in (password or "", unquote(password or "")) if len(value) >= 4}
+    return tuple(sorted(found, key=len, reverse=True))
 
 
 def _shown_location(location: str | None) -> str:

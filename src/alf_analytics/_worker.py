@@ -39,6 +39,7 @@ from ._delivery import (
     Log,
     backoff,
     moved,
+    url_passwords,
 )
 from ._record import Exchange
 from ._transport import HTTPTransport, Transport
@@ -136,7 +137,8 @@ class Worker:
         self.max_queue_bytes = config.max_queue_bytes
         self.max_inflight = config.max_inflight
         #: Log each batch, answer and drop (any middleware of this collector with debug=True).
-        self._log = Log(self.shown_url, config.debug, self._tokens)
+        self._passwords = url_passwords(config.collector_url)
+        self._log = Log(self.shown_url, config.debug, self._tokens, self._passwords)
         self._transport_factory = transport_factory or (
             lambda: HTTPTransport(config.collector_url, timeout=config.timeout)
         )
@@ -192,7 +194,7 @@ class Worker:
         self._taken_bytes = 0
         #: An entry taken off the queue and not placed yet: a crash counts it as "error".
         self._loose = 0
-        self._log = Log(self.shown_url, self._log.debug_on, self._tokens)
+        self._log = Log(self.shown_url, self._log.debug_on, self._tokens, self._passwords)
         self._books = books = Books(self._log)
         self._delivery = Delivery(
             books,
