@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the test suite drives for real: Chromium (the dashboard's
-# browser tests) and PostgreSQL (the second storage backend). Idempotent and quick when both
+# browser tests), PostgreSQL (the second storage backend) and openssl (a test's private CA). Idempotent and quick when both
 # are present. Without root (and without passwordless sudo) it says what to install and goes
 # on: those tests then skip with a reason, except under CI=true, where they fail.
 set -euo pipefail
@@ -8,6 +8,8 @@ set -euo pipefail
 missing=()
 command -v chromium >/dev/null 2>&1 || [ -x /usr/bin/chromium ] || missing+=(chromium)
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
+# The https collector test makes its private CA and certificate with the openssl command.
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 [ ${#missing[@]} -eq 0 ] && exit 0
 
 if [ "$(id -u)" -eq 0 ]; then
@@ -17,7 +19,7 @@ elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
 else
   echo "system-deps: missing Debian packages: ${missing[*]}" >&2
   echo "system-deps: install them with: sudo apt-get install -y ${missing[*]}" >&2
-  echo "system-deps: until then the browser/PostgreSQL tests are skipped" >&2
+  echo "system-deps: until then the browser/PostgreSQL/https tests are skipped" >&2
   exit 0
 fi
 
