@@ -672,6 +672,21 @@ def test_a_refused_token_pauses_only_its_own_sends(
     assert worker.stats()["dropped"]["shutdown"] == 6
 
 
+def test_a_refusal_with_credentials_in_the_url_names_them_too(
+    workers: Callable[..., tuple[Worker, ScriptedTransport]], caplog: pytest.LogCaptureFixture
+) -> None:
+    """collector_url's user and password go out as Basic auth: a 401 may be about them, and
+    the warning says so (never showing them)."""
+    cfg = config(collector_url="http://alice:s3cret-pw@127.0.0.1:9")
+    worker, _ = workers(cfg, ScriptedTransport(default=Outcome(401)))
+    with caplog.at_level(logging.WARNING, logger="alf_analytics"):
+        worker.submit(exchange(cfg, 0))
+        assert worker.flush(0.3) is False
+    (pause,) = [r.getMessage() for r in caplog.records if "sends pause" in r.getMessage()]
+    assert "(or collector_url's user and password)" in pause
+    assert "s3cret-pw" not in pause and "alice" not in pause
+
+
 def test_a_batch_refused_whole_finds_out_group_by_group(
     workers: Callable[..., tuple[Worker, ScriptedTransport]],
 ) -> None:

@@ -576,6 +576,8 @@ class Delivery:
         self.paused_by = "the collector refused our credentials"
         batch.attempt += 1
         shown = mask_token(_token_of(prefix))
+        if "@" in self.shown_url.partition("//")[2].partition("/")[0]:
+            shown += " (or collector_url's user and password)"  # sent as Basic auth
         if batch.attempt > self.retries:
             # Refused every time it probed: so is what its group kept back meanwhile (the
             # next batch of the group probes again after the pause).
