@@ -232,6 +232,44 @@ def test_filters_from_python_values_take_the_same_statuses() -> None:
             Filters.create(status=bad)
 
 
+_NOON = int(datetime(2026, 12, 1, 12, tzinfo=timezone.utc).timestamp()) * 1_000_000
+
+
+@pytest.mark.parametrize(
+    ("text", "micros"),
+    [
+        ("2026-12-01T12:00:00Z", _NOON),
+        ("2026-12-01t12:00:00z", _NOON),
+        ("2026-12-01 12:00", _NOON),
+        ("2026-12-01T12Z", _NOON),
+        ("2026-12-01T12:00:00.5Z", _NOON + 500_000),  # a fraction of any length
+        ("2026-12-01T12:00:00.12Z", _NOON + 120_000),
+        ("2026-12-01T12:00:00.1234567Z", _NOON + 123_456),
+        ("2026-12-01T12:00:00,25Z", _NOON + 250_000),
+        ("2026-12-01T13:00:00+01:00", _NOON),  # offsets with and without the colon
+        ("2026-12-01T13:00:00+0100", _NOON),
+        ("2026-12-01T13:00:00.5+01", _NOON + 500_000),
+        ("2026-12-01T10:30:00-01:30", _NOON),
+        ("20261201T120000Z", _NOON),  # the basic format
+        ("2026-W49-2T12:00:00Z", _NOON),  # a week date
+        ("2026-12-01", _NOON - 12 * 3_600_000_000),
+    ],
+)
+def test_since_and_until_take_the_same_iso_forms_on_every_python(text: str, micros: int) -> None:
+    """Before 3.11 ``datetime.fromisoformat`` read only what ``isoformat()`` writes."""
+    filters = Filters.create(since=text, until=text)
+    assert (filters.since, filters.until) == (micros, micros)
+    assert Filters.from_query({"since": text}).since == micros
+
+
+@pytest.mark.parametrize(
+    "text", ["2026-12-01T25:00Z", "2026-02-30", "2026-W49-8", "2026-12-01T12:00+24:00", "12:00"]
+)
+def test_a_since_that_is_no_date_time_is_refused_on_every_python(text: str) -> None:
+    with pytest.raises(FilterError, match="^since: .* neither epoch seconds nor an ISO 8601"):
+        Filters.create(since=text)
+
+
 def _links(page: str) -> list[str]:
     return [unescape(href) for href in re.findall(r'href="([^"]*)"', page)]
 

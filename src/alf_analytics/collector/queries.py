@@ -18,7 +18,7 @@ import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import date, datetime, timedelta, timezone
 from typing import Any, Final
 
 from .ingest import MAX_BUCKET, MAX_STARTED, MIN_STARTED, bucket_of, bucket_value, text_column
@@ -83,12 +83,45 @@ def _parse_time(name: str, text: str) -> int:
             raise FilterError(f"{name}: {text[:40]!r} is out of range")
         return _in_range(name, text, seconds * 1_000_000)
     try:
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
+        moment = _fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError:
         raise FilterError(
             f"{name}: {text[:40]!r} is neither epoch seconds nor an ISO 8601 date-time"
         ) from None
     return _in_range(name, text, _datetime_micros(moment))
+
+
+# Before Python 3.11 ``datetime.fromisoformat`` read only what ``isoformat()`` writes: 3 or 6
+# digits of fraction, a "+HH:MM" offset, the extended date. What 3.11 reads besides (a fraction
+# of any length, with "." or ",", "+HH" and "+HHMM" offsets, the basic "20261201T000000", week
+# dates "2026-W49-2") is rewritten into that form: every Python takes the same ``since``/``until``.
+_ISO_FALLBACK: Final = re.compile(
+    r"(?:([0-9]{4})-?([0-9]{2})-?([0-9]{2})|([0-9]{4})-?W([0-9]{2})(?:-?([0-9]))?)"
+    r"(?:[^0-9]([0-9]{2})(?::?([0-9]{2})(?::?([0-9]{2})(?:[.,]([0-9]+))?)?)?"
+    r"(?:([+-])([0-9]{2})(?::?([0-9]{2})(?::?([0-9]{2})(?:[.,]([0-9]+))?)?)?)?)?"
+)
+
+
+def _fromisoformat(value: str) -> datetime:
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        match = _ISO_FALLBACK.fullmatch(value)
+        if match is None:
+            raise
+    year, month, day, week_year, week, weekday, hour, minute, second, fraction, sign, *offset = (
+        match.groups()
+    )
+    if week_year:
+        day_of = date.fromisocalendar(int(week_year), int(week), int(weekday or 1))
+        year, month, day = f"{day_of.year:04}", f"{day_of.month:02}", f"{day_of.day:02}"
+    text = f"{year}-{month}-{day}T{hour or '00'}:{minute or '00'}:{second or '00'}"
+    text += f".{(fraction or '')[:6]:0<6}"
+    if sign:
+        off_hour, off_minute, off_second, off_fraction = offset
+        text += f"{sign}{off_hour}:{off_minute or '00'}:{off_second or '00'}"
+        text += f".{(off_fraction or '')[:6]:0<6}"
+    return datetime.fromisoformat(text)
 
 
 def _datetime_micros(moment: datetime) -> int:
