@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import base64
 import email.utils
+import importlib
 import re
+import sys
 import time
 import zlib
 from dataclasses import dataclass
@@ -181,8 +183,31 @@ class _DeadlineBackend(NetworkBackend):
         socket_options: Any = None,
     ) -> NetworkStream:
         left = self._deadline.left(timeout, httpcore.ConnectTimeout)
-        stream = self._backend.connect_tcp(host, port, left, local_address, socket_options)
+        try:
+            stream = self._backend.connect_tcp(host, port, left, local_address, socket_options)
+        except RuntimeError:  # "can't create new thread at interpreter shutdown"
+            if not _blocking_gevent_resolver():
+                raise
+            stream = self._backend.connect_tcp(host, port, left, local_address, socket_options)
         return _DeadlineStream(stream, self._deadline)
+
+
+def _blocking_gevent_resolver() -> bool:
+    """Whether gevent's resolver was switched to its blocking one, to retry a connection.
+
+    gevent resolves on a thread pool (even ``127.0.0.1``), and Python 3.12 refuses new threads
+    at interpreter shutdown: the ``atexit`` flush of a gunicorn ``-k gevent`` worker could not
+    connect at all and dropped every queued entry. The process is exiting: blocking is fine.
+    """
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is None or not monkey.is_module_patched("socket"):
+        return False
+    blocking = importlib.import_module("gevent.resolver.blocking").Resolver
+    hub = importlib.import_module("gevent").get_hub()
+    if isinstance(hub.resolver, blocking):
+        return False
+    hub.resolver = blocking(hub)
+    return True
 
 
 class HTTPTransport:
