@@ -681,6 +681,24 @@ def test_wsgi_middleware_refuses_an_asgi_app() -> None:
             AnalyticsWSGIMiddleware(app, service_token=TOKEN)  # type: ignore[arg-type]
 
 
+def test_wsgi_middleware_refuses_an_object_asgiref_marks_as_async() -> None:
+    """Django's way (``markcoroutinefunction``): inspect sees its mark only from Python 3.12."""
+    from asgiref.sync import markcoroutinefunction
+
+    class Marked:
+        def __init__(self) -> None:
+            markcoroutinefunction(self)
+
+        def __call__(self, scope: Any, receive: Any, send: Any) -> Any:
+            return self._serve(scope, receive, send)
+
+        async def _serve(self, scope: Any, receive: Any, send: Any) -> None:
+            pass
+
+    with pytest.raises(TypeError, match="given an ASGI app.*AnalyticsASGIMiddleware"):
+        AnalyticsWSGIMiddleware(Marked(), service_token=TOKEN)  # type: ignore[arg-type]
+
+
 def test_asgi_middleware_refuses_a_wsgi_app() -> None:
     from flask import Flask
 

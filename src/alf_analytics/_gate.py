@@ -18,6 +18,7 @@ import functools
 import inspect
 import logging
 import random
+import sys
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -188,9 +189,14 @@ def made_with(app: Any, packages: tuple[str, ...]) -> bool:
 def is_async_callable(app: Any) -> bool:
     while isinstance(app, functools.partial):
         app = app.func
-    return inspect.iscoroutinefunction(app) or inspect.iscoroutinefunction(
+    if inspect.iscoroutinefunction(app) or inspect.iscoroutinefunction(
         getattr(app, "__call__", None)  # noqa: B004 - an app object's own method
-    )
+    ):
+        return True
+    # asgiref's markcoroutinefunction (Django's async middleware and handlers) sets a mark
+    # that inspect reads only from Python 3.12; asgiref's own check reads it on every version.
+    asgiref = sys.modules.get("asgiref.sync")
+    return asgiref is not None and bool(asgiref.iscoroutinefunction(app))
 
 
 def takes_two_arguments(app: Any) -> bool:
