@@ -273,6 +273,10 @@ class Refusals:
     def batches(self) -> list[Batch]:
         return [batch for refusal in self.groups.values() for batch in refusal.held]
 
+    def holding(self) -> bool:
+        """Whether any group keeps batches back."""
+        return any(refusal.held for refusal in self.groups.values())
+
     def next_due(self) -> list[float]:
         return [r.until for r in self.groups.values() if r.held and r.probe is None]
 
@@ -351,12 +355,12 @@ class Delivery:
     @property
     def waiting(self) -> bool:
         """Batches ready or waiting for a retry (not counting those in flight)."""
-        return bool(self.ready or self.retry or self.refused.batches())
+        return bool(self.ready or self.retry or self.refused.holding())
 
     @property
     def idle(self) -> bool:
         """Nothing left to send: no batch ready, waiting for a retry or in flight."""
-        return not (self.ready or self.retry or self.flying or self.refused.batches())
+        return not (self.ready or self.retry or self.flying or self.refused.holding())
 
     def oldest(self) -> int | None:
         """The sequence number of the oldest unsettled batch (None: all settled)."""
@@ -415,27 +419,30 @@ class Delivery:
         """What of ``batch`` may go now: the groups the collector refuses wait (see
         :class:`Refusals`), unless this batch is their probe."""
         groups = self.refused.groups
-        stay = [
-            part
-            for part in batch.parts
-            if (refusal := groups.get(part[0])) is not None and refusal.probe is not batch
-        ]
+        stay: list[tuple[bytes, list[bytes]]] = []
+        rest: list[tuple[bytes, list[bytes]]] = []
+        for part in batch.parts:
+            refusal = groups.get(part[0])
+            (stay if refusal is not None and refusal.probe is not batch else rest).append(part)
         if not stay:
             return batch
-        if len(stay) == len(batch.parts) == 1:
+        if len(batch.parts) == 1:
             groups[stay[0][0]].held.append(batch)  # the same body, its Idempotency-Key kept
             return None
-        self.books.release(batch)
-        for part in stay:
-            held = Batch([part], batch.seq, batch.attempt)
-            self.books.hold(held)
-            groups[part[0]].held.append(held)
-        rest = [part for part in batch.parts if part not in stay]
-        if not rest:
-            return None
-        going = Batch(rest, batch.seq, batch.attempt)
-        self.books.hold(going)
+        pieces = self._rebatch(batch, [[part] for part in stay] + ([rest] if rest else []))
+        going = pieces.pop() if rest else None
+        for piece in pieces:
+            groups[piece.parts[0][0]].held.append(piece)
         return going
+
+    def _rebatch(self, batch: Batch, pieces: list[list[tuple[bytes, list[bytes]]]]) -> list[Batch]:
+        """``batch`` as one batch per piece (its parts, regrouped), held in its place: each
+        keeps its sequence number (flush order) and its attempts so far."""
+        self.books.release(batch)
+        batches = [Batch(piece, batch.seq, batch.attempt) for piece in pieces]
+        for piece in batches:
+            self.books.hold(piece)
+        return batches
 
     def _start_sender(self) -> bool:
         thread = threading.Thread(
@@ -530,11 +537,7 @@ class Delivery:
                 # Halve it (keeping each entry with its group) and try each half once: a 413
                 # until they fit, a 400 until only the entries the collector objects to remain.
                 self.books.counts["retried"] += batch.count
-                self.books.release(batch)
-                halves = [Batch(half, batch.seq, batch.attempt) for half in _split(batch.parts)]
-                for half in reversed(halves):
-                    self.books.hold(half)
-                    self.ready.appendleft(half)
+                self.ready.extendleft(reversed(self._rebatch(batch, _split(batch.parts))))
                 return
             if status == 413:
                 self.books.settle(batch, "too_large")
@@ -565,18 +568,14 @@ class Delivery:
             # Several groups in one request, refused together: each finds out on its own
             # which the collector refuses (ours answers 207 when only some are).
             self.books.counts["retried"] += batch.count
-            self.books.release(batch)
-            for part in reversed(batch.parts):
-                single = Batch([part], batch.seq, batch.attempt)
-                self.books.hold(single)
-                self.ready.appendleft(single)
+            self.ready.extendleft(reversed(self._rebatch(batch, [[part] for part in batch.parts])))
             return
         prefix = batch.parts[0][0]
         refusal = self.refused.pause(prefix, time.monotonic() + AUTH_PAUSE)
         self.paused_by = "the collector refused our credentials"
         batch.attempt += 1
         shown = mask_token(_token_of(prefix))
-        if "@" in self.shown_url.partition("//")[2].partition("/")[0]:
+        if "***@" in self.shown_url:  # mask_url's mark of a URL's userinfo
             shown += " (or collector_url's user and password)"  # sent as Basic auth
         if batch.attempt > self.retries:
             # Refused every time it probed: so is what its group kept back meanwhile (the
