@@ -40,7 +40,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from . import auth, queries
-from .settings import TokenSet
+from .settings import ServiceToken, TokenSet
 from .storage import STORAGE_RETRY_AFTER, is_storage_failure
 
 __all__ = ["dashboard_routes"]
@@ -486,18 +486,19 @@ async def _page(request: Request, template: str, build: PageData) -> Response:
 def _service_link(store: Any, tokens: TokenSet, value: str | None) -> str | None:
     """The id of the service a 400 page's ``service`` names (by id, name or token), which
     its links carry instead of the value: the page read no data that would name it."""
-    if value and tokens.is_service_token(value.strip()):
-        return tokens.lookup(value.strip()).id
+    accepted = _accepted_token(tokens, value.strip() if value else "")
+    if accepted is not None:
+        return accepted.id
     try:
         service = queries.Filters.create(service=value.strip() if value else None).service
     except queries.FilterError:
         return None
-    if service is None:
-        return None
-    rows = store.fetchall(
-        "SELECT token_id FROM streams WHERE token_id = ? OR name = ? OR token = ?", [service] * 3
-    )
-    return str(rows[0][0]) if rows else None
+    return None if service is None else queries.service_id(store, service)
+
+
+def _accepted_token(tokens: TokenSet, value: str) -> ServiceToken | None:
+    """The accepted service token ``value`` is, if it is one: pages name it by its id."""
+    return tokens.lookup(value) if value and tokens.is_service_token(value) else None
 
 
 def _frame(
@@ -528,9 +529,8 @@ def _frame(
             params["service"] = scope.service[0]
             choices.setdefault(*scope.service)
         elif params["service"] not in choices:
-            tokens = request.app.state.tokens
-            if tokens.is_service_token(params["service"]):  # accepted, nothing sent yet
-                token = tokens.lookup(params["service"])
+            token = _accepted_token(request.app.state.tokens, params["service"])
+            if token is not None:  # accepted, nothing sent yet
                 params["service"] = token.id  # named so, as in the links, never in full
                 choices[token.id] = f"{token.shown} (no entries)"
             else:

@@ -297,6 +297,16 @@ def parse_limit(text: str | None, default: int, maximum: int = MAX_LIMIT) -> int
 # -- where clauses ----------------------------------------------------------------------------
 
 
+#: A ``service`` filter names a service by its id, its name or its token.
+_SERVICE_MATCH: Final = "(token_id = ? OR name = ? OR token = ?)"
+
+
+def service_id(store: Store, service: str) -> str | None:
+    """The id of the service that a ``service`` filter value names (None: none stored)."""
+    rows = store.fetchall(f"SELECT token_id FROM streams WHERE {_SERVICE_MATCH}", [service] * 3)
+    return str(rows[0][0]) if rows else None
+
+
 def _stream_ids(store: Store, filters: Filters) -> list[int] | None:
     """The stream ids the service/environment filters allow (``None``: no such filter)."""
     if filters.service is None and filters.environment is None:
@@ -304,7 +314,7 @@ def _stream_ids(store: Store, filters: Filters) -> list[int] | None:
     where: list[str] = []
     params: list[Any] = []
     if filters.service is not None:
-        where.append("(token_id = ? OR name = ? OR token = ?)")
+        where.append(_SERVICE_MATCH)
         params += [filters.service] * 3
     if filters.environment is not None:
         where.append("environment = ?")
