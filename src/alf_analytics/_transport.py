@@ -315,9 +315,10 @@ class HTTPTransport:
             return Outcome(0, error=_describe(exc), maybe_delivered=True)
         retry_after = location = None
         for name, value in response.headers:
-            if name.lower() == b"retry-after":
+            name = name.lower()
+            if name == b"retry-after":
                 retry_after = parse_retry_after(value.decode("latin-1"))
-            elif name.lower() == b"location":
+            elif name == b"location":
                 location = value.decode("latin-1")
         return Outcome(response.status, bytes(answer), retry_after, location=location)
 
